@@ -1,0 +1,205 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    from evsam_export import api
+    result = api.export("l0", output="out/l0")              # synthetic:0 weights
+    report = api.validate("out/l0")                          # parity gate
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evsam_export.manifest import Artifact, Manifest, TensorSpec, environment, sha256_file
+from evsam_export.model.variants import LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
+from evsam_export.progress import Reporter
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 17
+    dynamic_batch: bool = True
+    dynamic_prompts: bool = True
+    decoder_profile: str = "sam"  # sam | tensorrt
+    single_mask: bool = False
+    simplify: str = "auto"  # auto | onnxsim | onnxslim | none
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    manifest: Manifest
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+def model_contract(variant: Variant, options: ExportOptions) -> dict:
+    """What a consumer must know to feed the graphs (recorded in manifest.json)."""
+    return {
+        "encoder_input": {
+            "layout": "NCHW RGB",
+            "resize": f"Pillow bilinear, longest side to {variant.encoder_size}",
+            "normalize": {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD), "scale": "0..255"},
+            "pad": f"zeros at bottom/right to {variant.encoder_size}x{variant.encoder_size}",
+        },
+        "prompt_frame": PROMPT_FRAME,
+        "prompt_rules": {
+            "coords": f"pixel (x, y) scaled so the image's longest side is {PROMPT_FRAME}",
+            "labels": {"1": "foreground", "0": "background", "2": "box top-left", "3": "box bottom-right", "-1": "padding"},
+            "padding_point": "append (0, 0) with label -1 when there is no box (PyTorch SAM); never after a box",
+            "boxes": "one prompt set per box: point_coords [B,2,2] (+ points) with labels [2,3]",
+        },
+        "decoder_profile": options.decoder_profile,
+        "mask_selection": {
+            "outputs": "token0" if options.single_mask else "all4",
+            "tokens": NUM_MASK_TOKENS if not options.single_mask else 1,
+            "rule": (
+                "token 0 only: PyTorch SAM multimask_output=False"
+                if options.single_mask
+                else "tokens in upstream order: [0] = multimask_output=False, [1:4] = multimask_output=True"
+            ),
+        },
+        "low_res_mask_size": LOW_RES_MASK_SIZE,
+        "mask_threshold": 0.0,
+        "postprocess": "bilinear to 1024x1024, crop to the resized image, bilinear to the original size, > 0",
+    }
+
+
+def _artifact_from_file(
+    folder: Path, path: Path, artifact_id: str, component: str, target: str, precision: str, spec, **extra
+) -> Artifact:
+    return Artifact(
+        id=artifact_id,
+        component=component,
+        target=target,
+        precision=precision,
+        path=path.relative_to(folder).as_posix(),
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        inputs=list(spec.inputs),
+        outputs=list(spec.outputs),
+        **extra,
+    )
+
+
+def _torch_parity(module, spec, path: Path) -> float:
+    """Max abs difference between PyTorch and ONNX Runtime on the graph's own example feeds."""
+    import numpy as np
+    import torch
+
+    from evsam_export.targets.onnx_export import sample_feeds
+    from evsam_export.targets.simplify import ort_outputs
+
+    feeds = sample_feeds(spec, batch=2 if spec.component == "decoder" else 1, num_points=3, seed=3)
+    with torch.inference_mode():
+        expected = module(*[torch.from_numpy(feeds[name]) for name in spec.input_names])
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = ort_outputs(path, feeds)
+    return max(float(np.max(np.abs(e.numpy() - g))) for e, g in zip(expected, got))
+
+
+def export(
+    variant: str,
+    output: str | Path,
+    checkpoint: str | None = None,
+    options: ExportOptions | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    command: str | None = None,
+) -> ExportResult:
+    """Trace the encoder and decoder of `variant` to ONNX in `output` (atomic), with manifest.json."""
+    from evsam_export.model.checkpoint import load_model
+    from evsam_export.output import check_output_folder, staged_folder
+
+    options = options or ExportOptions()
+    reporter = reporter or Reporter()
+    spec_variant = get_variant(variant)
+    output = check_output_folder(Path(output), force)
+    with reporter.step(f"load EfficientViT-SAM-{spec_variant.name} weights ({checkpoint or 'synthetic:0'})"):
+        model, weights = load_model(spec_variant, checkpoint)
+    manifest = Manifest(
+        variant=spec_variant.name,
+        encoder_size=spec_variant.encoder_size,
+        weights={"spec": weights.spec, "sha256": weights.sha256, "synthetic_seed": weights.synthetic_seed},
+        model=model_contract(spec_variant, options),
+        environment=environment(),
+        command=command or shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    )
+    with staged_folder(output, force) as staging:
+        artifacts = export_components(model, spec_variant, staging, options, reporter)
+        for artifact in artifacts:
+            manifest.add(artifact)
+        manifest.history.append({"command": manifest.command, "step": "export", "artifacts": [a.id for a in artifacts]})
+        manifest.write(staging)
+    for artifact in artifacts:
+        reporter.artifact("ok", artifact.wall_time_s, output / artifact.path, note=artifact.id)
+    return ExportResult(output=output, manifest=manifest, artifacts=artifacts)
+
+
+def export_components(model, variant: Variant, folder: Path, options: ExportOptions, reporter: Reporter) -> list[Artifact]:
+    from evsam_export.model.sam import DecoderGraph, EncoderGraph
+    from evsam_export.targets.onnx_export import decoder_spec, encoder_spec, export_onnx, op_histogram
+    from evsam_export.targets.simplify import simplify_graph
+
+    jobs = [
+        ("encoder", EncoderGraph(model), encoder_spec(variant, options.dynamic_batch)),
+        (
+            "decoder",
+            DecoderGraph(model, options.decoder_profile, options.single_mask),
+            decoder_spec(options.decoder_profile, options.single_mask, options.dynamic_prompts),
+        ),
+    ]
+    artifacts = []
+    for component, module, spec in jobs:
+        started = time.perf_counter()
+        path = folder / f"{component}.fp32.onnx"
+        with reporter.step(f"trace {component} to ONNX (opset {options.opset})"):
+            export_onnx(module, spec, path, options.opset)
+        simplify_facts = {"tool": "none"}
+        if options.simplify != "none":
+            with reporter.step(f"simplify {component}"):
+                result = simplify_graph(path, spec, options.simplify)
+            simplify_facts = {
+                "tool": result.tool,
+                "nodes_before": result.nodes_before,
+                "nodes_after": result.nodes_after,
+                "max_abs_diff": result.max_abs_diff,
+            }
+            if result.note:
+                simplify_facts["note"] = result.note
+        with reporter.step(f"check {component} against PyTorch"):
+            torch_diff = _torch_parity(module, spec, path)
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False)
+        artifacts.append(
+            _artifact_from_file(
+                folder,
+                path,
+                f"{component}.onnx.fp32",
+                component,
+                "onnx",
+                "fp32",
+                spec,
+                step="export",
+                settings={
+                    "opset": options.opset,
+                    "exporter": "torchscript",
+                    "dynamic_axes": spec.dynamic_axes(),
+                    **({"decoder_profile": spec.profile, "single_mask": spec.single_mask} if component == "decoder" else {}),
+                },
+                facts={
+                    "simplify": simplify_facts,
+                    "max_abs_diff_vs_torch": torch_diff,
+                    "nodes": len(graph.graph.node),
+                    "op_types": op_histogram(graph),
+                },
+                wall_time_s=round(time.perf_counter() - started, 2),
+            )
+        )
+    return artifacts
+
+
+__all__ = ["ExportOptions", "ExportResult", "export", "TensorSpec"]

@@ -1,0 +1,69 @@
+"""`evsam-export export`: encoder + decoder ONNX graphs and manifest.json."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evsam_export.cli import app
+from evsam_export.cli.common import CheckpointOption, DebugOption, command_line, run_guarded
+from evsam_export.model.variants import VARIANT_NAMES
+
+VariantChoice = Enum("VariantChoice", {name: name for name in VARIANT_NAMES}, type=str)
+
+
+class DecoderProfile(str, Enum):
+    sam = "sam"
+    tensorrt = "tensorrt"
+
+
+class Simplifier(str, Enum):
+    auto = "auto"
+    onnxsim = "onnxsim"
+    onnxslim = "onnxslim"
+
+
+@app.command("export")
+def export_command(
+    variant: Annotated[VariantChoice, typer.Option("--variant", "-v", help="Model variant.")] = VariantChoice.l0,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to create.")] = Path("evsam-l0"),
+    checkpoint: CheckpointOption = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="Encoder batch axis.")] = True,
+    dynamic_prompts: Annotated[
+        bool, typer.Option("--dynamic-prompts/--static-prompts", help="Decoder prompt-set and point axes.")
+    ] = True,
+    decoder_profile: Annotated[
+        DecoderProfile,
+        typer.Option(help="sam: SAM's ONNX contract with orig_im_size and upscaled masks; tensorrt: no orig_im_size, low-res masks."),
+    ] = DecoderProfile.sam,
+    single_mask: Annotated[
+        bool, typer.Option("--single-mask", help="Return only token 0 (PyTorch multimask_output=False) instead of all 4.")
+    ] = False,
+    simplify: Annotated[Simplifier, typer.Option(help="Graph simplifier.")] = Simplifier.auto,
+    no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip graph simplification.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Trace the image encoder and the prompt decoder to ONNX, simplify, check, and write manifest.json."""
+
+    def body() -> None:
+        from evsam_export import api
+        from evsam_export.progress import Reporter
+
+        options = api.ExportOptions(
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            dynamic_prompts=dynamic_prompts,
+            decoder_profile=decoder_profile.value,
+            single_mask=single_mask,
+            simplify="none" if no_simplify else simplify.value,
+        )
+        reporter = Reporter()
+        api.export(variant.value, output, checkpoint, options, force=force, reporter=reporter, command=command_line())
+        reporter.print_summary()
+
+    run_guarded(debug, body)

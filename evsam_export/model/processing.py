@@ -1,0 +1,181 @@
+"""Pre- and post-processing shared by every runner (PyTorch, ONNX Runtime, OpenVINO, TensorRT) and the
+torch-free runtime. numpy + Pillow only: importing this must never import torch.
+
+Matches upstream EfficientViT-SAM exactly: Pillow bilinear resize of the uint8 image so the long side is
+the encoder size (512 or 1024), ToTensor + ImageNet normalisation, zero padding at the bottom/right;
+prompts scaled into the 1024-long-side frame; masks upsampled bilinearly to 1024, cropped, resized to the
+original size and thresholded at 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from evsam_export.model.variants import PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME
+
+MASK_THRESHOLD = 0.0
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    original_size: tuple[int, int]  # (H, W) of the caller's image
+    input_size: tuple[int, int]  # (H, W) after resize-longest-side to the 1024 prompt frame
+    encoder_size: int  # 512 or 1024
+
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(H, W) after scaling the long side to `long_side`, rounded like upstream (int(x + 0.5))."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """HxW (gray), HxWx1, HxWx3 or HxWx4 (alpha dropped) of uint8/bool/float -> HxWx3 uint8."""
+    array = np.asarray(image)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and float(np.nanmax(array)) <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {tuple(np.shape(image))}")
+    return np.ascontiguousarray(array)
+
+
+def preprocess_image(image: np.ndarray, encoder_size: int) -> tuple[np.ndarray, ImageGeometry]:
+    """RGB image -> encoder input [1,3,S,S] float32 and its geometry."""
+    from PIL import Image
+
+    rgb = as_rgb_uint8(image)
+    height, width = rgb.shape[:2]
+    if max(height, width) != encoder_size:
+        new_h, new_w = preprocess_shape(height, width, encoder_size)
+        rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR))
+    # ToTensor then Normalize(mean/255, std/255), in float32 and in that order, as upstream.
+    scaled = rgb.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(PIXEL_MEAN, dtype=np.float32) / np.float32(255.0)
+    std = np.asarray(PIXEL_STD, dtype=np.float32) / np.float32(255.0)
+    normalized = ((scaled - mean) / std).transpose(2, 0, 1)
+    padded = np.zeros((1, 3, encoder_size, encoder_size), dtype=np.float32)
+    padded[0, :, : normalized.shape[1], : normalized.shape[2]] = normalized
+    geometry = ImageGeometry(
+        original_size=(height, width),
+        input_size=preprocess_shape(height, width, PROMPT_FRAME),
+        encoder_size=encoder_size,
+    )
+    return padded, geometry
+
+
+def transform_coords(coords: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
+    """Pixel (x, y) in the original image -> the 1024 prompt frame. Any leading shape, last dim 2."""
+    old_h, old_w = geometry.original_size
+    new_h, new_w = geometry.input_size
+    out = np.array(coords, dtype=np.float64, copy=True)
+    out[..., 0] = out[..., 0] * (new_w / old_w)
+    out[..., 1] = out[..., 1] * (new_h / old_h)
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Decoder feed in SAM's ONNX contract: coords [B,N,2] (1024 frame) and float labels [B,N]."""
+
+    point_coords: np.ndarray
+    point_labels: np.ndarray
+
+
+def build_prompt_tokens(
+    geometry: ImageGeometry,
+    points: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
+) -> PromptTokens:
+    """PyTorch SAM's token layout: points; SAM's padding point (0,0,-1) only when there is no box; box
+    corners with labels 2 and 3. `points` [N,2] or [B,N,2] with `labels` [N] or [B,N]; `boxes` [4] or [B,4]
+    in original-image pixels. Several boxes become a batch of B prompt sets (the points are shared)."""
+    if points is None and boxes is None:
+        raise ValueError("give at least one point or one box")
+    box_array = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    batch = 1 if box_array is None else box_array.shape[0]
+    coord_parts, label_parts = [], []
+    if points is not None:
+        point_array = np.asarray(points, dtype=np.float64)
+        if labels is None:
+            raise ValueError("point labels are required with points")
+        label_array = np.asarray(labels, dtype=np.float64)
+        if point_array.ndim == 2:
+            point_array, label_array = point_array[None], label_array.reshape(1, -1)
+        if point_array.ndim != 3 or point_array.shape[-1] != 2 or label_array.shape != point_array.shape[:2]:
+            raise ValueError(
+                f"points must be [N,2] with labels [N] (got points {point_array.shape}, labels {label_array.shape})"
+            )
+        if point_array.shape[0] == 1 and batch > 1:
+            point_array = np.repeat(point_array, batch, axis=0)
+            label_array = np.repeat(label_array, batch, axis=0)
+        batch = point_array.shape[0]
+        coord_parts.append(transform_coords(point_array, geometry))
+        label_parts.append(label_array.astype(np.float32))
+        if box_array is None:
+            coord_parts.append(np.zeros((batch, 1, 2), dtype=np.float32))
+            label_parts.append(-np.ones((batch, 1), dtype=np.float32))
+    if box_array is not None:
+        if box_array.shape[0] != batch:
+            raise ValueError(f"{box_array.shape[0]} boxes but {batch} point sets")
+        coord_parts.append(transform_coords(box_array.reshape(-1, 2, 2), geometry))
+        label_parts.append(np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (batch, 1)))
+    return PromptTokens(
+        point_coords=np.ascontiguousarray(np.concatenate(coord_parts, axis=1), dtype=np.float32),
+        point_labels=np.ascontiguousarray(np.concatenate(label_parts, axis=1), dtype=np.float32),
+    )
+
+
+def _bilinear_axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of torch's bilinear interpolation (align_corners=False, no antialias)."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    src = (np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    index0 = np.floor(src).astype(np.int64)
+    index0 = np.minimum(index0, size_in - 1)
+    index1 = np.minimum(index0 + 1, size_in - 1)
+    weight1 = (src - index0).astype(np.float32)
+    return index0, index1, weight1
+
+
+def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of the last two axes, numerically matching torch.nn.functional.interpolate
+    (mode="bilinear", align_corners=False)."""
+    x = np.asarray(x, dtype=np.float32)
+    rows0, rows1, row_w = _bilinear_axis(x.shape[-2], height)
+    cols0, cols1, col_w = _bilinear_axis(x.shape[-1], width)
+    top = x[..., rows0, :]
+    bottom = x[..., rows1, :]
+    rows = top + (bottom - top) * row_w[:, None]
+    left = rows[..., cols0]
+    right = rows[..., cols1]
+    return left + (right - left) * col_w
+
+
+def postprocess_masks(low_res: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
+    """Low-res logits [..., 256, 256] -> logits at the original image size [..., H, W]."""
+    masks = resize_bilinear(low_res, PROMPT_FRAME, PROMPT_FRAME)
+    masks = masks[..., : geometry.input_size[0], : geometry.input_size[1]]
+    return resize_bilinear(masks, *geometry.original_size)
+
+
+def binarize(logits: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+    return np.asarray(logits) > threshold
+
+
+def select_masks(masks: np.ndarray, iou_predictions: np.ndarray, multimask_output: bool):
+    """PyTorch SAM's selection from the four tokens: tokens 1..3 when multimask, else token 0."""
+    selection = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, selection], iou_predictions[:, selection]

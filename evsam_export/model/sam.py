@@ -1,0 +1,114 @@
+"""The whole EfficientViT-SAM model and the two export components (encoder, prompt decoder)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evsam_export.model.decoder import MaskDecoder, PromptEncoder
+from evsam_export.model.encoder import ImageEncoder
+from evsam_export.model.variants import PROMPT_FRAME, Variant
+
+
+class EfficientViTSam(nn.Module):
+    """Same submodule names as upstream (image_encoder / prompt_encoder / mask_decoder), so keys match."""
+
+    def __init__(self, variant: Variant) -> None:
+        super().__init__()
+        self.variant = variant
+        self.image_encoder = ImageEncoder(variant)
+        self.prompt_encoder = PromptEncoder()
+        self.mask_decoder = MaskDecoder()
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PyTorch SAM's predict_torch without post-processing: prompts already in the 1024 frame.
+
+        Returns low-res logits and IoU predictions for tokens 1..3 (multimask) or token 0 (single),
+        exactly like SamPredictor / EfficientViTSamPredictor.
+        """
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.prompt_encoder.embed_prompts(points, boxes, mask_input)
+        masks, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense)
+        selection = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, selection], iou[:, selection]
+
+
+class EncoderGraph(nn.Module):
+    """Export wrapper: input_image -> image_embeddings."""
+
+    def __init__(self, model: EfficientViTSam) -> None:
+        super().__init__()
+        self.image_encoder = model.image_encoder
+
+    def forward(self, input_image: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(input_image)
+
+
+DECODER_PROFILES = ("sam", "tensorrt")
+
+
+class DecoderGraph(nn.Module):
+    """Export wrapper with SAM's ONNX decoder contract, branch-free.
+
+    Inputs: image_embeddings [1,256,64,64], point_coords [B,N,2] (1024 frame), point_labels [B,N]
+    (1 fg, 0 bg, 2/3 box corners, -1 padding), mask_input [B|1,1,256,256], has_mask_input [B|1], and for
+    the `sam` profile orig_im_size [2] (H, W, float). The caller lays tokens out like PyTorch SAM (padding
+    point only when there is no box); the graph then equals PyTorch for whatever tokens it is fed.
+
+    Outputs: all four mask tokens in upstream order (token 0 = PyTorch's multimask_output=False mask,
+    tokens 1..3 = multimask_output=True), or with single_mask=True only token 0.
+    `sam` profile: masks (upscaled to orig_im_size), iou_predictions, low_res_masks.
+    `tensorrt` profile: iou_predictions, low_res_masks (no shape-tensor input, host upsamples).
+    """
+
+    def __init__(self, model: EfficientViTSam, profile: str = "sam", single_mask: bool = False) -> None:
+        super().__init__()
+        if profile not in DECODER_PROFILES:
+            raise ValueError(f"unknown decoder profile {profile!r}")
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.profile = profile
+        self.single_mask = single_mask
+        self.prompt_frame = PROMPT_FRAME
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor | None = None,
+    ):
+        sparse = self.prompt_encoder.embed_point_tokens(point_coords, point_labels)
+        dense = self.prompt_encoder.embed_dense(mask_input, has_mask_input)
+        low_res, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense)
+        if self.single_mask:
+            # PyTorch's multimask_output=False returns token 0: a static slice, no argmax.
+            low_res, iou = low_res[:, :1], iou[:, :1]
+        if self.profile == "tensorrt":
+            return iou, low_res
+        return upscale_masks_traceable(low_res, orig_im_size, self.prompt_frame), iou, low_res
+
+
+def upscale_masks_traceable(low_res: torch.Tensor, orig_im_size: torch.Tensor, frame: int) -> torch.Tensor:
+    """SAM's mask post-processing with a tensor image size: bilinear to the frame, crop the padding,
+    bilinear to the original size. Mirrors evsam_export.model.processing.postprocess_masks."""
+    masks = F.interpolate(low_res, size=(frame, frame), mode="bilinear", align_corners=False)
+    size = orig_im_size.to(torch.float32)
+    scale = frame / torch.max(size)
+    prepadded = torch.floor(size * scale + 0.5).to(torch.int64)
+    masks = masks[..., : prepadded[0], : prepadded[1]]
+    orig = orig_im_size.to(torch.int64)
+    return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
+

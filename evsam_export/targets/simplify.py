@@ -1,0 +1,97 @@
+"""Simplify an exported graph with onnxsim (onnxslim as fallback), then prove it still computes the same.
+
+onnxsim folds the exporter's shape arithmetic and no-op Casts (L0 encoder 860 -> ~470 nodes, RUNTIMES.md §5);
+onnxslim is pure Python and takes over where onnxsim is missing or fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evsam_export.errors import ExportError
+from evsam_export.targets.onnx_export import ComponentSpec, check_contract, sample_feeds
+
+SIMPLIFIERS = ("onnxsim", "onnxslim")
+EQUIVALENCE_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class SimplifyResult:
+    tool: str  # onnxsim | onnxslim | none
+    nodes_before: int
+    nodes_after: int
+    max_abs_diff: float
+    note: str = ""
+
+
+def _run_onnxsim(model):
+    from onnxsim import simplify
+
+    simplified, ok = simplify(model)
+    if not ok:
+        raise RuntimeError("onnxsim's own check failed")
+    return simplified
+
+
+def _run_onnxslim(model):
+    import onnxslim
+
+    return onnxslim.slim(model)
+
+
+def ort_outputs(model_or_path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    source = model_or_path if isinstance(model_or_path, (str, Path)) else model_or_path.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(source) if isinstance(source, Path) else source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def equivalence_feeds(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
+    """Feeds at more than one dynamic shape, so a simplifier that baked a traced shape is caught."""
+    if spec.component == "encoder":
+        return [sample_feeds(spec, batch=1, seed=11)]
+    return [sample_feeds(spec, batch=1, num_points=2, seed=11), sample_feeds(spec, batch=3, num_points=5, seed=12)]
+
+
+def max_abs_difference(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    worst = 0.0
+    for ref_outputs, cand_outputs in zip(reference, candidate):
+        for ref, cand in zip(ref_outputs, cand_outputs):
+            if ref.shape != cand.shape:
+                return float("inf")
+            worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - cand.astype(np.float64)))) if ref.size else 0.0)
+    return worst
+
+
+def simplify_graph(path: Path, spec: ComponentSpec, tool: str = "auto") -> SimplifyResult:
+    """Simplify the ONNX file at `path` in place; keep the original if no simplifier preserves outputs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    feeds = equivalence_feeds(spec)
+    reference = [ort_outputs(path, f) for f in feeds]
+    order = SIMPLIFIERS if tool == "auto" else (tool,)
+    if tool not in ("auto",) + SIMPLIFIERS:
+        raise ExportError(f"unknown simplifier {tool!r}", hint="use auto, onnxsim or onnxslim")
+    failures = []
+    for name in order:
+        try:
+            simplified = _run_onnxsim(model) if name == "onnxsim" else _run_onnxslim(model)
+            check_contract(simplified, spec)
+            candidate = [ort_outputs(simplified, f) for f in feeds]
+        except Exception as exc:  # a simplifier failing is expected on some graphs: try the next one
+            failures.append(f"{name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
+            continue
+        diff = max_abs_difference(reference, candidate)
+        if diff > EQUIVALENCE_ATOL:
+            failures.append(f"{name}: outputs moved by {diff:.2e}")
+            continue
+        onnx.save(simplified, str(path))
+        return SimplifyResult(name, len(model.graph.node), len(simplified.graph.node), diff, "; ".join(failures))
+    return SimplifyResult("none", len(model.graph.node), len(model.graph.node), 0.0, "; ".join(failures))
