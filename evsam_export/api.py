@@ -203,3 +203,37 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
 
 
 __all__ = ["ExportOptions", "ExportResult", "export", "TensorSpec"]
+
+
+def validate(
+    folder: str | Path,
+    suite: str | Path = "default",
+    checkpoint: str | None = None,
+    reference: str | Path | None = None,
+    save_reference: str | Path | None = None,
+    junit: str | Path | None = None,
+    artifacts: list[str] | None = None,
+    reporter: Reporter | None = None,
+    threads: int | None = None,
+):
+    """Run the parity gate on an artifact folder; writes parity.json, parity.md, junit.xml and overlays.
+
+    Returns the ParityReport; `report.passed` is the gate (the CLI exits non-zero when it is False)."""
+    from evsam_export.parity.report import write_reports
+    from evsam_export.parity.suites import load_suite
+    from evsam_export.parity.validate import validate_folder
+
+    folder = Path(folder)
+    loaded = load_suite(suite)
+    report = validate_folder(
+        folder,
+        loaded,
+        checkpoint=checkpoint,
+        reference_path=Path(reference) if reference else None,
+        save_reference=Path(save_reference) if save_reference else None,
+        artifacts=artifacts,
+        reporter=reporter,
+        threads=threads,
+    )
+    write_reports(report, folder, Path(junit) if junit else None)
+    return report

@@ -75,6 +75,7 @@ def file_sha256(path: Path) -> str:
 def read_state_dict(path: Path) -> dict:
     """The state dict inside an official checkpoint: raw, or under "state_dict" or "model"."""
     import pickle
+    import re
     import zipfile
 
     import torch
@@ -88,10 +89,15 @@ def read_state_dict(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # not a refused class: the bytes themselves are broken
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or truncated (unreadable pickle)",
+                hint="download it again and compare its sha256 with the release",
+            ) from exc
         raise CheckpointError(
-            f"checkpoint {path} is not a plain weights file ({first_line[:160]})",
-            hint="only tensors are loaded (weights_only); re-save it as a state dict with torch.save(model.state_dict())",
+            f"checkpoint {path} holds Python objects ({found.group(1)}), not only tensors",
+            hint="we load with weights_only and never run checkpoint code; re-save it with torch.save(model.state_dict())",
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(

@@ -1,0 +1,3 @@
+from evsam_export.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""`evsam-export validate DIR`: the parity gate (exit 0 only when every gate passes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evsam_export.cli import app
+from evsam_export.cli.common import CheckpointOption, DebugOption, run_guarded
+
+
+@app.command("validate")
+def validate_command(
+    folder: Annotated[Path, typer.Argument(help="Artifact folder (with manifest.json).")],
+    suite: Annotated[str, typer.Option("--suite", "-s", help="Parity suite: a name in validators/ or a .toml path.")] = "default",
+    checkpoint: CheckpointOption = None,
+    reference: Annotated[Path | None, typer.Option(help="Compare against saved reference outputs (.npz) instead of PyTorch.")] = None,
+    save_reference: Annotated[Path | None, typer.Option(help="Also save the PyTorch reference outputs to this .npz.")] = None,
+    junit: Annotated[Path | None, typer.Option(help="JUnit XML path (default DIR/junit.xml).")] = None,
+    artifact: Annotated[list[str] | None, typer.Option("--artifact", "-a", help="Only these artifact ids (repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Prove that every artifact segments like PyTorch: encoder, decoder and end-to-end stages."""
+
+    def body() -> None:
+        from evsam_export import api
+        from evsam_export.errors import ParityFailure
+        from evsam_export.parity.report import console_table
+        from evsam_export.progress import Reporter
+
+        reporter = Reporter()
+        report = api.validate(folder, suite, checkpoint, reference, save_reference, junit, artifact or None, reporter, threads)
+        typer.echo(console_table(report))
+        for gate in report.failed_gates:
+            typer.echo(f"FAILED {gate.line()}", err=True)
+        typer.echo(f"report: {folder / 'parity.md'}")
+        if not report.stages:
+            raise ParityFailure("no artifact could be validated", hint="install the missing runtimes listed above")
+        if not report.passed:
+            raise ParityFailure(f"{len(report.failed_gates)} parity gate(s) failed", hint=f"see {folder / 'parity.md'}")
+
+    run_guarded(debug, body)

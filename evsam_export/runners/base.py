@@ -1,0 +1,105 @@
+"""One Runner contract for every runtime, so validators and benchmarks compare any two.
+
+    with runner:                       # load() ... close()
+        runner.input_metadata()        # the IO contract it was built for (TensorSpec list)
+        outputs = runner.infer(feeds)  # dict name -> np.ndarray, after the base class checked the feeds
+
+The base class checks every feed against the declared inputs (names, dtype, rank, fixed dims), as
+Polygraphy's runners do, so a wrong prompt shape fails with one line instead of deep inside a runtime.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from evsam_export.errors import UsageError
+from evsam_export.manifest import TensorSpec
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str = ""  # why not, when unavailable ("No module named 'tensorrt'", "no CUDA GPU")
+    version: str | None = None
+
+
+class Runner(ABC):
+    runtime: str = "?"
+
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], label: str) -> None:
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.label = label
+        self.loaded = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def load(self) -> "Runner":
+        if not self.loaded:
+            self._load()
+            self.loaded = True
+        return self
+
+    def close(self) -> None:
+        if self.loaded:
+            self._close()
+            self.loaded = False
+
+    def __enter__(self) -> "Runner":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- inference ---------------------------------------------------------------------------------
+    def input_metadata(self) -> list[TensorSpec]:
+        return list(self.inputs)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.loaded:
+            self.load()
+        checked = check_feeds(self.inputs, feeds, self.label)
+        outputs = self._infer(checked)
+        missing = [t.name for t in self.outputs if t.name not in outputs]
+        if missing:
+            raise RuntimeError(f"{self.label}: runtime returned no {missing}")
+        return {t.name: np.asarray(outputs[t.name]) for t in self.outputs}
+
+    @abstractmethod
+    def _load(self) -> None: ...
+
+    @abstractmethod
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def _close(self) -> None:
+        pass
+
+
+def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+    """Feeds in spec order with the declared dtype; one UsageError line for the first mismatch."""
+    names = [spec.name for spec in specs]
+    unknown = sorted(set(feeds) - set(names))
+    missing = [name for name in names if name not in feeds]
+    if missing or unknown:
+        raise UsageError(
+            f"{label}: feed names do not match (missing {missing}, unexpected {unknown})",
+            hint=f"inputs are {names}",
+        )
+    checked = {}
+    for spec in specs:
+        array = np.asarray(feeds[spec.name])
+        if array.ndim != len(spec.shape):
+            raise UsageError(
+                f"{label}: {spec.name} has shape {list(array.shape)}, expected rank {len(spec.shape)} {list(spec.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+            if isinstance(want, int) and want != got:
+                raise UsageError(f"{label}: {spec.name} has shape {list(array.shape)}, expected {list(spec.shape)} (axis {axis})")
+        if array.dtype != np.dtype(spec.dtype):
+            if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+                raise UsageError(f"{label}: {spec.name} has dtype {array.dtype}, expected {spec.dtype}")
+            array = array.astype(spec.dtype)
+        checked[spec.name] = np.ascontiguousarray(array)
+    return checked

@@ -1,0 +1,75 @@
+"""OpenVINO runner (CPU). The inference precision is always set explicitly: OpenVINO silently runs bf16
+on CPUs with AVX512_BF16/AMX when no hint is given (RUNTIMES.md §3.1), which would make an "fp32"
+artifact something else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from evsam_export.manifest import TensorSpec
+from evsam_export.runners.base import Availability, Runner
+
+# artifact precision -> INFERENCE_PRECISION_HINT. INT8 IRs keep their non-quantized ops in f32; an fp16
+# IR is stored compressed but computes in f32 on CPU unless asked otherwise.
+PRECISION_HINTS = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
+
+
+def openvino_availability() -> Availability:
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        return Availability(False, f"{exc} (pip install 'evsam-export[openvino]')")
+    return Availability(True, version=ov.get_version())
+
+
+class OpenVINORunner(Runner):
+    runtime = "openvino"
+
+    def __init__(
+        self,
+        path: Path,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        label: str | None = None,
+        precision: str = "fp32",
+        threads: int | None = None,
+        performance_hint: str = "LATENCY",
+        device: str = "CPU",
+    ) -> None:
+        super().__init__(inputs, outputs, label or Path(path).name)
+        self.path = Path(path)
+        self.precision = precision
+        self.threads = threads
+        self.performance_hint = performance_hint
+        self.device = device
+        self.compiled = None
+
+    def compile_config(self) -> dict:
+        config = {
+            "INFERENCE_PRECISION_HINT": PRECISION_HINTS.get(self.precision, "f32"),
+            "PERFORMANCE_HINT": self.performance_hint,
+        }
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
+
+    def _load(self) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(self.path)), self.device, self.compile_config())
+        self.request = self.compiled.create_infer_request()
+
+    def actual_precision(self) -> str:
+        """What the compiled model really runs (checked by tests: an fp32 artifact must say f32)."""
+        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer(feeds)
+        return {port.get_any_name(): np.asarray(value) for port, value in results.items()}
+
+    def _close(self) -> None:
+        self.request = None
+        self.compiled = None

@@ -1,0 +1,132 @@
+"""`evsam-export export`: bad input gets one line, a non-zero exit, no traceback, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evsam_export.model.checkpoint import load_model
+from evsam_export.model.variants import VARIANTS
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "1"}
+    return subprocess.run([sys.executable, "-m", "evsam_export.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def l1_state_dict():
+    model, _ = load_model(VARIANTS["l1"], "synthetic:0")
+    return model.state_dict()
+
+
+@pytest.mark.parametrize(
+    "make_checkpoint, needles",
+    [
+        (lambda d, sd: d / "missing.pt", ["checkpoint not found"]),
+        (lambda d, sd: (d / "garbage.pt").write_bytes(os.urandom(4096)) and d / "garbage.pt", ["corrupt or truncated"]),
+        (lambda d, sd: (d / "empty.pt").write_bytes(b"") or d / "empty.pt", ["empty"]),
+    ],
+    ids=["missing", "garbage", "empty"],
+)
+def test_bad_checkpoint_refused_cleanly(tmp_path, make_checkpoint, needles, l1_state_dict):
+    checkpoint = make_checkpoint(tmp_path, l1_state_dict)
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    proc = run_cli("export", "--variant", "l0", "--checkpoint", str(checkpoint), "--output", str(out_parent / "o"))
+    assert_one_line_error(proc, *needles)
+    assert leftovers(out_parent) == []
+
+
+def test_truncated_and_wrong_variant_checkpoints(tmp_path, l1_state_dict):
+    good = tmp_path / "l1.pt"
+    torch.save({"state_dict": l1_state_dict}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    proc = run_cli("export", "--variant", "l0", "--checkpoint", str(truncated), "--output", str(out_parent / "o"))
+    assert_one_line_error(proc, "corrupt or truncated")
+    proc = run_cli("export", "--variant", "l0", "--checkpoint", str(good), "--output", str(out_parent / "o"))
+    assert_one_line_error(proc, "this checkpoint is l1, not l0", "--variant l1")
+    assert leftovers(out_parent) == []
+
+
+def test_unknown_variant_and_opset(tmp_path):
+    proc = run_cli("export", "--variant", "l9", "--output", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "l9" in proc.stderr
+    proc = run_cli("export", "--opset", "11", "--output", str(tmp_path / "o"))
+    assert_one_line_error(proc, "opset 11")
+    assert leftovers(tmp_path) == []
+
+
+def test_output_not_empty_without_force_and_unwritable(tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    proc = run_cli("export", "--output", str(occupied))
+    assert_one_line_error(proc, "not empty", "--force")
+    assert leftovers(occupied) == ["keep.txt"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    proc = run_cli("export", "--output", str(a_file / "sub"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    if os.geteuid() != 0:  # root can write anywhere; the check still runs for everyone else
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        proc = run_cli("export", "--output", str(locked / "o"))
+        assert_one_line_error(proc, "cannot write")
+
+
+def test_failure_midway_leaves_previous_output_untouched(tmp_path, monkeypatch):
+    """An error after tracing started (here: the decoder export) must not leave partial files."""
+    from evsam_export import api
+    from evsam_export.errors import ExportError
+    from evsam_export.targets import onnx_export
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("previous export")
+    real_export = onnx_export.export_onnx
+
+    def failing(module, spec, path, opset=17):
+        if spec.component == "decoder":
+            raise ExportError("simulated failure")
+        return real_export(module, spec, path, opset)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", failing)
+    with pytest.raises(ExportError):
+        api.export("l0", target, force=True)
+    assert leftovers(target) == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_help_is_fast_and_lists_commands():
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "evsam_export.cli", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    assert "export" in proc.stdout and "validate" in proc.stdout
+    imported = proc.stderr
+    for heavy in ("torch", "onnx", "onnxruntime", "openvino"):
+        assert f"| {heavy}\n" not in imported and f" {heavy}\n" not in imported.replace("|", " "), heavy
