@@ -60,6 +60,14 @@ class Reference:
     iou: dict[str, np.ndarray] = field(default_factory=dict)  # case key -> [B,4]
     mask_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # refine cases: the fed-back mask
     weights_sha256: str = ""
+    full_masks: dict = field(default_factory=dict)  # (case key, tokens) -> logits at original size (cache)
+
+    def full_size(self, case: "Case", tokens: list[int]) -> np.ndarray:
+        """Reference logits at the original image size, post-processed once and shared by every stage."""
+        key = (case.key, tuple(tokens))
+        if key not in self.full_masks:
+            self.full_masks[key] = processing.postprocess_masks(self.low_res[case.key][:, tokens], case.geometry)
+        return self.full_masks[key]
 
     def save(self, path: Path, suite: Suite) -> None:
         arrays = {"__format__": np.array(REFERENCE_FORMAT), "__weights__": np.array(self.weights_sha256),
@@ -250,9 +258,8 @@ def token_indices(artifact: Artifact) -> list[int]:
     return [0] if single else list(range(NUM_MASK_TOKENS))
 
 
-def compare_masks(case: Case, ref_low: np.ndarray, test_low: np.ndarray, margin: float | None):
+def compare_masks(case: Case, ref_full: np.ndarray, test_low: np.ndarray, margin: float | None):
     """Per-mask IoU (and stable IoU) of binarised masks at the original image size, shared post-processing."""
-    ref_full = processing.postprocess_masks(ref_low, case.geometry)
     test_full = processing.postprocess_masks(test_low, case.geometry)
     iou = metrics.mask_iou(processing.binarize(ref_full), processing.binarize(test_full))
     stable = metrics.stable_mask_iou(ref_full, test_full, margin) if margin is not None else None
@@ -273,14 +280,14 @@ def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_
         if test_low.shape != ref_low.shape:
             bucket["iou"].append(np.zeros(1))
             continue
-        iou, stable, _ref_full, _test_full = compare_masks(case, ref_low, test_low, tol.stable_margin)
+        iou, stable, _ref_full, test_full = compare_masks(case, reference.full_size(case, tokens), test_low, tol.stable_margin)
         bucket["iou"].append(iou.ravel())
         if stable is not None:
             bucket["stable"].append(stable.ravel())
         bucket["logit"].append(metrics.max_abs_diff(ref_low, test_low))
         bucket["score"].append(metrics.max_abs_diff(ref_iou, test_iou))
         if "masks" in out:  # sam profile: the in-graph upscaling must equal the shared host post-processing
-            host = processing.postprocess_masks(test_low, case.geometry)
+            host = test_full
             bucket["inmask"].append(float(metrics.mask_iou(processing.binarize(host), processing.binarize(out["masks"])).min()))
         worst.append({"case": case, "iou": float(iou.min()), "token": tokens[int(np.argmin(iou.min(axis=0)))] if iou.ndim > 1 else tokens[0],
                       "prompt_set": int(np.argmin(iou.min(axis=1))) if iou.ndim > 1 else 0, "test_low": test_low, "ref_low": ref_low})

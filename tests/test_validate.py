@@ -1,0 +1,168 @@
+"""`evsam-export validate`: passes a clean export, and is not a rubber stamp."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from evsam_export import api
+from evsam_export.manifest import read_manifest, sha256_file
+from evsam_export.parity.suites import validators_dir
+
+QUICK_SUITE = """
+[suite]
+name = "quick"
+description = "one synthetic scene, three prompt kinds, the shipped default tolerances"
+
+[[suite.images]]
+synthetic = 0
+size = [240, 320]
+
+[suite.prompts]
+kinds = ["point", "box", "boxes16"]
+seed = 0
+
+"""
+
+
+@pytest.fixture(scope="session")
+def quick_suite(tmp_path_factory) -> Path:
+    default = (validators_dir() / "default.toml").read_text()
+    path = tmp_path_factory.mktemp("suite") / "quick.toml"
+    path.write_text(QUICK_SUITE + default[default.index("[tolerances.fp32]"):])
+    return path
+
+
+@pytest.fixture(scope="session")
+def l0_export(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("export") / "l0"
+    api.export("l0", folder)
+    return folder
+
+
+@pytest.fixture()
+def l0_copy(l0_export, tmp_path) -> Path:
+    folder = tmp_path / "l0"
+    shutil.copytree(l0_export, folder)
+    return folder
+
+
+def run_validate(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "1"}
+    return subprocess.run([sys.executable, "-m", "evsam_export.cli", "validate", str(folder), *extra],
+                          capture_output=True, text=True, env=env)
+
+
+def scale_initializer(folder: Path, artifact_id: str, pick, factor: float) -> str:
+    """Scale one weight tensor of an artifact's ONNX file and re-record its hash (a bad export, not a
+    tampered file), so only the parity gate can catch it."""
+    manifest = read_manifest(folder)
+    artifact = manifest.artifact(artifact_id)
+    path = folder / artifact.path
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if pick(i))
+    array = numpy_helper.to_array(init) * np.float32(factor)
+    init.CopyFrom(numpy_helper.from_array(array.astype(np.float32), init.name))
+    onnx.save(model, str(path))
+    data = json.loads((folder / "manifest.json").read_text())
+    for entry in data["artifacts"]:
+        if entry["id"] == artifact_id:
+            entry["sha256"] = sha256_file(path)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return init.name
+
+
+def test_clean_export_passes_and_writes_reports(l0_copy, quick_suite):
+    proc = run_validate(l0_copy, "--suite", str(quick_suite))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((l0_copy / "parity.json").read_text())
+    assert report["passed"] is True
+    stages = {(s["artifact"], s["stage"]) for s in report["stages"]}
+    assert stages == {("encoder.onnx.fp32", "encoder"), ("decoder.onnx.fp32", "decoder"), ("encoder.onnx.fp32", "end_to_end")}
+    decoder = next(s for s in report["stages"] if s["stage"] == "decoder")
+    for kind in ("point", "box", "boxes16"):
+        assert decoder["metrics"][kind]["mask_iou"]["min"] >= 0.9999  # a few |logit| < 1e-5 pixels may flip
+    junit = (l0_copy / "junit.xml").read_text()
+    assert junit.count("<testcase") == 1 + 3 + 3 and "<failure" not in junit
+    assert "| encoder.onnx.fp32 | encoder | fp32 | pass |" in (l0_copy / "parity.md").read_text()
+    assert list((l0_copy / "parity").glob("*.png"))
+
+
+def test_scaled_encoder_weight_fails_the_encoder_stage(l0_copy, quick_suite):
+    scale_initializer(l0_copy, "encoder.onnx.fp32", lambda i: len(i.dims) == 4 and i.dims[0] >= 64, 1.5)
+    proc = run_validate(l0_copy, "--suite", str(quick_suite))
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED")]
+    assert any("encoder.onnx.fp32 [encoder/all] embedding_snr_db" in line for line in failed), failed
+    assert not any("[decoder/" in line for line in failed), failed  # the decoder alone is still exact
+    assert "error: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_perturbed_decoder_weight_fails_the_decoder_stage(l0_copy, quick_suite):
+    # the hypernetwork MLP's output layer decides every mask logit of token 0
+    name = scale_initializer(l0_copy, "decoder.onnx.fp32", lambda i: list(i.dims) == [32, 256] or list(i.dims) == [256, 32], -1.0)
+    proc = run_validate(l0_copy, "--suite", str(quick_suite))
+    assert proc.returncode == 10, (name, proc.stdout + proc.stderr)
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED")]
+    assert any("decoder.onnx.fp32 [decoder/" in line for line in failed), failed
+    assert not any("[encoder/all]" in line for line in failed), failed
+    assert "FAIL" in (l0_copy / "parity.md").read_text()
+
+
+def test_changed_file_missing_runtime_and_foreign_manifest(l0_copy, quick_suite, tmp_path):
+    (l0_copy / "decoder.fp32.onnx").write_bytes(b"not the exported graph")
+    proc = run_validate(l0_copy, "--suite", str(quick_suite))
+    assert proc.returncode == 6 and "changed since export" in proc.stderr and "Traceback" not in proc.stderr
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({"name": "something else"}))
+    proc = run_validate(foreign)
+    assert proc.returncode == 6 and "not an evsam-export manifest" in proc.stderr
+
+    proc = run_validate(tmp_path / "nowhere")
+    assert proc.returncode == 6 and "not found" in proc.stderr
+
+
+def test_missing_runtime_is_reported_not_raised(l0_export, quick_suite, tmp_path, monkeypatch):
+    """An artifact whose runtime is absent is listed as unavailable (skipped in JUnit), never a traceback."""
+    from evsam_export.runners import base
+
+    folder = tmp_path / "l0"
+    shutil.copytree(l0_export, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    fake = dict(next(a for a in data["artifacts"] if a["id"] == "encoder.onnx.fp32"))
+    fake.update(id="encoder.tensorrt.fp16", target="tensorrt", precision="fp16")
+    data["artifacts"].append(fake)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    import evsam_export.runners as runners
+
+    monkeypatch.setattr(
+        runners, "runtime_availability",
+        lambda: {**{k: base.Availability(True) for k in ("torch", "onnxruntime", "openvino")},
+                 "tensorrt": base.Availability(False, "No module named 'tensorrt'")},
+    )
+    report = api.validate(folder, quick_suite, artifacts=["encoder.tensorrt.fp16", "decoder.onnx.fp32"])
+    assert report.unavailable == {"encoder.tensorrt.fp16": "encoder.tensorrt.fp16: tensorrt unavailable: No module named 'tensorrt'"}
+    assert report.passed
+    assert "<skipped" in (folder / "junit.xml").read_text()
+
+
+def test_saved_reference_validates_without_rebuilding_the_model(l0_copy, quick_suite, tmp_path, monkeypatch):
+    reference = tmp_path / "ref.npz"
+    first = api.validate(l0_copy, quick_suite, save_reference=reference)
+    assert first.passed and reference.is_file()
+    import evsam_export.model.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("reference should come from the file"))
+    second = api.validate(l0_copy, quick_suite, reference=reference)
+    assert second.passed and second.reference_source.startswith("file")
