@@ -1,0 +1,57 @@
+"""`evsam-export run RECIPE`: a complete, validated artifact folder from one recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evsam_export.cli import app
+from evsam_export.cli.common import CheckpointOption, DebugOption, command_line, run_guarded
+from evsam_export.cli.export_cmd import VariantChoice
+
+
+@app.command("run")
+def run_command(
+    recipe: Annotated[str, typer.Argument(help="Recipe name in recipes/ (e.g. cpu-ort-int8) or a .toml path.")],
+    variant: Annotated[VariantChoice, typer.Option("--variant", "-v", help="Model variant.")] = VariantChoice.l0,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact folder (default out/<recipe>-<variant>).")] = None,
+    checkpoint: CheckpointOption = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, inputs, cache reuse) and write nothing.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild every step (results are still stored).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads for calibration and validation.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Export -> precision -> target build -> validate, as the recipe says; each step cached by content."""
+
+    def body() -> None:
+        from evsam_export.errors import ParityFailure
+        from evsam_export.parity.report import console_table
+        from evsam_export.progress import Reporter
+        from evsam_export.recipe import load_recipe
+        from evsam_export.recipe.runner import StepCache, run_recipe
+
+        loaded = load_recipe(recipe, overrides or [])
+        folder = output or Path("out") / f"{loaded.name}-{variant.value}"
+        reporter = Reporter()
+        cache = StepCache()
+        if no_cache:
+            cache.enabled = False
+        result = run_recipe(loaded, variant.value, folder, checkpoint, force, dry_run, reporter, cache, command_line(), threads)
+        if dry_run:
+            typer.echo(f"recipe {loaded.name} ({loaded.path}) for {variant.value} -> {folder} (dry run: nothing written)")
+            for step in result.steps:
+                typer.echo(f"  {step.name:<18} {step.status:<6} parent={step.parent or '-'} key={(step.key or '?')[:16]} settings={step.settings}")
+            return
+        reporter.print_summary()
+        if result.report is not None and hasattr(result.report, "stages"):
+            typer.echo(console_table(result.report))
+        elif result.passed:
+            typer.echo(f"parity: pass (reused: no artifact changed since the last validation; {folder / 'parity.md'})")
+        if result.passed is False:
+            raise ParityFailure("the recipe's artifacts failed their parity gate", hint=f"see {folder / 'parity.md'}")
+
+    run_guarded(debug, body)

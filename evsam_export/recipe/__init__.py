@@ -1,0 +1,211 @@
+"""Recipes: `recipes/*.toml` validated into a frozen `Recipe` (unknown keys and wrong types refused with
+the field path), `extends = "other.toml"` for variations, `--set section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evsam_export.errors import RecipeError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+SECTIONS = ("recipe", "export", "precision", "target", "validate")
+
+
+def recipes_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    target: str
+    path: Path
+    export: dict  # api.ExportOptions fields
+    encoder_precision: str
+    decoder_precision: str
+    fp16: dict = field(default_factory=dict)  # settings of the fp16 step
+    int8: dict = field(default_factory=dict)  # settings of the int8 step (ORT QDQ or NNCF)
+    target_settings: dict = field(default_factory=dict)
+    validate: bool = True
+    suite: str = "default"
+    document: dict = field(default_factory=dict)  # the merged TOML, for --dry-run and the manifest
+
+    def export_options(self):
+        from evsam_export.api import ExportOptions
+
+        return ExportOptions(**self.export)
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix != ".toml" and not path.exists():
+        path = recipes_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.toml")))
+        raise RecipeError(f"recipe not found: {name_or_path}", hint=f"shipped recipes: {known}")
+    return path
+
+
+def _read(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        raise RecipeError(f"{path.name}: extends loops back to itself", hint=" -> ".join(p.name for p in chain + (path,)))
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path.name}: not valid TOML ({exc})") from exc
+    parent_name = document.pop("extends", None)
+    if parent_name is None:
+        return document
+    if not isinstance(parent_name, str):
+        raise RecipeError(f"{path.name}: extends: expected a file name string")
+    parent_path = (path.parent / parent_name) if (path.parent / parent_name).is_file() else resolve_recipe_path(parent_name)
+    return _merge(_read(parent_path, chain + (path,)), document)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def apply_overrides(document: dict, overrides: list[str]) -> dict:
+    """`section.key=value` (value parsed as TOML: 8, true, "x", [1, 2]; bare words are strings)."""
+    document = _merge({}, document)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise RecipeError(f"--set {item!r}: expected section.key=value", hint="e.g. --set precision.encoder=int8")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        keys = dotted.strip().split(".")
+        table = document
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise RecipeError(f"--set {item!r}: {key} is not a table")
+        table[keys[-1]] = value
+    return document
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation in (typing.Any, object):
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (tuple, list):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def check_table(table: dict, settings_cls, where: str, source: str) -> dict:
+    """Validate `table` against a frozen Settings dataclass: unknown keys and wrong types refused."""
+    if not isinstance(table, dict):
+        raise RecipeError(f"{source}: [{where}] must be a table")
+    hints = typing.get_type_hints(settings_cls)
+    names = {f.name for f in dataclasses.fields(settings_cls)}
+    for key, value in table.items():
+        if key not in names:
+            raise RecipeError(f"{source}: [{where}] {key}: unknown key", hint=f"allowed: {', '.join(sorted(names))}")
+        if not _type_ok(value, hints[key]):
+            raise RecipeError(f"{source}: [{where}] {key}: expected {getattr(hints[key], '__name__', hints[key])}, got {type(value).__name__} {value!r}")
+    return dict(table)
+
+
+def _settings_class(module_name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module_name).Settings
+    except ImportError as exc:
+        raise RecipeError(f"step module {module_name} is not available ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class _RecipeSection:
+    name: str
+    description: str = ""
+    target: str = "ort"
+
+
+@dataclass(frozen=True)
+class _PrecisionSection:
+    encoder: str = "fp32"
+    decoder: str = "fp32"
+    fp16: dict | None = None
+    int8: dict | None = None
+
+
+@dataclass(frozen=True)
+class _ValidateSection:
+    enabled: bool = True
+    suite: str = "default"
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    from evsam_export.api import ExportOptions
+    from evsam_export.targets.registry import get_target
+
+    path = resolve_recipe_path(name_or_path)
+    source = path.name
+    document = apply_overrides(_read(path), overrides or [])
+    for key in document:
+        if key not in SECTIONS:
+            raise RecipeError(f"{source}: [{key}]: unknown section", hint=f"allowed: {', '.join(SECTIONS)}")
+    head = check_table(document.get("recipe", {}), _RecipeSection, "recipe", source)
+    if "name" not in head:
+        raise RecipeError(f"{source}: [recipe] name: missing")
+    target = get_target(head.get("target", "ort"))
+    export = check_table(document.get("export", {}), ExportOptions, "export", source)
+    if target.decoder_profile and export.get("decoder_profile", target.decoder_profile) != target.decoder_profile:
+        raise RecipeError(f"{source}: [export] decoder_profile: target {target.name} needs {target.decoder_profile!r}")
+    if target.decoder_profile:
+        export["decoder_profile"] = target.decoder_profile
+    precision = check_table(document.get("precision", {}), _PrecisionSection, "precision", source)
+    for component in ("encoder", "decoder"):
+        value = precision.get(component, "fp32")
+        if value not in target.precisions:
+            raise RecipeError(f"{source}: [precision] {component}: {value!r} not one of {', '.join(target.precisions)} for {target.name}")
+    steps = {p: target.precision_steps.get(p) or target.target_step for p in ("fp16", "int8")}
+    used = {precision.get("encoder", "fp32"), precision.get("decoder", "fp32")}
+    tables = {}
+    for name in ("fp16", "int8"):  # a precision table is checked when present or when that precision is used
+        table = precision.get(name) or {}
+        tables[name] = check_table(table, _settings_class(steps[name]), f"precision.{name}", source) if table or name in used else {}
+    fp16, int8 = tables["fp16"], tables["int8"]
+    target_settings = check_table(document.get("target", {}), _settings_class(target.target_step), "target", source)
+    validate = check_table(document.get("validate", {}), _ValidateSection, "validate", source)
+    return Recipe(
+        name=head["name"],
+        description=head.get("description", ""),
+        target=target.name,
+        path=path,
+        export=export,
+        encoder_precision=precision.get("encoder", "fp32"),
+        decoder_precision=precision.get("decoder", "fp32"),
+        fp16=fp16,
+        int8=int8,
+        target_settings=target_settings,
+        validate=validate.get("enabled", True),
+        suite=validate.get("suite", "default"),
+        document=document,
+    )

@@ -1,0 +1,324 @@
+"""`evsam-export run RECIPE`: export -> precision -> target build -> validate, each step cached.
+
+Every step is content-addressed: its key is the sha256 of the canonical JSON of {step, the step module's
+source hash, resolved settings, the parent artifact's sha256 (or the weights' sha256 for export), the
+parity suite's content, tool and library versions}. A hit restores the step's files and manifest entries;
+a failure is never cached (Olive replays cached failures and cut keys to 8 hex characters and without
+library versions: two models once shared an entry — we keep all 64 and everything that can change a
+result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evsam_export import __version__
+from evsam_export.errors import EvsamError
+from evsam_export.manifest import Artifact, Manifest, environment, package_versions
+from evsam_export.progress import Reporter
+from evsam_export.recipe import Recipe
+from evsam_export.targets.registry import get_target
+
+KEY_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "openvino", "nncf", "tensorrt", "numpy")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EVSAM_CACHE_DIR", Path.home() / ".cache" / "evsam-export")) / "steps"
+
+
+def module_code_hash(module_name: str) -> str:
+    """Hash of the module's source (a code change invalidates its cached results)."""
+    spec = importlib.util.find_spec(module_name)
+    source = Path(spec.origin).read_bytes() if spec and spec.origin else module_name.encode()
+    return hashlib.sha256(source).hexdigest()
+
+
+def step_key(payload: dict) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class Step:
+    name: str  # export | fp16:encoder | int8:encoder | openvino:encoder | ort:decoder | validate ...
+    module: str | None
+    component: str | None = None
+    parent: str | None = None  # parent artifact id
+    settings: dict = field(default_factory=dict)
+    precision: str | None = None
+    key: str | None = None
+    status: str = "planned"  # planned | reused | built | failed | skipped
+    outputs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def plan_steps(recipe: Recipe) -> list[Step]:
+    target = get_target(recipe.target)
+    steps = [Step("export", "evsam_export.api", settings=dict(recipe.export))]
+    for component, precision in (("encoder", recipe.encoder_precision), ("decoder", recipe.decoder_precision)):
+        parent = f"{component}.onnx.fp32"
+        table = recipe.fp16 if precision == "fp16" else recipe.int8 if precision == "int8" else {}
+        module = target.precision_steps.get(precision)
+        if module is not None:
+            steps.append(Step(f"{precision}:{component}", module, component, parent, dict(table), precision))
+            parent = None  # resolved at run time from the precision step's output
+            table = {}
+        settings = dict(recipe.target_settings, **table)
+        steps.append(Step(f"{target.name}:{component}", target.target_step, component, parent, settings, precision))
+    if recipe.validate:
+        steps.append(Step("validate", "evsam_export.parity.validate", settings={"suite": recipe.suite}))
+    return steps
+
+
+def _settings_object(module_name: str, settings: dict, precision: str | None):
+    cls = importlib.import_module(module_name).Settings
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = dict(settings)
+    if "precision" in names and precision is not None:
+        values["precision"] = precision
+    return cls(**values)
+
+
+def _suite_hash(suite: str) -> str:
+    from evsam_export.parity.suites import load_suite
+
+    return hashlib.sha256(load_suite(suite).path.read_bytes()).hexdigest()
+
+
+class StepCache:
+    def __init__(self, root: Path | None = None, enabled: bool = True) -> None:
+        self.root = root or cache_root()
+        self.enabled = enabled
+
+    def lookup(self, key: str) -> dict | None:
+        entry = self.root / key / "entry.json"
+        if not self.enabled or not entry.is_file():
+            return None
+        try:
+            return json.loads(entry.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def restore(self, key: str, entry: dict, folder: Path) -> None:
+        for name in entry["files"]:
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = self.root / key / "files" / name
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+
+    def store(self, key: str, folder: Path, files: list[str], payload: dict) -> None:
+        if not self.enabled:
+            return
+        tmp = self.root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name in files:
+            (tmp / "files" / name).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(folder / name, tmp / "files" / name)
+            except OSError:
+                shutil.copy2(folder / name, tmp / "files" / name)
+        (tmp / "entry.json").write_text(json.dumps({**payload, "files": files}, indent=1))
+        final = self.root / key
+        if final.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        os.replace(tmp, final)
+
+
+@dataclass
+class RunResult:
+    output: Path | None
+    steps: list[Step]
+    manifest: Manifest | None
+    passed: bool | None  # parity gate (None: not validated / dry run)
+    report: object = None
+
+
+def _artifact_files(artifact: Artifact) -> list[str]:
+    return [artifact.path] + list(artifact.extra_files)
+
+
+def run_recipe(
+    recipe: Recipe,
+    variant_name: str,
+    output: Path,
+    checkpoint: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    cache: StepCache | None = None,
+    command: str = "",
+    threads: int | None = None,
+) -> RunResult:
+    from evsam_export.api import export_components, model_contract
+    from evsam_export.model.checkpoint import load_model, parse_synthetic
+    from evsam_export.model.variants import get_variant
+    from evsam_export.output import check_output_folder, staged_folder
+    from evsam_export.targets.base import StepContext
+
+    reporter = reporter or Reporter()
+    cache = cache or StepCache()
+    variant = get_variant(variant_name)
+    output = Path(output) if dry_run else check_output_folder(Path(output), force)
+    weights_sha = _weights_sha(variant, checkpoint)
+    versions = {name: version for name, version in package_versions(KEY_PACKAGES).items()}
+    suite_hash = _suite_hash(recipe.suite)
+    steps = plan_steps(recipe)
+    options = recipe.export_options()
+
+    def key_for(step: Step, parent_sha: str | None) -> str | None:
+        payload = {"step": step.name, "module": step.module, "code": module_code_hash(step.module), "settings": step.settings,
+                   "precision": step.precision, "tool": __version__, "versions": versions, "suite": suite_hash}
+        if step.name == "export":
+            payload.update(variant=variant.name, weights=weights_sha)
+        elif parent_sha is None:
+            return None
+        else:
+            payload["parent"] = parent_sha
+        return step_key(payload)
+
+    if dry_run:
+        return RunResult(None, _dry_run(steps, key_for, cache), None, None)
+
+    manifest = Manifest(
+        variant=variant.name,
+        encoder_size=variant.encoder_size,
+        weights={"spec": checkpoint or "synthetic:0", "sha256": weights_sha, "synthetic_seed": parse_synthetic(checkpoint or "synthetic:0")},
+        model=model_contract(variant, options),
+        environment=environment(),
+        command=command,
+    )
+    report = None
+    with staged_folder(output, force) as staging:
+        ctx = StepContext(folder=staging, manifest=manifest, variant=variant, reporter=reporter, suite=recipe.suite, threads=threads)
+        latest: dict[str, str] = {}  # component -> id of its newest artifact
+        for step in steps:
+            started = time.perf_counter()
+            if step.name == "validate":
+                report = _validate_step(step, ctx, staging, manifest, suite_hash, cache, reporter, versions)
+                step.seconds = time.perf_counter() - started
+                continue
+            parent_id = step.parent or latest.get(step.component)
+            parent = manifest.artifact(parent_id) if parent_id else None
+            step.parent = parent_id
+            step.key = key_for(step, parent.sha256 if parent else None)
+            entry = cache.lookup(step.key)
+            if entry is not None:
+                cache.restore(step.key, entry, staging)
+                artifacts = [Artifact.from_json(a) for a in entry["artifacts"]]
+                step.status = "reused"
+            else:
+                try:
+                    with reporter.step(f"{step.name}"):
+                        artifacts = _run_step(step, ctx, parent, variant, checkpoint, options, load_model, export_components)
+                except EvsamError:
+                    step.status = "failed"
+                    raise
+                cache.store(step.key, staging, [f for a in artifacts for f in _artifact_files(a)],
+                            {"step": step.name, "artifacts": [a.to_json() for a in artifacts]})
+                step.status = "built"
+            for artifact in artifacts:
+                manifest.add(artifact)
+                if artifact.component:
+                    latest[artifact.component] = artifact.id
+            step.outputs = [a.id for a in artifacts]
+            step.seconds = time.perf_counter() - started
+            if not artifacts:
+                step.status = "skipped" if step.status == "built" else step.status
+        manifest.history.append({"command": command, "recipe": recipe.name, "steps": [
+            {"step": s.name, "status": s.status, "key": s.key, "outputs": s.outputs, "seconds": round(s.seconds, 2)} for s in steps]})
+        manifest.write(staging)
+    for step in steps:
+        for artifact_id in step.outputs:
+            artifact = manifest.artifact(artifact_id)
+            reporter.artifact("reused" if step.status == "reused" else "ok", step.seconds, output / artifact.path, note=artifact_id)
+    return RunResult(output, steps, manifest, None if report is None else report.passed, report)
+
+
+def _weights_sha(variant, checkpoint: str | None) -> str:
+    from evsam_export.model.checkpoint import file_sha256, parse_synthetic
+    from evsam_export.model.synthetic import state_dict_sha256, synthetic_state_dict
+
+    spec = checkpoint or "synthetic:0"
+    seed = parse_synthetic(spec)
+    if seed is not None:
+        return state_dict_sha256(synthetic_state_dict(variant, seed))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        from evsam_export.errors import CheckpointError
+
+        raise CheckpointError(f"checkpoint not found: {path}", hint="check the path, or omit --checkpoint to use synthetic weights")
+    return file_sha256(path)
+
+
+def _run_step(step: Step, ctx, parent, variant, checkpoint, options, load_model, export_components) -> list[Artifact]:
+    if step.name == "export":
+        model, _weights = load_model(variant, checkpoint)
+        return export_components(model, variant, ctx.folder, options, ctx.reporter)
+    module = importlib.import_module(step.module)
+    settings = _settings_object(step.module, step.settings, step.precision)
+    return list(module.build(ctx, parent, settings))
+
+
+def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_hash: str, cache: StepCache, reporter, versions):
+    from evsam_export.parity.report import write_reports
+    from evsam_export.parity.suites import load_suite
+    from evsam_export.parity.validate import validate_folder
+
+    manifest.write(staging)
+    step.key = step_key({"step": "validate", "code": module_code_hash("evsam_export.parity.validate"), "suite": suite_hash,
+                         "artifacts": sorted(a.sha256 for a in manifest.artifacts), "tool": __version__, "versions": versions})
+    entry = cache.lookup(step.key)
+    if entry is not None:
+        cache.restore(step.key, entry, staging)
+        step.status = "reused"
+        step.outputs = []
+        return _CachedReport(entry["passed"], entry.get("failed", []))
+    report = validate_folder(staging, load_suite(step.settings["suite"]), reporter=reporter, threads=ctx.threads)
+    write_reports(report, staging)
+    files = ["parity.json", "parity.md", "junit.xml"] + [p.relative_to(staging).as_posix() for p in (staging / "parity").glob("*.png")]
+    if report.passed:  # a failing validation is not cached: it re-runs after the cause is fixed
+        cache.store(step.key, staging, files, {"step": "validate", "passed": True, "failed": []})
+    step.status = "built"
+    return report
+
+
+@dataclass
+class _CachedReport:
+    passed: bool
+    failed: list
+
+    @property
+    def failed_gates(self):
+        return []
+
+
+def _dry_run(steps: list[Step], key_for, cache: StepCache) -> list[Step]:
+    """Resolve keys as far as cached parents allow; a step after a rebuilt one cannot be known reusable."""
+    parent_sha: dict[str, str] = {}
+    for step in steps:
+        if step.name == "validate":
+            step.status = "will run (or reuse if every artifact is unchanged)"
+            continue
+        parent_id = step.parent or (parent_sha.get(f"latest:{step.component}") if step.component else None)
+        sha = parent_sha.get(parent_id) if parent_id else None
+        step.parent = parent_id or (f"<output of the previous {step.component} step>" if step.component else "<weights>")
+        step.key = key_for(step, sha) if (step.name == "export" or sha) else None
+        entry = cache.lookup(step.key) if step.key else None
+        step.status = "reuse" if entry else "run"
+        if entry:
+            for artifact in entry["artifacts"]:
+                parent_sha[artifact["id"]] = artifact["sha256"]
+                parent_sha[f"latest:{artifact['component']}"] = artifact["id"]
+    return steps
