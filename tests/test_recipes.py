@@ -1,0 +1,90 @@
+"""Recipes: validated data, extends, --set, refusals with the field path; the cached runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evsam_export.errors import RecipeError
+from evsam_export.recipe import load_recipe, recipes_dir
+from evsam_export.recipe.runner import StepCache, run_recipe
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_recipe_loads():
+    names = sorted(p.stem for p in recipes_dir().glob("*.toml"))
+    assert "cpu-ort-fp32" in names
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.target in ("ort", "openvino", "tensorrt")
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[recipe]\nname = "x"\n[target]\nmethd = 1\n', "[target] methd: unknown key"),
+        ('[recipe]\nname = "x"\n[export]\nopset = "seventeen"\n', "[export] opset: expected int"),
+        ('[recipe]\nname = "x"\ntarget = "coreml"\n', "unknown target 'coreml'"),
+        ('[recipe]\nname = "x"\n[precison]\nencoder = "int8"\n', "[precison]: unknown section"),
+        ('[recipe]\nname = "x"\n[precision]\nencoder = "int4"\n', "[precision] encoder: 'int4' not one of"),
+        ('[recipe]\nname = "x"\ntarget = "tensorrt"\n[export]\ndecoder_profile = "sam"\n', "needs 'tensorrt'"),
+        ('[recipe\nname = "x"\n', "not valid TOML"),
+        ('[recipe]\ndescription = "no name"\n', "[recipe] name: missing"),
+    ],
+)
+def test_bad_recipes_are_refused_with_the_field_path(tmp_path, body, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path / "bad.toml", body))
+    assert message in info.value.one_line()
+    assert "\n" not in info.value.one_line()
+
+
+def test_extends_and_set_overrides(tmp_path):
+    child = write(tmp_path / "child.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "child"\n[target]\noptimization = "basic"\n')
+    recipe = load_recipe(child)
+    assert recipe.name == "child" and recipe.target_settings["optimization"] == "basic"
+    assert recipe.export["decoder_profile"] == "sam"  # inherited
+    recipe = load_recipe(child, ["target.optimization=extended", "export.single_mask=true"])
+    assert recipe.target_settings["optimization"] == "extended" and recipe.export["single_mask"] is True
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        load_recipe(child, ["nokey"])
+    loop = write(tmp_path / "loop.toml", 'extends = "loop.toml"\n[recipe]\nname = "loop"\n')
+    with pytest.raises(RecipeError, match="loops back"):
+        load_recipe(loop)
+
+
+def test_missing_recipe_via_cli_is_one_line(tmp_path):
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(tmp_path / "nope.toml")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 5 and "recipe not found" in proc.stderr and "Traceback" not in proc.stderr
+    bad = write(tmp_path / "bad.toml", '[recipe]\nname = "x"\n[quantize]\nmethd = 1\n')
+    proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(bad)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 5 and "[quantize]: unknown section" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):
+    recipe = load_recipe(write(tmp_path / "r.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'))
+    cache = StepCache(tmp_path / "cache")
+    plan = run_recipe(recipe, "l0", tmp_path / "dry", dry_run=True, cache=cache)
+    assert [s.status for s in plan.steps] == ["run", "run", "run"]
+    assert not (tmp_path / "dry").exists() and not (tmp_path / "cache").exists()
+
+    first = run_recipe(recipe, "l0", tmp_path / "a", cache=cache)
+    assert [s.status for s in first.steps] == ["built", "built", "built"]
+    second = run_recipe(recipe, "l0", tmp_path / "b", cache=cache)
+    assert [s.status for s in second.steps] == ["reused", "reused", "reused"]
+    assert {a.sha256 for a in second.manifest.artifacts} == {a.sha256 for a in first.manifest.artifacts}
+
+    plan = run_recipe(recipe, "l0", tmp_path / "c", dry_run=True, cache=cache)
+    assert [s.status for s in plan.steps] == ["reuse", "reuse", "reuse"]
+    changed = load_recipe(tmp_path / "r.toml", ["target.optimization=basic"])
+    third = run_recipe(changed, "l0", tmp_path / "c", cache=cache)
+    assert [s.status for s in third.steps] == ["reused", "built", "built"]  # only what depends on the change
