@@ -1,0 +1,253 @@
+"""`evsam-export bench DIR`: honest latency, throughput, memory and load time of every artifact.
+
+Method: every subject is loaded first, warm-up runs are discarded, then repetitions are *alternated*
+across subjects (A B C A B C ...) inside one process, so machine noise hits all of them alike; we report
+median, p90 and min, and compare subjects as ratios. Baselines in the same run: PyTorch eager fp32 and a
+*plain* export (torch.onnx.export at opset 17, no graph work: what the official export script produces).
+Peak resident memory is measured in a separate process per subject (load + one inference).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evsam_export.manifest import cpu_flags, cpu_model, package_versions, read_manifest
+from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, get_variant
+from evsam_export.progress import Reporter
+
+
+@dataclass
+class Timing:
+    subject: str
+    component: str
+    workload: str  # e.g. "batch 1", "1 point", "16 boxes"
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+    items: int  # images or prompt sets per call (throughput = items / median)
+    load_s: float = 0.0
+    peak_rss_mb: float | None = None
+
+    @property
+    def per_second(self) -> float:
+        return self.items / (self.median_ms / 1000.0)
+
+
+@dataclass
+class BenchResult:
+    folder: Path
+    variant: str
+    threads: int
+    timings: list[Timing] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": "evsam-export/bench",
+            "variant": self.variant,
+            "threads": self.threads,
+            "machine": self.machine,
+            "timings": [dict(asdict(t), per_second=t.per_second) for t in self.timings],
+        }
+
+
+def _encoder_feed(size: int, batch: int) -> dict:
+    return {"input_image": np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)}
+
+
+def _decoder_feed(runner_inputs, prompts: int, boxes: bool) -> dict:
+    rng = np.random.default_rng(1)
+    if boxes:
+        coords = np.sort(rng.uniform(0, 1000, (prompts, 2, 2)), axis=1).astype(np.float32)
+        labels = np.tile(np.array([[2.0, 3.0]], np.float32), (prompts, 1))
+    else:
+        coords = np.concatenate([rng.uniform(0, 1000, (prompts, 1, 2)), np.zeros((prompts, 1, 2))], axis=1).astype(np.float32)
+        labels = np.tile(np.array([[1.0, -1.0]], np.float32), (prompts, 1))
+    feeds = {
+        "image_embeddings": rng.standard_normal((1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)).astype(np.float32),
+        "point_coords": coords,
+        "point_labels": labels,
+        "mask_input": np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), np.float32),
+        "has_mask_input": np.zeros((1,), np.float32),
+        "orig_im_size": np.array([768.0, 1024.0], np.float32),
+    }
+    names = {spec.name for spec in runner_inputs}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def plain_export(model, variant, folder: Path) -> Path:
+    """The official export script's encoder: torch.onnx.export, opset 17, no simplification or rewrites."""
+    import torch
+
+    from evsam_export.model.sam import EncoderGraph
+
+    path = folder / "encoder.plain.onnx"
+    module = EncoderGraph(model).eval()
+    example = torch.zeros(1, 3, variant.encoder_size, variant.encoder_size)
+    torch.onnx.export(module, (example,), str(path), input_names=["input_image"], output_names=["image_embeddings"],
+                      dynamic_axes={"input_image": {0: "batch"}, "image_embeddings": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path
+
+
+def alternate(subjects: dict, feeds: dict, runs: int, warmup: int) -> dict[str, list[float]]:
+    """Warm up every subject, then time `runs` rounds of one call per subject, in alternating order."""
+    for name, runner in subjects.items():
+        for _ in range(warmup):
+            runner.infer(feeds[name])
+    times = {name: [] for name in subjects}
+    order = list(subjects)
+    for round_index in range(runs):
+        for name in order if round_index % 2 == 0 else reversed(order):
+            started = time.perf_counter()
+            subjects[name].infer(feeds[name])
+            times[name].append((time.perf_counter() - started) * 1000.0)
+    return times
+
+
+def _timing(subject, component, workload, values, items, load_s) -> Timing:
+    array = np.asarray(values)
+    return Timing(subject, component, workload, float(np.median(array)), float(np.percentile(array, 90)), float(array.min()),
+                  len(values), items, round(load_s, 3))
+
+
+MEMORY_PROBE = r"""
+import json, resource, sys, numpy as np
+from pathlib import Path
+from evsam_export.manifest import read_manifest
+from evsam_export.runners import runner_for_artifact
+from evsam_export.bench import _encoder_feed, _decoder_feed
+folder, artifact_id, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+manifest = read_manifest(folder)
+artifact = manifest.artifact(artifact_id)
+runner = runner_for_artifact(folder, artifact, threads=threads).load()
+feed = _encoder_feed(manifest.encoder_size, 1) if artifact.component == "encoder" else _decoder_feed(runner.inputs, 1, False)
+runner.infer(feed)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_rss_mb(folder: Path, artifact_id: str, threads: int) -> float | None:
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder), artifact_id, str(threads)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return round(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"], 1)
+
+
+def run_bench(
+    folder: Path,
+    threads: int = 2,
+    runs: int = 10,
+    warmup: int = 2,
+    batches: tuple[int, ...] = (1,),
+    compare: tuple[str, ...] = ("pytorch", "plain-onnx"),
+    memory: bool = True,
+    reporter: Reporter | None = None,
+) -> BenchResult:
+    from evsam_export.errors import RuntimeUnavailable
+    from evsam_export.runners import runner_for_artifact
+    from evsam_export.runners.ort_runner import OrtRunner
+
+    reporter = reporter or Reporter()
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    variant = get_variant(manifest.variant)
+    result = BenchResult(folder, variant.name, threads, machine={"cpu": cpu_model(), "cpu_flags": cpu_flags(), "packages": package_versions()})
+    encoders, decoders, load_times = {}, {}, {}
+    for artifact in manifest.artifacts:
+        if artifact.facts.get("kit_only") or artifact.component not in ("encoder", "decoder"):
+            continue
+        try:
+            runner = runner_for_artifact(folder, artifact, threads=threads)
+            started = time.perf_counter()
+            runner.load()
+            load_times[artifact.id] = time.perf_counter() - started
+        except RuntimeUnavailable as exc:
+            reporter.line(f"skip {artifact.id}: {exc.message}")
+            continue
+        (encoders if artifact.component == "encoder" else decoders)[artifact.id] = runner
+    scratch = Path(tempfile.mkdtemp(prefix="evsam-bench-"))
+    if compare:
+        import torch
+
+        from evsam_export.model.checkpoint import load_model
+        from evsam_export.runners.torch_runner import torch_reference_runners
+
+        torch.set_num_threads(threads)
+        model, _ = load_model(variant, manifest.weights["spec"])
+        torch_encoder, torch_decoder = torch_reference_runners(model, variant, manifest.model.get("decoder_profile", "sam"))
+        if "pytorch" in compare:
+            for name, runner, table in (("pytorch-eager", torch_encoder, encoders), ("pytorch-eager", torch_decoder, decoders)):
+                started = time.perf_counter()
+                table[name] = runner.load()
+                load_times[(name, id(table))] = time.perf_counter() - started
+        if "plain-onnx" in compare:
+            with reporter.step("plain export (torch.onnx.export, opset 17, no graph work)"):
+                path = plain_export(model, variant, scratch)
+            runner = OrtRunner(path, torch_encoder.inputs, torch_encoder.outputs, "plain-onnx", threads=threads)
+            started = time.perf_counter()
+            encoders["plain-onnx"] = runner.load()
+            load_times["plain-onnx"] = time.perf_counter() - started
+
+    def load_of(name, table):
+        return load_times.get(name, load_times.get((name, id(table)), 0.0))
+
+    for batch in batches:
+        with reporter.step(f"encoder latency, batch {batch}, {runs} alternated runs over {len(encoders)} subjects"):
+            feeds = {name: _encoder_feed(variant.encoder_size, batch) for name in encoders}
+            times = alternate(encoders, feeds, runs, warmup)
+        result.timings += [_timing(n, "encoder", f"batch {batch}", t, batch, load_of(n, encoders)) for n, t in times.items()]
+    for workload, prompts, boxes in (("1 point", 1, False), ("16 boxes", 16, True)):
+        with reporter.step(f"decoder latency, {workload}"):
+            feeds = {name: _decoder_feed(runner.inputs, prompts, boxes) for name, runner in decoders.items()}
+            times = alternate(decoders, feeds, runs * 2, warmup)
+        result.timings += [_timing(n, "decoder", workload, t, prompts, load_of(n, decoders)) for n, t in times.items()]
+    if memory:
+        for timing in result.timings:
+            if timing.subject in {a.id for a in manifest.artifacts}:
+                timing.peak_rss_mb = peak_rss_mb(folder, timing.subject, threads)
+    for runner in list(encoders.values()) + list(decoders.values()):
+        runner.close()
+    return result
+
+
+def table(result: BenchResult) -> str:
+    baseline = {t.workload: t.median_ms for t in result.timings if t.subject == "pytorch-eager"}
+    rows = [f"{'subject':<24} {'component':<8} {'workload':<9} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'items/s':>8} "
+            f"{'vs torch':>8} {'load s':>7} {'peak MB':>8}"]
+    for t in result.timings:
+        speedup = f"{baseline[t.workload] / t.median_ms:.2f}x" if t.workload in baseline else "-"
+        rows.append(f"{t.subject:<24} {t.component:<8} {t.workload:<9} {t.median_ms:>10.1f} {t.p90_ms:>8.1f} {t.min_ms:>8.1f} "
+                    f"{t.per_second:>8.2f} {speedup:>8} {t.load_s:>7.2f} {t.peak_rss_mb or '-':>8}")
+    return "\n".join(rows)
+
+
+def chart(result: BenchResult, path: Path) -> Path:
+    """Horizontal bar chart of median latency per subject and workload (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    rows = result.timings
+    width, bar_h, left = 900, 22, 330
+    height = 40 + bar_h * len(rows) + 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), f"EfficientViT-SAM-{result.variant}: median latency (ms), {result.threads} threads, {result.machine.get('cpu', '')}", fill="black")
+    longest = max((t.median_ms for t in rows), default=1.0)
+    colors = {"encoder": (66, 120, 200), "decoder": (230, 140, 40)}
+    for index, t in enumerate(rows):
+        y = 40 + index * bar_h
+        draw.text((10, y + 4), f"{t.subject} / {t.workload}", fill="black")
+        length = int((width - left - 80) * t.median_ms / longest)
+        draw.rectangle([left, y + 3, left + max(length, 1), y + bar_h - 3], fill=colors.get(t.component, (120, 120, 120)))
+        draw.text((left + length + 6, y + 4), f"{t.median_ms:.1f}", fill="black")
+    image.save(path)
+    return path

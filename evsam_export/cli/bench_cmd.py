@@ -1,0 +1,46 @@
+"""`evsam-export bench DIR`: latency, throughput, memory and load time against PyTorch and a plain export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evsam_export.cli import app
+from evsam_export.cli.common import DebugOption, run_guarded
+
+
+@app.command("bench")
+def bench_command(
+    folder: Annotated[Path, typer.Argument(help="Artifact folder (with manifest.json).")],
+    threads: Annotated[int, typer.Option(help="Intra-op threads for every runtime.")] = 2,
+    runs: Annotated[int, typer.Option(help="Timed runs per subject (alternated across subjects).")] = 10,
+    warmup: Annotated[int, typer.Option(help="Discarded warm-up runs per subject.")] = 2,
+    batch: Annotated[list[int] | None, typer.Option("--batch", help="Encoder batch sizes (repeatable).")] = None,
+    compare: Annotated[str, typer.Option(help="Baselines: comma list of pytorch, plain-onnx; empty for none.")] = "pytorch,plain-onnx",
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak RSS per artifact in a subprocess.")] = True,
+    debug: DebugOption = False,
+) -> None:
+    """Alternated timing of every artifact; writes bench.json and bench.png into DIR."""
+
+    def body() -> None:
+        from evsam_export.bench import chart, run_bench, table
+        from evsam_export.errors import UsageError
+        from evsam_export.progress import Reporter
+
+        baselines = tuple(x for x in compare.split(",") if x)
+        unknown = set(baselines) - {"pytorch", "plain-onnx"}
+        if unknown:
+            raise UsageError(f"unknown baseline {sorted(unknown)[0]!r}", hint="use pytorch, plain-onnx or an empty string")
+        if runs < 1 or threads < 1:
+            raise UsageError("--runs and --threads must be at least 1")
+        result = run_bench(folder, threads, runs, warmup, tuple(batch or [1]), baselines, memory, Reporter())
+        (folder / "bench.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        chart(result, folder / "bench.png")
+        typer.echo(f"cpu: {result.machine['cpu']}  flags: {' '.join(result.machine['cpu_flags'])}  threads: {threads}")
+        typer.echo(table(result))
+        typer.echo(f"wrote {folder / 'bench.json'} and {folder / 'bench.png'}")
+
+    run_guarded(debug, body)
