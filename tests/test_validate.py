@@ -147,9 +147,8 @@ def test_missing_runtime_is_reported_not_raised(l0_export, quick_suite, tmp_path
     import evsam_export.runners as runners
 
     monkeypatch.setattr(
-        runners, "runtime_availability",
-        lambda: {**{k: base.Availability(True) for k in ("torch", "onnxruntime", "openvino")},
-                 "tensorrt": base.Availability(False, "No module named 'tensorrt'")},
+        runners, "availability_of",
+        lambda runtime: base.Availability(False, "No module named 'tensorrt'") if runtime == "tensorrt" else base.Availability(True),
     )
     report = api.validate(folder, quick_suite, artifacts=["encoder.tensorrt.fp16", "decoder.onnx.fp32"])
     assert report.unavailable == {"encoder.tensorrt.fp16": "encoder.tensorrt.fp16: tensorrt unavailable: No module named 'tensorrt'"}

@@ -33,6 +33,14 @@ def run_guarded(debug: bool, body: Callable[[], T]) -> T:
             raise
         typer.echo(f"error: {exc.one_line()}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except ModuleNotFoundError as exc:
+        if debug:
+            raise
+        extra = {"torch": "export", "onnx": "export", "onnxsim": "export", "onnxslim": "export", "openvino": "openvino",
+                 "nncf": "openvino", "tensorrt": "tensorrt", "skimage": "images"}.get((exc.name or "").split(".")[0])
+        hint = f"pip install 'evsam-export[{extra}]'" if extra else "install the missing package"
+        typer.echo(f"error: missing dependency {exc.name!r} ({hint})", err=True)
+        raise typer.Exit(7) from None
     except KeyboardInterrupt:
         typer.echo("error: interrupted (nothing was moved into place)", err=True)
         raise typer.Exit(130) from None

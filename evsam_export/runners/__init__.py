@@ -12,18 +12,21 @@ from evsam_export.runners.base import Availability, Runner
 RUNTIME_OF_TARGET = {"onnx": "onnxruntime", "ort": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 
-def runtime_availability() -> dict[str, Availability]:
-    from evsam_export.runners.openvino_runner import openvino_availability
-    from evsam_export.runners.ort_runner import ort_availability
-    from evsam_export.runners.tensorrt_runner import tensorrt_availability
-    from evsam_export.runners.torch_runner import torch_availability
+def availability_of(runtime: str) -> Availability:
+    """Availability of one runtime; imports only that runtime (OpenVINO's import alone takes a second)."""
+    import importlib
 
-    return {
-        "torch": torch_availability(),
-        "onnxruntime": ort_availability(),
-        "openvino": openvino_availability(),
-        "tensorrt": tensorrt_availability(),
-    }
+    module, function = {
+        "torch": ("evsam_export.runners.torch_runner", "torch_availability"),
+        "onnxruntime": ("evsam_export.runners.ort_runner", "ort_availability"),
+        "openvino": ("evsam_export.runners.openvino_runner", "openvino_availability"),
+        "tensorrt": ("evsam_export.runners.tensorrt_runner", "tensorrt_availability"),
+    }[runtime]
+    return getattr(importlib.import_module(module), function)()
+
+
+def runtime_availability() -> dict[str, Availability]:
+    return {name: availability_of(name) for name in ("torch", "onnxruntime", "openvino", "tensorrt")}
 
 
 def runner_for_artifact(folder: Path, artifact: Artifact, threads: int | None = None) -> Runner:
@@ -31,7 +34,7 @@ def runner_for_artifact(folder: Path, artifact: Artifact, threads: int | None = 
     runtime = RUNTIME_OF_TARGET.get(artifact.target)
     if runtime is None:
         raise RuntimeUnavailable(f"{artifact.id}: no runner for target {artifact.target!r}")
-    availability = runtime_availability()[runtime]
+    availability = availability_of(runtime)
     if not availability.available:
         raise RuntimeUnavailable(f"{artifact.id}: {runtime} unavailable: {availability.reason}")
     path = Path(folder) / artifact.path

@@ -1,0 +1,247 @@
+"""`evsam-export predict`: segment one image with an artifact folder (torch-free runtime).
+
+Writes MASK.png (the best mask per prompt set; with several boxes their union, plus MASK.<i>.png per box),
+MASK.overlay.png (masks tinted over the image, points and boxes drawn) and MASK.json (scores and prompts),
+and prints one score line per prompt set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evsam_export.cli import app
+from evsam_export.cli.common import DebugOption, run_guarded
+
+# Tints for the per-prompt masks and boxes in the overlay (RGB).
+PALETTE = (
+    (30, 144, 255), (255, 165, 0), (186, 85, 211), (0, 206, 209), (255, 215, 0), (255, 105, 180),
+    (154, 205, 50), (205, 133, 63),
+)
+FOREGROUND = (0, 255, 0)
+BACKGROUND = (255, 0, 0)
+OVERLAY_ALPHA = 0.5
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    """'X,Y' or 'X,Y,LABEL' (LABEL 1 foreground, default; 0 background)."""
+    from evsam_export.errors import UsageError
+
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        x, y = float(parts[0]), float(parts[1])
+        label = float(parts[2]) if len(parts) == 3 else 1.0
+    except ValueError:
+        raise UsageError(f"bad --point {text!r}", hint="use X,Y or X,Y,LABEL with LABEL 1 (foreground) or 0 (background)") from None
+    if label not in (0.0, 1.0):
+        raise UsageError(f"bad --point {text!r}: label {parts[2]} is not 0 or 1", hint="1 foreground, 0 background")
+    return x, y, int(label)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    from evsam_export.errors import UsageError
+
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        x0, y0, x1, y1 = (float(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"bad --box {text!r}", hint="use X0,Y0,X1,Y1 in pixels (top-left, bottom-right)") from None
+    return x0, y0, x1, y1
+
+
+def read_image(path: Path):
+    """An image file as HxWx3 uint8 RGB (grayscale, RGBA, palette, 16-bit and EXIF-rotated files included)."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from evsam_export.errors import UsageError
+    from evsam_export.model.processing import as_rgb_uint8
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"image not found: {path}")
+    if path.is_dir():
+        raise UsageError(f"image is a directory: {path}", hint="pass an image file")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened) or opened
+            image.load()
+    except UnidentifiedImageError:
+        raise UsageError(f"cannot read image {path}: not an image file Pillow can read", hint="use PNG, JPEG, BMP, TIFF or WebP") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot read image {path}: {detail}", hint="is the file complete and a supported format?") from None
+    mode = image.mode
+    if mode in ("L", "RGB", "RGBA"):
+        array = np.asarray(image)
+    elif mode == "P":
+        array = np.asarray(image.convert("RGBA" if "transparency" in image.info else "RGB"))
+    elif mode.startswith("I"):  # 16/32-bit integer grayscale: scale to 0..255
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        scale = 1.0 if top <= 255 else (257.0 if top <= 65535 else top / 255.0)
+        array = np.clip(values / scale, 0, 255).round().astype(np.uint8)
+    elif mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+    elif mode in ("1", "LA", "La"):
+        array = np.asarray(image.convert("L"))
+    else:  # CMYK, YCbCr, LAB, HSV, ...
+        array = np.asarray(image.convert("RGB"))
+    try:
+        return as_rgb_uint8(array)
+    except ValueError as exc:
+        raise UsageError(f"cannot use image {path}: {exc}") from None
+
+
+def output_paths(output: Path, count: int) -> dict:
+    from evsam_export.errors import UsageError
+
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"--output {output} must end with .png")
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a directory", hint="pass a file name such as mask.png")
+    base = output.with_suffix("")
+    return {
+        "mask": output,
+        "overlay": base.with_name(base.name + ".overlay.png"),
+        "json": base.with_name(base.name + ".json"),
+        "per_prompt": [base.with_name(f"{base.name}.{i}.png") for i in range(count)] if count > 1 else [],
+    }
+
+
+def draw_overlay(rgb, masks, points, boxes):
+    """masks [B,H,W] bool tinted over `rgb`, points as dots (green fg, red bg), boxes as rectangles."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    canvas = rgb.astype(np.float32)
+    for index, mask in enumerate(masks):
+        colour = np.asarray(PALETTE[index % len(PALETTE)], dtype=np.float32)
+        canvas[mask] = canvas[mask] * (1.0 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
+    image = Image.fromarray(np.clip(canvas.round(), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    height, width = rgb.shape[:2]
+    line = max(1, round(min(height, width) / 200))
+    radius = max(2, round(min(height, width) / 80))
+    for index, (x0, y0, x1, y1) in enumerate(boxes):
+        draw.rectangle([x0, y0, x1, y1], outline=PALETTE[index % len(PALETTE)], width=line)
+    for x, y, label in points:
+        fill = FOREGROUND if label == 1 else BACKGROUND
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill, outline=(0, 0, 0), width=max(1, line // 2))
+    return image
+
+
+def save_mask(mask, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path, format="PNG")
+
+
+@app.command("predict")
+def predict_command(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Artifact folder (with manifest.json).", show_default=False)],
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file (PNG, JPEG, ...; RGB, grayscale, RGBA or palette).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="MASK.png", help="Mask PNG to write (MASK.png).", show_default=False)],
+    point: Annotated[
+        list[str] | None,
+        typer.Option("--point", "-p", metavar="X,Y[,LABEL]", help="A point in pixels; LABEL 1 foreground (default), 0 background. Repeatable."),
+    ] = None,
+    box: Annotated[
+        list[str] | None,
+        typer.Option("--box", "-b", metavar="X0,Y0,X1,Y1", help="A box in pixels (top-left, bottom-right). Repeatable: one prompt set and mask per box."),
+    ] = None,
+    multimask: Annotated[bool, typer.Option("--multimask", help="Score 3 candidates per prompt set and keep the best.")] = False,
+    encoder: Annotated[str | None, typer.Option("--encoder", metavar="ID", help="Encoder artifact id, e.g. encoder.ort.int8.")] = None,
+    decoder: Annotated[str | None, typer.Option("--decoder", metavar="ID", help="Decoder artifact id, e.g. decoder.onnx.fp32.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Runtime threads (default: the runtime's).")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Segment IMAGE with the artifacts in DIR: writes MASK.png, MASK.overlay.png and MASK.json, prints the scores."""
+
+    def body() -> None:
+        import json
+
+        import numpy as np
+
+        from evsam_export.errors import OutputError, UsageError
+        from evsam_export.runtime import Predictor, check_prompts
+
+        points = [parse_point(text) for text in point or []]
+        boxes = [parse_box(text) for text in box or []]
+        if not points and not boxes:
+            raise UsageError("give at least one --point X,Y[,LABEL] or --box X0,Y0,X1,Y1")
+        paths = output_paths(output, len(boxes))
+        rgb = read_image(image)
+        point_coords = np.array([p[:2] for p in points], dtype=np.float64) if points else None
+        point_labels = np.array([p[2] for p in points], dtype=np.float64) if points else None
+        box_array = np.array(boxes, dtype=np.float64) if boxes else None
+        check_prompts(rgb.shape[:2], point_coords, point_labels, boxes=box_array)  # fail before loading models
+
+        predictor = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads)
+        with predictor:
+            predictor.set_image(rgb)
+            prediction = predictor.predict(point_coords, point_labels, boxes=box_array, multimask_output=multimask)
+        best = prediction.best_masks()  # [B,H,W]
+        union = np.any(best, axis=0)
+
+        try:
+            paths["mask"].parent.mkdir(parents=True, exist_ok=True)
+            save_mask(union, paths["mask"])
+            for mask, path in zip(best, paths["per_prompt"]):
+                save_mask(mask, path)
+            draw_overlay(rgb, best, points, boxes).save(paths["overlay"], format="PNG")
+        except OSError as exc:
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}", hint="check the folder exists and is writable") from None
+
+        height, width = rgb.shape[:2]
+        results = []
+        for index in range(prediction.num_prompts):
+            choice = int(prediction.best_index()[index])
+            area = int(best[index].sum())
+            results.append({
+                "index": index,
+                "box": list(boxes[index]) if boxes else None,
+                "scores": [round(float(s), 6) for s in prediction.scores[index]],
+                "best": choice,
+                "score": round(float(prediction.scores[index, choice]), 6),
+                "area_px": area,
+                "mask": paths["per_prompt"][index].name if paths["per_prompt"] else paths["mask"].name,
+            })
+            label = f"box {index} {[round(v, 1) for v in boxes[index]]}" if boxes else "points"
+            candidates = f" (candidate {choice + 1} of {prediction.scores.shape[1]})" if multimask else ""
+            typer.echo(
+                f"{label}: score {prediction.scores[index, choice]:.4f}{candidates}, "
+                f"{area} px ({100.0 * area / (height * width):.1f}% of the image)"
+            )
+        report = {
+            "image": str(image),
+            "image_size": [height, width],
+            "folder": str(folder),
+            "encoder": predictor.encoder_artifact.id,
+            "decoder": predictor.decoder_artifact.id,
+            "multimask": multimask,
+            "prompts": {
+                "points": [{"x": x, "y": y, "label": label} for x, y, label in points],
+                "boxes": [list(b) for b in boxes],
+            },
+            "results": results,
+            "mask": paths["mask"].name,
+            "union_area_px": int(union.sum()),
+            "overlay": paths["overlay"].name,
+        }
+        try:
+            paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise OutputError(f"cannot write {paths['json']}: {exc.strerror or exc}") from None
+        written = [paths["mask"], *paths["per_prompt"], paths["overlay"], paths["json"]]
+        typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+    run_guarded(debug, body)

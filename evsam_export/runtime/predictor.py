@@ -1,0 +1,446 @@
+"""Torch-free predictor over an artifact folder: PyTorch SAM's `SamPredictor` semantics on ONNX Runtime,
+OpenVINO or TensorRT.
+
+    from evsam_export.runtime import Predictor
+    predictor = Predictor("out/l0")                      # reads manifest.json, checks sha256, picks artifacts
+    predictor.set_image(rgb)                             # HxW / HxWx3 / HxWx4 numpy image: encoder runs once
+    prediction = predictor.predict(point_coords=[[320, 240]], point_labels=[1])
+    mask = prediction.best()                             # HxW bool, highest-scoring candidate
+
+Everything numeric goes through evsam_export.model.processing (the same pre/post-processing the parity
+validators check): prompt tokens laid out like PyTorch SAM, low-res logits upscaled on the host for both
+decoder profiles. Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from evsam_export.errors import ArtifactError, RuntimeUnavailable, UsageError
+from evsam_export.manifest import Artifact, Manifest, read_manifest, verify_artifact_file
+from evsam_export.model import processing
+from evsam_export.model.processing import ImageGeometry
+from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS
+
+TARGETS = ("ort", "onnx", "openvino", "tensorrt")
+DEFAULT_PREFER = TARGETS
+# Default choice: the exact (fp32) artifacts first, then the lower precisions; within a precision, by target
+# in the caller's `prefer` order. A named artifact id always wins.
+PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Prediction:
+    """Masks for B prompt sets with C candidates each (C = 3 with multimask_output, else 1).
+
+    masks: bool [B,C,H,W] at the original image size (float32 logits with return_logits=True);
+    scores: predicted IoU [B,C]; low_res_logits: [B,C,256,256] (feed one back as mask_input to refine)."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+    multimask_output: bool = True
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.scores.shape[0])
+
+    def best_index(self) -> np.ndarray:
+        """Index of the highest-scoring candidate of each prompt set, [B] int."""
+        return np.argmax(self.scores, axis=1)
+
+    def best_scores(self) -> np.ndarray:
+        """Score of the highest-scoring candidate of each prompt set, [B] float32."""
+        return self.scores[np.arange(self.num_prompts), self.best_index()]
+
+    def best(self, prompt: int = 0) -> np.ndarray:
+        """The highest-scoring mask of prompt set `prompt` (default the first), [H,W]."""
+        self._check_prompt(prompt)
+        return self.masks[prompt, int(np.argmax(self.scores[prompt]))]
+
+    def best_masks(self) -> np.ndarray:
+        """The highest-scoring mask of every prompt set, [B,H,W]."""
+        return self.masks[np.arange(self.num_prompts), self.best_index()]
+
+    def best_low_res(self, prompt: int = 0) -> np.ndarray:
+        """Low-res logits [1,256,256] of the best mask of `prompt`: pass as mask_input to refine it."""
+        self._check_prompt(prompt)
+        index = int(np.argmax(self.scores[prompt]))
+        return self.low_res_logits[prompt, index : index + 1]
+
+    def _check_prompt(self, prompt: int) -> None:
+        if not -self.num_prompts <= prompt < self.num_prompts:
+            raise UsageError(f"prompt index {prompt} out of range: this prediction has {self.num_prompts} prompt set(s)")
+
+
+# ------------------------------------------------------------------------------------------ prompt checks
+
+
+def _as_float_array(value, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{name} must be numeric ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not np.all(np.isfinite(array)):
+        raise UsageError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _shape(array: np.ndarray) -> str:
+    return "x".join(str(d) for d in array.shape) or "scalar"
+
+
+def check_prompts(
+    image_size: tuple[int, int],
+    point_coords=None,
+    point_labels=None,
+    box=None,
+    boxes=None,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Validate prompts in original-image pixels for an image of `image_size` (H, W).
+
+    Returns (points [B,N,2] or None, labels [B,N] or None, boxes [B,4] or None) as float arrays, or raises
+    a one-line UsageError: wrong shapes, labels not 0/1, prompts outside the image, x1 < x0 or y1 < y0."""
+    height, width = int(image_size[0]), int(image_size[1])
+    if box is not None and boxes is not None:
+        raise UsageError("give either box (one box) or boxes (a batch), not both")
+    box_array = None
+    if box is not None:
+        box_array = _as_float_array(box, "box")
+        if box_array.shape not in ((4,), (1, 4)):
+            raise UsageError(f"box must have shape [4] (x0, y0, x1, y1), got {_shape(box_array)}", hint="use boxes= for a batch")
+        box_array = box_array.reshape(1, 4)
+    elif boxes is not None:
+        box_array = _as_float_array(boxes, "boxes")
+        if box_array.ndim == 1 and box_array.shape == (4,):
+            box_array = box_array.reshape(1, 4)
+        if box_array.ndim != 2 or box_array.shape[1] != 4 or box_array.shape[0] < 1:
+            raise UsageError(f"boxes must have shape [B,4] (x0, y0, x1, y1 per row), got {_shape(box_array)}")
+
+    points = labels = None
+    if point_coords is None and point_labels is not None:
+        raise UsageError("point_labels given without point_coords")
+    if point_coords is not None:
+        if point_labels is None:
+            raise UsageError("point_coords need point_labels (1 foreground, 0 background)")
+        points = _as_float_array(point_coords, "point_coords")
+        labels = _as_float_array(point_labels, "point_labels")
+        if points.ndim == 2:
+            points = points[None]
+            labels = labels.reshape(1, -1) if labels.ndim == 1 else labels
+        if points.ndim != 3 or points.shape[-1] != 2 or points.shape[1] < 1:
+            raise UsageError(f"point_coords must have shape [N,2] or [B,N,2], got {_shape(np.asarray(point_coords))}")
+        if labels.shape != points.shape[:2]:
+            raise UsageError(
+                f"point_labels must have shape {list(points.shape[:2]) if points.shape[0] > 1 else [points.shape[1]]} "
+                f"to match point_coords, got {_shape(np.asarray(point_labels))}"
+            )
+        bad = labels[(labels != 0) & (labels != 1)]
+        if bad.size:
+            raise UsageError(f"point label {bad.flat[0]:g} is not allowed", hint="use 1 for foreground, 0 for background")
+        outside = (points[..., 0] < 0) | (points[..., 0] > width) | (points[..., 1] < 0) | (points[..., 1] > height)
+        if outside.any():
+            x, y = points[outside][0]
+            raise UsageError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image", hint=f"x in 0..{width}, y in 0..{height}")
+    if points is None and box_array is None:
+        raise UsageError("give at least one point or one box")
+
+    if box_array is not None:
+        for x0, y0, x1, y1 in box_array:
+            corners = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+            if x1 < x0 or y1 < y0:
+                raise UsageError(f"box {corners} has x1 < x0 or y1 < y0", hint="boxes are x0, y0, x1, y1 with x0 <= x1, y0 <= y1")
+            if min(x0, y0) < 0 or max(x0, x1) > width or max(y0, y1) > height:
+                raise UsageError(f"box {corners} is outside the {width}x{height} image", hint=f"x in 0..{width}, y in 0..{height}")
+        if points is not None and points.shape[0] not in (1, box_array.shape[0]):
+            raise UsageError(f"{points.shape[0]} point sets but {box_array.shape[0]} boxes", hint="give one point set, or one per box")
+    return points, labels, box_array
+
+
+def _mask_feed(mask_input, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask_input [1|B,1,256,256], has_mask_input [1|B]) for the decoder."""
+    low = LOW_RES_MASK_SIZE
+    if mask_input is None:
+        return np.zeros((1, 1, low, low), np.float32), np.zeros((1,), np.float32)
+    array = _as_float_array(mask_input, "mask_input").astype(np.float32)
+    if array.shape in ((low, low), (1, low, low)):
+        array = array.reshape(1, 1, low, low)
+    elif array.ndim == 3 and array.shape[1:] == (low, low):
+        array = array[:, None]
+    if array.ndim != 4 or array.shape[1:] != (1, low, low):
+        raise UsageError(
+            f"mask_input must have shape [1,{low},{low}] or [B,1,{low},{low}] (low-res logits), got {_shape(array)}",
+            hint="pass prediction.best_low_res() or prediction.low_res_logits[b, c][None]",
+        )
+    if array.shape[0] not in (1, batch):
+        raise UsageError(f"mask_input has {array.shape[0]} masks for {batch} prompt sets", hint="give one mask, or one per prompt set")
+    return np.ascontiguousarray(array), np.ones((array.shape[0],), np.float32)
+
+
+# ------------------------------------------------------------------------------------------ artifact choice
+
+
+def _runtime_available(target: str, cache: dict) -> tuple[bool, str]:
+    from evsam_export.runners import RUNTIME_OF_TARGET
+
+    runtime = RUNTIME_OF_TARGET.get(target)
+    if runtime is None:
+        return False, f"no runner for target {target!r}"
+    if runtime not in cache:
+        if runtime == "onnxruntime":
+            from evsam_export.runners.ort_runner import ort_availability as check
+        elif runtime == "openvino":
+            from evsam_export.runners.openvino_runner import openvino_availability as check
+        else:
+            from evsam_export.runners.tensorrt_runner import tensorrt_availability as check
+        availability = check()
+        cache[runtime] = (availability.available, availability.reason)
+    available, reason = cache[runtime]
+    return available, f"{runtime} unavailable: {reason}" if not available else ""
+
+
+def choose_artifact(manifest: Manifest, component: str, named: str | None, prefer: Sequence[str], cache: dict | None = None) -> Artifact:
+    """The artifact of `component` to run: `named` if given, else the best runnable one (see PRECISION_ORDER)."""
+    cache = {} if cache is None else cache
+    if named:
+        artifact = manifest.artifact(named)
+        if artifact.component != component:
+            raise UsageError(f"{named} is a {artifact.component} artifact, not usable as the {component}", hint=f"pass a {component}.* id")
+        return artifact
+    all_of_component = [a for a in manifest.artifacts if a.component == component]
+    if not all_of_component:
+        raise ArtifactError(f"the manifest has no {component} artifact", hint="re-run `evsam-export export`")
+    candidates, skipped = [], []
+    for artifact in all_of_component:
+        if artifact.target not in prefer:
+            skipped.append(f"{artifact.id} (target not in prefer)")
+            continue
+        available, reason = _runtime_available(artifact.target, cache)
+        if not available:
+            skipped.append(f"{artifact.id} ({reason})")
+            continue
+        candidates.append(artifact)
+    if not candidates:
+        raise RuntimeUnavailable(f"no runnable {component} artifact: " + "; ".join(skipped), hint="install the runtime, or widen prefer")
+
+    def rank(artifact: Artifact) -> tuple[int, int]:
+        precision = PRECISION_ORDER.index(artifact.precision) if artifact.precision in PRECISION_ORDER else len(PRECISION_ORDER)
+        return precision, list(prefer).index(artifact.target)
+
+    return min(candidates, key=rank)
+
+
+def _normalize_prefer(prefer) -> tuple[str, ...]:
+    prefer = (prefer,) if isinstance(prefer, str) else tuple(prefer)
+    unknown = [t for t in prefer if t not in TARGETS]
+    if unknown or not prefer:
+        raise UsageError(f"unknown target(s) in prefer: {unknown or 'empty'}", hint=f"choose from {', '.join(TARGETS)}")
+    return prefer
+
+
+def _spec(specs, name: str):
+    return next((t for t in specs if t.name == name), None)
+
+
+# ------------------------------------------------------------------------------------------------ predictor
+
+
+class Predictor:
+    """SAM-style predictor over an evsam-export artifact folder (no torch).
+
+    Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None)
+
+    encoder / decoder: artifact ids from manifest.json (e.g. "encoder.ort.int8"); by default the fp32
+    artifacts, by target in `prefer` order, skipping targets whose runtime is not installed or usable.
+    threads: intra-op threads for ONNX Runtime / OpenVINO (None: the runtime's default).
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        encoder: str | None = None,
+        decoder: str | None = None,
+        prefer: Sequence[str] = DEFAULT_PREFER,
+        threads: int | None = None,
+    ) -> None:
+        from evsam_export.runners import runner_for_artifact
+
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads must be a positive integer, got {threads!r}")
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        prefer = _normalize_prefer(prefer)
+        cache: dict = {}
+        self.encoder_artifact = choose_artifact(self.manifest, "encoder", encoder, prefer, cache)
+        self.decoder_artifact = choose_artifact(self.manifest, "decoder", decoder, prefer, cache)
+        for artifact in (self.encoder_artifact, self.decoder_artifact):
+            verify_artifact_file(self.folder, artifact)
+            for extra in artifact.extra_files:
+                if not (self.folder / extra).is_file():
+                    raise ArtifactError(f"{artifact.id}: file {extra} is missing", hint="re-run the export")
+        self._check_contract()
+        self.encoder = runner_for_artifact(self.folder, self.encoder_artifact, threads).load()
+        self.decoder = runner_for_artifact(self.folder, self.decoder_artifact, threads).load()
+        self.geometry: ImageGeometry | None = None
+        self.image_embeddings: np.ndarray | None = None
+
+    # -- contract ----------------------------------------------------------------------------------
+    def _check_contract(self) -> None:
+        enc, dec = self.encoder_artifact, self.decoder_artifact
+        if not enc.inputs or not enc.outputs:
+            raise ArtifactError(f"{enc.id}: the manifest declares no inputs/outputs", hint="re-run the export")
+        self._encoder_input = enc.inputs[0].name
+        embeddings = _spec(enc.outputs, "image_embeddings") or enc.outputs[0]
+        self._encoder_output = embeddings.name
+        size = enc.inputs[0].shape[-1]
+        self.encoder_size = int(size) if isinstance(size, int) else int(self.manifest.encoder_size)
+        if self.encoder_size != int(self.manifest.encoder_size):
+            raise ArtifactError(f"{enc.id}: input size {self.encoder_size} != manifest encoder_size {self.manifest.encoder_size}")
+        names = {t.name for t in dec.inputs}
+        required = {"image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"}
+        if not required <= names or _spec(dec.outputs, "low_res_masks") is None or _spec(dec.outputs, "iou_predictions") is None:
+            raise ArtifactError(
+                f"{dec.id}: not an evsam-export decoder (inputs {sorted(names)})",
+                hint="expected SAM's decoder contract with low_res_masks and iou_predictions outputs",
+            )
+        # "sam" profile: the graph also wants orig_im_size (its upscaled `masks` output is not used: the
+        # host upscales low-res logits for both profiles, exactly as the parity validators do).
+        self.decoder_profile = "sam" if "orig_im_size" in names else "tensorrt"
+        tokens = _spec(dec.outputs, "low_res_masks").shape[1]
+        if not isinstance(tokens, int):
+            selection = self.manifest.model.get("mask_selection", {})
+            tokens = 1 if selection.get("outputs") == "token0" else NUM_MASK_TOKENS
+        if tokens not in (1, NUM_MASK_TOKENS):
+            raise ArtifactError(f"{dec.id}: {tokens} mask tokens, expected 1 or {NUM_MASK_TOKENS}")
+        self.num_tokens = int(tokens)
+        prompt_dim = _spec(dec.inputs, "point_coords").shape[0]
+        self._prompt_batch_limit = int(prompt_dim) if isinstance(prompt_dim, int) else None
+
+    @property
+    def info(self) -> dict:
+        return {
+            "folder": str(self.folder),
+            "variant": self.manifest.variant,
+            "encoder": self.encoder_artifact.id,
+            "decoder": self.decoder_artifact.id,
+            "decoder_profile": self.decoder_profile,
+            "mask_tokens": "all4" if self.num_tokens == NUM_MASK_TOKENS else "token0",
+        }
+
+    # -- image -------------------------------------------------------------------------------------
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Run the encoder once on `image` (HxW, HxWx3 RGB or HxWx4 RGBA; uint8, bool or float in 0..1 / 0..255)."""
+        if image_format not in ("RGB", "BGR"):
+            raise UsageError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        try:
+            rgb = processing.as_rgb_uint8(image)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if image_format == "BGR":
+            rgb = np.ascontiguousarray(rgb[:, :, ::-1])
+        input_image, geometry = processing.preprocess_image(rgb, self.encoder_size)
+        out = self.encoder.infer({self._encoder_input: input_image})[self._encoder_output]
+        embeddings = np.ascontiguousarray(out[:1], dtype=np.float32)
+        if embeddings.shape != (1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE):
+            raise ArtifactError(f"{self.encoder_artifact.id}: embeddings of shape {list(out.shape)}, expected [1,{EMBEDDING_DIM},{EMBEDDING_SIZE},{EMBEDDING_SIZE}]")
+        self.image_embeddings = embeddings
+        self.geometry = geometry
+
+    def reset_image(self) -> None:
+        self.image_embeddings = None
+        self.geometry = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.image_embeddings is not None
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def predict(
+        self,
+        point_coords=None,
+        point_labels=None,
+        box=None,
+        boxes=None,
+        mask_input=None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """PyTorch SAM's predict() in original-image pixels.
+
+        point_coords [N,2] (x, y) or [B,N,2] with point_labels [N] / [B,N] (1 foreground, 0 background);
+        box [4] (x0, y0, x1, y1) or boxes [B,4] (one prompt set per box; points are shared or given per box);
+        mask_input: low-res logits [1,256,256] or [B,1,256,256] from an earlier prediction.
+        multimask_output: 3 candidates (tokens 1..3) instead of 1 (token 0)."""
+        if self.image_embeddings is None or self.geometry is None:
+            raise UsageError("no image set: call set_image(image) before predict()")
+        if multimask_output and self.num_tokens == 1:
+            raise UsageError(
+                f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask), so multimask_output=True is not available",
+                hint="call predict(..., multimask_output=False), or export without --single-mask",
+            )
+        geometry = self.geometry
+        points, labels, box_array = check_prompts(geometry.original_size, point_coords, point_labels, box, boxes)
+        tokens = processing.build_prompt_tokens(geometry, points, labels, box_array)
+        batch = tokens.point_coords.shape[0]
+        mask, has_mask = _mask_feed(mask_input, batch)
+        feeds = {
+            "image_embeddings": self.image_embeddings,
+            "point_coords": tokens.point_coords,
+            "point_labels": tokens.point_labels,
+            "mask_input": mask,
+            "has_mask_input": has_mask,
+        }
+        if self.decoder_profile == "sam":
+            feeds["orig_im_size"] = np.array(geometry.original_size, dtype=np.float32)
+        out = self._run_decoder(feeds, batch)
+        low_res, scores = processing.select_masks(out["low_res_masks"], out["iou_predictions"], multimask_output)
+        low_res = np.ascontiguousarray(low_res, dtype=np.float32)
+        logits = processing.postprocess_masks(low_res, geometry)
+        masks = logits if return_logits else processing.binarize(logits)
+        return Prediction(
+            masks=masks,
+            scores=np.ascontiguousarray(scores, dtype=np.float32),
+            low_res_logits=low_res,
+            multimask_output=multimask_output,
+        )
+
+    def _run_decoder(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        wanted = ("low_res_masks", "iou_predictions")
+        limit = self._prompt_batch_limit
+        if limit is None or batch <= limit:
+            out = self.decoder.infer(feeds)
+            return {name: out[name] for name in wanted}
+        # Static-prompt decoders take `limit` prompt sets per call: run them in chunks.
+        parts = []
+        for start in range(0, batch, limit):
+            chunk = dict(feeds)
+            chunk["point_coords"] = feeds["point_coords"][start : start + limit]
+            chunk["point_labels"] = feeds["point_labels"][start : start + limit]
+            if feeds["mask_input"].shape[0] == batch:
+                chunk["mask_input"] = feeds["mask_input"][start : start + limit]
+                chunk["has_mask_input"] = feeds["has_mask_input"][start : start + limit]
+            out = self.decoder.infer(chunk)
+            parts.append({name: out[name] for name in wanted})
+        return {name: np.concatenate([p[name] for p in parts], axis=0) for name in wanted}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        for runner in (getattr(self, "encoder", None), getattr(self, "decoder", None)):
+            if runner is not None:
+                runner.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Predictor({str(self.folder)!r}, encoder={self.encoder_artifact.id!r}, decoder={self.decoder_artifact.id!r})"
