@@ -77,3 +77,19 @@ def doctor_command(
             typer.echo(f"note: {note}")
 
     run_guarded(debug, body)
+
+
+@app.command("register-engines")
+def register_engines_command(
+    folder: Annotated[str, typer.Argument(help="Artifact folder whose tensorrt-kit/build_engines.sh was run on the GPU.")],
+    debug: DebugOption = False,
+) -> None:
+    """Replace TensorRT build-kit entries with the engines built by tensorrt-kit/build_engines.sh."""
+
+    def body() -> None:
+        from evsam_export.targets.tensorrt import register_engines
+
+        for artifact in register_engines(folder):
+            typer.echo(f"registered {artifact.id}: {artifact.path} ({artifact.facts.get('runs_on')})")
+
+    run_guarded(debug, body)

@@ -180,6 +180,9 @@ def run_recipe(
     def key_for(step: Step, parent_sha: str | None) -> str | None:
         payload = {"step": step.name, "module": step.module, "code": module_code_hash(step.module), "settings": step.settings,
                    "precision": step.precision, "tool": __version__, "versions": versions, "suite": suite_hash}
+        if step.module == "evsam_export.targets.tensorrt":
+            # an engine belongs to the GPU and TensorRT that built it; a kit to a machine that could not build
+            payload["device"] = _tensorrt_device()
         if step.name == "export":
             payload.update(variant=variant.name, weights=weights_sha)
         elif parent_sha is None:
@@ -244,6 +247,17 @@ def run_recipe(
             artifact = manifest.artifact(artifact_id)
             reporter.artifact("reused" if step.status == "reused" else "ok", step.seconds, output / artifact.path, note=artifact_id)
     return RunResult(output, steps, manifest, None if report is None else report.passed, report)
+
+
+def _tensorrt_device() -> dict:
+    from evsam_export.runners import availability_of
+
+    state = availability_of("tensorrt")
+    if not state.available:
+        return {"tensorrt": None, "reason": state.reason}
+    from evsam_export.targets.tensorrt import gpu_properties
+
+    return {"tensorrt": state.version, **gpu_properties()}
 
 
 def _weights_sha(variant, checkpoint: str | None) -> str:

@@ -9,7 +9,9 @@ from evsam_export.manifest import Artifact
 from evsam_export.runners.base import Availability, Runner
 
 # artifact.target -> runtime that executes it
-RUNTIME_OF_TARGET = {"onnx": "onnxruntime", "ort": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+# "trt" artifacts are symmetric-QDQ ONNX graphs prepared for TensorRT's explicit quantization: ORT runs them
+# too, which checks the quantized graph's numerics where no GPU is available (the engine is checked on a GPU).
+RUNTIME_OF_TARGET = {"onnx": "onnxruntime", "ort": "onnxruntime", "trt": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 
 def availability_of(runtime: str) -> Availability:
@@ -49,4 +51,5 @@ def runner_for_artifact(folder: Path, artifact: Artifact, threads: int | None = 
         return OpenVINORunner(path, artifact.inputs, artifact.outputs, label, precision=artifact.precision, threads=threads)
     from evsam_export.runners.tensorrt_runner import TensorRTRunner
 
-    return TensorRTRunner(path, artifact.inputs, artifact.outputs, label)
+    return TensorRTRunner(path, artifact.inputs, artifact.outputs, label,
+                          allow_host_code=bool(artifact.settings.get("version_compatible", False)))

@@ -61,9 +61,15 @@ _NP_FROM_TRT = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT
 class TensorRTRunner(Runner):
     runtime = "tensorrt"
 
-    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], label: str | None = None) -> None:
+    def __init__(
+        self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], label: str | None = None, allow_host_code: bool = False
+    ) -> None:
         super().__init__(inputs, outputs, label or Path(path).name)
         self.path = Path(path)
+        # Version-compatible engines (tensorrt target: version_compatible=True) embed a lean runtime, which
+        # TensorRT only deserializes when the runtime allows engine host code. Off by default: an engine is
+        # executable code, so allow it only for engines this tool built (settings["version_compatible"]).
+        self.allow_host_code = allow_host_code
 
     def _load(self) -> None:
         import tensorrt as trt
@@ -71,9 +77,14 @@ class TensorRTRunner(Runner):
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime_obj = trt.Runtime(self.logger)
+        if self.allow_host_code:
+            self.runtime_obj.engine_host_code_allowed = True
         self.engine = self.runtime_obj.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"{self.path}: TensorRT could not deserialize the engine (built for another GPU or TensorRT version?)")
+            raise RuntimeError(
+                f"{self.path}: TensorRT {trt.__version__} could not deserialize the engine (engines only load on the GPU "
+                "and TensorRT version that built them, unless built hardware/version compatible)"
+            )
         self.context = self.engine.create_execution_context()
         self.io_names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
 
