@@ -64,7 +64,8 @@ class OpenVINORunner(Runner):
 
     def actual_precision(self) -> str:
         """What the compiled model really runs (checked by tests: an fp32 artifact must say f32)."""
-        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return value.to_string() if hasattr(value, "to_string") else str(value)  # ov.Type -> "f32"
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(feeds)

@@ -1,0 +1,239 @@
+"""Automatic precision fallback: build a reduced-precision candidate, gate it, and while the gate fails put
+the next most sensitive group of nodes back to fp32, rebuild and re-gate.
+
+Generic over the precision tool (ORT float16 converter, ORT QDQ, NNCF): a step describes its ordered
+`FallbackGroup`s (node-name regexes and/or op types, each with the reason it comes at that place) and
+gives a `candidates_fn(kept)` that writes the artifact with the groups in `kept` held at fp32. This
+module decides nothing about graphs; it only orders rounds, gates, and records every round in
+`facts["fallback"]`:
+
+    artifact = build_with_fallback(ctx, parent, build_round, max_rounds=4, groups=INT8_GROUPS, nodes=graph_nodes(path))
+
+Verdicts never go silent (ARCHITECTURE.md: a missed goal must not exit 0): when nothing passes, the last
+candidate comes back with `facts["gate_passed"] = False` and a one-line `facts["gate_note"]`, for the
+caller to report and fail on. A candidate counts as passing only when *its own* stages exist and all
+pass; the fp32 artifacts the gate validates alongside it are reported separately, and an artifact no
+runner can execute is a failure, not a pass.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from evsam_export.manifest import Artifact
+from evsam_export.targets.base import StepContext, artifact_id
+
+# The small suite every candidate is gated on (validators/calibration-gate.toml: 2 scenes + 1 photo,
+# point/box/boxes16, the default.toml tolerances verbatim). The recipe's own suite still validates the
+# finished folder afterwards.
+GATE_SUITE = "calibration-gate"
+
+
+@dataclass(frozen=True)
+class FallbackGroup:
+    """Nodes that go back to fp32 together, in one fallback round."""
+
+    name: str  # short id recorded in facts, e.g. "encoder-neck"
+    reason: str  # why it is this far up the list (one line, recorded in facts)
+    patterns: tuple[str, ...] = ()  # regexes searched in node names (TorchScript scoped names)
+    op_types: tuple[str, ...] = ()  # op types; with patterns: nodes must match both
+
+    def select(self, nodes: Iterable[tuple[str, str]]) -> list[str]:
+        """Names of the (name, op_type) nodes in this group."""
+        compiled = [re.compile(p) for p in self.patterns]
+        chosen = []
+        for name, op_type in nodes:
+            if self.op_types and op_type not in self.op_types:
+                continue
+            if compiled and not any(p.search(name) for p in compiled):
+                continue
+            if not compiled and not self.op_types:
+                continue
+            chosen.append(name)
+        return chosen
+
+
+@dataclass
+class Verdict:
+    """The gate's answer for one candidate (only the candidate's own stages)."""
+
+    passed: bool
+    failed: list[dict] = field(default_factory=list)  # {stage, kind, metric, value, threshold, op}
+    worst: dict | None = None  # the failing gate furthest from its threshold (relative)
+    note: str = ""  # e.g. "no runner", "fp32 reference artifacts also failed"
+    seconds: float = 0.0
+
+
+def graph_nodes(model_or_path) -> list[tuple[str, str]]:
+    """(name, op_type) of every node of an ONNX graph (weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(model_or_path), load_external_data=False) if isinstance(model_or_path, (str, Path)) else model_or_path
+    return [(node.name, node.op_type) for node in model.graph.node]
+
+
+def nodes_matching(nodes: Iterable[tuple[str, str]], patterns: Sequence[str] = (), op_types: Sequence[str] = ()) -> list[str]:
+    """Names of nodes whose name matches any regex in `patterns` OR whose op type is in `op_types`."""
+    compiled = [re.compile(p) for p in patterns]
+    return [name for name, op_type in nodes if op_type in op_types or any(p.search(name) for p in compiled)]
+
+
+# ------------------------------------------------------------------------------------------ gating
+
+# One PyTorch reference per (folder, weights, suite): ctx.reference_cache holds the reference of ctx.suite
+# only, so gating on another suite through the same ctx would load the wrong cases.
+_REFERENCES: dict[tuple[str, str, str], Path] = {}
+
+
+@atexit.register
+def _remove_references() -> None:
+    for path in _REFERENCES.values():
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def gate_context(ctx: StepContext, suite: str) -> StepContext:
+    """A copy of `ctx` that gates on `suite`, sharing that suite's PyTorch reference across rounds/steps."""
+    if suite == ctx.suite:
+        return ctx
+    key = (str(ctx.folder), str(ctx.manifest.weights.get("sha256")), suite)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = Path(tempfile.mkdtemp(prefix="evsam-gate-")) / "reference.npz"
+    return replace(ctx, suite=suite, reference_cache=_REFERENCES[key])
+
+
+def _gate_view(artifact: Artifact) -> Artifact:
+    """The artifact as the validator should run it. A QDQ/fp16 ONNX made for a runtime the validator has
+    no runner for (target "trt": TensorRT explicit-quantization input) is still an ONNX graph, so it is
+    gated by ONNX Runtime on CPU under an "onnx" id; facts["gate_runtime"] says so."""
+    from evsam_export.runners import RUNTIME_OF_TARGET
+
+    if artifact.target in RUNTIME_OF_TARGET or not artifact.path.endswith(".onnx"):
+        return artifact
+    return replace(artifact, target="onnx", id=artifact_id(artifact.component, "onnx", artifact.precision))
+
+
+def gate_candidate(ctx: StepContext, artifact: Artifact, suite: str = GATE_SUITE) -> Verdict:
+    """Run the parity gate on one candidate; judge only the candidate's own stages."""
+    started = time.perf_counter()
+    view = _gate_view(artifact)
+    report = gate_context(ctx, suite).gate([view])
+    own = [s for s in report.stages if s.artifact == view.id]
+    others_failed = [g for s in report.stages if s.artifact != view.id for g in s.gates if not g.passed]
+    failed = [
+        {"stage": g.stage, "kind": g.kind, "metric": g.metric, "value": g.value, "threshold": g.threshold, "op": g.op}
+        for s in own for g in s.gates if not g.passed
+    ]
+    notes = []
+    if view.id in report.unavailable:
+        notes.append(f"no runner: {report.unavailable[view.id]}")
+    elif not own:
+        notes.append("the gate produced no stage for the candidate")
+    if others_failed:
+        notes.append(f"{len(others_failed)} gate(s) of the fp32 reference artifacts failed too (first: {others_failed[0].line()})")
+    worst = max(failed, key=_shortfall) if failed else None
+    return Verdict(
+        passed=bool(own) and not failed and view.id not in report.unavailable,
+        failed=failed,
+        worst=worst,
+        note="; ".join(notes),
+        seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def _shortfall(gate: dict) -> float:
+    value, threshold = gate["value"], gate["threshold"]
+    if not isinstance(value, (int, float)) or value != value:  # NaN
+        return float("inf")
+    scale = max(abs(threshold), 1e-12)
+    return (threshold - value) / scale if gate["op"] == ">=" else (value - threshold) / scale
+
+
+def gate_line(gate: dict | None) -> str:
+    if gate is None:
+        return "-"
+    return f"{gate['stage']}/{gate['kind']} {gate['metric']} = {gate['value']:.4g} (needs {gate['op']} {gate['threshold']:g})"
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def build_with_fallback(
+    ctx: StepContext,
+    parent: Artifact,
+    candidates_fn: Callable[[tuple[FallbackGroup, ...]], Artifact],
+    max_rounds: int,
+    groups: Sequence[FallbackGroup] = (),
+    nodes: Sequence[tuple[str, str]] | None = None,
+    suite: str = GATE_SUITE,
+    gate: Callable[[StepContext, Artifact], Verdict] | None = None,
+) -> Artifact:
+    """Build with `candidates_fn(kept)`, gate, and fall back group by group until a candidate passes.
+
+    Round 0 keeps no extra group at fp32; round k keeps groups[:k] (cumulative, in the given order, which
+    must be most-sensitive first). Groups matching none of `nodes` (when given) are skipped without a
+    round. At most `max_rounds` gates are run (max_rounds=1: gate once, no fallback). Returns the passing
+    candidate, or the last one built with facts["gate_passed"] = False and facts["gate_note"] explaining.
+    `candidates_fn` must write a fresh file each call (the same path may be overwritten) and return its
+    manifest entry; the entry is re-hashed by the caller's ctx.new_artifact, so facts added here are the
+    only change made to it."""
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    gate = gate or (lambda c, a: gate_candidate(c, a, suite))
+    usable = []
+    skipped = []
+    for group in groups:
+        if nodes is not None and not group.select(nodes):
+            skipped.append(group.name)
+        else:
+            usable.append(group)
+    history: list[dict] = []
+    artifact = None
+    verdict = None
+    for round_index in range(min(max_rounds, len(usable) + 1)):
+        kept = tuple(usable[:round_index])
+        started = time.perf_counter()
+        artifact = candidates_fn(kept)
+        built_s = time.perf_counter() - started
+        verdict = gate(ctx, artifact)
+        history.append({
+            "round": round_index,
+            "kept_fp32_groups": [g.name for g in kept],
+            "added_group": kept[-1].name if kept else None,
+            "added_reason": kept[-1].reason if kept else None,
+            "kept_fp32_nodes": len({n for g in kept for n in g.select(nodes)}) if nodes is not None else None,
+            "passed": verdict.passed,
+            "failed_gates": verdict.failed,
+            "worst_gate": gate_line(verdict.worst) if verdict.worst else None,
+            "note": verdict.note or None,
+            "build_s": round(built_s, 1),
+            "gate_s": verdict.seconds,
+        })
+        ctx.reporter.line(
+            f"  {artifact.id} round {round_index}: fp32 groups {[g.name for g in kept] or 'none'} -> "
+            + ("gate passed" if verdict.passed else f"gate failed ({gate_line(verdict.worst) if verdict.worst else verdict.note})")
+        )
+        if verdict.passed:
+            break
+    assert artifact is not None and verdict is not None
+    facts = dict(artifact.facts)
+    facts["gate_suite"] = suite
+    facts["gate_passed"] = verdict.passed
+    facts["fallback"] = history
+    if skipped:
+        facts["fallback_groups_skipped"] = skipped  # matched no node of this graph
+    if not verdict.passed:
+        left = len(usable) - (len(history) - 1)
+        why = "no fallback group left" if left <= 0 else f"stopped at max_rounds={max_rounds} with {left} group(s) untried"
+        facts["gate_note"] = (
+            f"{artifact.id} failed the {suite} gate in all {len(history)} round(s) ({why}); "
+            f"worst in the last round: {gate_line(verdict.worst) if verdict.worst else verdict.note}. "
+            "The artifact is kept for inspection, not as a passing build."
+        )
+    return replace(artifact, facts=facts)

@@ -1,0 +1,400 @@
+"""fp16 ONNX with fp32 islands: `encoder.fp16.onnx` / `decoder.fp16.onnx` (target "onnx", precision "fp16").
+
+Precision lives in the graph (ARCHITECTURE.md): the fp32 ONNX is converted by ONNX Runtime's
+`onnxruntime.transformers.float16.convert_float_to_float16`, which handles our raw TorchScript graphs
+(onnxconverter_common fails to load on them unless onnxsim removed the no-op Casts first, RUNTIMES.md
+§1.2.6 / §4.3), with
+
+* `keep_io_types=True`, always: inputs and outputs stay float32, so the IO contract in the manifest is the
+  parent's (Olive's silent fp16 IO is a lesson, not a default);
+* an explicit block list, by op type and by node-name regex on the TorchScript scoped names, of everything
+  that must compute in fp32 (the "islands", each commented below);
+* a structural check afterwards, `fp32_islands`, that every fragile node still reads and writes float32
+  (no fp16 tensor crosses into an island), plus an ORT CPU load and a finite-output check;
+* optionally (the default) the calibration-gate parity suite on the candidate, and automatic fallback
+  that keeps further groups at fp32 until it passes (evsam_export.targets.fallback).
+
+Caveat, measured: ORT's CPU EP has few fp16 kernels and runs most fp16 nodes through casts to fp32 that
+it inserts at session start (L0 encoder.fp16.onnx: 19 Casts in the file, 133 in the session graph, ORT
+1.32), so a CPU parity run sees fp16 *storage* rounding but not fp16 accumulation or overflow inside an
+op. The islands are what protects GPU runtimes (CUDA EP, TensorRT strongly typed); CPU parity is
+necessary, not sufficient.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evsam_export.errors import ExportError, RecipeError
+from evsam_export.manifest import Artifact
+from evsam_export.targets.base import StepContext, artifact_filename
+from evsam_export.targets.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+
+# Op types that always compute in fp32, in every component.
+FP32_OP_TYPES = (
+    "Softmax",  # decoder attention: exp() saturates fp16 past 11.1 and small weights vanish; extreme outliers (RUNTIMES §2.5)
+    "LayerNormalization",  # decoder transformer norms: fp16 LayerNorm overflows (maintainers, efficientvit#142)
+    "ReduceMean",  # hand-written LayerNorm2d (encoder /norm/, decoder mask_downscaling.1/.4, output_upscaling.1):
+    "Sqrt",  # mean of squares overflows fp16 once |x| > 256, and its Sqrt/Pow follow it (RUNTIMES §1.1)
+    "Pow",
+    "Resize",  # bicubic neck upsample runs with autocast off in upstream (ops.py UpSampleLayer); decoder mask upscaling
+    "Sin",  # decoder random-Fourier prompt encoding: fp16's 11 bits put a phase of ~10-20 rad off by up to ~1e-2 rad
+    "Cos",
+)
+
+# Node-name regexes (TorchScript scoped names, RUNTIMES §1.2.4) of the islands that op types cannot express.
+FP32_NODE_PATTERNS = (
+    # LiteMLA core: Pad(v, value=1), v@k^T, (vk)@q, Slice, `+ 1e-15` (underflows to 0 in fp16), Div; upstream
+    # runs it under autocast(enabled=False) (RUNTIMES §0.3/§0.4). Direct children of context_module/main only:
+    # its qkv / aggreg / proj convs are ordinary convs and stay fp16.
+    r"context_module/main/[^/]+$",
+    # The encoder's final LayerNorm2d, every op of it (Sub, Mul, Add, Div too), ending in image_embeddings
+    # (the maintainers' "force the LayerNorm layers to FP32", efficientvit#142).
+    r"(^|/)image_encoder/norm/|^/norm/",
+    # Decoder attention scores: q@k^T, the 1/sqrt(d) Div, Softmax, attn@v of every attention block. The
+    # q/k/v/out projections stay fp16.
+    r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/(MatMul|MatMul_1|Div_\d+|Softmax)$",
+    # Decoder LayerNorm2d blocks (output_upscaling.1; mask_downscaling.1 and .4), all their ops.
+    r"output_upscaling\.1/",
+    r"mask_downscaling\.[14]/",
+)
+
+# Fallback order when the gate fails, most sensitive first (cumulative: round k keeps groups 1..k at fp32).
+FALLBACK_GROUPS = (
+    FallbackGroup(
+        "decoder-attention",
+        "whole attention blocks (q/k/v/out projections too): SAM decoder activations have extreme outliers (§2.5)",
+        patterns=(r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/",),
+    ),
+    FallbackGroup(
+        "decoder-output-upscaling",
+        "output upscaling, hypernetwork MLPs and the mask product: they make the mask logits directly",
+        patterns=(r"output_upscaling", r"output_hypernetworks_mlps", r"iou_prediction_head", r"^/[A-Za-z]+(_\d+)?$"),
+    ),
+    FallbackGroup(
+        "encoder-litemla",
+        "LiteMLA convs (qkv, multi-scale aggregation, proj) feed the linear attention, whose sums amplify error",
+        patterns=(r"context_module/",),
+    ),
+    FallbackGroup(
+        "encoder-neck",
+        "the neck fuses three scales and feeds the embedding directly: no later layer averages its error out",
+        patterns=(r"/neck/",),
+    ),
+    FallbackGroup(
+        "decoder-transformer",
+        "the rest of the two-way transformer (MLPs, norms' neighbours)",
+        patterns=(r"/transformer/",),
+    ),
+    FallbackGroup(
+        "encoder-stage4",
+        "stage 4 MBConvs (512 channels, the largest activations of the backbone)",
+        patterns=(r"backbone/stages\.4/",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Op types kept fp32 everywhere (see FP32_OP_TYPES for why each is there).
+    op_block_list: tuple[str, ...] = FP32_OP_TYPES
+    # Node-name regexes kept fp32 (see FP32_NODE_PATTERNS); matched with re.search on ONNX node names.
+    node_block_patterns: tuple[str, ...] = FP32_NODE_PATTERNS
+    # Gate each candidate on the build-time suite and fall back group by group when it fails.
+    fallback: bool = True
+    # Most gate runs (1 = gate once, no fallback); each run costs a validator pass on the gate suite.
+    max_rounds: int = 4
+    # Parity suite of the build-time gate (validators/<name>.toml); default.toml's tolerances.
+    gate_suite: str = GATE_SUITE
+
+    def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
+        object.__setattr__(self, "op_block_list", tuple(self.op_block_list))
+        object.__setattr__(self, "node_block_patterns", tuple(self.node_block_patterns))
+        if self.max_rounds < 1:
+            raise RecipeError(f"[fp16] max_rounds: {self.max_rounds} must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def _tensor_types(model) -> dict[str, int]:
+    """elem_type of every tensor in the graph, after ONNX shape inference."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if info.type.HasField("tensor_type"):
+            types[info.name] = info.type.tensor_type.elem_type
+    for node in graph.node:  # Constant outputs are not always in value_info
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def fp32_islands(model, op_types=FP32_OP_TYPES, patterns=FP32_NODE_PATTERNS, strict: bool = True) -> dict:
+    """Which fragile nodes (op type in `op_types` or name matching `patterns`) really compute in fp32.
+
+    A fragile node is an island node when every float tensor it reads or writes is float32 *and* no input
+    arrives through an fp32 -> fp16 -> fp32 Cast round trip (a value that was rounded to fp16 on the way;
+    see remove_cast_round_trips). Casts are the islands' boundaries and are not judged themselves.
+    Raises ExportError when `strict` and any fragile node leaked."""
+    from onnx import TensorProto
+
+    types = _tensor_types(model)
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def cast_to(node) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    def round_trip(tensor: str) -> bool:
+        cast = producer.get(tensor)
+        return cast_to(cast) == TensorProto.FLOAT and cast_to(producer.get(cast.input[0])) == TensorProto.FLOAT16
+
+    names = set(nodes_matching(((n.name, n.op_type) for n in model.graph.node), patterns, op_types))
+    islands, leaks, by_op = [], [], {}
+    for node in model.graph.node:
+        if node.name not in names or node.op_type in ("Constant", "Cast"):
+            continue
+        tensors = [t for t in list(node.input) + list(node.output) if t]
+        half = [t for t in tensors if types.get(t) == TensorProto.FLOAT16]
+        trips = [t for t in node.input if t and round_trip(t)]
+        if half or trips:
+            leaks.append({"node": node.name, "fp16_tensors": half[:2], "fp16_round_trips": trips[:2]})
+        else:
+            islands.append(node.name)
+            by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
+    report = {
+        "fragile_nodes": len(islands) + len(leaks),
+        "fp32_nodes": len(islands),
+        "fp32_by_op_type": dict(sorted(by_op.items())),
+        "leaked": leaks,
+        "casts": sum(1 for n in model.graph.node if n.op_type == "Cast"),
+        "fp16_initializers": sum(1 for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16),
+    }
+    if strict and leaks:
+        raise ExportError(f"{len(leaks)} fp32 island node(s) leak fp16 after conversion, first: {leaks[0]}")
+    return report
+
+
+def io_types(model) -> dict[str, str]:
+    """Graph input/output name -> ONNX element type name (FLOAT, FLOAT16, ...)."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    return {vi.name: TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
+            for vi in list(graph.input) + list(graph.output) if vi.name not in initializers}
+
+
+def smoke_feeds(artifact: Artifact, variant) -> dict[str, np.ndarray]:
+    """One realistic feed for a quick run: a preprocessed synthetic scene for the encoder, a point prompt
+    on Gaussian embeddings for the decoder (no encoder run needed)."""
+    from evsam_export.calibration.data import encoder_calibration_feeds
+
+    if artifact.component == "encoder":
+        return encoder_calibration_feeds(variant, 1, seed=0, photos=False)[0]
+    rng = np.random.default_rng(0)
+    feeds = {
+        "image_embeddings": rng.standard_normal((1, 256, 64, 64)).astype(np.float32),
+        "point_coords": np.array([[[400.0, 300.0], [0.0, 0.0]]], np.float32),
+        "point_labels": np.array([[1.0, -1.0]], np.float32),
+        "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+        "has_mask_input": np.zeros((1,), np.float32),
+        "orig_im_size": np.array([480.0, 640.0], np.float32),
+    }
+    return {spec.name: feeds[spec.name] for spec in artifact.inputs}
+
+
+def run_compare(reference_path: Path, candidate_path: Path, feeds: dict[str, np.ndarray], threads: int | None) -> dict:
+    """Load both graphs in ORT CPU, run one feed, return SNR per output and the non-finite count."""
+    import onnxruntime as ort
+
+    from evsam_export.parity import metrics
+
+    def session(path):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    ref, cand = session(reference_path), session(candidate_path)
+    names = [o.name for o in ref.get_outputs()]
+    expected = dict(zip(names, ref.run(names, feeds)))
+    got = dict(zip(names, cand.run(names, feeds)))
+    return {
+        "snr_db": {n: round(metrics.snr_db(expected[n], got[n]), 2) for n in names},
+        "nonfinite": int(sum(metrics.nonfinite_count(got[n]) for n in names)),
+        "output_dtypes": {n: str(got[n].dtype) for n in names},
+    }
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def convert(model, op_block_list, node_block_list):
+    """ORT's float16 conversion with our IO rule (inputs/outputs stay float32), then the island repair.
+
+    Returns (model, number of fp32->fp16->fp32 round trips removed). ORT's own DEFAULT_OP_BLOCK_LIST (ops
+    without fp16 kernels: TopK, Range, CumSum, Min/Max, ...) stays blocked too: passing a list replaces it."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,  # graph IO stays float32: the manifest's IO contract does not change
+        op_block_list=sorted(set(op_block_list) | set(DEFAULT_OP_BLOCK_LIST)),
+        node_block_list=list(node_block_list),
+    )
+    removed = remove_cast_round_trips(converted)
+    topological_sort(converted)  # the converter appends its Casts at the end; ONNX requires node order
+    return converted, removed
+
+
+def topological_sort(model) -> None:
+    """Reorder graph nodes so every input is produced before it is read (stable for sorted parts)."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        progressed = []
+        rest = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                progressed.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if not progressed:
+            raise ExportError(f"fp16 graph has a cycle or a dangling input at {rest[0].name} ({list(rest[0].input)})")
+        ordered.extend(progressed)
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def remove_cast_round_trips(model) -> int:
+    """Remove fp32 -> fp16 -> fp32 Cast pairs, so values flow between island nodes in fp32.
+
+    ORT's converter (1.32) types every intermediate float tensor fp16: a blocked node gets a Cast to fp16
+    after each output and every blocked consumer a Cast back to fp32. Between two island nodes (inside
+    LiteMLA, the LayerNorm2d, into image_embeddings) the value is therefore rounded to fp16: measured, the
+    LiteMLA eps constant 1e-15 went through fp16 (-> 0) and the (vk) MatMul output would saturate at
+    65504, the very overflow the island exists to prevent. Each Cast-to-fp32 whose input is a Cast-to-fp16
+    of an fp32 tensor is bypassed (consumers read the fp32 tensor; a graph output takes over the fp32
+    tensor's name), and Casts left without consumers are dropped. Returns the number of pairs removed."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(node) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    producer = {out: node for node in graph.node for out in node.output}
+    fp32 = _tensor_types(model)
+    removed = 0
+    doomed = set()
+    for node in list(graph.node):
+        if cast_to(node) != TensorProto.FLOAT:
+            continue
+        half = producer.get(node.input[0])
+        if half is None or cast_to(half) != TensorProto.FLOAT16 or fp32.get(half.input[0]) != TensorProto.FLOAT:
+            continue
+        source, target = half.input[0], node.output[0]
+        if source in outputs:
+            continue
+        if target in outputs:  # the fp32 producer writes the graph output directly
+            for other in graph.node:
+                for i, name in enumerate(other.input):
+                    if name == source:
+                        other.input[i] = target
+                for i, name in enumerate(other.output):
+                    if name == source:
+                        other.output[i] = target
+        else:
+            for other in graph.node:
+                for i, name in enumerate(other.input):
+                    if name == target:
+                        other.input[i] = source
+        doomed.add(id(node))
+        removed += 1
+    kept = [n for n in graph.node if id(n) not in doomed]
+    # Casts to fp16 whose output nobody reads any more
+    while True:
+        used = {name for n in kept for name in n.input} | outputs
+        dead = {id(n) for n in kept if n.op_type == "Cast" and not any(o in used for o in n.output)}
+        if not dead:
+            break
+        kept = [n for n in kept if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    present = {name for n in graph.node for name in list(n.input) + list(n.output)}
+    stale = [vi for vi in graph.value_info if vi.name not in present]
+    for vi in stale:
+        graph.value_info.remove(vi)
+    return removed
+
+
+def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifact]:
+    import onnx
+
+    started = time.perf_counter()
+    if parent.precision != "fp32" or not parent.path.endswith(".onnx"):
+        raise ExportError(f"fp16 conversion needs an fp32 ONNX parent, got {parent.id}")
+    source = onnx.load(str(ctx.path_of(parent)))
+    nodes = graph_nodes(source)
+    base_names = nodes_matching(nodes, settings.node_block_patterns)
+    path = ctx.folder / artifact_filename(parent.component, "onnx", "fp16", "onnx")
+
+    def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
+        extra = sorted({name for group in kept for name in group.select(nodes)})
+        converted, round_trips = convert(source, settings.op_block_list, sorted(set(base_names) | set(extra)))
+        patterns = settings.node_block_patterns + tuple(p for g in kept for p in g.patterns)
+        islands = fp32_islands(converted, settings.op_block_list, patterns)
+        types = io_types(converted)
+        if any(t != "FLOAT" for t in types.values()):
+            raise ExportError(f"fp16 conversion changed graph IO types: {types}")
+        onnx.save(converted, str(path))
+        run = run_compare(ctx.path_of(parent), path, smoke_feeds(parent, ctx.variant), ctx.threads)
+        if run["nonfinite"]:
+            raise ExportError(f"{parent.component}.fp16: {run['nonfinite']} non-finite output values on ORT CPU")
+        fp32_types = {}
+        for name, op_type in nodes:
+            if name in set(base_names) | set(extra) or op_type in settings.op_block_list:
+                fp32_types[op_type] = fp32_types.get(op_type, 0) + 1
+        facts = {
+            "converter": "onnxruntime.transformers.float16",
+            "keep_io_types": True,
+            "io_types": types,
+            "nodes": len(converted.graph.node),
+            "parent_nodes": len(nodes),
+            "kept_fp32": {
+                "op_types": list(settings.op_block_list),
+                "patterns": list(patterns),
+                "nodes_by_op_type": dict(sorted(fp32_types.items())),
+                "nodes": sorted(set(base_names) | set(extra)),
+            },
+            "fp32_islands": islands,
+            "cast_round_trips_removed": round_trips,
+            "ort_cpu_check": run,
+        }
+        return ctx.new_artifact(parent, path, target="onnx", precision="fp16", step="fp16",
+                                settings=asdict(settings), facts=facts, started=started)
+
+    if not settings.fallback:
+        return [candidate(())]
+    return [build_with_fallback(ctx, parent, candidate, settings.max_rounds, FALLBACK_GROUPS, nodes, suite=settings.gate_suite)]
+

@@ -1,0 +1,343 @@
+"""Static QDQ INT8 ONNX: `encoder.ort.int8.onnx` (ONNX Runtime CPU) or `encoder.trt.int8.onnx` (symmetric
+Q/DQ, the input of a TensorRT explicit-quantization build).
+
+`onnxruntime.quantization.quantize_static` with QuantFormat.QDQ, per-channel weights and MinMax ranges
+from `evsam_export.calibration.data` (real images through the shared preprocessing; for the decoder,
+embeddings the fp32 encoder really produces). Precision lives in the graph: every quantized tensor is a
+QuantizeLinear/DequantizeLinear pair that ORT (and TensorRT) fuse into int8 kernels at load time.
+
+Why not `quantize_dynamic`: it rewrites every Conv into ConvInteger + DynamicQuantizeLinear, which ORT
+has no fast kernels for: measured on L0 2.4x *slower* than fp32 with QInt8 weights, about equal with
+QUInt8, while static per-channel QDQ was 2.15x faster (RUNTIMES.md §0.8, §4.2; ORT maintainers: "use
+static quantization for CNN based models", microsoft/onnxruntime#12854). Dynamic quantization also
+computes activation ranges at run time, so the graph would not say what it computes.
+
+Why Conv only by default: quantizing every default op type (Conv *and* LiteMLA's MatMuls) measured an
+embedding SNR of -3.8 dB (error larger than signal, box-mask IoU 0.62) for a 3.1x speed-up, while
+Conv-only QDQ measured 12.6-12.7 dB and mask IoU 0.90-0.91 for 2.3x (RUNTIMES.md §4.1, L0, image-
+dependent model); the encoder's only MatMuls are the linear-attention ones, which need fp32 range.
+
+Decoder INT8 works (`decoder_calibration_feeds`), but default recipes keep the decoder fp32: SAM decoder
+attention "exhibits extreme outliers" (RUNTIMES.md §2.5; optimum-intel keeps it fp32, Geti saw no gain).
+With op_types_to_quantize = ["Conv"] only the three mask_downscaling convs would qualify, and they are
+excluded (calibration feeds carry no mask input), so a decoder recipe should name ["Gemm", "MatMul"].
+
+When the gate fails, `fallback` keeps further groups of convs in fp32 (INT8_GROUPS, most sensitive first)
+and re-quantizes from the cached calibration ranges (the calibration pass runs once per build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from evsam_export.errors import ExportError, RecipeError
+from evsam_export.manifest import Artifact, cpu_flags
+from evsam_export.targets.base import StepContext, artifact_filename
+from evsam_export.targets.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+
+# Node-name regexes never quantized, whatever op_types_to_quantize says (resolved to exact names).
+EXCLUDE_PATTERNS = (
+    # LiteMLA core (Pad, v@k^T, (vk)@q, eps Add, Div): quantizing its MatMuls measured -3.8 dB (RUNTIMES §4.1).
+    r"context_module/main/[^/]+$",
+    # The encoder's final LayerNorm2d: normalises with a per-pixel variance; its output is the embedding.
+    r"(^|/)image_encoder/norm/",
+    # Decoder attention scores q@k^T and attn@v: extreme outliers (RUNTIMES §2.5).
+    r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/(MatMul|MatMul_1)$",
+    # Decoder prompt positional encoding (coords @ Gaussian matrix before sin/cos): int8 steps are whole pixels
+    # of phase error; and the final mask product hyper_in @ upscaled embedding, which *is* the mask logits.
+    r"^/MatMul$",
+    r"^/MatMul_2$",
+    # Decoder mask_downscaling convs: calibration feeds have has_mask_input = 0, so their ranges are unseen.
+    r"mask_downscaling",
+)
+
+# Fallback order, most sensitive first (cumulative). Measured on L0 synthetic:0 weights, 4 calibration
+# images, Conv-only QDQ at 21.6 dB embedding SNR: keeping one group fp32 gained neck middle +2.0 dB,
+# stage-4 MBConvs +0.5, stage-4 LiteMLA convs +0.4, stage 3 +0.4, stage 2 +0.5, stage 1 +0.4, neck input
+# convs +0.3, stem +0.2 (2 held-out images, evsam_export.parity.metrics.snr_db).
+INT8_GROUPS = (
+    FallbackGroup("encoder-neck", "neck fuses the three scales right before the embedding: +2.0 dB alone (largest)",
+                  patterns=(r"/neck/",)),
+    FallbackGroup("encoder-stage4", "LiteMLA qkv/aggregation/proj and stage-4 MBConvs: +0.4/+0.5 dB",
+                  patterns=(r"backbone/stages\.4/",)),
+    FallbackGroup("encoder-stage3", "stage-3 MBConvs: +0.4 dB", patterns=(r"backbone/stages\.3/",)),
+    FallbackGroup("encoder-stages1-2", "fused-MBConv stages 1-2: +0.4/+0.5 dB; the stem (+0.2 dB) stays INT8",
+                  patterns=(r"backbone/stages\.[12]/",)),
+    FallbackGroup("decoder-output", "output upscaling, hypernetwork MLPs and IoU head make the logits directly",
+                  patterns=(r"output_upscaling", r"output_hypernetworks_mlps", r"iou_prediction_head")),
+    FallbackGroup("decoder-attention-projections", "q/k/v/out projections of the attention blocks",
+                  patterns=(r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/",)),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Op types to quantize. Conv only: see the module docstring for the measured reason (MatMul: -3.8 dB).
+    op_types_to_quantize: tuple[str, ...] = ("Conv",)
+    # Node-name regexes never quantized (EXCLUDE_PATTERNS explains each); resolved to names in facts.
+    exclude_patterns: tuple[str, ...] = EXCLUDE_PATTERNS
+    # False: ORT CPU flavour, QUInt8 activations / QInt8 weights, target "ort" (encoder.ort.int8.onnx).
+    # True: TensorRT flavour, QInt8/QInt8 with zero points 0 (ActivationSymmetric/WeightSymmetric), which
+    # TensorRT requires ("x_zero_point must be zero", RUNTIMES §2.5); target "trt" (encoder.trt.int8.onnx).
+    symmetric: bool = False
+    # Per-output-channel weight scales (RUNTIMES §4.1: the 2.15x static QDQ measurement used them).
+    per_channel: bool = True
+    # 7-bit weights for CPUs without VNNI, where u8s8 int16 accumulation can saturate (RUNTIMES §0.9).
+    reduce_range: bool = False
+    # Calibration images (alternating synthetic scenes / offline photos, calibration.data); MinMax ranges.
+    calibration_images: int = 16
+    # Seed of the calibration set (scene seeds, photo rotation, prompts).
+    calibration_seed: int = 0
+    # Use the offline scikit-image photos (falls back to synthetic scenes when scikit-image is missing).
+    calibration_photos: bool = True
+    # Run onnxruntime's quant_pre_process (shape inference + constant folding) first: measured 467 -> 412
+    # nodes, 153 -> 124 QuantizeLinear, +0.2 dB SNR on L0, ~10 s.
+    preprocess: bool = True
+    # Gate each candidate on the build-time suite and fall back group by group when it fails.
+    fallback: bool = True
+    # Most gate runs (1 = gate once, no fallback). Re-quantizing from cached ranges takes ~10 s a round.
+    max_rounds: int = 4
+    # Parity suite of the build-time gate (validators/<name>.toml); default.toml's tolerances.
+    gate_suite: str = GATE_SUITE
+
+    def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
+        object.__setattr__(self, "op_types_to_quantize", tuple(self.op_types_to_quantize))
+        object.__setattr__(self, "exclude_patterns", tuple(self.exclude_patterns))
+        if self.calibration_images < 1:
+            raise RecipeError(f"[int8] calibration_images: {self.calibration_images} must be >= 1")
+        if self.max_rounds < 1:
+            raise RecipeError(f"[int8] max_rounds: {self.max_rounds} must be >= 1")
+
+    @property
+    def target(self) -> str:
+        return "trt" if self.symmetric else "ort"
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+
+def qdq_structure(model) -> dict:
+    """QDQ counts and which Conv/ConvTranspose/Gemm/MatMul nodes are quantized: a Conv/Gemm whose weight
+    (input 1) comes from a DequantizeLinear, a MatMul whose two inputs both do. (A node kept fp32 may
+    still read a dequantized activation that another, quantized consumer shares.)"""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+
+    def dequantized(name: str) -> bool:
+        source = producer.get(name)
+        return source is not None and source.op_type == "DequantizeLinear"
+
+    quantized: dict[str, list[str]] = {}
+    float_ops: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm", "ConvTranspose"):
+            continue
+        is_q = all(dequantized(n) for n in node.input[:2]) if node.op_type == "MatMul" else dequantized(node.input[1])
+        (quantized if is_q else float_ops).setdefault(node.op_type, []).append(node.name)
+    zero_points_nonzero = 0
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in inits:
+            from onnx import numpy_helper
+
+            if numpy_helper.to_array(inits[node.input[2]]).any():
+                zero_points_nonzero += 1
+    return {
+        "quantize_linear": counts.get("QuantizeLinear", 0),
+        "dequantize_linear": counts.get("DequantizeLinear", 0),
+        "integer_ops": {op: counts[op] for op in ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear") if op in counts},
+        "quantized": {op: len(names) for op, names in quantized.items()},
+        "float": {op: len(names) for op, names in float_ops.items()},
+        "float_nodes": {op: names for op, names in float_ops.items()},
+        "nonzero_zero_points": zero_points_nonzero,
+        "nodes": len(graph.node),
+    }
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+# ------------------------------------------------------------------------------------------ range cache
+
+
+def ranges_cache_dir() -> Path:
+    """Where MinMax calibration ranges are kept between builds ($EVSAM_CACHE_DIR/calibration-ranges)."""
+    root = Path(os.environ.get("EVSAM_CACHE_DIR", Path.home() / ".cache" / "evsam-export"))
+    return root / "calibration-ranges"
+
+
+def _ranges_key(parent: Artifact, settings: Settings, fingerprint: str) -> str:
+    """Everything the collected tensor ranges depend on, and nothing they do not (zero points, symmetry,
+    per-channel weights and excluded nodes are applied after calibration, so the fallback rounds and the
+    ort/trt flavours share one calibration pass). Full 64 hex digits."""
+    import onnxruntime
+
+    payload = {
+        "what": "ort-minmax-ranges-v1",
+        "parent_sha256": parent.sha256,
+        "preprocess": settings.preprocess,
+        "op_types_to_quantize": sorted(settings.op_types_to_quantize),
+        "calibrate_method": "MinMax",
+        "calibration_fingerprint": fingerprint,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _store_atomically(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def _calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) -> tuple[list[dict], dict]:
+    from evsam_export.calibration import data
+
+    count, seed, photos = settings.calibration_images, settings.calibration_seed, settings.calibration_photos
+    described = data.describe_calibration(count, seed, photos)
+    if parent.component == "encoder":
+        return data.encoder_calibration_feeds(ctx.variant, count, seed, photos), described
+    from evsam_export.runners.ort_runner import OrtRunner
+
+    encoder = next((a for a in ctx.manifest.artifacts if a.id == "encoder.onnx.fp32"), None)
+    if encoder is None:
+        raise ExportError("decoder INT8 calibration needs encoder.onnx.fp32 in the folder (its real embeddings)")
+    with OrtRunner(ctx.path_of(encoder), encoder.inputs, encoder.outputs, threads=ctx.threads) as runner:
+        feeds = data.decoder_calibration_feeds(runner, ctx.variant, count, seed, parent.inputs, photos=photos)
+    described["prompt_kinds"] = list(data.DECODER_PROMPT_KINDS)
+    described["embeddings_from"] = encoder.id
+    return feeds, described
+
+
+def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifact]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from evsam_export.calibration.data import as_ort_reader, calibration_fingerprint
+
+    started = time.perf_counter()
+    if parent.precision != "fp32" or not parent.path.endswith(".onnx"):
+        raise ExportError(f"INT8 quantization needs an fp32 ONNX parent, got {parent.id}")
+    path = ctx.folder / artifact_filename(parent.component, settings.target, "int8", "onnx")
+    scratch = Path(tempfile.mkdtemp(prefix=".int8-", dir=ctx.folder)).resolve()
+    try:
+        source = ctx.path_of(parent).resolve()
+        preprocess_note = None
+        if settings.preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            with ctx.reporter.step(f"{parent.component}: quant_pre_process"), _working_directory(scratch):
+                # (in scratch: on failure ORT's symbolic shape inference writes sym_shape_infer_temp.onnx
+                # into the current directory)
+                try:
+                    quant_pre_process(str(source), str(scratch / "pre.onnx"))
+                except Exception as exc:  # ORT raises a bare Exception; recorded in facts, not hidden
+                    # The decoder's dynamic prompt axes defeat ORT's symbolic shape inference ("Incomplete
+                    # symbolic shape inference"); ONNX shape inference + graph optimization still apply.
+                    preprocess_note = f"symbolic shape inference skipped: {str(exc).splitlines()[0][:120]}"
+                    quant_pre_process(str(source), str(scratch / "pre.onnx"), skip_symbolic_shape=True)
+            source = scratch / "pre.onnx"
+        nodes = graph_nodes(source)
+        excluded = nodes_matching(nodes, settings.exclude_patterns)
+        # Fallback groups only matter through the nodes that could be quantized (a group with no Conv
+        # left to un-quantize is skipped without a gate round).
+        quantizable = [(name, op) for name, op in nodes if op in settings.op_types_to_quantize]
+        with ctx.reporter.step(f"{parent.component}: calibration feeds ({settings.calibration_images} images)"):
+            feeds, described = _calibration_feeds(ctx, parent, settings)
+        fingerprint = calibration_fingerprint(feeds)
+        ranges_key = _ranges_key(parent, settings, fingerprint)
+        shared = ranges_cache_dir() / f"{ranges_key}.json"
+        cache = scratch / "ranges.json"
+        if shared.is_file():
+            shutil.copyfile(shared, cache)
+        ranges_reused = cache.exists()
+        activation = QuantType.QInt8 if settings.symmetric else QuantType.QUInt8
+        extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if settings.symmetric else {}
+
+        def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
+            kept_nodes = sorted({n for g in kept for n in g.select(quantizable)})
+            exclude = sorted(set(excluded) | set(kept_nodes))
+            first = not cache.exists()
+            with ctx.reporter.step(f"{parent.component}: quantize_static" + (" + MinMax calibration" if first else " (cached ranges)")):
+                quantize_static(
+                    str(source),
+                    str(path),
+                    as_ort_reader(feeds),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(settings.op_types_to_quantize),
+                    per_channel=settings.per_channel,
+                    reduce_range=settings.reduce_range,
+                    activation_type=activation,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options=dict(extra),
+                    calibration_cache_path=str(cache),
+                )
+            model = onnx.load(str(path))
+            structure = qdq_structure(model)
+            problems = []
+            if structure["integer_ops"]:
+                problems.append(f"integer ops {structure['integer_ops']} (dynamic-quantization form)")
+            if not structure["quantize_linear"]:
+                problems.append(f"nothing was quantized: no {list(settings.op_types_to_quantize)} node outside the exclusions"
+                                + (' (the decoder has no eligible Conv; set op_types_to_quantize = ["Gemm", "MatMul"])'
+                                   if parent.component == "decoder" else ""))
+            if settings.symmetric and structure["nonzero_zero_points"]:
+                problems.append(f"{structure['nonzero_zero_points']} non-zero zero points (TensorRT needs symmetric Q/DQ)")
+            if problems:
+                raise ExportError(f"{parent.component} INT8 graph is not a usable static QDQ graph: " + "; ".join(problems))
+            facts = {
+                "tool": "onnxruntime.quantization.quantize_static",
+                "format": "QDQ",
+                "activation_type": activation.name,
+                "weight_type": "QInt8",
+                "symmetric": settings.symmetric,
+                "calibrate_method": "MinMax",
+                "calibration": {**described, "feeds": len(feeds), "fingerprint": fingerprint,
+                                "ranges_key": ranges_key, "ranges_reused": ranges_reused},
+                "preprocessed": settings.preprocess,
+                **({"preprocess_note": preprocess_note} if preprocess_note else {}),
+                "op_types_to_quantize": list(settings.op_types_to_quantize),
+                "excluded_nodes": exclude,
+                "excluded_by_pattern": len(excluded),
+                "kept_fp32_by_fallback": kept_nodes,
+                "qdq": {k: v for k, v in structure.items() if k != "float_nodes"},
+                "float_nodes": structure["float_nodes"],
+                "parent_nodes": len(nodes),
+                "cpu_flags": cpu_flags(),
+            }
+            return ctx.new_artifact(parent, path, target=settings.target, precision="int8", step="int8",
+                                    settings=asdict(settings), facts=facts, started=started)
+
+        if not settings.fallback:
+            artifacts = [candidate(())]
+        else:
+            artifacts = [build_with_fallback(ctx, parent, candidate, settings.max_rounds, INT8_GROUPS, quantizable, suite=settings.gate_suite)]
+        if cache.is_file() and not shared.is_file():  # only ranges of a calibration that completed
+            _store_atomically(cache, shared)
+        return artifacts
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,453 @@
+"""fp16 (fp32 islands) and static QDQ INT8 ONNX artifacts: structure, numerics, the parity gate, fallback.
+
+One L0 export (synthetic:0 weights) and one StepContext are shared by the module; calibration uses 4
+images and the gate a one-scene suite that carries the shipped tolerance tables verbatim
+(validators/default.toml), so these tests check the shipped gates, only on fewer cases.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+
+from evsam_export import api
+from evsam_export.calibration import data
+from evsam_export.manifest import read_manifest
+from evsam_export.model.variants import get_variant
+from evsam_export.parity import metrics
+from evsam_export.parity.suites import load_suite, validators_dir
+from evsam_export.parity.validate import Gate, ParityReport, StageReport
+from evsam_export.progress import Reporter
+from evsam_export.runners.ort_runner import OrtRunner
+from evsam_export.targets import fallback, fp16, ort_int8
+from evsam_export.targets.base import StepContext
+
+CALIBRATION_IMAGES = 4
+QUICK_SUITE = """
+[suite]
+name = "precision-quick"
+description = "one synthetic scene, point and box, the shipped default tolerances"
+
+[[suite.images]]
+synthetic = 0
+size = [240, 320]
+
+[suite.prompts]
+kinds = ["point", "box"]
+seed = 0
+
+"""
+LITEMLA = re.compile(r"context_module/main/[^/]+$")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("evsam-cache")
+        patch.setenv("EVSAM_CACHE_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory) -> str:
+    default = (validators_dir() / "default.toml").read_text()
+    path = tmp_path_factory.mktemp("suite") / "precision-quick.toml"
+    path.write_text(QUICK_SUITE + default[default.index("[tolerances.fp32]"):])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, quick_suite, cache_dir) -> StepContext:
+    folder = tmp_path_factory.mktemp("precision") / "l0"
+    api.export("l0", folder, reporter=Reporter(quiet=True))
+    manifest = read_manifest(folder)
+    return StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True),
+                       suite=quick_suite, threads=2)
+
+
+def parent(ctx, component):
+    return ctx.manifest.artifact(f"{component}.onnx.fp32")
+
+
+@pytest.fixture(scope="module")
+def fp16_encoder(ctx):
+    (artifact,) = fp16.build(ctx, parent(ctx, "encoder"), fp16.Settings(fallback=False))
+    return artifact
+
+
+@pytest.fixture(scope="module")
+def fp16_decoder(ctx):
+    (artifact,) = fp16.build(ctx, parent(ctx, "decoder"), fp16.Settings(fallback=False))
+    return artifact
+
+
+@pytest.fixture(scope="module")
+def int8_encoder(ctx):
+    """Conv-only QDQ, no fallback: what every fallback run starts from (round 0)."""
+    settings = ort_int8.Settings(calibration_images=CALIBRATION_IMAGES, fallback=False)
+    (artifact,) = ort_int8.build(ctx, parent(ctx, "encoder"), settings)
+    return artifact, onnx.load(str(ctx.path_of(artifact)))
+
+
+@pytest.fixture(scope="module")
+def held_out_feeds():
+    return data.encoder_calibration_feeds("l0", 2, seed=99, photos=False)
+
+
+@pytest.fixture(scope="module")
+def fp32_embeddings(ctx, held_out_feeds):
+    artifact = parent(ctx, "encoder")
+    with OrtRunner(ctx.path_of(artifact), artifact.inputs, artifact.outputs, threads=2) as runner:
+        return [runner.infer(f)["image_embeddings"] for f in held_out_feeds]
+
+
+def embeddings_snr(ctx, artifact, feeds, reference) -> float:
+    with OrtRunner(ctx.path_of(artifact), artifact.inputs, artifact.outputs, threads=2) as runner:
+        return min(metrics.snr_db(ref, runner.infer(f)["image_embeddings"]) for ref, f in zip(reference, feeds))
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def test_calibration_feeds_are_deterministic_and_shaped():
+    first = data.encoder_calibration_feeds("l0", 3, seed=1)
+    again = data.encoder_calibration_feeds("l0", 3, seed=1)
+    other = data.encoder_calibration_feeds("l0", 3, seed=2)
+    assert [f["input_image"].shape for f in first] == [(1, 3, 512, 512)] * 3
+    assert all(f["input_image"].dtype == np.float32 for f in first)
+    assert data.calibration_fingerprint(first) == data.calibration_fingerprint(again)
+    assert data.calibration_fingerprint(first) != data.calibration_fingerprint(other)
+    assert len(data.calibration_fingerprint(first)) == 64
+    described = data.describe_calibration(3, seed=1)
+    assert described["synthetic"] == 2 and described["photos"] == 1
+
+
+def test_calibration_images_are_disjoint_from_the_parity_suites():
+    used = set()
+    for suite_path in validators_dir().glob("*.toml"):
+        used |= {spec.name for spec in load_suite(str(suite_path)).images}
+    names = {image.name for image in data.calibration_images(len(data.CALIBRATION_PHOTOS) * 2, seed=0)}
+    assert not names & used
+
+
+def test_decoder_feeds_use_the_encoder_and_follow_the_profile():
+    calls = []
+
+    def encoder(image):
+        calls.append(image.shape)
+        return np.full((1, 256, 64, 64), 0.5, np.float32)
+
+    sam = data.decoder_calibration_feeds(encoder, "l0", 2, decoder_inputs=None)
+    trt = data.decoder_calibration_feeds(encoder, "l0", 2, decoder_inputs=["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"])
+    assert calls == [(1, 3, 512, 512)] * 4
+    assert len(sam) == 2 * len(data.DECODER_PROMPT_KINDS)
+    assert "orig_im_size" in sam[0] and "orig_im_size" not in trt[0]
+    assert all(float(f["image_embeddings"].mean()) == 0.5 for f in sam)
+    point, box = sam[0], sam[1]
+    assert point["point_labels"][0, -1] == -1.0  # PyTorch SAM's padding point after clicks
+    assert list(box["point_labels"][0]) == [2.0, 3.0]  # no padding point after a box
+
+
+def test_calibration_gate_suite_carries_the_default_tolerances():
+    gate, default = load_suite(fallback.GATE_SUITE), load_suite("default")
+    assert gate.tolerances == default.tolerances  # never a looser standard than the shipped gate
+    assert gate.prompt_kinds == ("point", "box", "boxes16") and len(gate.images) == 3
+
+
+def test_ort_reader_iterates_and_rewinds():
+    feeds = data.encoder_calibration_feeds("l0", 2, photos=False)
+    reader = data.as_ort_reader(feeds)
+    assert len(reader) == 2
+    assert [reader.get_next() is not None for _ in range(3)] == [True, True, False]
+    reader.rewind()
+    assert reader.get_next() is feeds[0]
+
+
+def test_nncf_dataset_yields_the_feeds():
+    pytest.importorskip("nncf")
+    feeds = data.encoder_calibration_feeds("l0", 2, photos=False)
+    items = list(data.as_nncf_dataset(feeds).get_inference_data())
+    assert len(items) == 2 and items[0] is feeds[0]
+
+
+# ------------------------------------------------------------------------------------------ fp16
+
+
+def test_islands_exist_in_the_simplified_fp32_graph(ctx):
+    """The name patterns still find LiteMLA and the LayerNorm2d after onnxsim (RUNTIMES §2.3: 4 Pad,
+    8 MatMul, 4 Div for L0, plus the /norm/ Div)."""
+    model = onnx.load(str(ctx.path_of(parent(ctx, "encoder"))), load_external_data=False)
+    assert parent(ctx, "encoder").facts["simplify"]["tool"] != "none"
+    found = fallback.nodes_matching(fallback.graph_nodes(model), fp16.FP32_NODE_PATTERNS)
+    ops = [n.op_type for n in model.graph.node if n.name in set(found)]
+    assert (ops.count("MatMul"), ops.count("Pad"), ops.count("Div")) == (8, 4, 5)
+
+
+def test_fp16_encoder_keeps_float32_io_and_its_islands(ctx, fp16_encoder):
+    model = onnx.load(str(ctx.path_of(fp16_encoder)))
+    assert fp16_encoder.id == "encoder.onnx.fp16" and fp16_encoder.path == "encoder.fp16.onnx"
+    assert fp16.io_types(model) == {"input_image": "FLOAT", "image_embeddings": "FLOAT"}
+    assert fp16_encoder.inputs == parent(ctx, "encoder").inputs and fp16_encoder.outputs == parent(ctx, "encoder").outputs
+    islands = fp16.fp32_islands(model)  # raises if any fragile node reads or writes fp16
+    assert islands["leaked"] == []
+    assert {k: islands["fp32_by_op_type"][k] for k in ("MatMul", "Pad", "Div", "ReduceMean", "Sqrt", "Resize")} == {
+        "MatMul": 8, "Pad": 4, "Div": 5, "ReduceMean": 2, "Sqrt": 1, "Resize": 2}
+    assert islands["fp16_initializers"] > 50  # the convs really are fp16
+    assert fp16_encoder.facts["fp32_islands"] == islands
+    onnx.checker.check_model(model)  # topologically sorted, valid
+
+
+def test_fp16_islands_have_no_fp16_round_trip_and_keep_the_eps(ctx, fp16_encoder):
+    """ORT's converter alone passes island-to-island values through fp16 (the LiteMLA 1e-15 eps -> 0);
+    after remove_cast_round_trips no Cast(fp16->fp32) reads a Cast(fp32->fp16)."""
+    model = onnx.load(str(ctx.path_of(fp16_encoder)))
+    assert fp16_encoder.facts["cast_round_trips_removed"] > 0
+    producer = {o: n for n in model.graph.node for o in n.output}
+    to = {n.name: next(a.i for a in n.attribute if a.name == "to") for n in model.graph.node if n.op_type == "Cast"}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and to[node.name] == onnx.TensorProto.FLOAT:
+            source = producer.get(node.input[0])
+            assert not (source is not None and source.op_type == "Cast" and to[source.name] == onnx.TensorProto.FLOAT16), node.name
+    eps_adds = [n for n in model.graph.node if LITEMLA.search(n.name) and n.op_type == "Add"]
+    assert len(eps_adds) == 4
+    for add in eps_adds:
+        constant = producer[add.input[1]]
+        assert constant.op_type == "Constant"
+        value = onnx.numpy_helper.to_array(constant.attribute[0].t)
+        assert value.dtype == np.float32 and 0 < float(value.max()) < 1e-10
+
+
+def test_fp16_islands_survive_simplifying_the_fp16_graph(ctx, fp16_encoder):
+    onnxsim = pytest.importorskip("onnxsim")
+    simplified, ok = onnxsim.simplify(onnx.load(str(ctx.path_of(fp16_encoder))))
+    assert ok
+    assert fp16.fp32_islands(simplified)["fp32_by_op_type"]["MatMul"] == 8
+
+
+def test_fp16_decoder_keeps_attention_and_norms_fp32(ctx, fp16_decoder):
+    model = onnx.load(str(ctx.path_of(fp16_decoder)))
+    assert set(fp16.io_types(model).values()) == {"FLOAT"}
+    islands = fp16.fp32_islands(model)
+    assert islands["fp32_by_op_type"]["Softmax"] == 7 and islands["fp32_by_op_type"]["LayerNormalization"] == 9
+    assert fp16_decoder.facts["ort_cpu_check"]["nonfinite"] == 0
+
+
+def test_fp16_encoder_snr_is_at_least_30_db(ctx, fp16_encoder, held_out_feeds, fp32_embeddings):
+    assert embeddings_snr(ctx, fp16_encoder, held_out_feeds, fp32_embeddings) >= 30.0
+
+
+def test_fp16_artifacts_pass_the_shipped_gate(ctx, fp16_encoder, fp16_decoder):
+    report = ctx.gate([fp16_encoder, fp16_decoder])
+    own = [s for s in report.stages if s.precision == "fp16"]
+    assert {s.stage for s in own} == {"encoder", "decoder", "end_to_end"}
+    assert report.passed, [g.line() for g in report.failed_gates]
+
+
+# ------------------------------------------------------------------------------------------ INT8
+
+
+def test_int8_encoder_is_conv_only_static_qdq(ctx, int8_encoder):
+    artifact, model = int8_encoder
+    assert artifact.id == "encoder.ort.int8" and artifact.path == "encoder.ort.int8.onnx"
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert "ConvInteger" not in ops and "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
+    structure = ort_int8.qdq_structure(model)
+    assert structure["quantized"]["Conv"] == ops.count("Conv") == 69
+    assert structure["float"] == {"MatMul": 8}  # LiteMLA's MatMuls stay float
+    assert all(LITEMLA.search(name) for name in structure["float_nodes"]["MatMul"])
+    assert artifact.facts["qdq"]["quantize_linear"] == ops.count("QuantizeLinear")
+    assert artifact.facts["calibration"]["count"] == CALIBRATION_IMAGES
+    assert len(artifact.facts["calibration"]["fingerprint"]) == 64
+    assert artifact.facts["activation_type"] == "QUInt8"
+
+
+def test_int8_encoder_snr_is_at_least_10_db(ctx, int8_encoder, held_out_feeds, fp32_embeddings):
+    artifact, _ = int8_encoder
+    assert embeddings_snr(ctx, artifact, held_out_feeds, fp32_embeddings) >= 10.0
+
+
+def test_int8_for_tensorrt_is_symmetric_and_reuses_the_ranges(ctx, int8_encoder):
+    settings = ort_int8.Settings(calibration_images=CALIBRATION_IMAGES, fallback=False, symmetric=True)
+    (artifact,) = ort_int8.build(ctx, parent(ctx, "encoder"), settings)
+    assert artifact.id == "encoder.trt.int8" and artifact.path == "encoder.trt.int8.onnx"
+    assert artifact.facts["calibration"]["ranges_reused"]  # one calibration pass serves both flavours
+    model = onnx.load(str(ctx.path_of(artifact)))
+    structure = ort_int8.qdq_structure(model)
+    assert structure["nonzero_zero_points"] == 0 and structure["quantized"]["Conv"] == 69
+    zero_points = {i.name: i for i in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert zero_points[q.input[2]].data_type == onnx.TensorProto.INT8
+
+
+def test_int8_decoder_quantizes_projections_not_attention_scores(ctx):
+    settings = ort_int8.Settings(calibration_images=2, fallback=False, op_types_to_quantize=["Gemm", "MatMul"])
+    (artifact,) = ort_int8.build(ctx, parent(ctx, "decoder"), settings)
+    structure = ort_int8.qdq_structure(onnx.load(str(ctx.path_of(artifact))))
+    assert structure["quantize_linear"] > 0 and structure["dequantize_linear"] > 0
+    assert structure["quantized"]["Gemm"] > 0 and not structure["integer_ops"]
+    scores = [n for n in structure["float_nodes"]["MatMul"] if re.search(r"attn\w*/MatMul(_1)?$", n)]
+    assert len(scores) == 14  # q@k^T and attn@v of all 7 attention blocks stay float
+    assert artifact.facts["calibration"]["embeddings_from"] == "encoder.onnx.fp32"
+
+
+def test_int8_conv_only_against_the_shipped_gate(ctx, int8_encoder):
+    """Conv-only INT8 on the shipped int8 gates. SNR, cosine, NaN and the stable-mask IoU must pass. The
+    plain mask-IoU mean (0.97, RUNTIMES §6.2) sits at the edge with synthetic weights (measured on the
+    calibration-gate suite: 0.956-0.969 for box/boxes16, fixed by fallback; on this one-scene suite it
+    passes): it may fail here, and then only through the fallback loop below is the artifact accepted.
+    The tolerances are not loosened."""
+    artifact, _ = int8_encoder
+    verdict = fallback.gate_candidate(ctx, artifact, suite=ctx.suite)
+    assert verdict.passed == (verdict.failed == [])
+    assert {g["metric"] for g in verdict.failed} <= {"mask_iou.mean", "mask_iou.p5"}, verdict.failed
+
+
+def test_fallback_with_the_real_gate_reverts_the_damaged_group(ctx):
+    """The loop end to end with ctx.gate: candidates whose error sits in one group (noise added to the
+    neck conv weights, standing in for a quantization that wrecks them) fail the shipped int8 gates; the
+    first fallback round keeps that group at fp32 and passes. (With synthetic:0 weights even INT8 of every
+    op type measured 16-18 dB and passes this suite, so real quantization cannot be relied on to fail.)"""
+    from onnx import numpy_helper
+
+    encoder = parent(ctx, "encoder")
+    source = onnx.load(str(ctx.path_of(encoder)))
+    convs = [(n, op) for n, op in fallback.graph_nodes(source) if op == "Conv"]  # as ort_int8 passes them
+    damaged = set(ort_int8.INT8_GROUPS[0].select(convs))
+    path = ctx.folder / "encoder.damaged.int8.onnx"
+
+    def candidate(kept):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        hit = damaged - {n for g in kept for n in g.select(convs)}
+        weights = {node.input[1] for node in model.graph.node if node.name in hit}
+        rng = np.random.default_rng(0)
+        for init in model.graph.initializer:
+            if init.name in weights:
+                w = numpy_helper.to_array(init)
+                init.CopyFrom(numpy_helper.from_array((w + rng.normal(0, 2 * w.std(), w.shape)).astype(np.float32), init.name))
+        onnx.save(model, str(path))
+        return ctx.new_artifact(encoder, path, target="ort", precision="int8", step="test", settings={},
+                                facts={"damaged": len(hit)})
+
+    artifact = fallback.build_with_fallback(ctx, encoder, candidate, 3, ort_int8.INT8_GROUPS, convs, suite=ctx.suite)
+    history = artifact.facts["fallback"]
+    assert len(damaged) == 12
+    assert [r["kept_fp32_groups"] for r in history] == [[], ["encoder-neck"]]
+    assert not history[0]["passed"] and history[1]["passed"] and artifact.facts["gate_passed"]
+    assert "embedding_snr_db.min" in {g["metric"] for g in history[0]["failed_gates"]}
+    assert history[0]["worst_gate"] and history[1]["failed_gates"] == []
+    assert artifact.facts["damaged"] == 0 and history[1]["kept_fp32_nodes"] == 12
+
+
+# ------------------------------------------------------------------------------------------ fallback loop
+
+
+class FakeReporter:
+    def __init__(self):
+        self.lines = []
+
+    def line(self, text):
+        self.lines.append(text)
+
+
+def fake_verdict(passed: bool, value: float = 0.9) -> fallback.Verdict:
+    failed = [] if passed else [{"stage": "end_to_end", "kind": "box", "metric": "mask_iou.mean", "value": value, "threshold": 0.97, "op": ">="}]
+    return fallback.Verdict(passed=passed, failed=failed, worst=failed[0] if failed else None)
+
+
+@pytest.fixture()
+def fake_parent(tmp_path):
+    from evsam_export.manifest import Artifact
+
+    return Artifact(id="encoder.onnx.fp32", component="encoder", target="onnx", precision="fp32", path="encoder.fp32.onnx",
+                    sha256="0" * 64, size_bytes=1, inputs=[], outputs=[])
+
+
+GROUPS = (
+    fallback.FallbackGroup("a", "first", patterns=(r"/a/",)),
+    fallback.FallbackGroup("missing", "matches nothing", patterns=(r"/nowhere/",)),
+    fallback.FallbackGroup("b", "second", patterns=(r"/b/",), op_types=("Conv",)),
+    fallback.FallbackGroup("c", "third", op_types=("MatMul",)),
+)
+NODES = [("/a/Conv", "Conv"), ("/a/Add", "Add"), ("/b/Conv", "Conv"), ("/b/Mul", "Mul"), ("/c/MatMul", "MatMul")]
+
+
+def run_loop(fake_parent, verdicts, max_rounds=4):
+    ctx = type("Ctx", (), {"reporter": FakeReporter()})()
+    built = []
+
+    def candidates(kept):
+        built.append(tuple(g.name for g in kept))
+        return replace(fake_parent, id="encoder.ort.int8", target="ort", precision="int8", facts={"round": len(built) - 1})
+
+    answers = iter(verdicts)
+    artifact = fallback.build_with_fallback(ctx, fake_parent, candidates, max_rounds, GROUPS, NODES, gate=lambda c, a: next(answers))
+    return artifact, built, ctx.reporter.lines
+
+
+def test_fallback_records_every_round_until_a_pass(fake_parent):
+    artifact, built, lines = run_loop(fake_parent, [fake_verdict(False, 0.91), fake_verdict(False, 0.95), fake_verdict(True)])
+    assert built == [(), ("a",), ("a", "b")]  # cumulative, most sensitive first, empty group skipped
+    history = artifact.facts["fallback"]
+    assert [r["passed"] for r in history] == [False, False, True]
+    assert [r["kept_fp32_nodes"] for r in history] == [0, 2, 3]  # /a/* then /b/ Convs only
+    assert history[0]["failed_gates"][0]["value"] == 0.91 and "mask_iou.mean" in history[0]["worst_gate"]
+    assert history[1]["added_group"] == "a" and history[1]["added_reason"] == "first"
+    assert artifact.facts["gate_passed"] is True and "gate_note" not in artifact.facts
+    assert artifact.facts["fallback_groups_skipped"] == ["missing"]
+    assert artifact.facts["round"] == 2 and len(lines) == 3
+
+
+def test_fallback_that_never_passes_says_so(fake_parent):
+    artifact, built, _ = run_loop(fake_parent, [fake_verdict(False)] * 4)
+    assert len(built) == 4 and built[-1] == ("a", "b", "c")  # every group tried
+    assert artifact.facts["gate_passed"] is False
+    assert "no fallback group left" in artifact.facts["gate_note"]
+
+
+def test_fallback_respects_max_rounds(fake_parent):
+    artifact, built, _ = run_loop(fake_parent, [fake_verdict(False)] * 2, max_rounds=2)
+    assert built == [(), ("a",)]
+    assert "max_rounds=2" in artifact.facts["gate_note"] and artifact.facts["gate_passed"] is False
+
+
+def test_gate_judges_only_the_candidate_and_refuses_missing_runners(fake_parent, tmp_path):
+    candidate = replace(fake_parent, id="encoder.ort.int8", target="ort", precision="int8", path="encoder.ort.int8.onnx")
+
+    def report(stages, unavailable=None):
+        return ParityReport(folder=tmp_path, variant="l0", suite="x", stages=stages, unavailable=unavailable or {})
+
+    def stage(artifact, value, threshold):
+        s = StageReport(artifact, "encoder", "int8")
+        s.gates.append(Gate(artifact, "encoder", "all", "embedding_snr_db.min", value, threshold, ">="))
+        return s
+
+    ctx = type("Ctx", (), {"suite": fallback.GATE_SUITE})()
+    ctx.gate = lambda candidates: report([stage("encoder.ort.int8", 20.0, 10.0), stage("encoder.onnx.fp32", 50.0, 60.0)])
+    verdict = fallback.gate_candidate(ctx, candidate)
+    assert verdict.passed and "fp32 reference artifacts failed too" in verdict.note
+    ctx.gate = lambda candidates: report([stage("encoder.onnx.fp32", 80.0, 60.0)], {"encoder.ort.int8": "no onnxruntime"})
+    verdict = fallback.gate_candidate(ctx, candidate)
+    assert not verdict.passed and "no runner" in verdict.note
+    # an ONNX made for a runtime the validator has no runner for is gated as the ONNX it is (ORT CPU)
+    seen = []
+    ctx.gate = lambda candidates: seen.extend(candidates) or report([stage("encoder.onnx.int8", 20.0, 10.0)])
+    other = replace(candidate, id="encoder.npu.int8", target="npu", path="encoder.npu.int8.onnx")
+    assert fallback.gate_candidate(ctx, other).passed and seen[0].target == "onnx"
+
+
+def test_settings_accept_recipe_lists_and_refuse_nonsense():
+    settings = ort_int8.Settings(op_types_to_quantize=["Conv"], exclude_patterns=["x"])
+    assert settings.op_types_to_quantize == ("Conv",) and hash(settings)
+    assert ort_int8.Settings(symmetric=True).target == "trt" and ort_int8.Settings().target == "ort"
+    with pytest.raises(Exception):
+        ort_int8.Settings(calibration_images=0)
+    assert fp16.Settings(op_block_list=["Softmax"]).op_block_list == ("Softmax",)
