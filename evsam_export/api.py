@@ -236,4 +236,23 @@ def validate(
         threads=threads,
     )
     write_reports(report, folder, Path(junit) if junit else None)
+    record_validation(folder, report)
     return report
+
+
+def record_validation(folder: Path, report) -> None:
+    """Append the gate's verdict to manifest.json's history (the artifacts themselves are unchanged)."""
+    from evsam_export.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    manifest.history.append({
+        "step": "validate",
+        "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "suite": report.suite,
+        "reference": report.reference_source,
+        "passed": report.passed,
+        "stages": {f"{s.pairing or s.artifact}/{s.stage}": s.passed for s in report.stages},
+        "failed_gates": [g.line() for g in report.failed_gates],
+        "unavailable": report.unavailable,
+    })
+    manifest.write(folder)

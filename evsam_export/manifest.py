@@ -108,8 +108,13 @@ class Manifest:
         }
 
     def write(self, folder: Path) -> Path:
+        """Write manifest.json atomically (a reader never sees half a manifest)."""
+        import os
+
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
         return path
 
 
