@@ -88,3 +88,9 @@ def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):
     changed = load_recipe(tmp_path / "r.toml", ["target.optimization=basic"])
     third = run_recipe(changed, "l0", tmp_path / "c", cache=cache)
     assert [s.status for s in third.steps] == ["reused", "built", "built"]  # only what depends on the change
+
+
+def test_cache_stores_a_step_without_files(tmp_path):
+    cache = StepCache(tmp_path / "cache")
+    cache.store("k" * 64, tmp_path, [], {"step": "ort:encoder", "artifacts": []})
+    assert cache.lookup("k" * 64)["artifacts"] == []

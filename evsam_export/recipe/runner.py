@@ -122,6 +122,7 @@ class StepCache:
             return
         tmp = self.root / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # a step may produce no file (e.g. the ORT target on an ORT INT8 graph)
         for name in files:
             (tmp / "files" / name).parent.mkdir(parents=True, exist_ok=True)
             try:
