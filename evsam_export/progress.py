@@ -83,12 +83,12 @@ class Reporter:
             if index % every == 0 or index == total:
                 self.line(f"[{time.perf_counter() - self._start:6.1f}s] {description}: {index}/{total}")
 
-    def artifact(self, status: str, seconds: float, path: Path | str, note: str = "") -> None:
+    def artifact(self, status: str, seconds: float, path: Path | str, note: str = "", size_bytes: int | None = None) -> None:
         path = Path(path)
-        size = None
-        if path.is_file():
+        size = size_bytes
+        if size is None and path.is_file():
             size = path.stat().st_size
-        elif path.is_dir():
+        elif size is None and path.is_dir():
             size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         self.summary.append(SummaryLine(status, seconds, str(path), size, note))
 

@@ -248,7 +248,8 @@ def run_recipe(
     for step in steps:
         for artifact_id in step.outputs:
             artifact = manifest.artifact(artifact_id)
-            reporter.artifact("reused" if step.status == "reused" else "ok", step.seconds, output / artifact.path, note=artifact_id)
+            reporter.artifact("reused" if step.status == "reused" else "ok", step.seconds, output / artifact.path,
+                              note=artifact_id, size_bytes=artifact.size_bytes)  # size includes .bin / external data
     return RunResult(output, steps, manifest, None if report is None else report.passed, report)
 
 
