@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evsam_export.manifest import Artifact, Manifest, TensorSpec, environment, sha256_file
+from evsam_export.manifest import Artifact, Manifest, environment, sha256_file
 from evsam_export.model.variants import LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
 from evsam_export.progress import Reporter
 
@@ -202,7 +202,6 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
     return artifacts
 
 
-__all__ = ["ExportOptions", "ExportResult", "export", "TensorSpec"]
 
 
 def validate(
@@ -256,3 +255,6 @@ def record_validation(folder: Path, report) -> None:
         "unavailable": report.unavailable,
     })
     manifest.write(folder)
+
+
+__all__ = ["ExportOptions", "ExportResult", "export", "validate"]

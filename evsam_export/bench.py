@@ -10,7 +10,6 @@ Peak resident memory is measured in a separate process per subject (load + one i
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile

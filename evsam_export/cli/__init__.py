@@ -29,8 +29,8 @@ def _root(
 
 
 def _register() -> None:
-    from evsam_export.cli import bench_cmd, export_cmd, info_cmd, run_cmd, validate_cmd  # noqa: F401  (commands register on `app`)
-    from evsam_export.cli import predict_cmd  # noqa: F401
+    # importing a command module registers its commands on `app`
+    from evsam_export.cli import bench_cmd, export_cmd, info_cmd, predict_cmd, run_cmd, validate_cmd  # noqa: F401
 
 
 def main() -> None:
