@@ -94,3 +94,17 @@ def test_cache_stores_a_step_without_files(tmp_path):
     cache = StepCache(tmp_path / "cache")
     cache.store("k" * 64, tmp_path, [], {"step": "ort:encoder", "artifacts": []})
     assert cache.lookup("k" * 64)["artifacts"] == []
+
+
+def test_step_code_hash_covers_the_helpers_a_step_imports():
+    """A change in the model code or a graph pass must invalidate a cached export, not only a change in
+    the step module itself (evsam_export.api)."""
+    from evsam_export.recipe.runner import module_code_files, module_code_hash
+
+    files = module_code_files("evsam_export.api")
+    for helper in ("evsam_export.targets.graph_passes", "evsam_export.model.layers", "evsam_export.targets.simplify"):
+        assert helper in files, helper
+    assert "evsam_export.targets.ort_int8" in module_code_files("evsam_export.targets.ort_int8")
+    assert "evsam_export.calibration.data" in module_code_files("evsam_export.targets.ort_int8")
+    assert module_code_hash("evsam_export.api") != module_code_hash("evsam_export.targets.ort")
+    assert len(module_code_hash("not_our.module")) == 64
