@@ -16,6 +16,7 @@ from pathlib import Path
 from evsam_export.manifest import Artifact, Manifest, environment, sha256_file
 from evsam_export.model.variants import LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
 from evsam_export.progress import Reporter
+from evsam_export.targets.graph_passes import EXPORT_PASSES, check_pass_names
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class ExportOptions:
     decoder_profile: str = "sam"  # sam | tensorrt
     single_mask: bool = False
     simplify: str = "auto"  # auto | onnxsim | onnxslim | none
+    # Portable graph passes run after simplification (evsam_export.targets.graph_passes; [] for none).
+    graph_passes: tuple[str, ...] = EXPORT_PASSES
+
+    def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
+        object.__setattr__(self, "graph_passes", check_pass_names(self.graph_passes, ("portable",)))
 
 
 @dataclass
@@ -169,6 +175,16 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
             }
             if result.note:
                 simplify_facts["note"] = result.note
+        pass_facts = {"passes": {}}
+        if options.graph_passes:
+            import onnx
+
+            from evsam_export.targets.graph_passes import apply_checked
+
+            with reporter.step(f"graph passes on {component} ({', '.join(options.graph_passes)})"):
+                rewritten, pass_facts = apply_checked(onnx.load(str(path)), options.graph_passes, spec)
+                if any(pass_facts["passes"].values()):
+                    onnx.save(rewritten, str(path))
         with reporter.step(f"check {component} against PyTorch"):
             torch_diff = _torch_parity(module, spec, path)
         import onnx
@@ -192,6 +208,7 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                 },
                 facts={
                     "simplify": simplify_facts,
+                    "graph_passes": pass_facts,
                     "max_abs_diff_vs_torch": torch_diff,
                     "nodes": len(graph.graph.node),
                     "op_types": op_histogram(graph),

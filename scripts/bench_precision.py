@@ -1,4 +1,4 @@
-"""ONNX Runtime CPU latency of one encoder at three precisions: fp32, fp16 with fp32 islands, INT8 Conv-only QDQ.
+"""ONNX Runtime CPU latency of one encoder: fp32 (export and ORT target), fp16 with fp32 islands, INT8 Conv-only QDQ.
 
     evsam-export export -o /tmp/p-l0                       # synthetic weights are fine for speed
     python scripts/bench_precision.py /tmp/p-l0 --threads 2 --runs 12
@@ -26,11 +26,11 @@ import numpy as np
 
 
 def build_variants(folder: Path, scratch: Path, calibration_images: int, threads: int,
-                   fallback_groups: list[str]) -> tuple[dict[str, Path], str, dict]:
+                   fallback_groups: list[str], int8_options: dict) -> tuple[dict[str, Path], str, dict]:
     from evsam_export.manifest import read_manifest
     from evsam_export.model.variants import get_variant
     from evsam_export.progress import Reporter
-    from evsam_export.targets import fp16, ort_int8
+    from evsam_export.targets import fp16, ort, ort_int8
     from evsam_export.targets.base import StepContext
 
     manifest = read_manifest(folder)
@@ -44,14 +44,18 @@ def build_variants(folder: Path, scratch: Path, calibration_images: int, threads
 
     ctx = context("main")
     half = fp16.build(ctx, encoder, fp16.Settings(fallback=False))[0]
-    int8 = ort_int8.build(ctx, encoder, ort_int8.Settings(calibration_images=calibration_images, fallback=False))[0]
-    paths = {"fp32": ctx.path_of(encoder), "fp16": ctx.path_of(half), "int8": ctx.path_of(int8)}
+    int8 = ort_int8.build(ctx, encoder, ort_int8.Settings(calibration_images=calibration_images, fallback=False,
+                                                         **int8_options))[0]
+    # "fp32-ort": the ORT target's fp32 artifact (its graph passes, e.g. FastGelu, which the INT8 graph
+    # also gets): the fair fp32 baseline for INT8 on ORT.
+    ort_fp32 = ort.build(ctx, encoder, ort.Settings())[0]
+    paths = {"fp32": ctx.path_of(encoder), "fp32-ort": ctx.path_of(ort_fp32), "fp16": ctx.path_of(half), "int8": ctx.path_of(int8)}
     structure = {"fp16_islands": half.facts["fp32_islands"]["fp32_by_op_type"], "int8_qdq": int8.facts["qdq"]}
     if fallback_groups:  # the INT8 graph a fallback would end with: these groups' convs kept fp32
         groups = {g.name: g for g in ort_int8.INT8_GROUPS}
         patterns = tuple(p for name in fallback_groups for p in groups[name].patterns)
         settings = ort_int8.Settings(calibration_images=calibration_images, fallback=False,
-                                     exclude_patterns=ort_int8.EXCLUDE_PATTERNS + patterns)
+                                     exclude_patterns=ort_int8.EXCLUDE_PATTERNS + patterns, **int8_options)
         ctx = context("fallback")
         kept = ort_int8.build(ctx, encoder, settings)[0]
         paths["int8-fb"] = ctx.path_of(kept)
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8-fp32-groups", default="",
                         help="also time INT8 with these ort_int8.INT8_GROUPS kept fp32, comma-separated "
                              "(e.g. encoder-neck,encoder-stage4: what a fallback ended with)")
+    parser.add_argument("--calibrate-method", default="minmax", help="INT8 activation ranges: minmax, percentile, entropy")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.runs < 10:
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = time.perf_counter()
         groups = [g for g in args.int8_fp32_groups.split(",") if g]
-        paths, variant, structure = build_variants(args.folder, scratch, args.calibration_images, args.threads, groups)
+        paths, variant, structure = build_variants(args.folder, scratch, args.calibration_images, args.threads, groups,
+                                                   {"calibrate_method": args.calibrate_method})
         build_s = time.perf_counter() - started
         feeds = encoder_calibration_feeds(variant, 1, seed=123, photos=False)[0]  # held out from calibration
         sessions = {name: session(path, args.threads) for name, path in paths.items()}
@@ -124,15 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         "ms": {name: {"median": round(median[name], 1), "p10": round(float(np.percentile(v, 10)), 1),
                       "p90": round(float(np.percentile(v, 90)), 1)} for name, v in times.items()},
         "speedup_vs_fp32": {name: round(median["fp32"] / median[name], 2) for name in times},
+        "speedup_vs_fp32_ort": {name: round(median["fp32-ort"] / median[name], 2) for name in times},
         "snr_db_vs_fp32": {name: round(snr_db(outputs["fp32"], outputs[name]), 1) for name in times if name != "fp32"},
         "structure": structure,
     }
     print(f"{results['cpu']} flags={','.join(results['cpu_flags'])} threads={args.threads} runs={args.runs} (alternated)")
-    print(f"{'precision':<10}{'median ms':>11}{'p10':>9}{'p90':>9}{'x fp32':>9}{'SNR dB':>9}")
+    print(f"{'precision':<10}{'median ms':>11}{'p10':>9}{'p90':>9}{'x fp32':>9}{'x fp32-ort':>11}{'SNR dB':>9}")
     for name in times:
         row = results["ms"][name]
         snr = results["snr_db_vs_fp32"].get(name, float("inf"))
-        print(f"{name:<10}{row['median']:>11.1f}{row['p10']:>9.1f}{row['p90']:>9.1f}{results['speedup_vs_fp32'][name]:>9.2f}{snr:>9.1f}")
+        print(f"{name:<10}{row['median']:>11.1f}{row['p10']:>9.1f}{row['p90']:>9.1f}{results['speedup_vs_fp32'][name]:>9.2f}"
+              f"{results['speedup_vs_fp32_ort'][name]:>11.2f}{snr:>9.1f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -15,14 +15,12 @@ import pytest
 
 ov = pytest.importorskip("openvino")
 
-from evsam_export import api  # noqa: E402
 from evsam_export.calibration.images import synthetic_scene  # noqa: E402
 from evsam_export.errors import RecipeError, UsageError  # noqa: E402
 from evsam_export.manifest import cpu_flags, read_manifest, sha256_file  # noqa: E402
 from evsam_export.model.processing import preprocess_image  # noqa: E402
 from evsam_export.model.variants import get_variant  # noqa: E402
 from evsam_export.parity.metrics import compare_tensors  # noqa: E402
-from evsam_export.parity.suites import validators_dir  # noqa: E402
 from evsam_export.progress import Reporter  # noqa: E402
 from evsam_export.runners.openvino_runner import OpenVINORunner  # noqa: E402
 from evsam_export.runners.ort_runner import OrtRunner  # noqa: E402
@@ -31,33 +29,15 @@ from evsam_export.targets.base import StepContext  # noqa: E402
 from evsam_export.targets.onnx_export import decoder_spec, sample_feeds  # noqa: E402
 
 # One small scene, two prompt kinds, the shipped default tolerances (as tests/test_validate.py does).
-GATE_SUITE = """
-[suite]
-name = "openvino-test"
-description = "one synthetic scene, point and box prompts, default.toml tolerances"
 
-[[suite.images]]
-synthetic = 0
-size = [240, 320]
-
-[suite.prompts]
-kinds = ["point", "box"]
-seed = 0
-
-"""
 F32 = ("f32", str(ov.Type.f32))  # the runner's actual_precision() returns str(ov.Type): "<Type: 'float32'>"
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory) -> StepContext:
-    root = tmp_path_factory.mktemp("openvino")
-    default = (validators_dir() / "default.toml").read_text()
-    suite = root / "openvino-test.toml"
-    suite.write_text(GATE_SUITE + default[default.index("[tolerances.fp32]"):])
-    folder = root / "l0"
-    api.export("l0", folder, reporter=Reporter(quiet=True))
+def ctx(copy_export, gate_suite) -> StepContext:
+    folder = copy_export("openvino")
     return StepContext(folder=folder, manifest=read_manifest(folder), variant=get_variant("l0"),
-                       reporter=Reporter(quiet=True), suite=str(suite), threads=2)
+                       reporter=Reporter(quiet=True), suite=str(gate_suite), threads=2)
 
 
 @pytest.fixture(scope="module")

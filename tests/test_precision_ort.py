@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 
-from evsam_export import api
 from evsam_export.calibration import data
 from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
@@ -27,20 +26,7 @@ from evsam_export.targets import fallback, fp16, ort_int8
 from evsam_export.targets.base import StepContext
 
 CALIBRATION_IMAGES = 4
-QUICK_SUITE = """
-[suite]
-name = "precision-quick"
-description = "one synthetic scene, point and box, the shipped default tolerances"
 
-[[suite.images]]
-synthetic = 0
-size = [240, 320]
-
-[suite.prompts]
-kinds = ["point", "box"]
-seed = 0
-
-"""
 LITEMLA = re.compile(r"context_module/main/[^/]+$")
 
 
@@ -56,20 +42,11 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quick_suite(tmp_path_factory) -> str:
-    default = (validators_dir() / "default.toml").read_text()
-    path = tmp_path_factory.mktemp("suite") / "precision-quick.toml"
-    path.write_text(QUICK_SUITE + default[default.index("[tolerances.fp32]"):])
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def ctx(tmp_path_factory, quick_suite, cache_dir) -> StepContext:
-    folder = tmp_path_factory.mktemp("precision") / "l0"
-    api.export("l0", folder, reporter=Reporter(quiet=True))
+def ctx(copy_export, gate_suite, cache_dir) -> StepContext:
+    folder = copy_export("precision")
     manifest = read_manifest(folder)
     return StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True),
-                       suite=quick_suite, threads=2)
+                       suite=str(gate_suite), threads=2)
 
 
 def parent(ctx, component):
@@ -182,12 +159,13 @@ def test_nncf_dataset_yields_the_feeds():
 
 def test_islands_exist_in_the_simplified_fp32_graph(ctx):
     """The name patterns still find LiteMLA and the LayerNorm2d after onnxsim (RUNTIMES §2.3: 4 Pad,
-    8 MatMul, 4 Div for L0, plus the /norm/ Div)."""
+    8 MatMul, 4 Div for L0, plus the /norm/ Div), and the bicubic upsample's 4 MatMuls after graph passes."""
     model = onnx.load(str(ctx.path_of(parent(ctx, "encoder"))), load_external_data=False)
     assert parent(ctx, "encoder").facts["simplify"]["tool"] != "none"
     found = fallback.nodes_matching(fallback.graph_nodes(model), fp16.FP32_NODE_PATTERNS)
     ops = [n.op_type for n in model.graph.node if n.name in set(found)]
-    assert (ops.count("MatMul"), ops.count("Pad"), ops.count("Div")) == (8, 4, 5)
+    assert (ops.count("MatMul"), ops.count("Pad"), ops.count("Div")) == (8 + 4, 4, 5)
+    assert len([name for name in found if "/bicubic_" in name]) == 4
 
 
 def test_fp16_encoder_keeps_float32_io_and_its_islands(ctx, fp16_encoder):
@@ -197,8 +175,9 @@ def test_fp16_encoder_keeps_float32_io_and_its_islands(ctx, fp16_encoder):
     assert fp16_encoder.inputs == parent(ctx, "encoder").inputs and fp16_encoder.outputs == parent(ctx, "encoder").outputs
     islands = fp16.fp32_islands(model)  # raises if any fragile node reads or writes fp16
     assert islands["leaked"] == []
-    assert {k: islands["fp32_by_op_type"][k] for k in ("MatMul", "Pad", "Div", "ReduceMean", "Sqrt", "Resize")} == {
-        "MatMul": 8, "Pad": 4, "Div": 5, "ReduceMean": 2, "Sqrt": 1, "Resize": 2}
+    # MatMul: LiteMLA's 8 and the bicubic upsample's 4 (graph pass bicubic-resize-as-matmul; no Resize left)
+    assert {k: islands["fp32_by_op_type"].get(k, 0) for k in ("MatMul", "Pad", "Div", "ReduceMean", "Sqrt", "Resize")} == {
+        "MatMul": 12, "Pad": 4, "Div": 5, "ReduceMean": 2, "Sqrt": 1, "Resize": 0}
     assert islands["fp16_initializers"] > 50  # the convs really are fp16
     assert fp16_encoder.facts["fp32_islands"] == islands
     onnx.checker.check_model(model)  # topologically sorted, valid
@@ -228,7 +207,7 @@ def test_fp16_islands_survive_simplifying_the_fp16_graph(ctx, fp16_encoder):
     onnxsim = pytest.importorskip("onnxsim")
     simplified, ok = onnxsim.simplify(onnx.load(str(ctx.path_of(fp16_encoder))))
     assert ok
-    assert fp16.fp32_islands(simplified)["fp32_by_op_type"]["MatMul"] == 8
+    assert fp16.fp32_islands(simplified)["fp32_by_op_type"]["MatMul"] == 8 + 4  # LiteMLA + bicubic upsample
 
 
 def test_fp16_decoder_keeps_attention_and_norms_fp32(ctx, fp16_decoder):
@@ -261,8 +240,11 @@ def test_int8_encoder_is_conv_only_static_qdq(ctx, int8_encoder):
     assert "ConvInteger" not in ops and "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
     structure = ort_int8.qdq_structure(model)
     assert structure["quantized"]["Conv"] == ops.count("Conv") == 69
-    assert structure["float"] == {"MatMul": 8}  # LiteMLA's MatMuls stay float
-    assert all(LITEMLA.search(name) for name in structure["float_nodes"]["MatMul"])
+    assert structure["float"] == {"MatMul": 8 + 4}  # LiteMLA's MatMuls and the bicubic upsample stay float
+    assert all(LITEMLA.search(name) or "/bicubic_" in name for name in structure["float_nodes"]["MatMul"])
+    # the ORT flavour quantizes the FastGelu graph (graph pass tanh-gelu-as-fastgelu, before calibration)
+    assert artifact.facts["graph_passes"]["passes"] == {"tanh-gelu-as-fastgelu": 30}
+    assert ops.count("FastGelu") == 30 and "Tanh" not in ops
     assert artifact.facts["qdq"]["quantize_linear"] == ops.count("QuantizeLinear")
     assert artifact.facts["calibration"]["count"] == CALIBRATION_IMAGES
     assert len(artifact.facts["calibration"]["fingerprint"]) == 64
@@ -274,17 +256,29 @@ def test_int8_encoder_snr_is_at_least_10_db(ctx, int8_encoder, held_out_feeds, f
     assert embeddings_snr(ctx, artifact, held_out_feeds, fp32_embeddings) >= 10.0
 
 
-def test_int8_for_tensorrt_is_symmetric_and_reuses_the_ranges(ctx, int8_encoder):
+def test_int8_for_tensorrt_is_symmetric_standard_onnx(ctx, int8_encoder):
     settings = ort_int8.Settings(calibration_images=CALIBRATION_IMAGES, fallback=False, symmetric=True)
     (artifact,) = ort_int8.build(ctx, parent(ctx, "encoder"), settings)
     assert artifact.id == "encoder.trt.int8" and artifact.path == "encoder.trt.int8.onnx"
-    assert artifact.facts["calibration"]["ranges_reused"]  # one calibration pass serves both flavours
+    # No ORT graph passes (TensorRT cannot run com.microsoft ops), so its calibrated graph is another one.
+    assert artifact.facts["graph_passes"]["passes"] == {}
+    assert artifact.facts["calibration"]["ranges_key"] != int8_encoder[0].facts["calibration"]["ranges_key"]
     model = onnx.load(str(ctx.path_of(artifact)))
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
     structure = ort_int8.qdq_structure(model)
     assert structure["nonzero_zero_points"] == 0 and structure["quantized"]["Conv"] == 69
     zero_points = {i.name: i for i in model.graph.initializer}
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     assert zero_points[q.input[2]].data_type == onnx.TensorProto.INT8
+
+
+def test_int8_ranges_are_reused_by_a_build_that_only_changes_post_calibration_settings(ctx, int8_encoder, tmp_path):
+    settings = ort_int8.Settings(calibration_images=CALIBRATION_IMAGES, fallback=False, reduce_range=True)
+    encoder = parent(ctx, "encoder")
+    (tmp_path / encoder.path).symlink_to(ctx.path_of(encoder))  # another folder: int8_encoder's file stays
+    (artifact,) = ort_int8.build(replace(ctx, folder=tmp_path), encoder, settings)
+    assert artifact.facts["calibration"]["ranges_key"] == int8_encoder[0].facts["calibration"]["ranges_key"]
+    assert artifact.facts["calibration"]["ranges_reused"]  # no second calibration pass
 
 
 def test_int8_decoder_quantizes_projections_not_attention_scores(ctx):

@@ -29,12 +29,8 @@ MIN_IOU = 0.99
 
 
 @pytest.fixture(scope="session")
-def l0_folder(tmp_path_factory) -> Path:
-    from evsam_export import api
-
-    folder = tmp_path_factory.mktemp("runtime") / "l0"
-    api.export("l0", folder)
-    return folder
+def l0_folder(l0_export) -> Path:
+    return l0_export
 
 
 @pytest.fixture(scope="session")

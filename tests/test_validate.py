@@ -16,44 +16,13 @@ from onnx import numpy_helper
 
 from evsam_export import api
 from evsam_export.manifest import read_manifest, sha256_file
-from evsam_export.parity.suites import validators_dir
-
-QUICK_SUITE = """
-[suite]
-name = "quick"
-description = "one synthetic scene, three prompt kinds, the shipped default tolerances"
-
-[[suite.images]]
-synthetic = 0
-size = [240, 320]
-
-[suite.prompts]
-kinds = ["point", "box", "boxes16"]
-seed = 0
-
-"""
 
 
-@pytest.fixture(scope="session")
-def quick_suite(tmp_path_factory) -> Path:
-    default = (validators_dir() / "default.toml").read_text()
-    path = tmp_path_factory.mktemp("suite") / "quick.toml"
-    path.write_text(QUICK_SUITE + default[default.index("[tolerances.fp32]"):])
-    return path
-
-
-@pytest.fixture(scope="session")
-def l0_export(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("export") / "l0"
-    api.export("l0", folder)
-    return folder
 
 
 @pytest.fixture()
-def l0_copy(l0_export, tmp_path) -> Path:
-    folder = tmp_path / "l0"
-    shutil.copytree(l0_export, folder)
-    return folder
+def l0_copy(copy_export) -> Path:
+    return copy_export("validate")
 
 
 def run_validate(folder: Path, *extra: str) -> subprocess.CompletedProcess:

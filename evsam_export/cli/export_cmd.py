@@ -45,6 +45,9 @@ def export_command(
     ] = False,
     simplify: Annotated[Simplifier, typer.Option(help="Graph simplifier.")] = Simplifier.auto,
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip graph simplification.")] = False,
+    no_graph_passes: Annotated[
+        bool, typer.Option("--no-graph-passes", help="Skip the portable graph passes (bicubic Resize as MatMul; see `evsam-export targets`).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -61,6 +64,7 @@ def export_command(
             decoder_profile=decoder_profile.value,
             single_mask=single_mask,
             simplify="none" if no_simplify else simplify.value,
+            graph_passes=() if no_graph_passes else api.EXPORT_PASSES,
         )
         reporter = Reporter()
         api.export(variant.value, output, checkpoint, options, force=force, reporter=reporter, command=command_line())

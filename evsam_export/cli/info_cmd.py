@@ -26,6 +26,12 @@ def targets_command(debug: DebugOption = False) -> None:
                 status += " -> `run` leaves a trtexec build kit instead"
             typer.echo(f"{target.name:<9} {target.device:<4} {'/'.join(target.precisions):<15} {status}")
             typer.echo(f"{'':<9} {target.description}")
+        from evsam_export.targets.graph_passes import PASSES
+
+        typer.echo("\ngraph passes (portable: run at export; onnxruntime: run by the ort and ort-int8 steps)")
+        for graph_pass in PASSES.values():
+            typer.echo(f"{graph_pass.name:<26} {graph_pass.runtime:<11} {graph_pass.measured}")
+            typer.echo(f"{'':<26} {graph_pass.reason}")
 
     run_guarded(debug, body)
 

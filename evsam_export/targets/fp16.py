@@ -41,7 +41,7 @@ FP32_OP_TYPES = (
     "ReduceMean",  # hand-written LayerNorm2d (encoder /norm/, decoder mask_downscaling.1/.4, output_upscaling.1):
     "Sqrt",  # mean of squares overflows fp16 once |x| > 256, and its Sqrt/Pow follow it (RUNTIMES §1.1)
     "Pow",
-    "Resize",  # bicubic neck upsample runs with autocast off in upstream (ops.py UpSampleLayer); decoder mask upscaling
+    "Resize",  # decoder mask upscaling; the encoder's bicubic neck upsample when exported without graph passes
     "Sin",  # decoder random-Fourier prompt encoding: fp16's 11 bits put a phase of ~10-20 rad off by up to ~1e-2 rad
     "Cos",
 )
@@ -52,6 +52,9 @@ FP32_NODE_PATTERNS = (
     # runs it under autocast(enabled=False) (RUNTIMES §0.3/§0.4). Direct children of context_module/main only:
     # its qkv / aggreg / proj convs are ordinary convs and stay fp16.
     r"context_module/main/[^/]+$",
+    # The bicubic neck upsample (as two MatMuls after graph pass bicubic-resize-as-matmul): upstream runs it
+    # with autocast off and in fp32 (ops.py UpSampleLayer), and its weights (-0.07..1.07) sum 4 taps.
+    r"/bicubic_(rows|cols)$",
     # The encoder's final LayerNorm2d, every op of it (Sub, Mul, Add, Div too), ending in image_embeddings
     # (the maintainers' "force the LayerNorm layers to FP32", efficientvit#142).
     r"(^|/)image_encoder/norm/|^/norm/",

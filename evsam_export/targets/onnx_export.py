@@ -82,6 +82,18 @@ def decoder_spec(profile: str = "sam", single_mask: bool = False, dynamic_prompt
     return ComponentSpec("decoder", tuple(inputs), tuple(outputs), profile=profile, single_mask=single_mask)
 
 
+def artifact_spec(artifact) -> ComponentSpec:
+    """The ComponentSpec of an exported artifact (its manifest IO), for feeds and contract checks."""
+    names = {t.name for t in artifact.inputs}
+    return ComponentSpec(
+        artifact.component,
+        tuple(artifact.inputs),
+        tuple(artifact.outputs),
+        profile=None if artifact.component == "encoder" else ("sam" if "orig_im_size" in names else "tensorrt"),
+        single_mask=artifact.component == "decoder" and artifact.outputs[-1].shape[1] == 1,
+    )
+
+
 def sample_feeds(spec: ComponentSpec, batch: int = 1, num_points: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic example inputs that satisfy `spec` (used for tracing and for equivalence checks)."""
     rng = np.random.default_rng(seed)

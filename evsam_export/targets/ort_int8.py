@@ -42,6 +42,7 @@ from evsam_export.errors import ExportError, RecipeError
 from evsam_export.manifest import Artifact, cpu_flags
 from evsam_export.targets.base import StepContext, artifact_filename
 from evsam_export.targets.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+from evsam_export.targets.graph_passes import ORT_PASSES, check_pass_names
 
 # Node-name regexes never quantized, whatever op_types_to_quantize says (resolved to exact names).
 EXCLUDE_PATTERNS = (
@@ -78,6 +79,9 @@ INT8_GROUPS = (
 )
 
 
+CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
+
+
 @dataclass(frozen=True)
 class Settings:
     # Op types to quantize. Conv only: see the module docstring for the measured reason (MatMul: -3.8 dB).
@@ -92,8 +96,13 @@ class Settings:
     per_channel: bool = True
     # 7-bit weights for CPUs without VNNI, where u8s8 int16 accumulation can saturate (RUNTIMES §0.9).
     reduce_range: bool = False
-    # Calibration images (alternating synthetic scenes / offline photos, calibration.data); MinMax ranges.
+    # Calibration images (alternating synthetic scenes / offline photos, calibration.data).
     calibration_images: int = 16
+    # How activation ranges are chosen: "minmax" (observed extremes), "percentile" (the `percentile`-th
+    # percentile of |x|, clipping rare outliers), "entropy" (KL divergence, TensorRT's classic choice).
+    calibrate_method: str = "minmax"
+    # Percentile of |activation| kept by calibrate_method = "percentile".
+    percentile: float = 99.999
     # Seed of the calibration set (scene seeds, photo rotation, prompts).
     calibration_seed: int = 0
     # Use the offline scikit-image photos (falls back to synthetic scenes when scikit-image is missing).
@@ -101,6 +110,9 @@ class Settings:
     # Run onnxruntime's quant_pre_process (shape inference + constant folding) first: measured 467 -> 412
     # nodes, 153 -> 124 QuantizeLinear, +0.2 dB SNR on L0, ~10 s.
     preprocess: bool = True
+    # ONNX Runtime graph passes applied to the fp32 graph before quantization (graph_passes.py). None: the
+    # flavour's default, ORT_PASSES for "ort" and none for "trt" (TensorRT cannot run com.microsoft ops).
+    graph_passes: tuple[str, ...] | None = None
     # Gate each candidate on the build-time suite and fall back group by group when it fails.
     fallback: bool = True
     # Most gate runs (1 = gate once, no fallback). Re-quantizing from cached ranges takes ~10 s a round.
@@ -111,14 +123,27 @@ class Settings:
     def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
         object.__setattr__(self, "op_types_to_quantize", tuple(self.op_types_to_quantize))
         object.__setattr__(self, "exclude_patterns", tuple(self.exclude_patterns))
+        if self.graph_passes is not None:
+            runtimes = ("portable",) if self.symmetric else ("portable", "onnxruntime")
+            object.__setattr__(self, "graph_passes", check_pass_names(self.graph_passes, runtimes))
         if self.calibration_images < 1:
             raise RecipeError(f"[int8] calibration_images: {self.calibration_images} must be >= 1")
+        if self.calibrate_method not in CALIBRATE_METHODS:
+            raise RecipeError(f"[int8] calibrate_method: {self.calibrate_method!r} is not one of {', '.join(CALIBRATE_METHODS)}")
+        if not 90.0 <= self.percentile <= 100.0:
+            raise RecipeError(f"[int8] percentile: {self.percentile} must be within 90..100")
         if self.max_rounds < 1:
             raise RecipeError(f"[int8] max_rounds: {self.max_rounds} must be >= 1")
 
     @property
     def target(self) -> str:
         return "trt" if self.symmetric else "ort"
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        if self.graph_passes is not None:
+            return self.graph_passes
+        return () if self.symmetric else ORT_PASSES
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -186,16 +211,18 @@ def ranges_cache_dir() -> Path:
 
 def _ranges_key(parent: Artifact, settings: Settings, fingerprint: str) -> str:
     """Everything the collected tensor ranges depend on, and nothing they do not (zero points, symmetry,
-    per-channel weights and excluded nodes are applied after calibration, so the fallback rounds and the
-    ort/trt flavours share one calibration pass). Full 64 hex digits."""
+    per-channel weights and excluded nodes are applied after calibration, so the fallback rounds share one
+    calibration pass; the ort/trt flavours share it when they run the same graph passes). Full 64 hex digits."""
     import onnxruntime
 
     payload = {
         "what": "ort-minmax-ranges-v1",
         "parent_sha256": parent.sha256,
         "preprocess": settings.preprocess,
+        "graph_passes": list(settings.passes),  # tensor names and values of the calibrated graph
         "op_types_to_quantize": sorted(settings.op_types_to_quantize),
-        "calibrate_method": "MinMax",
+        "calibrate_method": settings.calibrate_method,
+        **({"percentile": settings.percentile} if settings.calibrate_method == "percentile" else {}),
         "calibration_fingerprint": fingerprint,
         "onnxruntime": onnxruntime.__version__,
     }
@@ -259,6 +286,18 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                     preprocess_note = f"symbolic shape inference skipped: {str(exc).splitlines()[0][:120]}"
                     quant_pre_process(str(source), str(scratch / "pre.onnx"), skip_symbolic_shape=True)
             source = scratch / "pre.onnx"
+        pass_facts = {"passes": {}}
+        if settings.passes:
+            from evsam_export.targets.graph_passes import apply_checked
+            from evsam_export.targets.onnx_export import artifact_spec
+
+            # On the fp32 graph, where the equivalence check is meaningful (after QDQ, a 1e-6 change
+            # can move a value across a quantization step).
+            with ctx.reporter.step(f"{parent.component}: graph passes ({', '.join(settings.passes)})"):
+                rewritten, pass_facts = apply_checked(onnx.load(str(source)), settings.passes, artifact_spec(parent))
+            if any(pass_facts["passes"].values()):
+                source = scratch / "passes.onnx"
+                onnx.save(rewritten, str(source))
         nodes = graph_nodes(source)
         excluded = nodes_matching(nodes, settings.exclude_patterns)
         # Fallback groups only matter through the nodes that could be quantized (a group with no Conv
@@ -275,12 +314,16 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         ranges_reused = cache.exists()
         activation = QuantType.QInt8 if settings.symmetric else QuantType.QUInt8
         extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if settings.symmetric else {}
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[settings.calibrate_method]
+        if settings.calibrate_method == "percentile":
+            extra["CalibPercentile"] = settings.percentile
 
         def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
             kept_nodes = sorted({n for g in kept for n in g.select(quantizable)})
             exclude = sorted(set(excluded) | set(kept_nodes))
             first = not cache.exists()
-            with ctx.reporter.step(f"{parent.component}: quantize_static" + (" + MinMax calibration" if first else " (cached ranges)")):
+            with ctx.reporter.step(f"{parent.component}: quantize_static" + (f" + {settings.calibrate_method} calibration" if first else " (cached ranges)")):
                 quantize_static(
                     str(source),
                     str(path),
@@ -292,7 +335,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                     activation_type=activation,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
-                    calibrate_method=CalibrationMethod.MinMax,
+                    calibrate_method=method,
                     extra_options=dict(extra),
                     calibration_cache_path=str(cache),
                 )
@@ -315,10 +358,11 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                 "activation_type": activation.name,
                 "weight_type": "QInt8",
                 "symmetric": settings.symmetric,
-                "calibrate_method": "MinMax",
+                "calibrate_method": settings.calibrate_method,
                 "calibration": {**described, "feeds": len(feeds), "fingerprint": fingerprint,
                                 "ranges_key": ranges_key, "ranges_reused": ranges_reused},
                 "preprocessed": settings.preprocess,
+                "graph_passes": pass_facts,
                 **({"preprocess_note": preprocess_note} if preprocess_note else {}),
                 "op_types_to_quantize": list(settings.op_types_to_quantize),
                 "excluded_nodes": exclude,
