@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-images", type=int, default=8, help="INT8 calibration images (default 8)")
     parser.add_argument("--int8-fp32-groups", default="",
                         help="also time INT8 with these ort_int8.INT8_GROUPS kept fp32, comma-separated "
-                             "(e.g. encoder-neck,encoder-stage4: what a fallback ended with)")
-    parser.add_argument("--calibrate-method", default="minmax", help="INT8 activation ranges: minmax, percentile, entropy")
+                             "(e.g. encoder-neck-pointwise: what a fallback ended with)")
+    parser.add_argument("--calibrate-method", default="percentile", help="INT8 activation ranges: minmax, percentile, entropy")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.runs < 10:
