@@ -131,7 +131,12 @@ artifact = manifest.artifact(artifact_id)
 runner = runner_for_artifact(folder, artifact, threads=threads).load()
 feed = _encoder_feed(manifest.encoder_size, 1) if artifact.component == "encoder" else _decoder_feed(runner.inputs, 1, False)
 runner.infer(feed)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM is this process's own high-water mark. ru_maxrss is not: Linux carries it across fork+exec, so a
+# probe started from a bench holding every session reported the bench's peak for every artifact.
+status = Path("/proc/self/status")
+hwm = [line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.exists() else []
+peak_kb = int(hwm[0]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
 """
 
 

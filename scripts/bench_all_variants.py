@@ -52,14 +52,19 @@ def build(folder: Path, threads: int, calibration_images: int, int8_groups: list
          + openvino.build(ctx, decoder, openvino.Settings(precision="fp32"))),
         ("openvino-fp16", lambda: openvino.build(ctx, encoder, openvino.Settings(precision="fp16"))),
         ("openvino-int8", lambda: openvino.build(ctx, encoder, openvino.Settings(
-            precision="int8", fallback=False, calibration_images=calibration_images))),
+            precision="int8", fallback=False, subset_size=calibration_images))),
     ]
     for name, job in jobs:
         if name in skip:
             continue
         started = time.perf_counter()
-        for artifact in job():
-            manifest.add(artifact)
+        try:
+            for artifact in job():
+                manifest.add(artifact)
+        except Exception as exc:  # one failed build (e.g. calibration memory at 1024 px) must not stop the table
+            seconds[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            print(f"{folder.name} {name}: {seconds[name]}", flush=True)
+            continue
         seconds[name] = round(time.perf_counter() - started, 1)
         manifest.write(folder)
     return seconds
@@ -86,16 +91,35 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--calibration-images", type=int, default=8)
+    parser.add_argument("--calibration-images", type=int, default=8,
+                        help="INT8 calibration images (ORT's percentile calibration holds every image's activations)")
     parser.add_argument("--int8-fp32-groups", default="")
     parser.add_argument("--skip", default="", help="build jobs to skip, comma-separated (e.g. onnx-fp16,openvino-int8)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-artifact peak-RSS subprocesses")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="re-measure peak RSS of the artifacts of an earlier run (its bench.json) and rewrite bench.json/bench.md")
     args = parser.parse_args()
 
-    from evsam_export.bench import chart, run_bench, table
+    from evsam_export.bench import BenchResult, Timing, chart, peak_rss_mb, run_bench, table
 
     for variant in args.variants.split(","):
         folder = args.output / variant
+        if args.memory_only:
+            data = json.loads((folder / "bench.json").read_text())
+            fields = set(Timing.__dataclass_fields__)
+            result = BenchResult(folder, data["variant"], data["threads"], machine=data["machine"],
+                                 timings=[Timing(**{k: v for k, v in t.items() if k in fields}) for t in data["timings"]])
+            peaks = {}
+            for timing in result.timings:
+                if timing.peak_rss_mb is not None or timing.subject.startswith("encoder.") or timing.subject.startswith("decoder."):
+                    if timing.subject not in peaks:
+                        peaks[timing.subject] = peak_rss_mb(folder, timing.subject, args.threads)
+                    timing.peak_rss_mb = peaks[timing.subject]
+            (folder / "bench.json").write_text(json.dumps({**result.to_json(), "build_s": data.get("build_s", {})}, indent=2) + "\n")
+            text = markdown(result, data.get("build_s", {}))
+            (folder / "bench.md").write_text(text + "\n")
+            print(text, flush=True)
+            continue
         shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
         subprocess.run(["evsam-export", "export", "--variant", variant, "--output", str(folder)], check=True,

@@ -97,6 +97,7 @@ def test_bicubic_pass_replaces_resize_and_keeps_outputs(form):
         {"sizes": (64, 64), "mode": "tf_crop_and_resize"},  # needs the roi input
         {"sizes": (64, 64), "dynamic_spatial": True},  # input size unknown: no constant matrix
         {"scales": [1.0, 2.0, 4.0, 4.0]},  # resizes channels too
+        {"scales": [1.0, 1.0, 1.7, 1.7]},  # 16 x 1.7 = 27.2: ONNX maps coordinates with 1.7, not 27/16
     ],
 )
 def test_bicubic_pass_leaves_what_it_cannot_rewrite_exactly(kwargs):

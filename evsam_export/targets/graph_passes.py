@@ -106,8 +106,11 @@ def _spatial_size(resize) -> tuple[int, int] | None:
     if scales is not None and scales.size == rank:
         if not np.all(scales[:-2] == 1.0):
             return None
-        out = [x.shape[-2] * scales[-2], x.shape[-1] * scales[-1]]
-        return (int(math.floor(out[0])), int(math.floor(out[1]))) if all(v >= 1 for v in out) else None
+        out = [x.shape[-2] * float(scales[-2]), x.shape[-1] * float(scales[-1])]
+        # Resize maps coordinates with the given scale; our matrices use out/in, equal only when integral.
+        if not all(v >= 1 and v == math.floor(v) for v in out):
+            return None
+        return int(out[0]), int(out[1])
     if sizes_tensor is None:
         return None
     sizes = _constant(sizes_tensor)
