@@ -280,16 +280,14 @@ def rewrite_tanh_gelu(graph) -> int:
         for node in nodes:
             node.outputs.clear()
         scope = tanh.name.rsplit("/", 1)[0] if "/" in tanh.name else tanh.name
-        if halved:
-            graph.nodes.append(gs.Node("FastGelu", f"{scope}/FastGelu", inputs=[x], outputs=[y], domain=CONTRIB_DOMAIN))
-        elif _conv_weights_only_reader(y):
-            graph.nodes.append(gs.Node("FastGelu", f"{scope}/FastGelu", inputs=[x], outputs=[y], domain=CONTRIB_DOMAIN))
+        fold_into_convs = not halved and _conv_weights_only_reader(y)
+        gelu = y if halved or fold_into_convs else gs.Variable(f"{scope}/FastGelu_output", dtype=np.float32)
+        graph.nodes.append(gs.Node("FastGelu", f"{scope}/FastGelu", inputs=[x], outputs=[gelu], domain=CONTRIB_DOMAIN))
+        if fold_into_convs:
             for conv in y.outputs:
                 weight = conv.inputs[1]
                 conv.inputs[1] = gs.Constant(f"{weight.name}/gelu_half_unfolded", (np.asarray(weight.values) * 2).astype(weight.values.dtype))
-        else:
-            gelu = gs.Variable(f"{scope}/FastGelu_output", dtype=np.float32)
-            graph.nodes.append(gs.Node("FastGelu", f"{scope}/FastGelu", inputs=[x], outputs=[gelu], domain=CONTRIB_DOMAIN))
+        elif not halved:
             graph.nodes.append(gs.Node("Mul", f"{scope}/FastGelu_times_2",
                                        inputs=[gelu, gs.Constant(f"{scope}/two", np.array(2.0, np.float32))], outputs=[y]))
         count += 1
