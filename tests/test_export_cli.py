@@ -38,11 +38,30 @@ def l1_state_dict():
     return model.state_dict()
 
 
+def garbage_bytes(seed: int) -> bytes:
+    import numpy as np
+
+    return np.random.default_rng(seed).bytes(4096)
+
+
+# torch.load on these seeds' bytes raises UnpicklingError (0), IndexError (17), UnicodeDecodeError (54) and
+# KeyError (62): the unpickler fails on whatever it meets first, and each must read as a corrupt checkpoint.
+@pytest.mark.parametrize("seed", [0, 17, 54, 62])
+def test_random_bytes_read_as_a_corrupt_checkpoint(tmp_path, seed):
+    from evsam_export.errors import CheckpointError
+    from evsam_export.model.checkpoint import read_state_dict
+
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(garbage_bytes(seed))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_state_dict(path)
+
+
 @pytest.mark.parametrize(
     "make_checkpoint, needles",
     [
         (lambda d, sd: d / "missing.pt", ["checkpoint not found"]),
-        (lambda d, sd: (d / "garbage.pt").write_bytes(os.urandom(4096)) and d / "garbage.pt", ["corrupt or truncated"]),
+        (lambda d, sd: (d / "garbage.pt").write_bytes(garbage_bytes(17)) and d / "garbage.pt", ["corrupt or truncated"]),
         (lambda d, sd: (d / "empty.pt").write_bytes(b"") or d / "empty.pt", ["empty"]),
     ],
     ids=["missing", "garbage", "empty"],

@@ -76,7 +76,6 @@ def read_state_dict(path: Path) -> dict:
     """The state dict inside an official checkpoint: raw, or under "state_dict" or "model"."""
     import pickle
     import re
-    import zipfile
 
     import torch
 
@@ -99,7 +98,9 @@ def read_state_dict(path: Path) -> dict:
             f"checkpoint {path} holds Python objects ({found.group(1)}), not only tensors",
             hint="we load with weights_only and never run checkpoint code; re-save it with torch.save(model.state_dict())",
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    # Broken bytes surface as whatever the unpickler trips on first (seen: RuntimeError, EOFError,
+    # BadZipFile, ValueError, IndexError from a garbage legacy-format header): any of them means the same.
+    except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})",
             hint="download it again and compare its sha256 with the release",
