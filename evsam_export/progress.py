@@ -24,7 +24,7 @@ def human_size(num_bytes: int) -> str:
 
 @dataclass
 class SummaryLine:
-    status: str  # ok | fail | skip | kit | reused
+    status: str  # ok | warn | fail | skip | kit | reused
     seconds: float
     path: str
     size_bytes: int | None

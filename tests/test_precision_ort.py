@@ -282,6 +282,52 @@ def test_int8_ranges_are_reused_by_a_build_that_only_changes_post_calibration_se
     assert artifact.facts["calibration"]["ranges_reused"]  # no second calibration pass
 
 
+def test_calibration_pass_size_is_the_largest_fitting_divisor():
+    gib = 2**30
+    assert ort_int8.calibration_pass_size(16, int(0.61 * gib), 8 * gib) == 8  # l0
+    assert ort_int8.calibration_pass_size(16, int(2.83 * gib), 8 * gib) == 2  # xl1
+    assert ort_int8.calibration_pass_size(12, int(1.79 * gib), 8 * gib) == 4  # 5 fit, 4 divides
+    assert ort_int8.calibration_pass_size(7, 1, 8 * gib) == 7
+    assert ort_int8.calibration_pass_size(16, 20 * gib, 8 * gib) == 1  # one image always goes through
+
+
+def test_calibrated_bytes_match_what_ort_collects_for_one_image(ctx, tmp_path):
+    """The pass size is only as good as this estimate: it must equal the bytes ORT's own calibrator
+    returns for one image (the augmented model's calibrated outputs)."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    path = ctx.path_of(parent(ctx, "encoder"))
+    estimate = ort_int8.calibrated_bytes_per_image(onnx.load(str(path)), ["Conv"])
+    calibrator = create_calibrator(path, ["Conv"], augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Percentile)
+    names = [output.name for output in calibrator.infer_session.get_outputs()]
+    (feed,) = data.encoder_calibration_feeds("l0", 1, seed=5, photos=False)
+    outputs = calibrator.infer_session.run(None, feed)
+    collected = sum(out.nbytes for name, out in zip(names, outputs) if name in calibrator.tensors_to_calibrate)
+    assert estimate == collected > 100 * 2**20
+
+
+def test_int8_calibration_runs_in_passes_that_fit_the_memory_budget(ctx, int8_encoder, held_out_feeds,
+                                                                     fp32_embeddings, tmp_path):
+    """A budget below two images' activations: four passes of one image, histograms merged by ORT; new
+    ranges (their own cache key) and an encoder as good as the one-pass build's."""
+    one_pass, _ = int8_encoder
+    assert one_pass.facts["calibration"]["images_per_pass"] == CALIBRATION_IMAGES
+    per_image_gib = one_pass.facts["calibration"]["calibrated_mib_per_image"] / 1024
+    settings = ort_int8.Settings(calibration_images=CALIBRATION_IMAGES, fallback=False,
+                                 calibration_memory_gib=1.5 * per_image_gib)
+    encoder = parent(ctx, "encoder")
+    (tmp_path / encoder.path).symlink_to(ctx.path_of(encoder))
+    chunked_ctx = replace(ctx, folder=tmp_path)
+    (artifact,) = ort_int8.build(chunked_ctx, encoder, settings)
+    calibration = artifact.facts["calibration"]
+    assert calibration["images_per_pass"] == 1 and not calibration["ranges_reused"]
+    assert calibration["ranges_key"] != one_pass.facts["calibration"]["ranges_key"]
+    chunked = embeddings_snr(chunked_ctx, artifact, held_out_feeds, fp32_embeddings)
+    whole = embeddings_snr(ctx, one_pass, held_out_feeds, fp32_embeddings)
+    assert chunked >= whole - 1.0, (chunked, whole)
+
+
 def test_int8_decoder_quantizes_projections_not_attention_scores(ctx):
     settings = ort_int8.Settings(calibration_images=2, fallback=False, op_types_to_quantize=["Gemm", "MatMul"])
     (artifact,) = ort_int8.build(ctx, parent(ctx, "decoder"), settings)
@@ -399,6 +445,13 @@ def test_fallback_records_every_round_until_a_pass(fake_parent):
     assert artifact.facts["gate_passed"] is True and "gate_note" not in artifact.facts
     assert artifact.facts["fallback_groups_skipped"] == ["missing"]
     assert artifact.facts["round"] == 2 and len(lines) == 3
+    assert fallback.summary_outcome(artifact.facts) == ("ok", "build gate passed in round 2, kept higher precision: a, b")
+
+
+def test_summary_outcome_of_a_first_round_pass_and_of_an_ungated_build(fake_parent):
+    artifact, _, _ = run_loop(fake_parent, [fake_verdict(True)])
+    assert fallback.summary_outcome(artifact.facts) == ("ok", "build gate passed in round 0")
+    assert fallback.summary_outcome({"tool": "quantize_static"}) == ("ok", "")
 
 
 def test_fallback_that_never_passes_says_so(fake_parent):
@@ -406,6 +459,8 @@ def test_fallback_that_never_passes_says_so(fake_parent):
     assert len(built) == 4 and built[-1] == ("a", "b", "c")  # every group tried
     assert artifact.facts["gate_passed"] is False
     assert "no fallback group left" in artifact.facts["gate_note"]
+    status, note = fallback.summary_outcome(artifact.facts)  # never a silent OK on the summary line
+    assert status == "warn" and note.startswith("BUILD GATE FAILED in all 4 round(s)") and "mask_iou.mean" in note
 
 
 def test_fallback_respects_max_rounds(fake_parent):

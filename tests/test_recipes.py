@@ -90,6 +90,33 @@ def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):
     assert [s.status for s in third.steps] == ["reused", "built", "built"]  # only what depends on the change
 
 
+def test_summary_line_warns_when_an_artifacts_build_gate_never_passed(tmp_path):
+    """The manifest's gate facts reach the summary line (here through a cached step whose artifact failed
+    its build gate in every fallback round): status WARN and the reason, not OK."""
+    import json
+
+    from evsam_export.progress import Reporter
+
+    recipe = load_recipe(write(tmp_path / "r.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'))
+    cache = StepCache(tmp_path / "cache")
+    first = run_recipe(recipe, "l0", tmp_path / "a", cache=cache, reporter=Reporter(quiet=True))
+    step = next(s for s in first.steps if s.outputs == ["encoder.ort.fp32"])
+    entry_file = cache.root / step.key / "entry.json"
+    entry = json.loads(entry_file.read_text())
+    (artifact,) = entry["artifacts"]
+    artifact["facts"].update(gate_passed=False, fallback=[
+        {"round": 0, "kept_fp32_groups": [], "worst_gate": "end_to_end points_neg mask_iou.mean 0.9689 < 0.97"},
+        {"round": 1, "kept_fp32_groups": ["encoder-neck"], "worst_gate": "end_to_end points_neg mask_iou.mean 0.9691 < 0.97"}])
+    entry_file.write_text(json.dumps(entry))
+    reporter = Reporter(quiet=True)
+    run_recipe(recipe, "l0", tmp_path / "b", cache=cache, reporter=reporter)
+    lines = {Path(line.path).name: line for line in reporter.summary}
+    warned = lines["encoder.ort.fp32.onnx"]
+    assert warned.status == "warn" and "BUILD GATE FAILED in all 2 round(s)" in warned.note and "0.9691" in warned.note
+    assert warned.render().startswith("WARN")
+    assert lines["decoder.ort.fp32.onnx"].status == "reused" and lines["decoder.ort.fp32.onnx"].note == "decoder.ort.fp32"
+
+
 def test_cache_stores_a_step_without_files(tmp_path):
     cache = StepCache(tmp_path / "cache")
     cache.store("k" * 64, tmp_path, [], {"step": "ort:encoder", "artifacts": []})

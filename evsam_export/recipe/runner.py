@@ -25,6 +25,7 @@ from evsam_export.errors import EvsamError
 from evsam_export.manifest import Artifact, Manifest, environment, package_versions
 from evsam_export.progress import Reporter
 from evsam_export.recipe import Recipe
+from evsam_export.targets.fallback import summary_outcome
 from evsam_export.targets.registry import get_target
 
 KEY_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "onnx_graphsurgeon", "openvino", "nncf", "tensorrt", "numpy")
@@ -295,8 +296,11 @@ def run_recipe(
     for step in steps:
         for artifact_id in step.outputs:
             artifact = manifest.artifact(artifact_id)
-            reporter.artifact("reused" if step.status == "reused" else "ok", step.seconds, output / artifact.path,
-                              note=artifact_id, size_bytes=artifact.size_bytes)  # size includes .bin / external data
+            status, outcome = summary_outcome(artifact.facts)
+            if step.status == "reused" and status == "ok":
+                status = "reused"
+            reporter.artifact(status, step.seconds, output / artifact.path, size_bytes=artifact.size_bytes,  # incl. .bin
+                              note=f"{artifact_id} · {outcome}" if outcome else artifact_id)
     return RunResult(output, steps, manifest, None if report is None else report.passed, report)
 
 

@@ -237,3 +237,22 @@ def build_with_fallback(
             "The artifact is kept for inspection, not as a passing build."
         )
     return replace(artifact, facts=facts)
+
+
+def summary_outcome(facts: dict) -> tuple[str, str]:
+    """(status, note) for an artifact's summary line: what the build-time gate and the fallback did, so a
+    precision kept higher or a build gate that never passed shows on the line, not only in the manifest.
+    Status "warn" when the gate never passed; ("ok", "") for artifacts built without a gate."""
+    history = facts.get("fallback")
+    if not history:
+        return "ok", ""
+    last = history[-1]
+    rounds = len(history)
+    kept = last["kept_fp32_groups"]
+    if facts.get("gate_passed"):
+        if not kept:
+            return "ok", "build gate passed in round 0"
+        return "ok", f"build gate passed in round {last['round']}, kept higher precision: {', '.join(kept)}"
+    worst = last.get("worst_gate") or last.get("note") or "no gate verdict"
+    return "warn", (f"BUILD GATE FAILED in all {rounds} round(s) (last: {worst}); "
+                    "kept for inspection, only a passing release gate accepts it")

@@ -32,10 +32,12 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,6 +121,13 @@ class Settings:
     percentile: float = 99.99
     # Seed of the calibration set (scene seeds, photo rotation, prompts).
     calibration_seed: int = 0
+    # Activation memory one calibration pass may hold, in GiB. ORT's calibrators keep every calibrated tensor
+    # of every image of a pass until the pass ends (measured on xl1: 3.7 GB an image, so 16 images at once
+    # would need ~60 GB), so the images go through in passes of the largest divisor of calibration_images
+    # whose tensors fit (ORT's CalibStridedMinMax; histograms merge across passes). From the graphs' shapes
+    # (calibrated_bytes_per_image): l0 0.61 GiB an image (8 a pass), l1 0.76 (8), l2 0.97 (8), xl0 1.82 (4),
+    # xl1 2.88 (2); measured on xl1, peak RSS grows 3.4 GiB an image (the histogram pass copies a tensor).
+    calibration_memory_gib: float = 8.0
     # Use the offline scikit-image photos (falls back to synthetic scenes when scikit-image is missing).
     calibration_photos: bool = True
     # Run onnxruntime's quant_pre_process (shape inference + constant folding) first: measured 467 -> 412
@@ -144,6 +153,8 @@ class Settings:
             raise RecipeError(f"[int8] calibration_images: {self.calibration_images} must be >= 1")
         if self.calibrate_method not in CALIBRATE_METHODS:
             raise RecipeError(f"[int8] calibrate_method: {self.calibrate_method!r} is not one of {', '.join(CALIBRATE_METHODS)}")
+        if self.calibration_memory_gib <= 0:
+            raise RecipeError(f"[int8] calibration_memory_gib: {self.calibration_memory_gib} must be > 0")
         if not 90.0 <= self.percentile <= 100.0:
             raise RecipeError(f"[int8] percentile: {self.percentile} must be within 90..100")
         if self.max_rounds < 1:
@@ -223,7 +234,47 @@ def ranges_cache_dir() -> Path:
     return root / "calibration-ranges"
 
 
-def _ranges_key(parent: Artifact, settings: Settings, fingerprint: str) -> str:
+def calibrated_bytes_per_image(model, op_types: Sequence[str]) -> int:
+    """Bytes of the tensors ORT's calibrator collects for one image (`model` is consumed: its weights'
+    data is dropped): the float inputs and outputs of every `op_types` node that are not initializers (as
+    ORT's select_tensors_to_calibrate picks them), sized with batch 1 by ORT's symbolic shape inference
+    (ONNX's own loses LiteMLA's shapes after its Reshape; it is the fallback where symbolic inference fails,
+    as on the decoder, and then a dimension without a static size counts as 1)."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    floats = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2}
+    for initializer in model.graph.initializer:  # inference needs their dims only (xl1: 760 MB less to copy)
+        if initializer.data_type in floats and math.prod(initializer.dims) > 1024:
+            for field in ("raw_data", "float_data", "int32_data"):
+                initializer.ClearField(field)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # ORT raises a bare Exception ("Incomplete symbolic shape inference")
+        inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    infos = {vi.name: vi for vi in [*graph.value_info, *graph.output, *graph.input]}
+    initializers = {init.name for init in graph.initializer}
+    tensors = {name for node in graph.node if node.op_type in op_types
+               for name in [*node.input, *node.output] if name and name not in initializers}
+    total = 0
+    for name in tensors:
+        tensor_type = infos[name].type.tensor_type if name in infos else None
+        if tensor_type is None or tensor_type.elem_type not in floats:
+            continue
+        elements = math.prod(max(dim.dim_value, 1) for dim in tensor_type.shape.dim)
+        total += elements * floats[tensor_type.elem_type]
+    return total
+
+
+def calibration_pass_size(images: int, bytes_per_image: int, budget_bytes: float) -> int:
+    """Images per calibration pass: the largest divisor of `images` (ORT's strided calibration needs equal
+    passes) whose activations fit in `budget_bytes`; at least 1."""
+    fitting = [size for size in range(1, images + 1) if images % size == 0 and size * bytes_per_image <= budget_bytes]
+    return max(fitting, default=1)
+
+
+def _ranges_key(parent: Artifact, settings: Settings, fingerprint: str, pass_size: int) -> str:
     """Everything the collected tensor ranges depend on, and nothing they do not (zero points, symmetry,
     per-channel weights and excluded nodes are applied after calibration, so the fallback rounds share one
     calibration pass; the ort/trt flavours share it when they run the same graph passes). Full 64 hex digits."""
@@ -238,6 +289,8 @@ def _ranges_key(parent: Artifact, settings: Settings, fingerprint: str) -> str:
         "calibrate_method": settings.calibrate_method,
         **({"percentile": settings.percentile} if settings.calibrate_method == "percentile" else {}),
         "calibration_fingerprint": fingerprint,
+        # Histograms merged across passes use the first pass's bin width: the pass size changes the ranges.
+        "images_per_pass": pass_size,
         "onnxruntime": onnxruntime.__version__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -320,7 +373,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         with ctx.reporter.step(f"{parent.component}: calibration feeds ({settings.calibration_images} images)"):
             feeds, described = _calibration_feeds(ctx, parent, settings)
         fingerprint = calibration_fingerprint(feeds)
-        ranges_key = _ranges_key(parent, settings, fingerprint)
+        bytes_per_image = calibrated_bytes_per_image(onnx.load(str(source)), settings.op_types_to_quantize)
+        pass_size = calibration_pass_size(len(feeds), bytes_per_image, settings.calibration_memory_gib * 2**30)
+        ranges_key = _ranges_key(parent, settings, fingerprint, pass_size)
         shared = ranges_cache_dir() / f"{ranges_key}.json"
         cache = scratch / "ranges.json"
         if shared.is_file():
@@ -332,12 +387,15 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                   "entropy": CalibrationMethod.Entropy}[settings.calibrate_method]
         if settings.calibrate_method == "percentile":
             extra["CalibPercentile"] = settings.percentile
+        if pass_size < len(feeds):
+            extra["CalibStridedMinMax"] = pass_size  # (despite the name, strides every calibrator's collect_data)
+        passes_note = f"{len(feeds)} feeds" + (f" in passes of {pass_size}" if pass_size < len(feeds) else "")
 
         def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
             kept_nodes = sorted({n for g in kept for n in g.select(quantizable)})
             exclude = sorted(set(excluded) | set(kept_nodes))
             first = not cache.exists()
-            step = f"{parent.component}: quantize_static" + (f" + {settings.calibrate_method} calibration" if first else " (cached ranges)")
+            step = f"{parent.component}: quantize_static" + (f" + {settings.calibrate_method} calibration ({passes_note})" if first else " (cached ranges)")
             # ORT's histogram calibrators print progress with print(); our reporter says the same in one line.
             with ctx.reporter.step(step), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(
@@ -376,7 +434,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                 "symmetric": settings.symmetric,
                 "calibrate_method": settings.calibrate_method,
                 "calibration": {**described, "feeds": len(feeds), "fingerprint": fingerprint,
-                                "ranges_key": ranges_key, "ranges_reused": ranges_reused},
+                                "ranges_key": ranges_key, "ranges_reused": ranges_reused,
+                                "images_per_pass": pass_size,
+                                "calibrated_mib_per_image": round(bytes_per_image / 2**20, 1)},
                 "preprocessed": settings.preprocess,
                 "graph_passes": pass_facts,
                 **({"preprocess_note": preprocess_note} if preprocess_note else {}),
