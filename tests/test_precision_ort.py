@@ -434,6 +434,25 @@ def run_loop(fake_parent, verdicts, max_rounds=4):
     return artifact, built, ctx.reporter.lines
 
 
+def test_stage_groups_follow_the_variants_depth():
+    """Stage groups count from the last backbone stage: l0-l2 end at stage 4, xl0/xl1 at stage 5."""
+    def convs(last):
+        return [(f"/image_encoder/backbone/stages.{i}/op_list.0/conv/Conv", "Conv") for i in range(last + 1)] + [
+            ("/image_encoder/neck/input_ops.0/conv/Conv", "Conv")]
+
+    groups = {g.name: g for g in ort_int8.INT8_GROUPS}
+    for last in (4, 5):
+        nodes = convs(last)
+        stage = lambda names: sorted(int(n.split("stages.")[1][0]) for n in names)  # noqa: E731
+        assert stage(groups["encoder-last-stage"].select(nodes)) == [last]
+        assert stage(groups["encoder-second-last-stage"].select(nodes)) == [last - 1]
+        assert stage(groups["encoder-early-stages"].select(nodes)) == list(range(1, last - 1))
+    assert groups["encoder-last-stage"].select([("/decoder/transformer/MatMul", "MatMul")]) == []
+    with_ops = fallback.FallbackGroup("x", "y", op_types=("Add",), stages="-1")
+    assert with_ops.select([*convs(4), ("/image_encoder/backbone/stages.4/op_list.0/Add", "Add")]) == [
+        "/image_encoder/backbone/stages.4/op_list.0/Add"]
+
+
 def test_fallback_records_every_round_until_a_pass(fake_parent):
     artifact, built, lines = run_loop(fake_parent, [fake_verdict(False, 0.91), fake_verdict(False, 0.95), fake_verdict(True)])
     assert built == [(), ("a",), ("a", "b")]  # cumulative, most sensitive first, empty group skipped

@@ -94,9 +94,10 @@ FALLBACK_GROUPS = (
         patterns=(r"/transformer/",),
     ),
     FallbackGroup(
-        "encoder-stage4",
-        "stage 4 MBConvs (512 channels, the largest activations of the backbone)",
-        patterns=(r"backbone/stages\.4/",),
+        "encoder-last-stage",
+        "the last backbone stage's MBConvs (l: stage 4, xl: stage 5; the widest channels, the largest "
+        "activations of the backbone)",
+        stages="-1",
     ),
 )
 

@@ -80,11 +80,12 @@ INT8_GROUPS = (
                   patterns=(r"/neck/input_ops", r"backbone/stages\.0/op_list\.0/")),
     FallbackGroup("encoder-neck", "the rest of the neck (its 3x3 convs): whole neck fp32 measured 23.2 dB",
                   patterns=(r"/neck/",)),
-    FallbackGroup("encoder-stage4", "LiteMLA qkv/aggregation/proj and stage-4 MBConvs: +0.4/+0.5 dB",
-                  patterns=(r"backbone/stages\.4/",)),
-    FallbackGroup("encoder-stage3", "stage-3 MBConvs: +0.4 dB", patterns=(r"backbone/stages\.3/",)),
-    FallbackGroup("encoder-stages1-2", "fused-MBConv stages 1-2: +0.4/+0.5 dB (the stem went back with encoder-neck-inputs-stem)",
-                  patterns=(r"backbone/stages\.[12]/",)),
+    FallbackGroup("encoder-last-stage", "the last backbone stage (LiteMLA qkv/aggregation/proj and its MBConvs; "
+                  "l: stage 4, xl: stage 5): +0.4/+0.5 dB on l0", stages="-1"),
+    FallbackGroup("encoder-second-last-stage", "the stage before it (l: stage-3 MBConvs, +0.4 dB on l0; xl: the "
+                  "first attention stage)", stages="-2"),
+    FallbackGroup("encoder-early-stages", "fused-MBConv stages after the stem stage: +0.4/+0.5 dB on l0 (the stem "
+                  "went back with encoder-neck-inputs-stem)", stages="1:-2"),
     FallbackGroup("decoder-output", "output upscaling, hypernetwork MLPs and IoU head make the logits directly",
                   patterns=(r"output_upscaling", r"output_hypernetworks_mlps", r"iou_prediction_head")),
     FallbackGroup("decoder-attention-projections", "q/k/v/out projections of the attention blocks",
