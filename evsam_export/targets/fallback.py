@@ -73,9 +73,8 @@ class FallbackGroup:
     def _stage_numbers(self, nodes: list[tuple[str, str]]) -> set[int]:
         present = sorted({int(found.group(1)) for name, _ in nodes if (found := _BACKBONE_STAGE.search(name))})
         parts = [int(part) if part else None for part in self.stages.split(":")]
-        if len(parts) == 1:
-            index = parts[0]
-            return {present[index]} if present and index is not None and -len(present) <= index < len(present) else set()
+        if len(parts) == 1:  # one index: the one-stage slice (out of range selects nothing)
+            parts = [parts[0], parts[0] + 1 or None]
         return set(present[slice(*parts)])
 
 
