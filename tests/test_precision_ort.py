@@ -22,7 +22,7 @@ from evsam_export.parity.suites import load_suite, validators_dir
 from evsam_export.parity.validate import Gate, ParityReport, StageReport
 from evsam_export.progress import Reporter
 from evsam_export.runners.ort_runner import OrtRunner
-from evsam_export.targets import fallback, fp16, ort_int8
+from evsam_export.targets import base, fallback, fp16, ort_int8
 from evsam_export.targets.base import StepContext
 
 CALIBRATION_IMAGES = 4
@@ -465,6 +465,9 @@ def test_fallback_records_every_round_until_a_pass(fake_parent):
     assert artifact.facts["fallback_groups_skipped"] == ["missing"]
     assert artifact.facts["round"] == 2 and len(lines) == 3
     assert fallback.summary_outcome(artifact.facts) == ("ok", "build gate passed in round 2, kept higher precision: a, b")
+    qdq_facts = {**artifact.facts, "op_types_to_quantize": ["Conv"],
+                 "qdq": {"quantized": {"Conv": 56}, "float": {"Conv": 13, "MatMul": 12}}}
+    assert fallback.summary_outcome(qdq_facts)[1].endswith("kept higher precision: a, b (56 of 69 Conv INT8)")
 
 
 def test_summary_outcome_of_a_first_round_pass_and_of_an_ungated_build(fake_parent):
@@ -486,6 +489,18 @@ def test_fallback_respects_max_rounds(fake_parent):
     artifact, built, _ = run_loop(fake_parent, [fake_verdict(False)] * 2, max_rounds=2)
     assert built == [(), ("a",)]
     assert "max_rounds=2" in artifact.facts["gate_note"] and artifact.facts["gate_passed"] is False
+
+
+def test_gate_references_made_outside_the_runner_are_removed_at_exit(monkeypatch):
+    """ctx.gate() and gate_context() keep the PyTorch reference in a temporary folder; only the recipe
+    runner removed it, so gating from tests or scripts left evsam-gate-* folders in /tmp."""
+    monkeypatch.setattr(base, "_SCRATCH_REFERENCES", [])
+    made = [base.scratch_reference_path(), base.scratch_reference_path()]
+    for path in made:
+        path.write_bytes(b"reference")
+    assert made[0].parent != made[1].parent
+    base._remove_scratch_references()  # what atexit runs
+    assert not any(path.parent.exists() for path in made)
 
 
 def test_gate_judges_only_the_candidate_and_refuses_missing_runners(fake_parent, tmp_path):

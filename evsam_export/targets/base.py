@@ -9,6 +9,9 @@ it reads `parent`'s file from `ctx.folder`, writes its own files into `ctx.folde
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,23 @@ def artifact_filename(component: str, target: str, precision: str, ext: str) -> 
     if target == "onnx":
         return f"{component}.{precision}.{ext}"
     return f"{component}.{target}.{precision}.{ext}"
+
+
+_SCRATCH_REFERENCES: list[Path] = []
+
+
+@atexit.register
+def _remove_scratch_references() -> None:
+    for folder in _SCRATCH_REFERENCES:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scratch_reference_path() -> Path:
+    """Where a gate may keep the PyTorch reference of a suite: a fresh temporary folder removed at exit,
+    so callers that gate without the recipe runner (tests, scripts) leave no reference.npz behind."""
+    folder = Path(tempfile.mkdtemp(prefix="evsam-gate-"))
+    _SCRATCH_REFERENCES.append(folder)
+    return folder / "reference.npz"
 
 
 @dataclass
@@ -81,8 +101,6 @@ class StepContext:
         Writes a scratch manifest that includes the candidates into a temporary copy of the folder's
         manifest; the folder's own manifest.json is left as it was."""
         import json
-        import shutil
-        import tempfile
 
         from evsam_export.parity.suites import load_suite
         from evsam_export.parity.validate import validate_folder
@@ -99,7 +117,7 @@ class StepContext:
             ids = [c.id for c in candidates] + [a.id for a in self.manifest.artifacts if a.target == "onnx" and a.precision == "fp32"]
             cached = self.reference_cache is not None and self.reference_cache.is_file()
             if self.reference_cache is None:
-                self.reference_cache = Path(tempfile.mkdtemp(prefix="evsam-gate-")) / "reference.npz"
+                self.reference_cache = scratch_reference_path()
             return validate_folder(
                 scratch,
                 load_suite(self.suite),

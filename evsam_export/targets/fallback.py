@@ -18,17 +18,14 @@ runner can execute is a failure, not a pass.
 
 from __future__ import annotations
 
-import atexit
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from evsam_export.manifest import Artifact
-from evsam_export.targets.base import StepContext, artifact_id
+from evsam_export.targets.base import StepContext, artifact_id, scratch_reference_path
 
 # The small suite every candidate is gated on (validators/calibration-gate.toml: 2 scenes + 1 photo,
 # point/box/boxes16, the default.toml tolerances verbatim). The recipe's own suite still validates the
@@ -113,19 +110,13 @@ def nodes_matching(nodes: Iterable[tuple[str, str]], patterns: Sequence[str] = (
 _REFERENCES: dict[tuple[str, str, str], Path] = {}
 
 
-@atexit.register
-def _remove_references() -> None:
-    for path in _REFERENCES.values():
-        shutil.rmtree(path.parent, ignore_errors=True)
-
-
 def gate_context(ctx: StepContext, suite: str) -> StepContext:
     """A copy of `ctx` that gates on `suite`, sharing that suite's PyTorch reference across rounds/steps."""
     if suite == ctx.suite:
         return ctx
     key = (str(ctx.folder), str(ctx.manifest.weights.get("sha256")), suite)
     if key not in _REFERENCES:
-        _REFERENCES[key] = Path(tempfile.mkdtemp(prefix="evsam-gate-")) / "reference.npz"
+        _REFERENCES[key] = scratch_reference_path()
     return replace(ctx, suite=suite, reference_cache=_REFERENCES[key])
 
 
@@ -270,10 +261,24 @@ def summary_outcome(facts: dict) -> tuple[str, str]:
     last = history[-1]
     rounds = len(history)
     kept = last["kept_fp32_groups"]
+    share = _quantized_share(facts)
     if facts.get("gate_passed"):
         if not kept:
             return "ok", "build gate passed in round 0"
-        return "ok", f"build gate passed in round {last['round']}, kept higher precision: {', '.join(kept)}"
+        return "ok", f"build gate passed in round {last['round']}, kept higher precision: {', '.join(kept)}" + share
     worst = last.get("worst_gate") or last.get("note") or "no gate verdict"
-    return "warn", (f"BUILD GATE FAILED in all {rounds} round(s) (last: {worst}); "
+    return "warn", (f"BUILD GATE FAILED in all {rounds} round(s) (last: {worst}){share}; "
                     "kept for inspection, only a passing release gate accepts it")
+
+
+def _quantized_share(facts: dict) -> str:
+    """' (56 of 69 Conv INT8)' for a QDQ artifact: after a fallback, how much of what the step set out to
+    quantize still is, so a build that passed by reverting nearly everything says so on its summary line."""
+    qdq = facts.get("qdq")
+    if not isinstance(qdq, dict) or "quantized" not in qdq:
+        return ""
+    quantized, kept_float = qdq["quantized"], qdq.get("float", {})
+    ops = facts.get("op_types_to_quantize") or sorted(set(quantized) | set(kept_float))
+    parts = [f"{quantized.get(op, 0)} of {quantized.get(op, 0) + kept_float.get(op, 0)} {op}"
+             for op in ops if quantized.get(op, 0) + kept_float.get(op, 0)]
+    return f" ({', '.join(parts)} INT8)" if parts else ""

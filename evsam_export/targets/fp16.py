@@ -110,8 +110,9 @@ class Settings:
     node_block_patterns: tuple[str, ...] = FP32_NODE_PATTERNS
     # Gate each candidate on the build-time suite and fall back group by group when it fails.
     fallback: bool = True
-    # Most gate runs (1 = gate once, no fallback); each run costs a validator pass on the gate suite.
-    max_rounds: int = 4
+    # Most gate runs (1 = gate once, no fallback); each run costs a validator pass on the gate suite. The
+    # default lets every group be tried, as for INT8.
+    max_rounds: int = len(FALLBACK_GROUPS) + 1
     # Parity suite of the build-time gate (validators/<name>.toml); default.toml's tolerances.
     gate_suite: str = GATE_SUITE
 

@@ -141,8 +141,8 @@ class Settings:
     # Measured on L0 (8 feeds, 2 iterations): 7 min, 1 of 87 quantizers reverted, SNR 4.3 dB, gate failed;
     # "widen" passed in its second round, so it is the default.
     fallback_method: str = "widen"
-    # At most this many gated rounds (round 0 = base scope).
-    fallback_max_rounds: int = 5
+    # At most this many gated rounds (round 0 = base scope); the default lets every encoder group be tried.
+    fallback_max_rounds: int = len(ENCODER_GROUPS) + 1
     # accuracy_control: NNCF's limit on quantizer-reverting iterations (each one re-validates).
     accuracy_control_max_iterations: int = 8
 
