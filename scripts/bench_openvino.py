@@ -59,7 +59,14 @@ def build_irs(folder: Path, args) -> dict:
         link.symlink_to((folder / parent.path).resolve())
     ctx = StepContext(folder=work, manifest=manifest, variant=get_variant(manifest.variant), reporter=Reporter(), threads=args.threads)
     groups = [g for g in target.ENCODER_GROUPS if g.name in [n.strip() for n in args.int8_fp32_groups.split(",") if n.strip()]]
-    int8_patterns = target.round_scope(target.Settings(), tuple(groups)).patterns
+    import re
+
+    import openvino
+
+    # Stage groups select nodes by name (by position in the backbone): pass those as exact-name patterns.
+    scope = target.round_scope(target.Settings(), tuple(groups),
+                               target.model_nodes(openvino.Core().read_model(str(folder / parent.path))))
+    int8_patterns = scope.patterns + tuple(f"{re.escape(name)}$" for name in scope.names)
     wanted = {
         "fp32": target.Settings(precision="fp32"),
         "fp16": target.Settings(precision="fp16"),

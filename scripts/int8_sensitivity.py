@@ -27,7 +27,11 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a cpu-ort-int8 recipe output folder")
-    parser.add_argument("--groups", default="", help="comma-separated INT8_GROUPS names (default: every encoder group)")
+    parser.add_argument("--groups", default="", help="comma-separated INT8_GROUPS names (default: every encoder group; "
+                                                       "'all' alone: only the every-Conv row)")
+    parser.add_argument("--calibrate-method", help="override the recipe's ranges: minmax, percentile, entropy "
+                                                   "(a new calibration, then cached)")
+    parser.add_argument("--percentile", type=float, help="override the recipe's percentile")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -47,10 +51,15 @@ def main() -> None:
     manifest = read_manifest(args.folder)
     variant = get_variant(manifest.variant)
     parent = manifest.artifact("encoder.onnx.fp32")
-    settings = ort_int8.Settings(**{**manifest.artifact("encoder.ort.int8").settings, "fallback": False})
+    overrides = {"calibrate_method": args.calibrate_method, "percentile": args.percentile}
+    settings = ort_int8.Settings(**{**manifest.artifact("encoder.ort.int8").settings, "fallback": False,
+                                    **{k: v for k, v in overrides.items() if v is not None}})
     convs = [(name, op) for name, op in graph_nodes(args.folder / parent.path) if op in settings.op_types_to_quantize]
     wanted = [g for g in args.groups.split(",") if g]
     groups = {g.name: g for g in ort_int8.INT8_GROUPS if not wanted or g.name in wanted}
+    unknown = set(wanted) - set(groups) - {"all"}
+    if unknown:
+        parser.error(f"unknown groups {sorted(unknown)}; choose from {[g.name for g in ort_int8.INT8_GROUPS]}")
     selected = {name: set(g.select(convs)) for name, g in groups.items()}
     selected = {name: nodes for name, nodes in selected.items() if nodes}
     if not wanted:
@@ -69,7 +78,8 @@ def main() -> None:
         return [session.run(None, feed)[0] for feed in feeds]
 
     reference = embeddings(args.folder / parent.path)
-    print(f"{manifest.variant}: {len(convs)} {'/'.join(settings.op_types_to_quantize)} nodes; SNR vs fp32 on "
+    ranges = settings.calibrate_method + (f" {settings.percentile}" if settings.calibrate_method == "percentile" else "")
+    print(f"{manifest.variant} ({ranges} ranges): {len(convs)} {'/'.join(settings.op_types_to_quantize)} nodes; SNR vs fp32 on "
           f"{len(images)} {GATE_SUITE} images (min / mean dB); only the named Convs INT8")
     for name, quantized in selected.items():
         work = Path(tempfile.mkdtemp(prefix="int8-sensitivity-"))

@@ -193,6 +193,40 @@ def test_int8_fallback_widens_scope_and_records_every_round(int8):
     assert overflow["resolved"] == target.resolve_overflow_fix("auto", cpu_flags())[0]
 
 
+def test_stage_groups_reach_nncf_by_name(ctx):
+    """A group that picks backbone stages by position has no pattern NNCF could match, so its nodes must
+    reach the ignored scope by name. They did not (sessions 3-4): the stage groups changed nothing, and l1/l2
+    fallback rounds 3-4 measured the same mask IoU to four digits."""
+    nncf = pytest.importorskip("nncf")
+    parent = ctx.manifest.artifact("encoder.onnx.fp32")
+    model = ov.Core().read_model(str(ctx.path_of(parent)))
+    nodes = target.model_nodes(model)
+    settings = target.Settings(precision="int8", subset_size=2)
+    last_stage = next(g for g in target.ENCODER_GROUPS if g.name == "last-stage")
+    scope = target.round_scope(settings, (last_stage,), nodes)
+    assert set(last_stage.select(nodes)) == set(scope.names) and scope.to_json(nodes)["names"] == len(scope.names)
+
+    feeds = target.calibration_feeds(ctx, parent, settings)
+    quantized = nncf.quantize(model, nncf.Dataset(feeds), ignored_scope=scope.nncf(), **target.quantize_kwargs(settings, "disable", len(feeds)))
+    passthrough = {"Convert", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+
+    def fed_by_fake_quantize(op) -> bool:
+        for index in range(op.get_input_size()):
+            source = op.input_value(index).get_node()
+            while source.get_type_name() in passthrough:
+                source = source.input_value(0).get_node()
+            if source.get_type_name() == "FakeQuantize":
+                return True
+        return False
+
+    def int8_convs(stage: int) -> list[bool]:
+        return [fed_by_fake_quantize(op) for op in quantized.get_ops()
+                if op.get_type_name() in ("Convolution", "GroupConvolution") and f"backbone/stages.{stage}/" in op.get_friendly_name()]
+
+    assert int8_convs(4) and not any(int8_convs(4))  # l0's last stage stays fp32
+    assert any(int8_convs(3))  # and the stage before it is still INT8 (the check can tell)
+
+
 def test_overflow_fix_follows_cpu_flags():
     assert target.resolve_overflow_fix("auto", ["avx2", "avx512f"])[0] == "first_layer"
     assert target.resolve_overflow_fix("auto", ["avx2", "avx512_vnni"])[0] == "disable"
