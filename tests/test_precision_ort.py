@@ -475,6 +475,7 @@ def test_fallback_records_every_round_until_a_pass(fake_parent):
     qdq_facts = {**artifact.facts, "op_types_to_quantize": ["Conv"],
                  "qdq": {"quantized": {"Conv": 56}, "float": {"Conv": 13, "MatMul": 12}}}
     assert fallback.summary_outcome(qdq_facts)[1].endswith("kept higher precision: a, b (56 of 69 Conv INT8)")
+    assert fallback.summary_outcome({**artifact.facts, "fake_quantize": 3})[1].endswith("a, b (3 FakeQuantize ops)")
 
 
 def test_summary_outcome_of_a_first_round_pass_and_of_an_ungated_build(fake_parent):

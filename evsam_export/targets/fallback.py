@@ -272,11 +272,13 @@ def summary_outcome(facts: dict) -> tuple[str, str]:
 
 
 def _quantized_share(facts: dict) -> str:
-    """' (56 of 69 Conv INT8)' for a QDQ artifact: after a fallback, how much of what the step set out to
-    quantize still is, so a build that passed by reverting nearly everything says so on its summary line."""
+    """' (56 of 69 Conv INT8)' for a QDQ artifact, ' (3 FakeQuantize ops)' for an NNCF IR: after a fallback,
+    how much is still INT8, so a build that passed by reverting nearly everything says so on its summary
+    line (OpenVINO l1 passed its build gate with 3 FakeQuantize ops left, session 4)."""
     qdq = facts.get("qdq")
     if not isinstance(qdq, dict) or "quantized" not in qdq:
-        return ""
+        count = facts.get("fake_quantize")
+        return f" ({count} FakeQuantize ops)" if isinstance(count, int) else ""
     quantized, kept_float = qdq["quantized"], qdq.get("float", {})
     ops = facts.get("op_types_to_quantize") or sorted(set(quantized) | set(kept_float))
     parts = [f"{quantized.get(op, 0)} of {quantized.get(op, 0) + kept_float.get(op, 0)} {op}"
