@@ -63,7 +63,7 @@ def build_irs(folder: Path, args) -> dict:
 
     import openvino
 
-    # Stage groups select nodes by name (by position in the backbone): pass those as exact-name patterns.
+    # Fallback groups reach NNCF as node names: pass those as exact-name patterns.
     scope = target.round_scope(target.Settings(), tuple(groups),
                                target.model_nodes(openvino.Core().read_model(str(folder / parent.path))))
     int8_patterns = scope.patterns + tuple(f"{re.escape(name)}$" for name in scope.names)

@@ -189,6 +189,7 @@ def test_int8_fallback_widens_scope_and_records_every_round(int8):
     assert rounds[0]["failed_gates"] and rounds[1]["added_group"] == "litemla-qkv"
     assert artifact.facts["gate_passed"] is True
     assert artifact.facts["ignored_scope"]["fallback_groups"] == ["litemla-qkv"]
+    assert artifact.facts["ignored_scope"]["names"] > 0  # the group reaches NNCF by node name
     overflow = artifact.facts["overflow_fix"]
     assert overflow["resolved"] == target.resolve_overflow_fix("auto", cpu_flags())[0]
 
