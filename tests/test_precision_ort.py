@@ -454,6 +454,10 @@ def test_stage_groups_follow_the_variants_depth():
         reverted = [s for name in ("last-stage", "second-last-stage", "early-stages")
                     for s in stage(openvino_groups[name].select(nodes))]
         assert sorted(reverted) == list(range(1, last + 1))
+        # ...and its last group, the stem conv on the image, is the one ORT reverts with the neck inputs.
+        stem = "/image_encoder/backbone/stages.0/op_list.0/conv/Conv"
+        assert openvino_groups["stem"].select(nodes) == [stem]
+        assert stem in groups["encoder-neck-inputs-stem"].select(nodes)
     assert groups["encoder-last-stage"].select([("/decoder/transformer/MatMul", "MatMul")]) == []
     with_ops = fallback.FallbackGroup("x", "y", op_types=("Add",), stages="-1")
     assert with_ops.select([*convs(4), ("/image_encoder/backbone/stages.4/op_list.0/Add", "Add")]) == [
