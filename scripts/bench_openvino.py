@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -59,8 +60,6 @@ def build_irs(folder: Path, args) -> dict:
         link.symlink_to((folder / parent.path).resolve())
     ctx = StepContext(folder=work, manifest=manifest, variant=get_variant(manifest.variant), reporter=Reporter(), threads=args.threads)
     groups = [g for g in target.ENCODER_GROUPS if g.name in [n.strip() for n in args.int8_fp32_groups.split(",") if n.strip()]]
-    import re
-
     import openvino
 
     # Fallback groups reach NNCF as node names: pass those as exact-name patterns.

@@ -197,7 +197,8 @@ def test_int8_fallback_widens_scope_and_records_every_round(int8):
 def test_stage_groups_reach_nncf_by_name(ctx):
     """A group that picks backbone stages by position has no pattern NNCF could match, so its nodes must
     reach the ignored scope by name. They did not (sessions 3-4): the stage groups changed nothing, and l1/l2
-    fallback rounds 3-4 measured the same mask IoU to four digits."""
+    fallback rounds 3-4 measured the same mask IoU to four digits. A pattern group (the stem) goes the same
+    way, by the names FallbackGroup.select picks."""
     nncf = pytest.importorskip("nncf")
     parent = ctx.manifest.artifact("encoder.onnx.fp32")
     model = ov.Core().read_model(str(ctx.path_of(parent)))
