@@ -16,7 +16,7 @@ from pathlib import Path
 from evsam_export.manifest import Artifact, Manifest, environment, sha256_file
 from evsam_export.model.variants import LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
 from evsam_export.progress import Reporter
-from evsam_export.targets.graph_passes import EXPORT_PASSES, check_pass_names
+from evsam_export.export.graph_passes import EXPORT_PASSES, check_pass_names
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ExportOptions:
     decoder_profile: str = "sam"  # sam | tensorrt
     single_mask: bool = False
     simplify: str = "auto"  # auto | onnxsim | onnxslim | none
-    # Portable graph passes run after simplification (evsam_export.targets.graph_passes; [] for none).
+    # Portable graph passes run after simplification (evsam_export.export.graph_passes; [] for none).
     graph_passes: tuple[str, ...] = EXPORT_PASSES
 
     def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
@@ -95,8 +95,8 @@ def _torch_parity(module, spec, path: Path) -> float:
     import numpy as np
     import torch
 
-    from evsam_export.targets.onnx_export import sample_feeds
-    from evsam_export.targets.simplify import ort_outputs
+    from evsam_export.export.onnx_export import sample_feeds
+    from evsam_export.export.simplify import ort_outputs
 
     feeds = sample_feeds(spec, batch=2 if spec.component == "decoder" else 1, num_points=3, seed=3)
     with torch.inference_mode():
@@ -146,8 +146,8 @@ def export(
 
 def export_components(model, variant: Variant, folder: Path, options: ExportOptions, reporter: Reporter) -> list[Artifact]:
     from evsam_export.model.sam import DecoderGraph, EncoderGraph
-    from evsam_export.targets.onnx_export import decoder_spec, encoder_spec, export_onnx, op_histogram
-    from evsam_export.targets.simplify import simplify_graph
+    from evsam_export.export.onnx_export import decoder_spec, encoder_spec, export_onnx, op_histogram
+    from evsam_export.export.simplify import simplify_graph
 
     jobs = [
         ("encoder", EncoderGraph(model), encoder_spec(variant, options.dynamic_batch)),
@@ -179,7 +179,7 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
         if options.graph_passes:
             import onnx
 
-            from evsam_export.targets.graph_passes import apply_checked
+            from evsam_export.export.graph_passes import apply_checked
 
             with reporter.step(f"graph passes on {component} ({', '.join(options.graph_passes)})"):
                 rewritten, pass_facts = apply_checked(onnx.load(str(path)), options.graph_passes, spec)

@@ -33,8 +33,9 @@ def build(folder: Path, threads: int, calibration_images: int, int8_groups: list
     from evsam_export.manifest import read_manifest
     from evsam_export.model.variants import get_variant
     from evsam_export.progress import Reporter
-    from evsam_export.targets import fp16, openvino, ort, ort_int8
-    from evsam_export.targets.base import StepContext
+    from evsam_export.precision import fp16, ort_int8
+    from evsam_export.targets import openvino, ort
+    from evsam_export.pipeline.step import StepContext
 
     manifest = read_manifest(folder)
     ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant(manifest.variant),

@@ -49,7 +49,7 @@ def build_irs(folder: Path, args) -> dict:
     from evsam_export.model.variants import get_variant
     from evsam_export.progress import Reporter
     from evsam_export.targets import openvino as target
-    from evsam_export.targets.base import StepContext
+    from evsam_export.pipeline.step import StepContext
 
     manifest = read_manifest(folder)
     parent = manifest.artifact("encoder.onnx.fp32")

@@ -44,9 +44,9 @@ def main() -> None:
     from evsam_export.parity.metrics import snr_db
     from evsam_export.parity.suites import load_suite
     from evsam_export.progress import Reporter
-    from evsam_export.targets import ort_int8
-    from evsam_export.targets.base import StepContext
-    from evsam_export.targets.fallback import GATE_SUITE, graph_nodes
+    from evsam_export.precision import ort_int8
+    from evsam_export.pipeline.step import StepContext
+    from evsam_export.pipeline.fallback import GATE_SUITE, graph_nodes
 
     manifest = read_manifest(args.folder)
     variant = get_variant(manifest.variant)

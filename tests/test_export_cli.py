@@ -120,7 +120,7 @@ def test_failure_midway_leaves_previous_output_untouched(tmp_path, monkeypatch):
     """An error after tracing started (here: the decoder export) must not leave partial files."""
     from evsam_export import api
     from evsam_export.errors import ExportError
-    from evsam_export.targets import onnx_export
+    from evsam_export.export import onnx_export
 
     target = tmp_path / "out"
     target.mkdir()

@@ -16,10 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 from evsam_export import api
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.manifest import TensorSpec, read_manifest
-from evsam_export.targets import graph_passes
-from evsam_export.targets.graph_passes import PASSES, apply_checked, apply_passes, cubic_resize_matrix
-from evsam_export.targets.onnx_export import ComponentSpec
-from evsam_export.targets.simplify import ort_outputs
+from evsam_export.export import graph_passes
+from evsam_export.export.graph_passes import PASSES, apply_checked, apply_passes, cubic_resize_matrix
+from evsam_export.export.onnx_export import ComponentSpec
+from evsam_export.export.simplify import ort_outputs
 
 
 def ops(model) -> collections.Counter:
@@ -183,15 +183,16 @@ def test_checked_application_refuses_a_pass_that_moves_outputs(monkeypatch):
                         graph_passes.GraphPass("bicubic-resize-as-matmul", "portable", "", "", broken))
     model = resize_model((16, 16), sizes=(64, 64))
     spec = ComponentSpec("encoder", (TensorSpec("x", "float32", ("n", 3, 16, 16)),), (TensorSpec("y", "float32", ("n", 3, 64, 64)),))
-    monkeypatch.setattr("evsam_export.targets.simplify.equivalence_feeds",
+    monkeypatch.setattr("evsam_export.export.simplify.equivalence_feeds",
                         lambda _spec: [{"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32) * 10}])
-    monkeypatch.setattr("evsam_export.targets.onnx_export.check_contract", lambda *_: None)
+    monkeypatch.setattr("evsam_export.export.onnx_export.check_contract", lambda *_: None)
     with pytest.raises(ExportError, match="moved encoder outputs"):
         apply_checked(model, ["bicubic-resize-as-matmul"], spec)
 
 
 def test_pass_names_are_checked_where_they_are_configured():
-    from evsam_export.targets import ort, ort_int8
+    from evsam_export.precision import ort_int8
+    from evsam_export.targets import ort
 
     with pytest.raises(RecipeError, match="unknown graph pass"):
         api.ExportOptions(graph_passes=("fuse-everything",))
@@ -222,7 +223,7 @@ def test_l0_export_runs_the_portable_passes(l0_export):
 
 def test_l0_ort_passes_on_the_real_encoder(l0_export):
     """The ORT pass finds all 30 GELUs of l0, whichever way onnxsim left their 0.5."""
-    from evsam_export.targets.onnx_export import artifact_spec
+    from evsam_export.export.onnx_export import artifact_spec
 
     encoder = read_manifest(l0_export).artifact("encoder.onnx.fp32")
     model = onnx.load(str(l0_export / encoder.path))

@@ -25,8 +25,8 @@ from evsam_export.progress import Reporter  # noqa: E402
 from evsam_export.runners.openvino_runner import OpenVINORunner  # noqa: E402
 from evsam_export.runners.ort_runner import OrtRunner  # noqa: E402
 from evsam_export.targets import openvino as target  # noqa: E402
-from evsam_export.targets.base import StepContext  # noqa: E402
-from evsam_export.targets.onnx_export import decoder_spec, sample_feeds  # noqa: E402
+from evsam_export.pipeline.step import StepContext  # noqa: E402
+from evsam_export.export.onnx_export import decoder_spec, sample_feeds  # noqa: E402
 
 # One small scene, two prompt kinds, the shipped default tolerances (as tests/test_validate.py does).
 
@@ -57,7 +57,7 @@ def built(ctx) -> dict:
 def int8(ctx):
     """Encoder INT8 with fallback on and a stub gate: round 0 (base scope) fails, round 1 passes."""
     pytest.importorskip("nncf")
-    from evsam_export.targets import fallback
+    from evsam_export.pipeline import fallback
 
     rounds = []
 

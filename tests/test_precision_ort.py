@@ -22,9 +22,11 @@ from evsam_export.parity.suites import load_suite, validators_dir
 from evsam_export.parity.validate import Gate, ParityReport, StageReport
 from evsam_export.progress import Reporter
 from evsam_export.runners.ort_runner import OrtRunner
-from evsam_export.targets import base, fallback, fp16, ort_int8
+from evsam_export.pipeline import fallback
+from evsam_export.pipeline import step as base
+from evsam_export.precision import fp16, ort_int8
 from evsam_export.targets import openvino as openvino_target
-from evsam_export.targets.base import StepContext
+from evsam_export.pipeline.step import StepContext
 
 CALIBRATION_IMAGES = 4
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from evsam_export.errors import RecipeError
-from evsam_export.recipe import load_recipe, recipes_dir
-from evsam_export.recipe.runner import StepCache, run_recipe
+from evsam_export.pipeline.recipe import load_recipe, recipes_dir
+from evsam_export.pipeline.runner import StepCache, run_recipe
 
 
 def write(path: Path, text: str) -> Path:
@@ -126,12 +126,12 @@ def test_cache_stores_a_step_without_files(tmp_path):
 def test_step_code_hash_covers_the_helpers_a_step_imports():
     """A change in the model code or a graph pass must invalidate a cached export, not only a change in
     the step module itself (evsam_export.api)."""
-    from evsam_export.recipe.runner import module_code_files, module_code_hash
+    from evsam_export.pipeline.cache import module_code_files, module_code_hash
 
     files = module_code_files("evsam_export.api")
-    for helper in ("evsam_export.targets.graph_passes", "evsam_export.model.layers", "evsam_export.targets.simplify"):
+    for helper in ("evsam_export.export.graph_passes", "evsam_export.model.layers", "evsam_export.export.simplify"):
         assert helper in files, helper
-    assert "evsam_export.targets.ort_int8" in module_code_files("evsam_export.targets.ort_int8")
-    assert "evsam_export.calibration.data" in module_code_files("evsam_export.targets.ort_int8")
+    assert "evsam_export.precision.ort_int8" in module_code_files("evsam_export.precision.ort_int8")
+    assert "evsam_export.calibration.data" in module_code_files("evsam_export.precision.ort_int8")
     assert module_code_hash("evsam_export.api") != module_code_hash("evsam_export.targets.ort")
     assert len(module_code_hash("not_our.module")) == 64

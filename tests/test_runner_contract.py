@@ -13,7 +13,7 @@ from evsam_export.model.checkpoint import load_model
 from evsam_export.model.variants import VARIANTS
 from evsam_export.runners import availability_of, runner_for_artifact
 from evsam_export.runners.torch_runner import torch_reference_runners
-from evsam_export.targets.onnx_export import sample_feeds
+from evsam_export.export.onnx_export import sample_feeds
 
 RUNTIMES = ["torch", "onnxruntime", "openvino", "tensorrt"]
 

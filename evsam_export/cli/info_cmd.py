@@ -26,7 +26,7 @@ def targets_command(debug: DebugOption = False) -> None:
                 status += " -> `run` leaves a trtexec build kit instead"
             typer.echo(f"{target.name:<9} {target.device:<4} {'/'.join(target.precisions):<15} {status}")
             typer.echo(f"{'':<9} {target.description}")
-        from evsam_export.targets.graph_passes import PASSES
+        from evsam_export.export.graph_passes import PASSES
 
         typer.echo("\ngraph passes (portable: run at export; onnxruntime: run by the ort and ort-int8 steps)")
         for graph_pass in PASSES.values():

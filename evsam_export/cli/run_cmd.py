@@ -31,8 +31,8 @@ def run_command(
         from evsam_export.errors import ParityFailure
         from evsam_export.parity.report import console_table
         from evsam_export.progress import Reporter
-        from evsam_export.recipe import load_recipe
-        from evsam_export.recipe.runner import StepCache, run_recipe
+        from evsam_export.pipeline.recipe import load_recipe
+        from evsam_export.pipeline.runner import StepCache, run_recipe
 
         loaded = load_recipe(recipe, overrides or [])
         folder = output or Path("out") / f"{loaded.name}-{variant.value}"

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, replace
 
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.manifest import Artifact, TensorSpec
-from evsam_export.targets.base import StepContext, artifact_filename
-from evsam_export.targets.fallback import FallbackGroup
+from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.pipeline.fallback import FallbackGroup
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PRESETS = ("mixed", "performance")
@@ -421,7 +421,7 @@ def build_int8(ctx: StepContext, parent: Artifact, model, settings: Settings, st
 
     from evsam_export.calibration.data import as_nncf_dataset, calibration_fingerprint, describe_calibration
     from evsam_export.manifest import cpu_flags
-    from evsam_export.targets.fallback import build_with_fallback
+    from evsam_export.pipeline.fallback import build_with_fallback
 
     with ctx.reporter.step(f"{parent.component}: calibration feeds ({settings.subset_size})"):
         feeds = calibration_feeds(ctx, parent, settings)
@@ -468,7 +468,7 @@ def accuracy_controlled(ctx, parent, model, settings, feeds, overflow_fix, commo
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     from evsam_export.parity.suites import load_suite
-    from evsam_export.targets.fallback import GATE_SUITE
+    from evsam_export.pipeline.fallback import GATE_SUITE
 
     items, metric = validation_items(ctx, parent, settings)
     max_drop = round(1.0 - load_suite(GATE_SUITE).tolerance("int8").mask_iou_mean_min, 6)

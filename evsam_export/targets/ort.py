@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evsam_export.manifest import Artifact
-from evsam_export.targets.base import StepContext, artifact_filename
-from evsam_export.targets.graph_passes import ORT_PASSES, check_pass_names
+from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
 
         import onnx
 
-        from evsam_export.targets.graph_passes import apply_checked
-        from evsam_export.targets.onnx_export import artifact_spec
+        from evsam_export.export.graph_passes import apply_checked
+        from evsam_export.export.onnx_export import artifact_spec
 
         with ctx.reporter.step(f"{parent.component}: graph passes ({', '.join(settings.graph_passes)})"):
             rewritten, pass_facts = apply_checked(onnx.load(str(source)), settings.graph_passes, artifact_spec(parent))

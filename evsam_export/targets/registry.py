@@ -29,7 +29,7 @@ TARGETS: dict[str, TargetInfo] = {
         device="cpu",
         precisions=("fp32", "fp16", "int8"),
         description="ONNX Runtime: ONNX graphs (fp32, fp16 with fp32 islands, static QDQ INT8), optimized offline",
-        precision_steps={"fp16": "evsam_export.targets.fp16", "int8": "evsam_export.targets.ort_int8"},
+        precision_steps={"fp16": "evsam_export.precision.fp16", "int8": "evsam_export.precision.ort_int8"},
         target_step="evsam_export.targets.ort",
     ),
     "openvino": TargetInfo(
@@ -47,7 +47,7 @@ TARGETS: dict[str, TargetInfo] = {
         device="gpu",
         precisions=("fp32", "fp16", "int8"),
         description="TensorRT engines, strongly typed from the precision-prepared ONNX (or a trtexec build kit without TensorRT/GPU)",
-        precision_steps={"fp16": "evsam_export.targets.fp16", "int8": "evsam_export.targets.ort_int8"},
+        precision_steps={"fp16": "evsam_export.precision.fp16", "int8": "evsam_export.precision.ort_int8"},
         target_step="evsam_export.targets.tensorrt",
         decoder_profile="tensorrt",
     ),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from evsam_export.manifest import Artifact
-from evsam_export.targets.base import StepContext, artifact_id, scratch_reference_path
+from evsam_export.pipeline.step import StepContext, artifact_id, scratch_reference_path
 
 # The small suite every candidate is gated on (validators/calibration-gate.toml: 2 scenes + 1 photo,
 # point/box/boxes16, the default.toml tolerances verbatim). The recipe's own suite still validates the

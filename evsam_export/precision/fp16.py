@@ -12,7 +12,7 @@ Precision lives in the graph (ARCHITECTURE.md): the fp32 ONNX is converted by ON
 * a structural check afterwards, `fp32_islands`, that every fragile node still reads and writes float32
   (no fp16 tensor crosses into an island), plus an ORT CPU load and a finite-output check;
 * optionally (the default) the calibration-gate parity suite on the candidate, and automatic fallback
-  that keeps further groups at fp32 until it passes (evsam_export.targets.fallback).
+  that keeps further groups at fp32 until it passes (evsam_export.pipeline.fallback).
 
 Caveat, measured: ORT's CPU EP has few fp16 kernels and runs most fp16 nodes through casts to fp32 that
 it inserts at session start (L0 encoder.fp16.onnx: 19 Casts in the file, 133 in the session graph, ORT
@@ -31,8 +31,8 @@ import numpy as np
 
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.manifest import Artifact
-from evsam_export.targets.base import StepContext, artifact_filename
-from evsam_export.targets.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.pipeline.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
 
 # Op types that always compute in fp32, in every component.
 FP32_OP_TYPES = (

@@ -369,8 +369,8 @@ def apply_checked(model, names, spec) -> tuple[object, dict]:
     (simplify.py's feeds: two prompt shapes for the decoder) within EQUIVALENCE_ATOL, the IO contract
     unchanged. Returns (model, facts for the manifest)."""
     from evsam_export.errors import ExportError
-    from evsam_export.targets.onnx_export import check_contract
-    from evsam_export.targets.simplify import EQUIVALENCE_ATOL, equivalence_feeds, max_abs_difference, ort_outputs
+    from evsam_export.export.onnx_export import check_contract
+    from evsam_export.export.simplify import EQUIVALENCE_ATOL, equivalence_feeds, max_abs_difference, ort_outputs
 
     rewritten, counts = apply_passes(model, names)
     facts = {"passes": counts, "nodes_before": len(model.graph.node), "nodes_after": len(rewritten.graph.node)}

@@ -43,9 +43,9 @@ from pathlib import Path
 
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.manifest import Artifact, cpu_flags
-from evsam_export.targets.base import StepContext, artifact_filename
-from evsam_export.targets.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
-from evsam_export.targets.graph_passes import ORT_PASSES, check_pass_names
+from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.pipeline.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
 
 # Node-name regexes never quantized, whatever op_types_to_quantize says (resolved to exact names).
 EXCLUDE_PATTERNS = (
@@ -358,8 +358,8 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             source = scratch / "pre.onnx"
         pass_facts = {"passes": {}}
         if settings.passes:
-            from evsam_export.targets.graph_passes import apply_checked
-            from evsam_export.targets.onnx_export import artifact_spec
+            from evsam_export.export.graph_passes import apply_checked
+            from evsam_export.export.onnx_export import artifact_spec
 
             # On the fp32 graph, where the equivalence check is meaningful (after QDQ, a 1e-6 change
             # can move a value across a quantization step).

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export.errors import ExportError
-from evsam_export.targets.onnx_export import ComponentSpec, check_contract, sample_feeds
+from evsam_export.export.onnx_export import ComponentSpec, check_contract, sample_feeds
 
 SIMPLIFIERS = ("onnxsim", "onnxslim")
 EQUIVALENCE_ATOL = 1e-4
