@@ -98,5 +98,8 @@ def test_sensitivity_errors_are_one_line_with_exit_codes(l0_export, tmp_path):
     proc = cli(l0_export, "--groups", "encoder-nek", "--report", tmp_path / "never.json")
     assert proc.returncode == 2 and "unknown group 'encoder-nek'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "never.json").exists()
+    proc = cli(l0_export, "--groups", "decoder-output", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "no quantizable Conv node in decoder-output" in proc.stderr
+    assert not (tmp_path / "never.json").exists()
     proc = cli(tmp_path)
     assert proc.returncode == 6 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr

@@ -174,6 +174,9 @@ def measure_sensitivity(
     settings, settings_from = int8_settings(manifest, overrides or {})
     quantizable = quantizable_nodes(graph_nodes(folder / parent.path), settings)
     selected, skipped = group_selection(quantizable, groups)
+    if not selected:
+        raise UsageError(f"no quantizable {'/'.join(settings.op_types_to_quantize)} node in {', '.join(skipped)} of this encoder",
+                         hint="name an encoder group, 'ungrouped' or 'all'")
     loaded_suite = load_suite(suite)
     images = [load_image_spec(spec) for spec in loaded_suite.images]
     input_name, output_name = parent.inputs[0].name, parent.outputs[0].name
