@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -113,10 +114,31 @@ def alternate(subjects: dict, feeds: dict, runs: int, warmup: int) -> dict[str, 
     return times
 
 
+class _Call:
+    """A zero-argument callable in the shape `alternate` times (an object with `infer(feeds)`)."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.call = call
+
+    def infer(self, feeds) -> object:
+        return self.call()
+
+
+def alternate_calls(calls: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """`alternate` over zero-argument callables: an ORT session run, an OpenVINO request, a torch forward."""
+    return alternate({name: _Call(call) for name, call in calls.items()}, dict.fromkeys(calls), runs, warmup)
+
+
+def latency_summary(values_ms: list[float]) -> dict[str, float]:
+    """Median, p10, p90 and min of one subject's timed runs, in ms."""
+    array = np.asarray(values_ms, dtype=np.float64)
+    return {"median": float(np.median(array)), "p10": float(np.percentile(array, 10)),
+            "p90": float(np.percentile(array, 90)), "min": float(array.min())}
+
+
 def _timing(subject, component, workload, values, items, load_s) -> Timing:
-    array = np.asarray(values)
-    return Timing(subject, component, workload, float(np.median(array)), float(np.percentile(array, 90)), float(array.min()),
-                  len(values), items, round(load_s, 3))
+    summary = latency_summary(values)
+    return Timing(subject, component, workload, summary["median"], summary["p90"], summary["min"], len(values), items, round(load_s, 3))
 
 
 MEMORY_PROBE = r"""

@@ -123,7 +123,7 @@ def main() -> int:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
-        subprocess.run(["evsam-export", "export", "--variant", variant, "--output", str(folder)], check=True,
+        subprocess.run([sys.executable, "-m", "evsam_export.cli", "export", "--variant", variant, "--output", str(folder)], check=True,
                        stdout=subprocess.DEVNULL)
         build_s = {"export": round(time.perf_counter() - started, 1)}
         build_s.update(build(folder, args.threads, args.calibration_images,

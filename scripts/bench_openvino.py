@@ -7,12 +7,12 @@ FOLDER is an `evsam-export export` folder (fp32 ONNX). Missing OpenVINO IRs are 
 build-time gate, with the base ignored scope plus the fallback groups named by --int8-fp32-groups (default: the
 group the parity gate asked for on L0, see evsam_export/targets/openvino.py); its facts are printed.
 
-Method (RUNTIMES.md §3.1 / §4.4): 2 threads everywhere (INFERENCE_NUM_THREADS=2, PERFORMANCE_HINT=LATENCY,
-INFERENCE_PRECISION_HINT=f32 for every IR; ORT intra_op=2; torch.set_num_threads(2)); one input (a synthetic
-scene through the shared preprocessing, not a calibration or suite image); warm-up, then --runs rounds in
-which every runner runs once in turn (alternated, so machine noise hits all alike); median and min per runner.
-SNR is of the embeddings vs PyTorch fp32. An extra row "openvino fp32 IR, no hint" shows what the CPU plugin
-picks by itself (bf16 on AVX512_BF16/AMX CPUs).
+Method: 2 threads everywhere (INFERENCE_NUM_THREADS=2, PERFORMANCE_HINT=LATENCY, INFERENCE_PRECISION_HINT=f32
+for every IR; ORT intra_op=2; torch.set_num_threads(2)); one input (a synthetic scene through the common
+preprocessing, not a calibration or suite image); `evsam_export.bench`'s alternation (warm-up, then --runs
+rounds in which every runner runs once, the order reversed every other round, so machine noise hits all
+alike); median and min per runner. SNR is of the embeddings vs PyTorch fp32. An extra row "openvino fp32
+IR, no hint" shows what the CPU plugin picks by itself (bf16 on AVX512_BF16/AMX CPUs).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,6 +94,7 @@ def main(argv=None) -> int:
     import openvino as ov
     import torch
 
+    from evsam_export.bench import alternate_calls, latency_summary
     from evsam_export.calibration.images import synthetic_scene
     from evsam_export.manifest import cpu_flags, cpu_model, package_versions
     from evsam_export.model.checkpoint import load_model
@@ -141,28 +140,21 @@ def main(argv=None) -> int:
     calls["pytorch eager fp32"] = torch_call
 
     reference = torch_call()
-    outputs = {}
-    for name, call in calls.items():
-        for _ in range(args.warmup):
-            outputs[name] = call()
-    times = {name: [] for name in calls}
-    for _ in range(args.runs):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - started) * 1000.0)
+    outputs = {name: call() for name, call in calls.items()}
+    times = alternate_calls(calls, args.runs, args.warmup)
+    summary = {name: latency_summary(values) for name, values in times.items()}
 
-    torch_median = statistics.median(times["pytorch eager fp32"])
-    ort_median = statistics.median(times["onnxruntime fp32 ONNX"])
-    ov_fp32_median = statistics.median(times["openvino fp32 IR"])
+    torch_median = summary["pytorch eager fp32"]["median"]
+    ort_median = summary["onnxruntime fp32 ONNX"]["median"]
+    ov_fp32_median = summary["openvino fp32 IR"]["median"]
     rows = []
     for name in calls:
-        median = statistics.median(times[name])
+        median = summary[name]["median"]
         rows.append({
             "runner": name,
             "compiled_precision": compiled_precision.get(name, "-"),
             "median_ms": round(median, 1),
-            "min_ms": round(min(times[name]), 1),
+            "min_ms": round(summary[name]["min"], 1),
             "speedup_vs_torch": round(torch_median / median, 2),
             "speedup_vs_ort": round(ort_median / median, 2),
             "speedup_vs_ov_fp32": round(ov_fp32_median / median, 2),

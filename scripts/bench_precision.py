@@ -4,11 +4,12 @@
     python scripts/bench_precision.py /tmp/p-l0 --threads 2 --runs 12
 
 Builds encoder.fp16.onnx and encoder.ort.int8.onnx (and, with --int8-fp32-groups, the INT8 graph a
-fallback ended with) next to a link to the fp32 graph in a scratch folder
-(the export folder is not touched; no parity gate: this measures speed), then times the three sessions
-*alternated* run by run after a warm-up, so load from other processes on a shared machine hits all three
-alike. Prints median / p10 / p90 per precision, the ratio of medians against fp32, embedding SNR against
-fp32, and the CPU flags that decide INT8 and fp16 speed (VNNI, AVX-512, F16C).
+fallback ended with) next to a link to the fp32 graph in a scratch folder (the export folder is not
+touched; no parity gate: this measures speed), then times the sessions with `evsam_export.bench`'s
+alternation (warm-up, then one run of each per round, the order reversed every other round), so load from
+other processes on a busy machine hits them all alike. Prints median / p10 / p90 per precision, the ratio
+of medians against fp32, embedding SNR against fp32, and the CPU flags that decide INT8 and fp16 speed
+(VNNI, AVX-512, F16C).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
-
-import numpy as np
 
 
 def build_variants(folder: Path, scratch: Path, calibration_images: int, threads: int,
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 10:
         parser.error("--runs must be at least 10")
 
+    from evsam_export.bench import alternate_calls, latency_summary
     from evsam_export.calibration.data import encoder_calibration_feeds
     from evsam_export.manifest import cpu_flags, cpu_model, package_versions
     from evsam_export.parity.metrics import snr_db
@@ -105,20 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         feeds = encoder_calibration_feeds(variant, 1, seed=123, photos=False)[0]  # held out from calibration
         sessions = {name: session(path, args.threads) for name, path in paths.items()}
         outputs = {name: s.run(None, feeds)[0] for name, s in sessions.items()}
-        for _ in range(args.warmup):
-            for s in sessions.values():
-                s.run(None, feeds)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for index in range(args.runs):
-            order = list(sessions) if index % 2 == 0 else list(reversed(sessions))  # alternate, and the order too
-            for name in order:
-                t0 = time.perf_counter()
-                sessions[name].run(None, feeds)
-                times[name].append((time.perf_counter() - t0) * 1000.0)
+        times = alternate_calls({name: partial(s.run, None, feeds) for name, s in sessions.items()}, args.runs, args.warmup)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    median = {name: float(np.median(values)) for name, values in times.items()}
+    summary = {name: latency_summary(values) for name, values in times.items()}
+    median = {name: values["median"] for name, values in summary.items()}
     results = {
         "command": shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "variant": variant,
@@ -128,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "versions": {k: v for k, v in package_versions(("onnxruntime", "onnx", "numpy")).items()},
         "build_s": round(build_s, 1),
-        "ms": {name: {"median": round(median[name], 1), "p10": round(float(np.percentile(v, 10)), 1),
-                      "p90": round(float(np.percentile(v, 90)), 1)} for name, v in times.items()},
+        "ms": {name: {key: round(summary[name][key], 1) for key in ("median", "p10", "p90")} for name in times},
         "speedup_vs_fp32": {name: round(median["fp32"] / median[name], 2) for name in times},
         "speedup_vs_fp32_ort": {name: round(median["fp32-ort"] / median[name], 2) for name in times},
         "snr_db_vs_fp32": {name: round(snr_db(outputs["fp32"], outputs[name]), 1) for name in times if name != "fp32"},

@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 
 
+# This interpreter's package (a checkout on PYTHONPATH included), not whichever `evsam-export` is on PATH.
+CLI = [sys.executable, "-m", "evsam_export.cli"]
+
+
 def run(cmd: list[str]) -> tuple[int, float, float, str]:
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -36,7 +40,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         folder = args.output / variant
         code, seconds, peak_mb, tail = run(
-            ["/usr/bin/time", "-f", "MAXRSS_KB=%M", "evsam-export", "export", "--variant", variant, "--output", str(folder), "--force"]
+            ["/usr/bin/time", "-f", "MAXRSS_KB=%M", *CLI, "export", "--variant", variant, "--output", str(folder), "--force"]
         )
         rss = [line for line in tail.splitlines() if line.startswith("MAXRSS_KB=")]
         record = {"variant": variant, "export_exit": code, "export_s": round(seconds, 1),
@@ -45,7 +49,7 @@ def main() -> None:
         if code != 0:
             record["error"] = tail[-500:]
         elif not args.no_validate:
-            vcode, vseconds, _, vtail = run(["evsam-export", "validate", str(folder)])
+            vcode, vseconds, _, vtail = run([*CLI, "validate", str(folder)])
             record.update({"validate_exit": vcode, "validate_s": round(vseconds, 1), "validate_tail": vtail.splitlines()[-6:]})
         line = json.dumps(record)
         print(line, flush=True)

@@ -5,7 +5,8 @@
 `--plain VARIANT` adds the plain export of synthetic weights (torch.onnx.export, opset 17, no graph work;
 evsam_export.bench.plain_export) as the first column of comparison. Sessions use ORT_ENABLE_ALL like an
 app would, so the table shows ORT's own fusions and layout nodes (ReorderInput/ReorderOutput are NCHWc
-conversions around ops without a blocked kernel). Run it on a quiet machine; numbers are per image.
+conversions around ops without a blocked kernel). The graphs are timed alternated (`evsam_export.bench`),
+so machine noise hits them alike; still, run it on a quiet machine. Numbers are per image.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 
-def profile(path: Path, threads: int, runs: int, warmup: int = 3) -> tuple[float, dict[str, tuple[float, int]]]:
+def profiled_session(path: Path, threads: int, tag: str):
+    """An ORT session that records every node's kernel time, and the random image its input takes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -30,18 +31,17 @@ def profile(path: Path, threads: int, runs: int, warmup: int = 3) -> tuple[float
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "evsam-profile")
+    # One prefix per session: ORT names a trace by prefix and start second, and these sessions start together.
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"evsam-profile-{os.getpid()}-{tag}")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
     size = spec.shape[-1]
     image = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    for _ in range(warmup):
-        session.run(None, {spec.name: image})
-    latencies = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, {spec.name: image})
-        latencies.append(time.perf_counter() - started)
+    return session, {spec.name: image}
+
+
+def per_op_times(session, calls: int) -> dict[str, tuple[float, int]]:
+    """{op type: (ms per image, nodes)} from the session's profile of `calls` runs; ends the profiling."""
     trace = Path(session.end_profiling())
     events = json.loads(trace.read_text())
     trace.unlink()
@@ -49,9 +49,19 @@ def profile(path: Path, threads: int, runs: int, warmup: int = 3) -> tuple[float
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             entry = per_op[event["args"]["op_name"]]
-            entry[0] += event["dur"] / 1000 / (runs + warmup)
+            entry[0] += event["dur"] / 1000 / calls
             entry[1] += 1
-    return statistics.median(latencies) * 1000, {op: (ms, n // (runs + warmup)) for op, (ms, n) in per_op.items()}
+    return {op: (ms, n // calls) for op, (ms, n) in per_op.items()}
+
+
+def profile(paths: list[Path], threads: int, runs: int, warmup: int) -> dict[str, tuple[float, dict[str, tuple[float, int]]]]:
+    """{path: (median ms, per-op times)}, every graph timed by `evsam_export.bench`'s alternation."""
+    from evsam_export.bench import alternate_calls, latency_summary
+
+    sessions = {str(path): profiled_session(path, threads, str(index)) for index, path in enumerate(paths)}
+    times = alternate_calls({name: partial(session.run, None, feeds) for name, (session, feeds) in sessions.items()}, runs, warmup)
+    return {name: (latency_summary(times[name])["median"], per_op_times(session, runs + warmup))
+            for name, (session, _) in sessions.items()}
 
 
 def main() -> None:
@@ -60,6 +70,7 @@ def main() -> None:
     parser.add_argument("--plain", metavar="VARIANT", help="also profile the plain export of this variant (synthetic:0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per graph first (their kernel times are averaged in)")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
     graphs = list(args.graphs)
@@ -72,7 +83,7 @@ def main() -> None:
         variant = get_variant(args.plain)
         model, _ = load_model(variant, "synthetic:0")
         graphs.insert(0, plain_export(model, variant, Path(scratch.name)))
-    results = {str(path): profile(path, args.threads, args.runs) for path in graphs}
+    results = profile(graphs, args.threads, args.runs, args.warmup)
     ops = collections.Counter()
     for _, per_op in results.values():
         for op, (ms, _) in per_op.items():

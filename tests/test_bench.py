@@ -30,6 +30,18 @@ def test_runs_alternate_between_subjects_after_warmup():
     assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3, "c": 3}
 
 
+def test_callables_alternate_like_runners_and_summaries_order_their_quantiles():
+    """The research scripts time ORT sessions, OpenVINO requests and torch modules as plain callables."""
+    log = []
+    calls = {name: (lambda name=name: log.append(name)) for name in ("x", "y")}
+    times = bench.alternate_calls(calls, runs=4, warmup=1)
+    assert log == ["x", "y", "x", "y", "y", "x", "x", "y", "y", "x"]
+    assert {name: len(values) for name, values in times.items()} == {"x": 4, "y": 4}
+    summary = bench.latency_summary([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert summary["median"] == 3.0 and summary["min"] == 1.0
+    assert summary["min"] <= summary["p10"] < summary["median"] < summary["p90"] <= 5.0
+
+
 def test_peak_memory_is_the_probe_process_own(l0_export):
     """Linux carries ru_maxrss across fork+exec: a probe started by a process that holds 1.5 GB must still
     report only what loading and running the decoder took."""

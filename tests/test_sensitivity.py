@@ -1,0 +1,105 @@
+"""`evsam-export sensitivity DIR`: one fallback group INT8 at a time, the rest fp32, embedding SNR vs fp32."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from evsam_export.errors import UsageError
+from evsam_export.manifest import read_manifest
+from evsam_export.pipeline.fallback import graph_nodes
+from evsam_export.precision import ort_int8, sensitivity
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "evsam_export.cli", "sensitivity", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "CI": "1", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def quantizable(l0_export):
+    settings, _ = sensitivity.int8_settings(read_manifest(l0_export), {})
+    return sensitivity.quantizable_nodes(graph_nodes(l0_export / "encoder.fp32.onnx"), settings)
+
+
+def test_rows_cover_every_encoder_group_then_ungrouped_and_all(quantizable):
+    every = {name for name, _ in quantizable}
+    assert quantizable and {op for _, op in quantizable} == {"Conv"}
+    rows, skipped = sensitivity.group_selection(quantizable, [])
+    encoder_groups = [g.name for g in ort_int8.INT8_GROUPS if g.name.startswith("encoder-")]
+    # Decoder groups name no encoder node and are left out silently when no group was asked for.
+    assert list(rows) == encoder_groups + [sensitivity.UNGROUPED, sensitivity.ALL] and skipped == []
+    assert rows[sensitivity.ALL] == every
+    grouped = set().union(*(rows[name] for name in encoder_groups))
+    assert rows[sensitivity.UNGROUPED] == every - grouped and all("backbone/stages.0/" in n for n in rows[sensitivity.UNGROUPED])
+    assert len(rows["encoder-neck-pointwise"]) == 5 and rows["encoder-neck-pointwise"] < rows["encoder-neck"]
+
+
+def test_all_alone_is_only_the_every_node_row_and_unknown_groups_are_refused(quantizable):
+    rows, skipped = sensitivity.group_selection(quantizable, ["all"])
+    assert list(rows) == ["all"] and not skipped
+    rows, skipped = sensitivity.group_selection(quantizable, ["decoder-output", "encoder-neck"])
+    assert list(rows) == ["encoder-neck"] and skipped == ["decoder-output"]  # decoder groups name no encoder node
+    with pytest.raises(UsageError, match="unknown group 'encoder-nek'"):
+        sensitivity.group_selection(quantizable, ["encoder-nek"])
+
+
+def test_settings_come_from_the_folders_int8_artifact_with_overrides_and_no_fallback(l0_export):
+    manifest = read_manifest(l0_export)
+    settings, source = sensitivity.int8_settings(manifest, {"calibration_images": 3})
+    assert source == "defaults" and settings == ort_int8.Settings(calibration_images=3, fallback=False)
+    recorded = {"calibrate_method": "minmax", "percentile": 99.9, "calibration_images": 8, "fallback": True,
+                "single_mask": False}  # a key the step does not take (the manifest adds it) is ignored
+    manifest.artifacts.append(replace(manifest.artifact("encoder.onnx.fp32"), id="encoder.ort.int8", settings=recorded))
+    settings, source = sensitivity.int8_settings(manifest, {"percentile": 99.0, "calibrate_method": None})
+    assert source == "encoder.ort.int8"
+    assert (settings.calibrate_method, settings.percentile, settings.calibration_images, settings.fallback) == ("minmax", 99.0, 8, False)
+    with pytest.raises(UsageError, match="percentile"):
+        sensitivity.int8_settings(manifest, {"percentile": 50.0})
+
+
+def test_sensitivity_command_measures_each_group_and_writes_its_report(l0_export, tmp_path):
+    folder = tmp_path / "l0"  # links to the session export: the report lands here, not in the shared folder
+    folder.mkdir()
+    for path in l0_export.iterdir():
+        (folder / path.name).symlink_to(path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = cli(folder, "--groups", "encoder-neck-pointwise,all", "--calibration-images", "2", "--calibrate-method", "minmax",
+               env={"EVSAM_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(scratch)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((folder / "sensitivity.json").read_text())
+    assert data["format"] == "evsam-export/sensitivity" and data["variant"] == "l0" and data["settings_from"] == "defaults"
+    assert data["settings"]["calibrate_method"] == "minmax" and data["settings"]["calibration_images"] == 2
+    assert data["suite"] == "calibration-gate" and data["images"] == 3 and data["skipped"] == []
+    neck, every = data["results"]
+    assert (neck["group"], every["group"]) == ("encoder-neck-pointwise", "all")
+    # Exactly the asked-for nodes are INT8 in each row, and every row after the first reuses the calibration.
+    assert neck["quantized"] == neck["selected"] == 5 and every["quantized"] == every["selected"] == data["quantizable"]
+    assert (neck["ranges_reused"], every["ranges_reused"]) == (False, True)
+    # Five 1x1 convs in INT8 cost less embedding SNR than all of them.
+    assert every["snr_min_db"] <= every["snr_mean_db"] < neck["snr_min_db"] <= neck["snr_mean_db"]
+    assert 5 < every["snr_min_db"] < 60
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("l0 (minmax ranges, settings from defaults)")
+    assert any(line.split()[:3] == ["encoder-neck-pointwise", "5", "INT8"] for line in lines)
+    assert any(line.split()[:2] == ["all", str(data["quantizable"])] for line in lines)
+    assert lines[-1] == f"wrote {folder / 'sensitivity.json'}"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([p.name for p in l0_export.iterdir()] + ["sensitivity.json"])
+    assert not list(scratch.iterdir())  # the INT8 work folder is gone
+
+
+def test_sensitivity_errors_are_one_line_with_exit_codes(l0_export, tmp_path):
+    proc = cli(l0_export, "--groups", "encoder-nek", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "unknown group 'encoder-nek'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never.json").exists()
+    proc = cli(l0_export, "--groups", "decoder-output", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "no quantizable Conv node in decoder-output" in proc.stderr
+    assert not (tmp_path / "never.json").exists()
+    proc = cli(tmp_path)
+    assert proc.returncode == 6 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr
