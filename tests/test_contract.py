@@ -4,6 +4,9 @@ parity gate's and the fp16 smoke check's feeds are what the contract builds."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -11,11 +14,12 @@ import numpy as np
 import pytest
 
 from evsam_export import contract
-from evsam_export.errors import UsageError
+from evsam_export.errors import ArtifactError, UsageError
 from evsam_export.manifest import read_manifest
 from evsam_export.model import processing
 from evsam_export.model.variants import VARIANTS
 from evsam_export.runners.base import check_feeds
+from evsam_export.runtime import Predictor
 
 PROFILES = [(profile, single) for profile in contract.DECODER_PROFILES for single in (False, True)]
 
@@ -168,3 +172,21 @@ def test_contract_imports_neither_torch_nor_onnx():
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("component, tensor, needle", [
+    ("encoder", "input_image", "not an evsam-export encoder"),
+    ("decoder", "has_mask_input", "not an evsam-export decoder"),
+])
+def test_predictor_refuses_a_manifest_that_breaks_the_contract(l0_export, tmp_path, component, tensor, needle):
+    for path in l0_export.glob("*.onnx"):
+        try:
+            os.link(path, tmp_path / path.name)
+        except OSError:
+            shutil.copy(path, tmp_path / path.name)
+    manifest = json.loads((l0_export / "manifest.json").read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["component"] == component)
+    next(t for t in artifact["inputs"] if t["name"] == tensor)["name"] = "renamed"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=needle):
+        Predictor(tmp_path)
