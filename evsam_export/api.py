@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evsam_export import contract
 from evsam_export.manifest import Artifact, Manifest, environment, sha256_file
-from evsam_export.model.variants import LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
+from evsam_export.model.variants import LOW_RES_MASK_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
 from evsam_export.progress import Reporter
 from evsam_export.export.graph_passes import EXPORT_PASSES, check_pass_names
 
@@ -53,20 +54,12 @@ def model_contract(variant: Variant, options: ExportOptions) -> dict:
         "prompt_frame": PROMPT_FRAME,
         "prompt_rules": {
             "coords": f"pixel (x, y) scaled so the image's longest side is {PROMPT_FRAME}",
-            "labels": {"1": "foreground", "0": "background", "2": "box top-left", "3": "box bottom-right", "-1": "padding"},
+            "labels": {f"{label:g}": meaning for label, meaning in contract.POINT_LABEL_MEANINGS.items()},
             "padding_point": "append (0, 0) with label -1 when there is no box (PyTorch SAM); never after a box",
             "boxes": "one prompt set per box: point_coords [B,2,2] (+ points) with labels [2,3]",
         },
         "decoder_profile": options.decoder_profile,
-        "mask_selection": {
-            "outputs": "token0" if options.single_mask else "all4",
-            "tokens": NUM_MASK_TOKENS if not options.single_mask else 1,
-            "rule": (
-                "token 0 only: PyTorch SAM multimask_output=False"
-                if options.single_mask
-                else "tokens in upstream order: [0] = multimask_output=False, [1:4] = multimask_output=True"
-            ),
-        },
+        "mask_selection": contract.mask_selection(options.single_mask),
         "low_res_mask_size": LOW_RES_MASK_SIZE,
         "mask_threshold": 0.0,
         "postprocess": "bilinear to 1024x1024, crop to the resized image, bilinear to the original size, > 0",
@@ -95,10 +88,9 @@ def _torch_parity(module, spec, path: Path) -> float:
     import numpy as np
     import torch
 
-    from evsam_export.export.onnx_export import sample_feeds
     from evsam_export.export.simplify import ort_outputs
 
-    feeds = sample_feeds(spec, batch=2 if spec.component == "decoder" else 1, num_points=3, seed=3)
+    feeds = contract.sample_feeds(spec, batch=2 if spec.component == "decoder" else 1, num_points=3, seed=3)
     with torch.inference_mode():
         expected = module(*[torch.from_numpy(feeds[name]) for name in spec.input_names])
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -146,15 +138,15 @@ def export(
 
 def export_components(model, variant: Variant, folder: Path, options: ExportOptions, reporter: Reporter) -> list[Artifact]:
     from evsam_export.model.sam import DecoderGraph, EncoderGraph
-    from evsam_export.export.onnx_export import decoder_spec, encoder_spec, export_onnx, op_histogram
+    from evsam_export.export.onnx_export import export_onnx, op_histogram
     from evsam_export.export.simplify import simplify_graph
 
     jobs = [
-        ("encoder", EncoderGraph(model), encoder_spec(variant, options.dynamic_batch)),
+        ("encoder", EncoderGraph(model), contract.encoder_spec(variant, options.dynamic_batch)),
         (
             "decoder",
             DecoderGraph(model, options.decoder_profile, options.single_mask),
-            decoder_spec(options.decoder_profile, options.single_mask, options.dynamic_prompts),
+            contract.decoder_spec(options.decoder_profile, options.single_mask, options.dynamic_prompts),
         ),
     ]
     artifacts = []

@@ -15,25 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evsam_export import __version__
+from evsam_export.contract import TensorSpec  # the contract's tensor spec, which artifacts record
 from evsam_export.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "evsam-export/manifest"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: float32, float16, int64
-    shape: tuple  # ints for fixed dims, strings for named dynamic axes
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TensorSpec":
-        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from upstream import build_upstream
 
-from evsam_export import api
+from evsam_export import api, contract
 from evsam_export.model import processing
 from evsam_export.model.checkpoint import load_model
 from evsam_export.model.variants import VARIANT_NAMES, VARIANTS
@@ -107,14 +107,14 @@ def test_onnx_matches_upstream_pytorch(exported):
         up_boxes = processing.transform_coords(boxes.reshape(-1, 2, 2), geometry).reshape(-1, 4) if boxes is not None else None
         mask_input = previous_low if kind == "mask_refine" else None
         ref_low, ref_iou, ref_full = upstream_masks(upstream, reference, coords, up_labels, up_boxes, mask_input, geometry)
-        feeds = {
-            "image_embeddings": embeddings,
-            "point_coords": tokens.point_coords,
-            "point_labels": tokens.point_labels,
-            "mask_input": mask_input if mask_input is not None else np.zeros((1, 1, 256, 256), np.float32),
-            "has_mask_input": np.array([1.0 if mask_input is not None else 0.0], np.float32),
-            "orig_im_size": np.array(geometry.original_size, np.float32),
-        }
+        feeds = contract.decoder_feeds(
+            contract.decoder_spec("sam"),
+            image_embeddings=embeddings,
+            point_coords=tokens.point_coords,
+            point_labels=tokens.point_labels,
+            mask_input=mask_input,
+            original_size=geometry.original_size,
+        )
         masks, iou, low = sessions["decoder"].run(None, feeds)
         assert masks.shape == ref_full.shape, kind
         assert np.abs(low - ref_low).max() <= LOGIT_ATOL, kind

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from evsam_export import api
+from evsam_export.contract import sample_feeds
 from evsam_export.errors import UsageError
 from evsam_export.manifest import read_manifest
 from evsam_export.model.checkpoint import load_model
 from evsam_export.model.variants import VARIANTS
 from evsam_export.runners import availability_of, runner_for_artifact
 from evsam_export.runners.torch_runner import torch_reference_runners
-from evsam_export.export.onnx_export import sample_feeds
 
 RUNTIMES = ["torch", "onnxruntime", "openvino", "tensorrt"]
 

@@ -9,109 +9,15 @@ TensorRT/ORT/OpenVINO common ground.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+# The specs are declared in evsam_export.contract; artifact_spec/decoder_spec/encoder_spec stay importable
+# from here for the steps and tests that already take them from the exporter.
+from evsam_export.contract import ComponentSpec, artifact_spec, decoder_spec, encoder_spec, sample_feeds  # noqa: F401
 from evsam_export.errors import ExportError
-from evsam_export.manifest import TensorSpec
-from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, Variant
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17  # LayerNormalization and the Resize modes we emit need 17
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    component: str  # encoder | decoder
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    profile: str | None = None
-    single_mask: bool = False
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        axes = {}
-        for spec in self.inputs + self.outputs:
-            named = {i: dim for i, dim in enumerate(spec.shape) if isinstance(dim, str)}
-            if named:
-                axes[spec.name] = named
-        return axes
-
-
-def encoder_spec(variant: Variant, dynamic_batch: bool = True) -> ComponentSpec:
-    batch = "batch" if dynamic_batch else 1
-    size = variant.encoder_size
-    return ComponentSpec(
-        component="encoder",
-        inputs=(TensorSpec("input_image", "float32", (batch, 3, size, size)),),
-        outputs=(TensorSpec("image_embeddings", "float32", (batch, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)),),
-    )
-
-
-def decoder_spec(profile: str = "sam", single_mask: bool = False, dynamic_prompts: bool = True) -> ComponentSpec:
-    prompts = "num_prompts" if dynamic_prompts else 1
-    points = "num_points" if dynamic_prompts else 2
-    masks = 1 if single_mask else NUM_MASK_TOKENS
-    low = LOW_RES_MASK_SIZE
-    inputs = [
-        TensorSpec("image_embeddings", "float32", (1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)),
-        TensorSpec("point_coords", "float32", (prompts, points, 2)),
-        TensorSpec("point_labels", "float32", (prompts, points)),
-        # [1,...] broadcasts over all prompt sets (what SAM apps feed); [B,...] gives one mask per set.
-        TensorSpec("mask_input", "float32", ("mask_batch" if dynamic_prompts else 1, 1, low, low)),
-        TensorSpec("has_mask_input", "float32", ("mask_batch" if dynamic_prompts else 1,)),
-    ]
-    outputs = [
-        TensorSpec("iou_predictions", "float32", (prompts, masks)),
-        TensorSpec("low_res_masks", "float32", (prompts, masks, low, low)),
-    ]
-    if profile == "sam":
-        inputs.append(TensorSpec("orig_im_size", "float32", (2,)))
-        outputs.insert(0, TensorSpec("masks", "float32", (prompts, masks, "image_height", "image_width")))
-    elif profile != "tensorrt":
-        raise ExportError(f"unknown decoder profile {profile!r}", hint="use sam or tensorrt")
-    return ComponentSpec("decoder", tuple(inputs), tuple(outputs), profile=profile, single_mask=single_mask)
-
-
-def artifact_spec(artifact) -> ComponentSpec:
-    """The ComponentSpec of an exported artifact (its manifest IO), for feeds and contract checks."""
-    names = {t.name for t in artifact.inputs}
-    return ComponentSpec(
-        artifact.component,
-        tuple(artifact.inputs),
-        tuple(artifact.outputs),
-        profile=None if artifact.component == "encoder" else ("sam" if "orig_im_size" in names else "tensorrt"),
-        single_mask=artifact.component == "decoder" and artifact.outputs[-1].shape[1] == 1,
-    )
-
-
-def sample_feeds(spec: ComponentSpec, batch: int = 1, num_points: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic example inputs that satisfy `spec` (used for tracing and for equivalence checks)."""
-    rng = np.random.default_rng(seed)
-    if spec.component == "encoder":
-        size = spec.inputs[0].shape[-1]
-        return {"input_image": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
-    coords = rng.uniform(0, 1023, size=(batch, num_points, 2)).astype(np.float32)
-    labels = np.tile(np.array([1.0, 0.0, 2.0, 3.0, -1.0], dtype=np.float32), num_points)[:num_points]
-    feeds = {
-        "image_embeddings": rng.standard_normal((1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)).astype(np.float32),
-        "point_coords": coords,
-        "point_labels": np.tile(labels, (batch, 1)),
-        "mask_input": rng.standard_normal((batch, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE)).astype(np.float32),
-        "has_mask_input": np.ones((batch,), dtype=np.float32),
-    }
-    if spec.profile == "sam":
-        feeds["orig_im_size"] = np.array([480.0, 640.0], dtype=np.float32)
-    return feeds
 
 
 def export_onnx(module, spec: ComponentSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evsam_export.contract import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PADDING
 from evsam_export.model.variants import PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME
 
 MASK_THRESHOLD = 0.0
@@ -126,12 +127,12 @@ def build_prompt_tokens(
         label_parts.append(label_array.astype(np.float32))
         if box_array is None:
             coord_parts.append(np.zeros((batch, 1, 2), dtype=np.float32))
-            label_parts.append(-np.ones((batch, 1), dtype=np.float32))
+            label_parts.append(np.full((batch, 1), LABEL_PADDING, dtype=np.float32))
     if box_array is not None:
         if box_array.shape[0] != batch:
             raise ValueError(f"{box_array.shape[0]} boxes but {batch} point sets")
         coord_parts.append(transform_coords(box_array.reshape(-1, 2, 2), geometry))
-        label_parts.append(np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (batch, 1)))
+        label_parts.append(np.tile(np.array([[LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]], dtype=np.float32), (batch, 1)))
     return PromptTokens(
         point_coords=np.ascontiguousarray(np.concatenate(coord_parts, axis=1), dtype=np.float32),
         point_labels=np.ascontiguousarray(np.concatenate(label_parts, axis=1), dtype=np.float32),

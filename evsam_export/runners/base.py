@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evsam_export.contract import TensorSpec
 from evsam_export.errors import UsageError
-from evsam_export.manifest import TensorSpec
 
 
 @dataclass(frozen=True)

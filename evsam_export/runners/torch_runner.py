@@ -46,7 +46,7 @@ class TorchRunner(Runner):
 def torch_reference_runners(model, variant, decoder_profile: str = "sam", single_mask: bool = False):
     """(encoder runner, decoder runner) for the PyTorch model, with the same IO specs as the export."""
     from evsam_export.model.sam import DecoderGraph, EncoderGraph
-    from evsam_export.export.onnx_export import decoder_spec, encoder_spec
+    from evsam_export.contract import decoder_spec, encoder_spec
 
     encoder = TorchRunner(EncoderGraph(model), encoder_spec(variant), "torch:encoder")
     decoder = TorchRunner(

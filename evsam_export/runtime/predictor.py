@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from evsam_export import contract
 from evsam_export.errors import ArtifactError, RuntimeUnavailable, UsageError
 from evsam_export.manifest import Artifact, Manifest, read_manifest, verify_artifact_file
 from evsam_export.model import processing
@@ -142,7 +143,7 @@ def check_prompts(
                 f"point_labels must have shape {list(points.shape[:2]) if points.shape[0] > 1 else [points.shape[1]]} "
                 f"to match point_coords, got {_shape(np.asarray(point_labels))}"
             )
-        bad = labels[(labels != 0) & (labels != 1)]
+        bad = labels[~np.isin(labels, contract.USER_POINT_LABELS)]
         if bad.size:
             raise UsageError(f"point label {bad.flat[0]:g} is not allowed", hint="use 1 for foreground, 0 for background")
         outside = (points[..., 0] < 0) | (points[..., 0] > width) | (points[..., 1] < 0) | (points[..., 1] > height)
@@ -168,7 +169,7 @@ def _mask_feed(mask_input, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(mask_input [1|B,1,256,256], has_mask_input [1|B]) for the decoder."""
     low = LOW_RES_MASK_SIZE
     if mask_input is None:
-        return np.zeros((1, 1, low, low), np.float32), np.zeros((1,), np.float32)
+        return contract.no_mask_input()
     array = _as_float_array(mask_input, "mask_input").astype(np.float32)
     if array.shape in ((low, low), (1, low, low)):
         array = array.reshape(1, 1, low, low)
@@ -245,10 +246,6 @@ def _normalize_prefer(prefer) -> tuple[str, ...]:
     return prefer
 
 
-def _spec(specs, name: str):
-    return next((t for t in specs if t.name == name), None)
-
-
 # ------------------------------------------------------------------------------------------------ predictor
 
 
@@ -296,32 +293,34 @@ class Predictor:
         enc, dec = self.encoder_artifact, self.decoder_artifact
         if not enc.inputs or not enc.outputs:
             raise ArtifactError(f"{enc.id}: the manifest declares no inputs/outputs", hint="re-run the export")
-        self._encoder_input = enc.inputs[0].name
-        embeddings = _spec(enc.outputs, "image_embeddings") or enc.outputs[0]
-        self._encoder_output = embeddings.name
-        size = enc.inputs[0].shape[-1]
+        self.encoder_spec = contract.artifact_spec(enc)
+        self.decoder_spec = contract.artifact_spec(dec)
+        if contract.missing_io(self.encoder_spec):
+            raise ArtifactError(
+                f"{enc.id}: not an evsam-export encoder (inputs {self.encoder_spec.input_names}, outputs {self.encoder_spec.output_names})",
+                hint=f"expected the {contract.INPUT_IMAGE} input and the {contract.IMAGE_EMBEDDINGS} output",
+            )
+        size = self.encoder_spec.input(contract.INPUT_IMAGE).shape[-1]
         self.encoder_size = int(size) if isinstance(size, int) else int(self.manifest.encoder_size)
         if self.encoder_size != int(self.manifest.encoder_size):
             raise ArtifactError(f"{enc.id}: input size {self.encoder_size} != manifest encoder_size {self.manifest.encoder_size}")
-        names = {t.name for t in dec.inputs}
-        required = {"image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"}
-        if not required <= names or _spec(dec.outputs, "low_res_masks") is None or _spec(dec.outputs, "iou_predictions") is None:
+        if contract.missing_io(self.decoder_spec):
             raise ArtifactError(
-                f"{dec.id}: not an evsam-export decoder (inputs {sorted(names)})",
+                f"{dec.id}: not an evsam-export decoder (inputs {sorted(self.decoder_spec.input_names)})",
                 hint="expected SAM's decoder contract with low_res_masks and iou_predictions outputs",
             )
         # "sam" profile: the graph also wants orig_im_size (its upscaled `masks` output is not used: the
         # host upscales low-res logits for both profiles, exactly as the parity validators do).
-        self.decoder_profile = "sam" if "orig_im_size" in names else "tensorrt"
-        tokens = _spec(dec.outputs, "low_res_masks").shape[1]
+        self.decoder_profile = self.decoder_spec.profile
+        tokens = self.decoder_spec.mask_tokens
         if not isinstance(tokens, int):
             selection = self.manifest.model.get("mask_selection", {})
-            tokens = 1 if selection.get("outputs") == "token0" else NUM_MASK_TOKENS
+            tokens = 1 if selection.get("outputs") == contract.TOKEN0_ONLY else NUM_MASK_TOKENS
         if tokens not in (1, NUM_MASK_TOKENS):
             raise ArtifactError(f"{dec.id}: {tokens} mask tokens, expected 1 or {NUM_MASK_TOKENS}")
         self.num_tokens = int(tokens)
-        prompt_dim = _spec(dec.inputs, "point_coords").shape[0]
-        self._prompt_batch_limit = int(prompt_dim) if isinstance(prompt_dim, int) else None
+        prompt_batch = self.decoder_spec.prompt_batch
+        self._prompt_batch_limit = int(prompt_batch) if isinstance(prompt_batch, int) else None
 
     @property
     def info(self) -> dict:
@@ -331,7 +330,7 @@ class Predictor:
             "encoder": self.encoder_artifact.id,
             "decoder": self.decoder_artifact.id,
             "decoder_profile": self.decoder_profile,
-            "mask_tokens": "all4" if self.num_tokens == NUM_MASK_TOKENS else "token0",
+            "mask_tokens": contract.ALL_TOKENS if self.num_tokens == NUM_MASK_TOKENS else contract.TOKEN0_ONLY,
         }
 
     # -- image -------------------------------------------------------------------------------------
@@ -346,9 +345,9 @@ class Predictor:
         if image_format == "BGR":
             rgb = np.ascontiguousarray(rgb[:, :, ::-1])
         input_image, geometry = processing.preprocess_image(rgb, self.encoder_size)
-        out = self.encoder.infer({self._encoder_input: input_image})[self._encoder_output]
+        out = self.encoder.infer(contract.encoder_feeds(self.encoder_spec, input_image))[contract.IMAGE_EMBEDDINGS]
         embeddings = np.ascontiguousarray(out[:1], dtype=np.float32)
-        if embeddings.shape != (1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE):
+        if embeddings.shape != contract.EMBEDDINGS_SHAPE:
             raise ArtifactError(f"{self.encoder_artifact.id}: embeddings of shape {list(out.shape)}, expected [1,{EMBEDDING_DIM},{EMBEDDING_SIZE},{EMBEDDING_SIZE}]")
         self.image_embeddings = embeddings
         self.geometry = geometry
@@ -390,17 +389,17 @@ class Predictor:
         tokens = processing.build_prompt_tokens(geometry, points, labels, box_array)
         batch = tokens.point_coords.shape[0]
         mask, has_mask = _mask_feed(mask_input, batch)
-        feeds = {
-            "image_embeddings": self.image_embeddings,
-            "point_coords": tokens.point_coords,
-            "point_labels": tokens.point_labels,
-            "mask_input": mask,
-            "has_mask_input": has_mask,
-        }
-        if self.decoder_profile == "sam":
-            feeds["orig_im_size"] = np.array(geometry.original_size, dtype=np.float32)
+        feeds = contract.decoder_feeds(
+            self.decoder_spec,
+            image_embeddings=self.image_embeddings,
+            point_coords=tokens.point_coords,
+            point_labels=tokens.point_labels,
+            mask_input=mask,
+            has_mask_input=has_mask,
+            original_size=geometry.original_size,
+        )
         out = self._run_decoder(feeds, batch)
-        low_res, scores = processing.select_masks(out["low_res_masks"], out["iou_predictions"], multimask_output)
+        low_res, scores = processing.select_masks(out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
         low_res = np.ascontiguousarray(low_res, dtype=np.float32)
         logits = processing.postprocess_masks(low_res, geometry)
         masks = logits if return_logits else processing.binarize(logits)
@@ -412,7 +411,7 @@ class Predictor:
         )
 
     def _run_decoder(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        wanted = ("low_res_masks", "iou_predictions")
+        wanted = (contract.LOW_RES_MASKS, contract.IOU_PREDICTIONS)
         limit = self._prompt_batch_limit
         if limit is None or batch <= limit:
             out = self.decoder.infer(feeds)
@@ -421,11 +420,11 @@ class Predictor:
         parts = []
         for start in range(0, batch, limit):
             chunk = dict(feeds)
-            chunk["point_coords"] = feeds["point_coords"][start : start + limit]
-            chunk["point_labels"] = feeds["point_labels"][start : start + limit]
-            if feeds["mask_input"].shape[0] == batch:
-                chunk["mask_input"] = feeds["mask_input"][start : start + limit]
-                chunk["has_mask_input"] = feeds["has_mask_input"][start : start + limit]
+            per_prompt_set = [contract.POINT_COORDS, contract.POINT_LABELS]
+            if feeds[contract.MASK_INPUT].shape[0] == batch:
+                per_prompt_set += [contract.MASK_INPUT, contract.HAS_MASK_INPUT]
+            for name in per_prompt_set:
+                chunk[name] = feeds[name][start : start + limit]
             out = self.decoder.infer(chunk)
             parts.append({name: out[name] for name in wanted})
         return {name: np.concatenate([p[name] for p in parts], axis=0) for name in wanted}
