@@ -174,17 +174,24 @@ def select(regions: Iterable[Region], nodes: Sequence[tuple[str, str]]) -> list[
     return [name for name, _ in nodes if name in chosen]
 
 
+def protected_nodes(nodes: Sequence[tuple[str, str]], component: str, region_names: Iterable[str],
+                    patterns: Iterable[str] = (), also_required: Iterable[Region] = (), where: str = "") -> list[str]:
+    """Names of the nodes of `component`'s graph that the named regions (those of that component) and the
+    extra node-name regexes select, in graph order. Fails the build first when one of them, or one of
+    `also_required` (e.g. the regions of the fallback groups), selects nothing in the graph."""
+    chosen_regions = regions_of(region_names, component)
+    require_regions(chosen_regions + tuple(also_required), nodes, component, where)
+    compiled = [re.compile(p) for p in patterns]
+    for pattern, regex in zip(patterns, compiled):
+        if not any(regex.search(name) for name, _ in nodes):
+            raise ExportError(f"{where}: pattern {pattern!r} matches no node of the {component} graph")
+    chosen = set(select(chosen_regions, nodes)) | {name for name, _ in nodes if any(p.search(name) for p in compiled)}
+    return [name for name, _ in nodes if name in chosen]
+
+
 def require_regions(regions: Iterable[Region], nodes: Sequence[tuple[str, str]], component: str, where: str) -> None:
     """Fail the build when a non-optional region of `component` selects no node of its graph."""
     for r in regions:
         if r.component == component and not r.optional and not r.select(nodes):
             raise ExportError(f"{where}: region {r.name!r} matches no node of the {component} graph",
                               hint="a module was renamed or the export changed; update evsam_export/export/regions.py")
-
-
-def require_patterns(patterns: Iterable[str], nodes: Sequence[tuple[str, str]], component: str, where: str) -> None:
-    """Fail the build when an extra raw node-name regex selects no node of the graph."""
-    for pattern in patterns:
-        compiled = re.compile(pattern)
-        if not any(compiled.search(name) for name, _ in nodes):
-            raise ExportError(f"{where}: pattern {pattern!r} matches no node of the {component} graph")

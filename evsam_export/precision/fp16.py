@@ -329,18 +329,16 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         raise ExportError(f"fp16 conversion needs an fp32 ONNX parent, got {parent.id}")
     source = onnx.load(str(ctx.path_of(parent)))
     nodes = graph_nodes(source)
-    component = parent.component
-    base_regions = regions.regions_of(settings.fp32_regions, component)
     groups = FALLBACK_GROUPS if settings.fallback else ()
-    regions.require_regions(base_regions + tuple(r for g in groups for r in g.regions), nodes, component, "fp16")
-    regions.require_patterns(settings.fp32_patterns, nodes, component, "fp16")
-    base_names = regions.select(base_regions, nodes) + nodes_matching(nodes, settings.fp32_patterns)
-    path = ctx.folder / artifact_filename(component, "onnx", "fp16", "onnx")
+    base_names = regions.protected_nodes(nodes, parent.component, settings.fp32_regions, settings.fp32_patterns,
+                                         [r for g in groups for r in g.regions], where="fp16")
+    base_regions = [r.name for r in regions.regions_of(settings.fp32_regions, parent.component)]
+    path = ctx.folder / artifact_filename(parent.component, "onnx", "fp16", "onnx")
 
     def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
         extra = sorted({name for group in kept for name in group.select(nodes)})
         converted, round_trips = convert(source, settings.op_block_list, sorted(set(base_names) | set(extra)))
-        kept_regions = [r.name for r in base_regions] + [r.name for g in kept for r in g.regions]
+        kept_regions = base_regions + [r.name for g in kept for r in g.regions]
         islands = fp32_islands(converted, settings.op_block_list, kept_regions, settings.fp32_patterns)
         types = io_types(converted)
         if any(t != "FLOAT" for t in types.values()):

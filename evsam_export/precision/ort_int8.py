@@ -45,7 +45,7 @@ from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export import regions
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
 from evsam_export.manifest import Artifact, cpu_flags
-from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes
 from evsam_export.pipeline.settings import PrecisionSettings, SettingValueError
 from evsam_export.pipeline.step import StepContext, artifact_filename
 
@@ -338,12 +338,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                 source = scratch / "passes.onnx"
                 onnx.save(rewritten, str(source))
         nodes = graph_nodes(source)
-        component = parent.component
-        base_regions = regions.regions_of(settings.fp32_regions, component)
         groups = INT8_GROUPS if settings.fallback else ()
-        regions.require_regions(base_regions + tuple(r for g in groups for r in g.regions), nodes, component, "int8")
-        regions.require_patterns(settings.fp32_patterns, nodes, component, "int8")
-        excluded = regions.select(base_regions, nodes) + nodes_matching(nodes, settings.fp32_patterns)
+        excluded = regions.protected_nodes(nodes, parent.component, settings.fp32_regions, settings.fp32_patterns,
+                                           [r for g in groups for r in g.regions], where="int8")
         # Fallback groups only matter through the nodes that could be quantized (a group with no Conv
         # left to un-quantize is skipped without a gate round).
         quantizable = [(name, op) for name, op in nodes if op in settings.op_types_to_quantize]
