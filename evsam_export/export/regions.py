@@ -114,7 +114,7 @@ REGIONS: tuple[Region, ...] = (
     Region("decoder-upscaling-norm", "decoder", "the LayerNorm2d of the output upscaling (output_upscaling.1)",
            patterns=(r"output_upscaling\.1/",)),
     Region("decoder-output-upscaling", "decoder", "the transposed convs and norm that make the mask features "
-           "multiplied with the hypernetwork tokens", patterns=(r"output_upscaling",)),
+           "multiplied with the hypernetwork tokens", patterns=(r"/output_upscaling/",)),
     Region("decoder-hypernetworks", "decoder", "the hypernetwork MLPs whose tokens weight the mask features",
            patterns=(r"output_hypernetworks_mlps",)),
     Region("decoder-iou-head", "decoder", "the IoU prediction head, which ranks the masks",
