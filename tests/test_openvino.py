@@ -24,6 +24,7 @@ from evsam_export.parity.metrics import compare_tensors  # noqa: E402
 from evsam_export.progress import Reporter  # noqa: E402
 from evsam_export.runners.openvino_runner import OpenVINORunner  # noqa: E402
 from evsam_export.runners.ort_runner import OrtRunner  # noqa: E402
+from evsam_export.precision import nncf_int8  # noqa: E402
 from evsam_export.targets import openvino as target  # noqa: E402
 from evsam_export.pipeline.step import StepContext  # noqa: E402
 from evsam_export.export.onnx_export import decoder_spec, sample_feeds  # noqa: E402
@@ -68,7 +69,7 @@ def int8(ctx):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fallback, "gate_candidate", stub_gate)
-        (artifact,) = target.build(ctx, ctx.manifest.artifact("encoder.onnx.fp32"), target.Settings(precision="int8", subset_size=4))
+        (artifact,) = target.build(ctx, ctx.manifest.artifact("encoder.onnx.fp32"), target.Settings(precision="int8", calibration_images=4))
     return artifact, rounds
 
 
@@ -175,7 +176,7 @@ def test_int8_ir_structure_and_snr(ctx, int8):
     assert len(litemla) == 8  # L0: 4 LiteMLA blocks x 2 MatMuls
     assert target.int8_fed_matmuls(model) == [] == artifact.facts["int8_fed_matmuls"]
     scope = artifact.facts["ignored_scope"]
-    assert "MatMul" in scope["types"] and any("/image_encoder/norm/" in p for p in scope["patterns"])
+    assert "MatMul" in scope["types"] and scope["regions"] == ["encoder-norm"]
     assert artifact.facts["calibration"]["count"] == 4 and len(artifact.facts["calibration"]["fingerprint"]) == 64
     assert artifact.facts["compile_config"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert embedding_snr(ctx, artifact, scene_input()) >= 10.0
@@ -203,14 +204,16 @@ def test_stage_groups_reach_nncf_by_name(ctx):
     parent = ctx.manifest.artifact("encoder.onnx.fp32")
     model = ov.Core().read_model(str(ctx.path_of(parent)))
     nodes = target.model_nodes(model)
-    settings = target.Settings(precision="int8", subset_size=2)
+    settings = target.Settings(precision="int8", calibration_images=2)
     groups = {g.name: g for g in target.ENCODER_GROUPS}
     kept = (groups["last-stage"], groups["stem"])
-    scope = target.round_scope(settings, kept, nodes)
-    assert {n for g in kept for n in g.select(nodes)} == set(scope.names) and scope.to_json(nodes)["names"] == len(scope.names)
+    scope = nncf_int8.round_scope(settings, kept, nodes, "encoder")
+    base = nncf_int8.round_scope(settings, (), nodes, "encoder").names  # the LayerNorm regions' nodes
+    assert {n for g in kept for n in g.select(nodes)} | set(base) == set(scope.names)
+    assert scope.to_json(nodes)["names"] == len(scope.names)
 
-    feeds = target.calibration_feeds(ctx, parent, settings)
-    quantized = nncf.quantize(model, nncf.Dataset(feeds), ignored_scope=scope.nncf(), **target.quantize_kwargs(settings, "disable", len(feeds)))
+    feeds = nncf_int8.calibration_feeds(ctx, parent, settings)
+    quantized = nncf.quantize(model, nncf.Dataset(feeds), ignored_scope=scope.nncf(), **nncf_int8.quantize_kwargs(settings, "disable", len(feeds)))
     passthrough = {"Convert", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 
     def fed_by_fake_quantize(op) -> bool:
@@ -251,6 +254,11 @@ def test_settings_refused(ctx):
         target.build(ctx, parent, target.Settings(inference_precision="bf16"))
     with pytest.raises(RecipeError, match="overflow_fix"):
         target.build(ctx, parent, target.Settings(precision="int8", overflow_fix="first"))
+    # every value is refused when the settings are built, before any step runs
+    for bad in ({"preset": "bogus"}, {"model_type": "cnn"}, {"fallback_method": "bisect"}, {"calibration_images": 0},
+                {"max_rounds": 0}, {"accuracy_control_max_iterations": 0}, {"fp32_regions": ["layernorms"]}):
+        with pytest.raises(RecipeError, match=next(iter(bad))):
+            target.Settings(precision="int8", **bad)
     with pytest.raises(RecipeError, match="fp32 ONNX"):
         target.build(ctx, replace(parent, precision="fp16", id="encoder.onnx.fp16"), target.Settings())
 

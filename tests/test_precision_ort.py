@@ -15,6 +15,9 @@ import onnx
 import pytest
 
 from evsam_export.calibration import data
+from evsam_export.export import regions
+from evsam_export.export.regions import Region
+from evsam_export.errors import RecipeError
 from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
 from evsam_export.parity import metrics
@@ -162,11 +165,11 @@ def test_nncf_dataset_yields_the_feeds():
 
 
 def test_islands_exist_in_the_simplified_fp32_graph(ctx):
-    """The name patterns still find LiteMLA and the LayerNorm2d after onnxsim (RUNTIMES §2.3: 4 Pad,
-    8 MatMul, 4 Div for L0, plus the /norm/ Div), and the bicubic upsample's 4 MatMuls after graph passes."""
+    """The regions still find LiteMLA and the LayerNorm2d after onnxsim (4 Pad, 8 MatMul, 4 Div for L0,
+    plus the /norm/ Div), and the bicubic upsample's 4 MatMuls after graph passes."""
     model = onnx.load(str(ctx.path_of(parent(ctx, "encoder"))), load_external_data=False)
     assert parent(ctx, "encoder").facts["simplify"]["tool"] != "none"
-    found = fallback.nodes_matching(fallback.graph_nodes(model), fp16.FP32_NODE_PATTERNS)
+    found = regions.protected_nodes(fallback.graph_nodes(model), "encoder", fp16.FP32_REGIONS)
     ops = [n.op_type for n in model.graph.node if n.name in set(found)]
     assert (ops.count("MatMul"), ops.count("Pad"), ops.count("Div")) == (8 + 4, 4, 5)
     assert len([name for name in found if "/bicubic_" in name]) == 4
@@ -344,7 +347,7 @@ def test_int8_decoder_quantizes_projections_not_attention_scores(ctx):
 
 def test_int8_conv_only_against_the_shipped_gate(ctx, int8_encoder):
     """Conv-only INT8 on the shipped int8 gates. SNR, cosine, NaN and the stable-mask IoU must pass. The
-    plain mask-IoU mean (0.97, RUNTIMES §6.2) sits at the edge with synthetic weights (measured on the
+    plain mask-IoU mean (0.97) sits at the edge with synthetic weights (measured on the
     calibration-gate suite: 0.956-0.969 for box/boxes16, fixed by fallback; on this one-scene suite it
     passes): it may fail here, and then only through the fallback loop below is the artifact accepted.
     The tolerances are not loosened."""
@@ -384,7 +387,7 @@ def test_fallback_with_the_real_gate_reverts_the_damaged_group(ctx):
     artifact = fallback.build_with_fallback(ctx, encoder, candidate, 3, ort_int8.INT8_GROUPS, convs, suite=ctx.suite)
     history = artifact.facts["fallback"]
     assert len(damaged) == 5  # the neck's four point convs and its output conv
-    assert [r["kept_fp32_groups"] for r in history] == [[], ["encoder-neck-pointwise"]]
+    assert [r["kept_fp32_groups"] for r in history] == [[], ["neck-pointwise"]]
     assert not history[0]["passed"] and history[1]["passed"] and artifact.facts["gate_passed"]
     assert "embedding_snr_db.min" in {g["metric"] for g in history[0]["failed_gates"]}
     assert history[0]["worst_gate"] and history[1]["failed_gates"] == []
@@ -416,10 +419,10 @@ def fake_parent(tmp_path):
 
 
 GROUPS = (
-    fallback.FallbackGroup("a", "first", patterns=(r"/a/",)),
-    fallback.FallbackGroup("missing", "matches nothing", patterns=(r"/nowhere/",)),
-    fallback.FallbackGroup("b", "second", patterns=(r"/b/",), op_types=("Conv",)),
-    fallback.FallbackGroup("c", "third", op_types=("MatMul",)),
+    fallback.FallbackGroup((Region("a", "encoder", "test", patterns=(r"/a/",)),), "first"),
+    fallback.FallbackGroup((Region("missing", "encoder", "test", patterns=(r"/nowhere/",)),), "matches nothing"),
+    fallback.FallbackGroup((Region("b", "encoder", "test", patterns=(r"/b/",), op_types=("Conv",)),), "second"),
+    fallback.FallbackGroup((Region("c", "encoder", "test", op_types=("MatMul",)),), "third"),
 )
 NODES = [("/a/Conv", "Conv"), ("/a/Add", "Add"), ("/b/Conv", "Conv"), ("/b/Mul", "Mul"), ("/c/MatMul", "MatMul")]
 
@@ -447,9 +450,9 @@ def test_stage_groups_follow_the_variants_depth():
     for last in (4, 5):
         nodes = convs(last)
         stage = lambda names: sorted(int(n.split("stages.")[1][0]) for n in names)  # noqa: E731
-        assert stage(groups["encoder-last-stage"].select(nodes)) == [last]
-        assert stage(groups["encoder-second-last-stage"].select(nodes)) == [last - 1]
-        assert stage(groups["encoder-early-stages"].select(nodes)) == list(range(1, last - 1))
+        assert stage(groups["last-stage"].select(nodes)) == [last]
+        assert stage(groups["second-last-stage"].select(nodes)) == [last - 1]
+        assert stage(groups["early-stages"].select(nodes)) == list(range(1, last - 1))
         # OpenVINO's stage groups can revert every stage after stage 0, each once (its l2 fallback needed the
         # early stages: session 4).
         openvino_groups = {g.name: g for g in openvino_target.ENCODER_GROUPS}
@@ -459,9 +462,9 @@ def test_stage_groups_follow_the_variants_depth():
         # ...and its last group, the stem conv on the image, is the one ORT reverts with the neck inputs.
         stem = "/image_encoder/backbone/stages.0/op_list.0/conv/Conv"
         assert openvino_groups["stem"].select(nodes) == [stem]
-        assert stem in groups["encoder-neck-inputs-stem"].select(nodes)
-    assert groups["encoder-last-stage"].select([("/decoder/transformer/MatMul", "MatMul")]) == []
-    with_ops = fallback.FallbackGroup("x", "y", op_types=("Add",), stages="-1")
+        assert stem in groups["neck-inputs+stem"].select(nodes)
+    assert groups["last-stage"].select([("/decoder/transformer/MatMul", "MatMul")]) == []
+    with_ops = fallback.FallbackGroup((Region("x", "encoder", "y", op_types=("Add",), stages="-1"),), "z")
     assert with_ops.select([*convs(4), ("/image_encoder/backbone/stages.4/op_list.0/Add", "Add")]) == [
         "/image_encoder/backbone/stages.4/op_list.0/Add"]
 
@@ -543,9 +546,15 @@ def test_gate_judges_only_the_candidate_and_refuses_missing_runners(fake_parent,
 
 
 def test_settings_accept_recipe_lists_and_refuse_nonsense():
-    settings = ort_int8.Settings(op_types_to_quantize=["Conv"], exclude_patterns=["x"])
-    assert settings.op_types_to_quantize == ("Conv",) and hash(settings)
+    settings = ort_int8.Settings(op_types_to_quantize=["Conv"], fp32_regions=["neck"], fp32_patterns=["x"])
+    assert settings.op_types_to_quantize == ("Conv",) and settings.fp32_regions == ("neck",) and hash(settings)
     assert ort_int8.Settings(symmetric=True).target == "trt" and ort_int8.Settings().target == "ort"
-    with pytest.raises(Exception):
+    with pytest.raises(RecipeError, match="calibration_images"):
         ort_int8.Settings(calibration_images=0)
+    for bad in ({"calibrate_method": "kl"}, {"percentile": 80.0}, {"calibration_memory_gib": 0.0}, {"max_rounds": 0},
+                {"graph_passes": ["no-such-pass"]}, {"symmetric": True, "graph_passes": ["tanh-gelu-as-fastgelu"]}):
+        with pytest.raises(RecipeError, match=next(iter(bad)) if "symmetric" not in bad else "graph_passes"):
+            ort_int8.Settings(**bad)
+    with pytest.raises(RecipeError, match="max_rounds"):
+        fp16.Settings(max_rounds=0)
     assert fp16.Settings(op_block_list=["Softmax"]).op_block_list == ("Softmax",)

@@ -2,7 +2,7 @@
 the next most sensitive group of nodes back to fp32, rebuild and re-gate.
 
 Generic over the precision tool (ORT float16 converter, ORT QDQ, NNCF): a step describes its ordered
-`FallbackGroup`s (node-name regexes and/or op types, each with the reason it comes at that place) and
+`FallbackGroup`s (regions of evsam_export.export.regions, each group with the reason it comes at that place) and
 gives a `candidates_fn(kept)` that writes the artifact with the groups in `kept` held at fp32. This
 module decides nothing about graphs; it only orders rounds, gates, and records every round in
 `facts["fallback"]`:
@@ -35,47 +35,29 @@ GATE_SUITE = "calibration-gate"
 
 @dataclass(frozen=True)
 class FallbackGroup:
-    """Nodes that go back to fp32 together, in one fallback round."""
+    """Regions that go back to fp32 together, in one fallback round, and why the group sits at its place.
 
-    name: str  # short id recorded in facts, e.g. "encoder-neck"
+    `regions` are names from evsam_export.export.regions.REGIONS (or Region objects, for tests and
+    experiments); the group's name is theirs, joined with "+"."""
+
+    regions: tuple
     reason: str  # why it is this far up the list (one line, recorded in facts)
-    patterns: tuple[str, ...] = ()  # regexes searched in node names (TorchScript scoped names)
-    op_types: tuple[str, ...] = ()  # op types; with patterns: nodes must match both
-    # Backbone stages as a Python slice over the stages the graph has ("-1": the last, "1:-2": all but the
-    # stem stage and the last two). By position, not number: l0-l2 have stages 0-4 (attention in 4), xl0/xl1
-    # stages 0-5 (attention in 4 and 5), so a literal "stages.4" would miss xl's last stage (measured: xl1
-    # ORT INT8 failed all six rounds with stage 5 never reverted, box mask IoU p5 0.65-0.77).
-    stages: str = ""
+
+    def __post_init__(self) -> None:
+        from evsam_export.export.regions import Region, region
+
+        resolved = tuple(item if isinstance(item, Region) else region(item) for item in self.regions)
+        object.__setattr__(self, "regions", resolved)
+
+    @property
+    def name(self) -> str:
+        return "+".join(r.name for r in self.regions)
 
     def select(self, nodes: Iterable[tuple[str, str]]) -> list[str]:
-        """Names of the (name, op_type) nodes in this group."""
-        nodes = list(nodes)
-        compiled = [re.compile(p) for p in self.patterns]
-        chosen_stages = self._stage_numbers(nodes) if self.stages else None
-        chosen = []
-        for name, op_type in nodes:
-            if self.op_types and op_type not in self.op_types:
-                continue
-            if compiled and not any(p.search(name) for p in compiled):
-                continue
-            if chosen_stages is not None:
-                found = _BACKBONE_STAGE.search(name)
-                if found is None or int(found.group(1)) not in chosen_stages:
-                    continue
-            if not compiled and not self.op_types and chosen_stages is None:
-                continue
-            chosen.append(name)
-        return chosen
+        """Names of the (name, op_type) nodes in any of the group's regions, in graph order."""
+        from evsam_export.export.regions import select
 
-    def _stage_numbers(self, nodes: list[tuple[str, str]]) -> set[int]:
-        present = sorted({int(found.group(1)) for name, _ in nodes if (found := _BACKBONE_STAGE.search(name))})
-        parts = [int(part) if part else None for part in self.stages.split(":")]
-        if len(parts) == 1:  # one index: the one-stage slice (out of range selects nothing)
-            parts = [parts[0], parts[0] + 1 or None]
-        return set(present[slice(*parts)])
-
-
-_BACKBONE_STAGE = re.compile(r"backbone/stages\.(\d+)/")
+        return select(self.regions, list(nodes))
 
 
 @dataclass

@@ -1,14 +1,13 @@
 """fp16 ONNX with fp32 islands: `encoder.fp16.onnx` / `decoder.fp16.onnx` (target "onnx", precision "fp16").
 
-Precision lives in the graph (ARCHITECTURE.md): the fp32 ONNX is converted by ONNX Runtime's
+Precision lives in the graph: the fp32 ONNX is converted by ONNX Runtime's
 `onnxruntime.transformers.float16.convert_float_to_float16`, which handles our raw TorchScript graphs
-(onnxconverter_common fails to load on them unless onnxsim removed the no-op Casts first, RUNTIMES.md
-§1.2.6 / §4.3), with
+(onnxconverter_common fails to load on them unless onnxsim removed the no-op Casts first), with
 
 * `keep_io_types=True`, always: inputs and outputs stay float32, so the IO contract in the manifest is the
   parent's (Olive's silent fp16 IO is a lesson, not a default);
-* an explicit block list, by op type and by node-name regex on the TorchScript scoped names, of everything
-  that must compute in fp32 (the "islands", each commented below);
+* an explicit block list, by op type and by region (evsam_export.export.regions), of everything that
+  must compute in fp32 (the "islands", each commented below);
 * a structural check afterwards, `fp32_islands`, that every fragile node still reads and writes float32
   (no fp16 tensor crosses into an island), plus an ORT CPU load and a finite-output check;
 * optionally (the default) the calibration-gate parity suite on the candidate, and automatic fallback
@@ -29,98 +28,64 @@ from pathlib import Path
 
 import numpy as np
 
-from evsam_export.errors import ExportError, RecipeError
+from evsam_export.errors import ExportError
+from evsam_export.export import regions
 from evsam_export.manifest import Artifact
+from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+from evsam_export.pipeline.settings import PrecisionSettings
 from evsam_export.pipeline.step import StepContext, artifact_filename
-from evsam_export.pipeline.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
 
 # Op types that always compute in fp32, in every component.
 FP32_OP_TYPES = (
-    "Softmax",  # decoder attention: exp() saturates fp16 past 11.1 and small weights vanish; extreme outliers (RUNTIMES §2.5)
+    "Softmax",  # decoder attention: exp() saturates fp16 past 11.1 and small weights vanish; extreme outliers
     "LayerNormalization",  # decoder transformer norms: fp16 LayerNorm overflows (maintainers, efficientvit#142)
     "ReduceMean",  # hand-written LayerNorm2d (encoder /norm/, decoder mask_downscaling.1/.4, output_upscaling.1):
-    "Sqrt",  # mean of squares overflows fp16 once |x| > 256, and its Sqrt/Pow follow it (RUNTIMES §1.1)
+    "Sqrt",  # mean of squares overflows fp16 once |x| > 256, and its Sqrt/Pow follow it
     "Pow",
     "Resize",  # decoder mask upscaling; the encoder's bicubic neck upsample when exported without graph passes
     "Sin",  # decoder random-Fourier prompt encoding: fp16's 11 bits put a phase of ~10-20 rad off by up to ~1e-2 rad
     "Cos",
 )
 
-# Node-name regexes (TorchScript scoped names, RUNTIMES §1.2.4) of the islands that op types cannot express.
-FP32_NODE_PATTERNS = (
-    # LiteMLA core: Pad(v, value=1), v@k^T, (vk)@q, Slice, `+ 1e-15` (underflows to 0 in fp16), Div; upstream
-    # runs it under autocast(enabled=False) (RUNTIMES §0.3/§0.4). Direct children of context_module/main only:
-    # its qkv / aggreg / proj convs are ordinary convs and stay fp16.
-    r"context_module/main/[^/]+$",
-    # The bicubic neck upsample (as two MatMuls after graph pass bicubic-resize-as-matmul): upstream runs it
-    # with autocast off and in fp32 (ops.py UpSampleLayer), and its weights (-0.07..1.07) sum 4 taps.
-    r"/bicubic_(rows|cols)$",
-    # The encoder's final LayerNorm2d, every op of it (Sub, Mul, Add, Div too), ending in image_embeddings
-    # (the maintainers' "force the LayerNorm layers to FP32", efficientvit#142).
-    r"(^|/)image_encoder/norm/|^/norm/",
-    # Decoder attention scores: q@k^T, the 1/sqrt(d) Div, Softmax, attn@v of every attention block. The
-    # q/k/v/out projections stay fp16.
-    r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/(MatMul|MatMul_1|Div_\d+|Softmax)$",
-    # Decoder LayerNorm2d blocks (output_upscaling.1; mask_downscaling.1 and .4), all their ops.
-    r"output_upscaling\.1/",
-    r"mask_downscaling\.[14]/",
+# Regions (evsam_export.export.regions) of the islands that op types cannot express. LiteMLA's qkv /
+# aggregation / proj convs and the decoder's q/k/v/out projections are ordinary layers and stay fp16.
+FP32_REGIONS = (
+    "litemla-core",  # upstream runs it under autocast(enabled=False); its 1e-15 eps underflows to 0 in fp16
+    "neck-upsample",  # upstream runs the bicubic upsample with autocast off
+    "encoder-norm",  # the maintainers' "force the LayerNorm layers to FP32" (efficientvit#142)
+    "decoder-attention-products",
+    "decoder-attention-softmax",
+    "decoder-upscaling-norm",
+    "decoder-mask-downscaling-norms",
 )
 
 # Fallback order when the gate fails, most sensitive first (cumulative: round k keeps groups 1..k at fp32).
 FALLBACK_GROUPS = (
-    FallbackGroup(
-        "decoder-attention",
-        "whole attention blocks (q/k/v/out projections too): SAM decoder activations have extreme outliers (§2.5)",
-        patterns=(r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/",),
-    ),
-    FallbackGroup(
-        "decoder-output-upscaling",
-        "output upscaling, hypernetwork MLPs and the mask product: they make the mask logits directly",
-        patterns=(r"output_upscaling", r"output_hypernetworks_mlps", r"iou_prediction_head", r"^/[A-Za-z]+(_\d+)?$"),
-    ),
-    FallbackGroup(
-        "encoder-litemla",
-        "LiteMLA convs (qkv, multi-scale aggregation, proj) feed the linear attention, whose sums amplify error",
-        patterns=(r"context_module/",),
-    ),
-    FallbackGroup(
-        "encoder-neck",
-        "the neck fuses three scales and feeds the embedding directly: no later layer averages its error out",
-        patterns=(r"/neck/",),
-    ),
-    FallbackGroup(
-        "decoder-transformer",
-        "the rest of the two-way transformer (MLPs, norms' neighbours)",
-        patterns=(r"/transformer/",),
-    ),
-    FallbackGroup(
-        "encoder-last-stage",
-        "the last backbone stage's MBConvs (l: stage 4, xl: stage 5; the widest channels, the largest "
-        "activations of the backbone)",
-        stages="-1",
-    ),
+    FallbackGroup(("decoder-attention",), "SAM decoder activations have extreme outliers"),
+    FallbackGroup(("decoder-output-upscaling", "decoder-hypernetworks", "decoder-iou-head", "decoder-top-level"),
+                  "they make the mask logits directly"),
+    FallbackGroup(("litemla",), "LiteMLA convs feed the linear attention, whose sums amplify error"),
+    FallbackGroup(("neck",), "the neck feeds the embedding directly: no later layer averages its error out"),
+    FallbackGroup(("decoder-transformer",), "the rest of the two-way transformer (MLPs, norms' neighbours)"),
+    FallbackGroup(("last-stage",), "the widest channels and the largest activations of the backbone"),
 )
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(PrecisionSettings):
     # Op types kept fp32 everywhere (see FP32_OP_TYPES for why each is there).
     op_block_list: tuple[str, ...] = FP32_OP_TYPES
-    # Node-name regexes kept fp32 (see FP32_NODE_PATTERNS); matched with re.search on ONNX node names.
-    node_block_patterns: tuple[str, ...] = FP32_NODE_PATTERNS
-    # Gate each candidate on the build-time suite and fall back group by group when it fails.
-    fallback: bool = True
-    # Most gate runs (1 = gate once, no fallback); each run costs a validator pass on the gate suite. The
-    # default lets every group be tried, as for INT8.
+    # Regions kept fp32 (see FP32_REGIONS); each must match nodes of the graphs of its component.
+    fp32_regions: tuple[str, ...] = FP32_REGIONS
+    # Extra node-name regexes kept fp32 (searched in ONNX node names), for experiments outside the table.
+    fp32_patterns: tuple[str, ...] = ()
+    # The default lets every fallback group be tried.
     max_rounds: int = len(FALLBACK_GROUPS) + 1
-    # Parity suite of the build-time gate (validators/<name>.toml); default.toml's tolerances.
-    gate_suite: str = GATE_SUITE
 
-    def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
-        object.__setattr__(self, "op_block_list", tuple(self.op_block_list))
-        object.__setattr__(self, "node_block_patterns", tuple(self.node_block_patterns))
-        if self.max_rounds < 1:
-            raise RecipeError(f"[fp16] max_rounds: {self.max_rounds} must be >= 1")
+    def check(self) -> None:
+        super().check()
+        regions.check_region_names("fp32_regions", self.fp32_regions)
+        regions.check_patterns("fp32_patterns", self.fp32_patterns)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -144,8 +109,9 @@ def _tensor_types(model) -> dict[str, int]:
     return types
 
 
-def fp32_islands(model, op_types=FP32_OP_TYPES, patterns=FP32_NODE_PATTERNS, strict: bool = True) -> dict:
-    """Which fragile nodes (op type in `op_types` or name matching `patterns`) really compute in fp32.
+def fp32_islands(model, op_types=FP32_OP_TYPES, region_names=FP32_REGIONS, patterns=(), strict: bool = True) -> dict:
+    """Which fragile nodes (op type in `op_types`, in one of the named regions, or name matching `patterns`)
+    really compute in fp32.
 
     A fragile node is an island node when every float tensor it reads or writes is float32 *and* no input
     arrives through an fp32 -> fp16 -> fp32 Cast round trip (a value that was rounded to fp16 on the way;
@@ -165,7 +131,9 @@ def fp32_islands(model, op_types=FP32_OP_TYPES, patterns=FP32_NODE_PATTERNS, str
         cast = producer.get(tensor)
         return cast_to(cast) == TensorProto.FLOAT and cast_to(producer.get(cast.input[0])) == TensorProto.FLOAT16
 
-    names = set(nodes_matching(((n.name, n.op_type) for n in model.graph.node), patterns, op_types))
+    nodes = [(n.name, n.op_type) for n in model.graph.node]
+    chosen = regions.select([regions.region(name) for name in region_names], nodes)
+    names = set(chosen) | set(nodes_matching(nodes, patterns, op_types))
     islands, leaks, by_op = [], [], {}
     for node in model.graph.node:
         if node.name not in names or node.op_type in ("Constant", "Cast"):
@@ -361,14 +329,17 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         raise ExportError(f"fp16 conversion needs an fp32 ONNX parent, got {parent.id}")
     source = onnx.load(str(ctx.path_of(parent)))
     nodes = graph_nodes(source)
-    base_names = nodes_matching(nodes, settings.node_block_patterns)
+    groups = FALLBACK_GROUPS if settings.fallback else ()
+    base_names = regions.protected_nodes(nodes, parent.component, settings.fp32_regions, settings.fp32_patterns,
+                                         [r for g in groups for r in g.regions], where="fp16")
+    base_regions = [r.name for r in regions.regions_of(settings.fp32_regions, parent.component)]
     path = ctx.folder / artifact_filename(parent.component, "onnx", "fp16", "onnx")
 
     def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
         extra = sorted({name for group in kept for name in group.select(nodes)})
         converted, round_trips = convert(source, settings.op_block_list, sorted(set(base_names) | set(extra)))
-        patterns = settings.node_block_patterns + tuple(p for g in kept for p in g.patterns)
-        islands = fp32_islands(converted, settings.op_block_list, patterns)
+        kept_regions = base_regions + [r.name for g in kept for r in g.regions]
+        islands = fp32_islands(converted, settings.op_block_list, kept_regions, settings.fp32_patterns)
         types = io_types(converted)
         if any(t != "FLOAT" for t in types.values()):
             raise ExportError(f"fp16 conversion changed graph IO types: {types}")
@@ -388,7 +359,8 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             "parent_nodes": len(nodes),
             "kept_fp32": {
                 "op_types": list(settings.op_block_list),
-                "patterns": list(patterns),
+                "regions": kept_regions,
+                "patterns": list(settings.fp32_patterns),
                 "nodes_by_op_type": dict(sorted(fp32_types.items())),
                 "nodes": sorted(set(base_names) | set(extra)),
             },
@@ -401,5 +373,5 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
 
     if not settings.fallback:
         return [candidate(())]
-    return [build_with_fallback(ctx, parent, candidate, settings.max_rounds, FALLBACK_GROUPS, nodes, suite=settings.gate_suite)]
+    return [build_with_fallback(ctx, parent, candidate, settings.max_rounds, groups, nodes, suite=settings.gate_suite)]
 

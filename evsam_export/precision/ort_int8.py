@@ -8,17 +8,17 @@ QuantizeLinear/DequantizeLinear pair that ORT (and TensorRT) fuse into int8 kern
 
 Why not `quantize_dynamic`: it rewrites every Conv into ConvInteger + DynamicQuantizeLinear, which ORT
 has no fast kernels for: measured on L0 2.4x *slower* than fp32 with QInt8 weights, about equal with
-QUInt8, while static per-channel QDQ was 2.15x faster (RUNTIMES.md §0.8, §4.2; ORT maintainers: "use
+QUInt8, while static per-channel QDQ was 2.15x faster (ORT maintainers: "use
 static quantization for CNN based models", microsoft/onnxruntime#12854). Dynamic quantization also
 computes activation ranges at run time, so the graph would not say what it computes.
 
 Why Conv only by default: quantizing every default op type (Conv *and* LiteMLA's MatMuls) measured an
 embedding SNR of -3.8 dB (error larger than signal, box-mask IoU 0.62) for a 3.1x speed-up, while
-Conv-only QDQ measured 12.6-12.7 dB and mask IoU 0.90-0.91 for 2.3x (RUNTIMES.md §4.1, L0, image-
+Conv-only QDQ measured 12.6-12.7 dB and mask IoU 0.90-0.91 for 2.3x (L0, image-
 dependent model); the encoder's only MatMuls are the linear-attention ones, which need fp32 range.
 
 Decoder INT8 works (`decoder_calibration_feeds`), but default recipes keep the decoder fp32: SAM decoder
-attention "exhibits extreme outliers" (RUNTIMES.md §2.5; optimum-intel keeps it fp32, Geti saw no gain).
+attention "exhibits extreme outliers" (optimum-intel keeps it fp32, Geti saw no gain).
 With op_types_to_quantize = ["Conv"] only the three mask_downscaling convs would qualify, and they are
 excluded (calibration feeds carry no mask input), so a decoder recipe should name ["Gemm", "MatMul"].
 
@@ -42,54 +42,38 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evsam_export.errors import ExportError, RecipeError
-from evsam_export.manifest import Artifact, cpu_flags
-from evsam_export.pipeline.step import StepContext, artifact_filename
-from evsam_export.pipeline.fallback import GATE_SUITE, FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+from evsam_export.export import regions
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
+from evsam_export.manifest import Artifact, cpu_flags
+from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes
+from evsam_export.pipeline.settings import PrecisionSettings, SettingValueError
+from evsam_export.pipeline.step import StepContext, artifact_filename
 
-# Node-name regexes never quantized, whatever op_types_to_quantize says (resolved to exact names).
-EXCLUDE_PATTERNS = (
-    # LiteMLA core (Pad, v@k^T, (vk)@q, eps Add, Div): quantizing its MatMuls measured -3.8 dB (RUNTIMES §4.1).
-    r"context_module/main/[^/]+$",
-    # The encoder's final LayerNorm2d: normalises with a per-pixel variance; its output is the embedding.
-    r"(^|/)image_encoder/norm/",
-    # Decoder attention scores q@k^T and attn@v: extreme outliers (RUNTIMES §2.5).
-    r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/(MatMul|MatMul_1)$",
-    # Decoder prompt positional encoding (coords @ Gaussian matrix before sin/cos): int8 steps are whole pixels
-    # of phase error; and the final mask product hyper_in @ upscaled embedding, which *is* the mask logits.
-    r"^/MatMul$",
-    r"^/MatMul_2$",
-    # Decoder mask_downscaling convs: calibration feeds have has_mask_input = 0, so their ranges are unseen.
-    r"mask_downscaling",
+# Regions (evsam_export.export.regions) never quantized, whatever op_types_to_quantize says.
+FP32_REGIONS = (
+    "litemla-core",  # its MatMuls need fp32 range (see the module docstring)
+    "encoder-norm",  # normalises with a per-pixel variance; its output is the embedding
+    "decoder-attention-products",  # extreme outliers
+    "decoder-prompt-encoding",
+    "decoder-mask-product",
+    "decoder-mask-downscaling",
 )
 
-# Fallback order, most sensitive first (cumulative). The neck was measured the most sensitive part
-# (L0 synthetic:0, MinMax, 4 images: keeping one group fp32 gained neck middle +2.0 dB, stage-4 MBConvs
-# +0.5, stage-4 LiteMLA convs +0.4, stage 3 +0.4, stage 2 +0.5, stage 1 +0.4, neck input convs +0.3,
-# stem +0.2). Within the neck, its 1x1 convs (the four FusedMBConv point convs and the output conv, which
-# writes the embedding) carry the sensitivity at a fraction of the cost: with percentile-99.99 ranges,
-# keeping only them fp32 measured 20.3 dB and mask IoU 0.971-0.976 on point/box/boxes16 but 0.966 on
-# mask_refine; keeping the neck's input and output convs instead 18.0 dB / 0.969, stage 4 instead 18.0 dB
-# / 0.968. The neck's 3x3 convs are a quarter of the encoder's time (4 x ~20 ms of ~390 ms), so they go
-# back only after the cheap 1x1 groups.
+# Fallback order, most sensitive first (cumulative). The neck was measured the most sensitive part and its
+# 1x1 convs carry that sensitivity at a fraction of the cost; its 3x3 convs are a quarter of the encoder's
+# time, so they go back only after the cheap 1x1 groups (docs/benchmarks.md, "INT8 fallback order").
 INT8_GROUPS = (
-    FallbackGroup("encoder-neck-pointwise", "the neck's 1x1 convs (FusedMBConv point convs, output conv): 19.0 -> 20.3 dB "
-                  "for 5 of 69 convs, ~12 ms of fp32 work", patterns=(r"/neck/middle/op_list\.\d+/main/point_conv/", r"/neck/output_ops")),
-    FallbackGroup("encoder-neck-inputs-stem", "the neck's 1x1 input projections and the stem conv on the raw image: "
-                  "with the group above, 20.8 dB and mask-refine IoU 0.972 (0.966 without) for 4 more cheap convs",
-                  patterns=(r"/neck/input_ops", r"backbone/stages\.0/op_list\.0/")),
-    FallbackGroup("encoder-neck", "the rest of the neck (its 3x3 convs): whole neck fp32 measured 23.2 dB",
-                  patterns=(r"/neck/",)),
-    FallbackGroup("encoder-last-stage", "the last backbone stage (LiteMLA qkv/aggregation/proj and its MBConvs; "
-                  "l: stage 4, xl: stage 5): +0.4/+0.5 dB on l0", stages="-1"),
-    FallbackGroup("encoder-second-last-stage", "the stage before it (l: stage-3 MBConvs, +0.4 dB on l0; xl: the "
-                  "first attention stage)", stages="-2"),
-    FallbackGroup("encoder-early-stages", "fused-MBConv stages after the stem stage: +0.4/+0.5 dB on l0 (the stem "
-                  "went back with encoder-neck-inputs-stem)", stages="1:-2"),
-    FallbackGroup("decoder-output", "output upscaling, hypernetwork MLPs and IoU head make the logits directly",
-                  patterns=(r"output_upscaling", r"output_hypernetworks_mlps", r"iou_prediction_head")),
-    FallbackGroup("decoder-attention-projections", "q/k/v/out projections of the attention blocks",
-                  patterns=(r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)/",)),
+    FallbackGroup(("neck-pointwise",), "the neck's 1x1 convs carry most of its sensitivity at little fp32 cost"),
+    FallbackGroup(("neck-inputs", "stem"), "four more cheap convs: the neck's input projections and the stem conv on "
+                  "the raw image"),
+    FallbackGroup(("neck",), "the rest of the neck (its 3x3 convs), a quarter of the encoder's time"),
+    FallbackGroup(("last-stage",), "the last backbone stage (LiteMLA qkv/aggregation/proj and its MBConvs)"),
+    FallbackGroup(("second-last-stage",), "the stage before it"),
+    FallbackGroup(("early-stages",), "the fused-MBConv stages after the stem stage (the stem went back with "
+                  "neck-inputs+stem)"),
+    FallbackGroup(("decoder-output-upscaling", "decoder-hypernetworks", "decoder-iou-head"),
+                  "output upscaling, hypernetwork MLPs and IoU head make the logits directly"),
+    FallbackGroup(("decoder-attention",), "the q/k/v/out projections of the attention blocks"),
 )
 
 
@@ -97,71 +81,56 @@ CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
 
 
 @dataclass(frozen=True)
-class Settings:
-    # Op types to quantize. Conv only: see the module docstring for the measured reason (MatMul: -3.8 dB).
+class Settings(PrecisionSettings):
+    # Op types to quantize. Conv only: see the module docstring for why not LiteMLA's MatMuls.
     op_types_to_quantize: tuple[str, ...] = ("Conv",)
-    # Node-name regexes never quantized (EXCLUDE_PATTERNS explains each); resolved to names in facts.
-    exclude_patterns: tuple[str, ...] = EXCLUDE_PATTERNS
+    # Regions never quantized (see FP32_REGIONS); each must match nodes of the graphs of its component.
+    fp32_regions: tuple[str, ...] = FP32_REGIONS
+    # Extra node-name regexes never quantized (searched in ONNX node names), for experiments outside the table.
+    fp32_patterns: tuple[str, ...] = ()
     # False: ORT CPU flavour, QUInt8 activations / QInt8 weights, target "ort" (encoder.ort.int8.onnx).
     # True: TensorRT flavour, QInt8/QInt8 with zero points 0 (ActivationSymmetric/WeightSymmetric), which
-    # TensorRT requires ("x_zero_point must be zero", RUNTIMES §2.5); target "trt" (encoder.trt.int8.onnx).
+    # TensorRT requires ("x_zero_point must be zero"); target "trt" (encoder.trt.int8.onnx).
     symmetric: bool = False
-    # Per-output-channel weight scales (RUNTIMES §4.1: the 2.15x static QDQ measurement used them).
+    # Per-output-channel weight scales (ORT's static QDQ speed-up on CPU is measured with them).
     per_channel: bool = True
-    # 7-bit weights for CPUs without VNNI, where u8s8 int16 accumulation can saturate (RUNTIMES §0.9).
+    # 7-bit weights for CPUs without VNNI, where u8s8 int16 accumulation can saturate.
     reduce_range: bool = False
-    # Calibration images (alternating synthetic scenes / offline photos, calibration.data).
-    calibration_images: int = 16
     # How activation ranges are chosen: "minmax" (observed extremes), "percentile" (the `percentile`-th
-    # percentile of |x|, clipping rare outliers), "entropy" (KL divergence, TensorRT's classic choice).
-    # Measured on L0 (synthetic:0, 16 images, calibration-gate suite): minmax 15.6 dB / mask IoU 0.957-0.962;
-    # entropy identical to minmax; percentile 99.999 17.3 dB / 0.967-0.971; percentile 99.99 19.0 dB /
-    # 0.967-0.973 (the few extreme activations MinMax spends the 8 bits on are rare GELU/residual outliers).
+    # percentile of |x|, clipping the rare GELU/residual outliers MinMax spends the 8 bits on), "entropy"
+    # (KL divergence, TensorRT's classic choice). Percentile measured best (docs/benchmarks.md).
     calibrate_method: str = "percentile"
-    # Percentile of |activation| kept by calibrate_method = "percentile" (99.99: best SNR of those measured).
+    # Percentile of |activation| kept by calibrate_method = "percentile".
     percentile: float = 99.99
-    # Seed of the calibration set (scene seeds, photo rotation, prompts).
-    calibration_seed: int = 0
     # Activation memory one calibration pass may hold, in GiB. ORT's calibrators keep every calibrated tensor
-    # of every image of a pass until the pass ends (measured on xl1: 3.7 GB an image, so 16 images at once
-    # would need ~60 GB), so the images go through in passes of the largest divisor of calibration_images
-    # whose tensors fit (ORT's CalibStridedMinMax; histograms merge across passes). From the graphs' shapes
-    # (calibrated_bytes_per_image): l0 0.61 GiB an image (8 a pass), l1 0.76 (8), l2 0.97 (8), xl0 1.82 (4),
-    # xl1 2.88 (2); measured on xl1, peak RSS grows 3.4 GiB an image (the histogram pass copies a tensor).
+    # of every image of a pass until the pass ends, so the images go through in passes of the largest divisor
+    # of calibration_images whose tensors fit (ORT's CalibStridedMinMax; histograms merge across passes).
     calibration_memory_gib: float = 8.0
     # Use the offline scikit-image photos (falls back to synthetic scenes when scikit-image is missing).
     calibration_photos: bool = True
-    # Run onnxruntime's quant_pre_process (shape inference + constant folding) first: measured 467 -> 412
-    # nodes, 153 -> 124 QuantizeLinear, +0.2 dB SNR on L0, ~10 s.
+    # Run onnxruntime's quant_pre_process (shape inference + constant folding) first: fewer QuantizeLinear
+    # nodes and a slightly better SNR.
     preprocess: bool = True
     # ONNX Runtime graph passes applied to the fp32 graph before quantization (graph_passes.py). None: the
     # flavour's default, ORT_PASSES for "ort" and none for "trt" (TensorRT cannot run com.microsoft ops).
     graph_passes: tuple[str, ...] | None = None
-    # Gate each candidate on the build-time suite and fall back group by group when it fails.
-    fallback: bool = True
-    # Most gate runs (1 = gate once, no fallback). The default tries every group ("until it passes or nothing
-    # is left"): re-quantizing from cached ranges takes 6-20 s a round, the gate 80-160 s on xl1. With 6,
-    # xl1 stopped one group short of the round that passed (docs/benchmarks.md, session 4).
+    # The default tries every group: re-quantizing from cached ranges is cheap next to a gate run.
     max_rounds: int = len(INT8_GROUPS) + 1
-    # Parity suite of the build-time gate (validators/<name>.toml); default.toml's tolerances.
-    gate_suite: str = GATE_SUITE
 
-    def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
-        object.__setattr__(self, "op_types_to_quantize", tuple(self.op_types_to_quantize))
-        object.__setattr__(self, "exclude_patterns", tuple(self.exclude_patterns))
+    def check(self) -> None:
+        super().check()
+        regions.check_region_names("fp32_regions", self.fp32_regions)
+        regions.check_patterns("fp32_patterns", self.fp32_patterns)
         if self.graph_passes is not None:
             runtimes = ("portable",) if self.symmetric else ("portable", "onnxruntime")
-            object.__setattr__(self, "graph_passes", check_pass_names(self.graph_passes, runtimes))
-        if self.calibration_images < 1:
-            raise RecipeError(f"[int8] calibration_images: {self.calibration_images} must be >= 1")
-        if self.calibrate_method not in CALIBRATE_METHODS:
-            raise RecipeError(f"[int8] calibrate_method: {self.calibrate_method!r} is not one of {', '.join(CALIBRATE_METHODS)}")
+            try:
+                object.__setattr__(self, "graph_passes", check_pass_names(self.graph_passes, runtimes))
+            except RecipeError as exc:
+                raise SettingValueError("graph_passes", exc.message, hint=exc.hint) from exc
+        self.require_one_of("calibrate_method", CALIBRATE_METHODS)
+        self.require_between("percentile", 90.0, 100.0)
         if self.calibration_memory_gib <= 0:
-            raise RecipeError(f"[int8] calibration_memory_gib: {self.calibration_memory_gib} must be > 0")
-        if not 90.0 <= self.percentile <= 100.0:
-            raise RecipeError(f"[int8] percentile: {self.percentile} must be within 90..100")
-        if self.max_rounds < 1:
-            raise RecipeError(f"[int8] max_rounds: {self.max_rounds} must be >= 1")
+            raise SettingValueError("calibration_memory_gib", f"{self.calibration_memory_gib!r} must be > 0")
 
     @property
     def target(self) -> str:
@@ -369,7 +338,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                 source = scratch / "passes.onnx"
                 onnx.save(rewritten, str(source))
         nodes = graph_nodes(source)
-        excluded = nodes_matching(nodes, settings.exclude_patterns)
+        groups = INT8_GROUPS if settings.fallback else ()
+        excluded = regions.protected_nodes(nodes, parent.component, settings.fp32_regions, settings.fp32_patterns,
+                                           [r for g in groups for r in g.regions], where="int8")
         # Fallback groups only matter through the nodes that could be quantized (a group with no Conv
         # left to un-quantize is skipped without a gate round).
         quantizable = [(name, op) for name, op in nodes if op in settings.op_types_to_quantize]
@@ -445,7 +416,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                 **({"preprocess_note": preprocess_note} if preprocess_note else {}),
                 "op_types_to_quantize": list(settings.op_types_to_quantize),
                 "excluded_nodes": exclude,
-                "excluded_by_pattern": len(excluded),
+                "excluded_by_region": len(excluded),
                 "kept_fp32_by_fallback": kept_nodes,
                 "qdq": {k: v for k, v in structure.items() if k != "float_nodes"},
                 "float_nodes": structure["float_nodes"],
@@ -458,7 +429,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         if not settings.fallback:
             artifacts = [candidate(())]
         else:
-            artifacts = [build_with_fallback(ctx, parent, candidate, settings.max_rounds, INT8_GROUPS, quantizable, suite=settings.gate_suite)]
+            artifacts = [build_with_fallback(ctx, parent, candidate, settings.max_rounds, groups, quantizable, suite=settings.gate_suite)]
         if cache.is_file() and not shared.is_file():  # only ranges of a calibration that completed
             _store_atomically(cache, shared)
         return artifacts
