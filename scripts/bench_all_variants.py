@@ -42,18 +42,18 @@ def build(folder: Path, threads: int, calibration_images: int, int8_groups: list
                       reporter=Reporter(interactive=False), threads=threads)
     encoder, decoder = manifest.artifact("encoder.onnx.fp32"), manifest.artifact("decoder.onnx.fp32")
     groups = {g.name: g for g in ort_int8.INT8_GROUPS}
-    kept = tuple(p for name in int8_groups for p in groups[name].patterns)
+    kept = tuple(r.name for name in int8_groups for r in groups[name].regions)
     seconds = {}
     jobs = [
         ("ort-fp32", lambda: ort.build(ctx, encoder, ort.Settings()) + ort.build(ctx, decoder, ort.Settings())),
         ("onnx-fp16", lambda: fp16.build(ctx, encoder, fp16.Settings(fallback=False))),
         ("ort-int8", lambda: ort_int8.build(ctx, encoder, ort_int8.Settings(
-            fallback=False, calibration_images=calibration_images, exclude_patterns=ort_int8.EXCLUDE_PATTERNS + kept))),
+            fallback=False, calibration_images=calibration_images, fp32_regions=ort_int8.FP32_REGIONS + kept))),
         ("openvino-fp32", lambda: openvino.build(ctx, encoder, openvino.Settings(precision="fp32"))
          + openvino.build(ctx, decoder, openvino.Settings(precision="fp32"))),
         ("openvino-fp16", lambda: openvino.build(ctx, encoder, openvino.Settings(precision="fp16"))),
         ("openvino-int8", lambda: openvino.build(ctx, encoder, openvino.Settings(
-            precision="int8", fallback=False, subset_size=calibration_images))),
+            precision="int8", fallback=False, calibration_images=calibration_images))),
     ]
     for name, job in jobs:
         if name in skip:

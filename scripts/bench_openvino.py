@@ -46,6 +46,7 @@ def build_irs(folder: Path, args) -> dict:
     from evsam_export.manifest import Artifact, read_manifest, sha256_file
     from evsam_export.model.variants import get_variant
     from evsam_export.progress import Reporter
+    from evsam_export.precision import nncf_int8
     from evsam_export.targets import openvino as target
     from evsam_export.pipeline.step import StepContext
 
@@ -57,17 +58,17 @@ def build_irs(folder: Path, args) -> dict:
     if not link.exists():
         link.symlink_to((folder / parent.path).resolve())
     ctx = StepContext(folder=work, manifest=manifest, variant=get_variant(manifest.variant), reporter=Reporter(), threads=args.threads)
-    groups = [g for g in target.ENCODER_GROUPS if g.name in [n.strip() for n in args.int8_fp32_groups.split(",") if n.strip()]]
+    groups = [g for g in nncf_int8.ENCODER_GROUPS if g.name in [n.strip() for n in args.int8_fp32_groups.split(",") if n.strip()]]
     import openvino
 
     # Fallback groups reach NNCF as node names: pass those as exact-name patterns.
-    scope = target.round_scope(target.Settings(), tuple(groups),
-                               target.model_nodes(openvino.Core().read_model(str(folder / parent.path))))
-    int8_patterns = scope.patterns + tuple(f"{re.escape(name)}$" for name in scope.names)
+    scope = nncf_int8.round_scope(target.Settings(), tuple(groups),
+                                  nncf_int8.model_nodes(openvino.Core().read_model(str(folder / parent.path))), "encoder")
+    int8_patterns = scope.patterns + tuple(f"^{re.escape(name)}$" for name in scope.names)
     wanted = {
         "fp32": target.Settings(precision="fp32"),
         "fp16": target.Settings(precision="fp16"),
-        "int8": target.Settings(precision="int8", subset_size=args.int8_subset, ignored_patterns=int8_patterns, fallback=False),
+        "int8": target.Settings(precision="int8", calibration_images=args.int8_subset, fp32_patterns=int8_patterns, fallback=False),
     }
     built = {}
     cache = work / "bench-artifacts.json"

@@ -54,9 +54,9 @@ def build_variants(folder: Path, scratch: Path, calibration_images: int, threads
     structure = {"fp16_islands": half.facts["fp32_islands"]["fp32_by_op_type"], "int8_qdq": int8.facts["qdq"]}
     if fallback_groups:  # the INT8 graph a fallback would end with: these groups' convs kept fp32
         groups = {g.name: g for g in ort_int8.INT8_GROUPS}
-        patterns = tuple(p for name in fallback_groups for p in groups[name].patterns)
+        kept_regions = tuple(r.name for name in fallback_groups for r in groups[name].regions)
         settings = ort_int8.Settings(calibration_images=calibration_images, fallback=False,
-                                     exclude_patterns=ort_int8.EXCLUDE_PATTERNS + patterns, **int8_options)
+                                     fp32_regions=ort_int8.FP32_REGIONS + kept_regions, **int8_options)
         ctx = context("fallback")
         kept = ort_int8.build(ctx, encoder, settings)[0]
         paths["int8-fb"] = ctx.path_of(kept)

@@ -31,22 +31,22 @@ def test_rows_cover_every_encoder_group_then_ungrouped_and_all(quantizable):
     every = {name for name, _ in quantizable}
     assert quantizable and {op for _, op in quantizable} == {"Conv"}
     rows, skipped = sensitivity.group_selection(quantizable, [])
-    encoder_groups = [g.name for g in ort_int8.INT8_GROUPS if g.name.startswith("encoder-")]
+    encoder_groups = [g.name for g in ort_int8.INT8_GROUPS if all(r.component == "encoder" for r in g.regions)]
     # Decoder groups name no encoder node and are left out silently when no group was asked for.
     assert list(rows) == encoder_groups + [sensitivity.UNGROUPED, sensitivity.ALL] and skipped == []
     assert rows[sensitivity.ALL] == every
     grouped = set().union(*(rows[name] for name in encoder_groups))
     assert rows[sensitivity.UNGROUPED] == every - grouped and all("backbone/stages.0/" in n for n in rows[sensitivity.UNGROUPED])
-    assert len(rows["encoder-neck-pointwise"]) == 5 and rows["encoder-neck-pointwise"] < rows["encoder-neck"]
+    assert len(rows["neck-pointwise"]) == 5 and rows["neck-pointwise"] < rows["neck"]
 
 
 def test_all_alone_is_only_the_every_node_row_and_unknown_groups_are_refused(quantizable):
     rows, skipped = sensitivity.group_selection(quantizable, ["all"])
     assert list(rows) == ["all"] and not skipped
-    rows, skipped = sensitivity.group_selection(quantizable, ["decoder-output", "encoder-neck"])
-    assert list(rows) == ["encoder-neck"] and skipped == ["decoder-output"]  # decoder groups name no encoder node
-    with pytest.raises(UsageError, match="unknown group 'encoder-nek'"):
-        sensitivity.group_selection(quantizable, ["encoder-nek"])
+    rows, skipped = sensitivity.group_selection(quantizable, ["decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head", "neck"])
+    assert list(rows) == ["neck"] and skipped == ["decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head"]  # decoder groups name no encoder node
+    with pytest.raises(UsageError, match="unknown group 'nek'"):
+        sensitivity.group_selection(quantizable, ["nek"])
 
 
 def test_settings_come_from_the_folders_int8_artifact_with_overrides_and_no_fallback(l0_export):
@@ -70,7 +70,7 @@ def test_sensitivity_command_measures_each_group_and_writes_its_report(l0_export
         (folder / path.name).symlink_to(path)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    proc = cli(folder, "--groups", "encoder-neck-pointwise,all", "--calibration-images", "2", "--calibrate-method", "minmax",
+    proc = cli(folder, "--groups", "neck-pointwise,all", "--calibration-images", "2", "--calibrate-method", "minmax",
                env={"EVSAM_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((folder / "sensitivity.json").read_text())
@@ -78,7 +78,7 @@ def test_sensitivity_command_measures_each_group_and_writes_its_report(l0_export
     assert data["settings"]["calibrate_method"] == "minmax" and data["settings"]["calibration_images"] == 2
     assert data["suite"] == "calibration-gate" and data["images"] == 3 and data["skipped"] == []
     neck, every = data["results"]
-    assert (neck["group"], every["group"]) == ("encoder-neck-pointwise", "all")
+    assert (neck["group"], every["group"]) == ("neck-pointwise", "all")
     # Exactly the asked-for nodes are INT8 in each row, and every row after the first reuses the calibration.
     assert neck["quantized"] == neck["selected"] == 5 and every["quantized"] == every["selected"] == data["quantizable"]
     assert (neck["ranges_reused"], every["ranges_reused"]) == (False, True)
@@ -87,7 +87,7 @@ def test_sensitivity_command_measures_each_group_and_writes_its_report(l0_export
     assert 5 < every["snr_min_db"] < 60
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("l0 (minmax ranges, settings from defaults)")
-    assert any(line.split()[:3] == ["encoder-neck-pointwise", "5", "INT8"] for line in lines)
+    assert any(line.split()[:3] == ["neck-pointwise", "5", "INT8"] for line in lines)
     assert any(line.split()[:2] == ["all", str(data["quantizable"])] for line in lines)
     assert lines[-1] == f"wrote {folder / 'sensitivity.json'}"
     assert sorted(p.name for p in folder.iterdir()) == sorted([p.name for p in l0_export.iterdir()] + ["sensitivity.json"])
@@ -95,11 +95,11 @@ def test_sensitivity_command_measures_each_group_and_writes_its_report(l0_export
 
 
 def test_sensitivity_errors_are_one_line_with_exit_codes(l0_export, tmp_path):
-    proc = cli(l0_export, "--groups", "encoder-nek", "--report", tmp_path / "never.json")
-    assert proc.returncode == 2 and "unknown group 'encoder-nek'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli(l0_export, "--groups", "nek", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "unknown group 'nek'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "never.json").exists()
-    proc = cli(l0_export, "--groups", "decoder-output", "--report", tmp_path / "never.json")
-    assert proc.returncode == 2 and "no quantizable Conv node in decoder-output" in proc.stderr
+    proc = cli(l0_export, "--groups", "decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "no quantizable Conv node in decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head" in proc.stderr
     assert not (tmp_path / "never.json").exists()
     proc = cli(tmp_path)
     assert proc.returncode == 6 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr

@@ -113,9 +113,9 @@ def int8_settings(manifest, overrides: dict):
 
 def quantizable_nodes(nodes: Sequence[tuple[str, str]], settings) -> list[tuple[str, str]]:
     """The (name, op_type) nodes the INT8 step would quantize: its op types, outside its exclusions."""
-    from evsam_export.pipeline.fallback import nodes_matching
+    from evsam_export.export import regions
 
-    excluded = set(nodes_matching(nodes, settings.exclude_patterns))
+    excluded = set(regions.protected_nodes(nodes, "encoder", settings.fp32_regions, settings.fp32_patterns, where="sensitivity"))
     return [(name, op) for name, op in nodes if op in settings.op_types_to_quantize and name not in excluded]
 
 
@@ -199,7 +199,7 @@ def measure_sensitivity(
             started = time.perf_counter()
             keep_fp32 = tuple(f"^{re.escape(node)}$" for node in sorted(every - quantized))
             with reporter.step(f"{name}: {len(quantized)} nodes INT8, the rest fp32"):
-                artifact = ort_int8.build(ctx, parent, dataclasses.replace(settings, exclude_patterns=settings.exclude_patterns + keep_fp32))[0]
+                artifact = ort_int8.build(ctx, parent, dataclasses.replace(settings, fp32_patterns=settings.fp32_patterns + keep_fp32))[0]
                 snrs = [snr_db(r, t) for r, t in zip(reference, embeddings(ctx.path_of(artifact), name))]
             row = GroupSensitivity(
                 group=name,
