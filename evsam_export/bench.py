@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from evsam_export import contract
 from evsam_export.manifest import cpu_flags, cpu_model, package_versions, read_manifest
 from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, get_variant
 from evsam_export.progress import Reporter
@@ -73,16 +74,8 @@ def _decoder_feed(runner_inputs, prompts: int, boxes: bool) -> dict:
     else:
         coords = np.concatenate([rng.uniform(0, 1000, (prompts, 1, 2)), np.zeros((prompts, 1, 2))], axis=1).astype(np.float32)
         labels = np.tile(np.array([[1.0, -1.0]], np.float32), (prompts, 1))
-    feeds = {
-        "image_embeddings": rng.standard_normal((1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)).astype(np.float32),
-        "point_coords": coords,
-        "point_labels": labels,
-        "mask_input": np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), np.float32),
-        "has_mask_input": np.zeros((1,), np.float32),
-        "orig_im_size": np.array([768.0, 1024.0], np.float32),
-    }
-    names = {spec.name for spec in runner_inputs}
-    return {k: v for k, v in feeds.items() if k in names}
+    embeddings = rng.standard_normal(contract.EMBEDDINGS_SHAPE).astype(np.float32)
+    return contract.decoder_feeds(runner_inputs, embeddings, coords, labels, original_size=(768, 1024))
 
 
 def plain_export(model, variant, folder: Path) -> Path:

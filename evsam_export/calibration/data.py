@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from evsam_export.calibration.images import ValidationImage, prompts_for, sample_image, synthetic_scene
+from evsam_export import contract
 from evsam_export.errors import RuntimeUnavailable
 from evsam_export.model import processing
 from evsam_export.model.variants import LOW_RES_MASK_SIZE, Variant, get_variant
@@ -117,7 +118,7 @@ def decoder_calibration_feeds(
     processing.build_prompt_tokens, so the padding-point rule is PyTorch SAM's."""
     size = _variant(variant).encoder_size
     embed = _embed(encoder)
-    names = None if decoder_inputs is None else {getattr(spec, "name", spec) for spec in decoder_inputs}
+    inputs = contract.decoder_spec("sam") if decoder_inputs is None else decoder_inputs
     feeds = []
     for index, item in enumerate(calibration_images(count, seed, photos)):
         input_image, geometry = processing.preprocess_image(item.image.rgb, size)
@@ -125,15 +126,13 @@ def decoder_calibration_feeds(
         for kind_index, kind in enumerate(kinds):
             prompts = prompts_for(kind, item.image.rgb, item.image.masks, seed=seed * 7919 + index * len(kinds) + kind_index)
             tokens = processing.build_prompt_tokens(geometry, prompts.points, prompts.labels, prompts.boxes)
-            feed = {
-                "image_embeddings": embeddings,
-                "point_coords": tokens.point_coords,
-                "point_labels": tokens.point_labels,
-                "mask_input": np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), np.float32),
-                "has_mask_input": np.zeros((1,), np.float32),
-                "orig_im_size": np.array(geometry.original_size, dtype=np.float32),
-            }
-            feeds.append({k: v for k, v in feed.items() if names is None or k in names})
+            feeds.append(contract.decoder_feeds(
+                inputs,
+                image_embeddings=embeddings,
+                point_coords=tokens.point_coords,
+                point_labels=tokens.point_labels,
+                original_size=geometry.original_size,
+            ))
     return feeds
 
 

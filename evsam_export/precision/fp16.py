@@ -172,20 +172,19 @@ def io_types(model) -> dict[str, str]:
 def smoke_feeds(artifact: Artifact, variant) -> dict[str, np.ndarray]:
     """One realistic feed for a quick run: a preprocessed synthetic scene for the encoder, a point prompt
     on Gaussian embeddings for the decoder (no encoder run needed)."""
+    from evsam_export import contract
     from evsam_export.calibration.data import encoder_calibration_feeds
 
     if artifact.component == "encoder":
         return encoder_calibration_feeds(variant, 1, seed=0, photos=False)[0]
     rng = np.random.default_rng(0)
-    feeds = {
-        "image_embeddings": rng.standard_normal((1, 256, 64, 64)).astype(np.float32),
-        "point_coords": np.array([[[400.0, 300.0], [0.0, 0.0]]], np.float32),
-        "point_labels": np.array([[1.0, -1.0]], np.float32),
-        "mask_input": np.zeros((1, 1, 256, 256), np.float32),
-        "has_mask_input": np.zeros((1,), np.float32),
-        "orig_im_size": np.array([480.0, 640.0], np.float32),
-    }
-    return {spec.name: feeds[spec.name] for spec in artifact.inputs}
+    return contract.decoder_feeds(
+        artifact,
+        image_embeddings=rng.standard_normal(contract.EMBEDDINGS_SHAPE).astype(np.float32),
+        point_coords=np.array([[[400.0, 300.0], [0.0, 0.0]]], np.float32),
+        point_labels=np.array([[contract.LABEL_FOREGROUND, contract.LABEL_PADDING]], np.float32),
+        original_size=(480, 640),
+    )
 
 
 def run_compare(reference_path: Path, candidate_path: Path, feeds: dict[str, np.ndarray], threads: int | None) -> dict:
