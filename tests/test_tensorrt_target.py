@@ -18,13 +18,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from evsam_export.errors import ExportError, RecipeError
+from evsam_export.export.onnx_export import decoder_spec, encoder_spec
 from evsam_export.manifest import Artifact, Manifest, TensorSpec, read_manifest, sha256_file, verify_artifact_file
 from evsam_export.model.variants import get_variant
+from evsam_export.pipeline.step import StepContext
 from evsam_export.progress import Reporter
 from evsam_export.runners.base import Availability
 from evsam_export.targets import tensorrt as trt_target
-from evsam_export.pipeline.step import StepContext
-from evsam_export.export.onnx_export import decoder_spec, encoder_spec
 
 VARIANT = get_variant("l0")
 SHAPE_FLAGS = ("--minShapes", "--optShapes", "--maxShapes")

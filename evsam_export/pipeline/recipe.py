@@ -8,11 +8,12 @@ so a wheel installed anywhere finds them by name."""
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 from evsam_export.errors import RecipeError
 from evsam_export.pipeline.settings import SettingValueError
@@ -81,7 +82,8 @@ def _parent_path(child: Path, parent_name: str) -> Path:
         if candidate.is_file():
             return candidate
     known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.toml")))
-    raise RecipeError(f"{child.name}: extends: {parent_name} is neither beside it nor a shipped recipe", hint=f"shipped recipes: {known}")
+    raise RecipeError(f"{child.name}: extends: {parent_name} is neither beside it nor a shipped recipe",
+                      hint=f"shipped recipes: {known}")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -143,7 +145,8 @@ def check_table(table: dict, settings_cls, where: str, source: str) -> dict:
         if key not in names:
             raise RecipeError(f"{source}: [{where}] {key}: unknown key", hint=f"allowed: {', '.join(sorted(names))}")
         if not _type_ok(value, hints[key]):
-            raise RecipeError(f"{source}: [{where}] {key}: expected {getattr(hints[key], '__name__', hints[key])}, got {type(value).__name__} {value!r}")
+            expected = getattr(hints[key], "__name__", hints[key])
+            raise RecipeError(f"{source}: [{where}] {key}: expected {expected}, got {type(value).__name__} {value!r}")
     return dict(table)
 
 
@@ -232,13 +235,15 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     for component in ("encoder", "decoder"):
         value = precision.get(component, "fp32")
         if value not in target.precisions:
-            raise RecipeError(f"{source}: [precision] {component}: {value!r} not one of {', '.join(target.precisions)} for {target.name}")
+            allowed = ", ".join(target.precisions)
+            raise RecipeError(f"{source}: [precision] {component}: {value!r} not one of {allowed} for {target.name}")
     steps = {p: target.precision_steps.get(p) or target.target_step for p in ("fp16", "int8")}
     used = {precision.get("encoder", "fp32"), precision.get("decoder", "fp32")}
     tables = {}
     for name in ("fp16", "int8"):  # a precision table is checked when present or when that precision is used
         table = precision.get(name) or {}
-        tables[name] = check_table(table, _settings_class(steps[name]), f"precision.{name}", source) if table or name in used else {}
+        used_or_given = table or name in used
+        tables[name] = check_table(table, _settings_class(steps[name]), f"precision.{name}", source) if used_or_given else {}
     fp16, int8 = tables["fp16"], tables["int8"]
     target_settings = check_table(document.get("target", {}), _settings_class(target.target_step), "target", source)
     _build_step_settings(target, target_settings, tables, used, source)

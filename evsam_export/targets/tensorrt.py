@@ -104,7 +104,8 @@ class Settings(StepSettings):
             ):
                 raise SettingValueError(name, f"{_as_toml(value)} is not [min, opt, max] with 1 <= min <= opt <= max")
         if self.mask_batch is not None and self.mask_batch[2] > self.decoder_prompts[2]:
-            raise SettingValueError("mask_batch", f"max {self.mask_batch[2]} exceeds decoder_prompts max {self.decoder_prompts[2]}",
+            limit = f"max {self.mask_batch[2]} exceeds decoder_prompts max {self.decoder_prompts[2]}"
+            raise SettingValueError("mask_batch", limit,
                                     hint="mask_input holds one mask, or one per prompt set")
         self.require_one_of("hardware_compatibility", tuple(HARDWARE_LEVELS))
         self.require_between("builder_optimization_level", 0, MAX_OPTIMIZATION_LEVEL)
@@ -174,8 +175,9 @@ def trtexec_command(onnx_path, engine_path, profiles: Profiles, settings: Settin
     given (the kit passes names relative to tensorrt-kit/, where its driver runs)."""
     command = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if profiles:  # a static model takes no shapes: trtexec refuses them
-        command += [f"--minShapes={_shape_list(profiles, 0)}", f"--optShapes={_shape_list(profiles, 1)}", f"--maxShapes={_shape_list(profiles, 2)}"]
-    command += [f"--memPoolSize=workspace:{settings.workspace_mib}M", f"--builderOptimizationLevel={settings.builder_optimization_level}"]
+        command += [f"--{kind}Shapes={_shape_list(profiles, which)}" for which, kind in enumerate(("min", "opt", "max"))]
+    command += [f"--memPoolSize=workspace:{settings.workspace_mib}M",
+                f"--builderOptimizationLevel={settings.builder_optimization_level}"]
     if settings.timing_cache:
         command.append(f"--timingCacheFile={settings.timing_cache}")
     command.append("--stronglyTyped")
@@ -229,7 +231,8 @@ def _runs_on(facts: dict, settings: Settings) -> str:
         else f"{facts.get('gpu') or 'the building GPU'} (compute capability {facts.get('compute_capability') or '?'}) only"
     )
     version = facts.get("tensorrt_version") or "?"
-    return f"{where}, with TensorRT {version}" + (" or a later release of the same major" if settings.version_compatible else " only")
+    later = " or a later release of the same major" if settings.version_compatible else " only"
+    return f"{where}, with TensorRT {version}{later}"
 
 
 def build_engine(onnx_path, engine_path, profiles: Profiles, settings: Settings, timing_cache: Path | None = None) -> dict:
@@ -255,7 +258,8 @@ def build_engine(onnx_path, engine_path, profiles: Profiles, settings: Settings,
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(
-            f"TensorRT {trt.__version__} could not parse {onnx_path.name}: " + " | ".join(" ".join(e.split()) for e in errors or ["(no parser error reported)"]),
+            f"TensorRT {trt.__version__} could not parse {onnx_path.name}: "
+            + " | ".join(" ".join(e.split()) for e in errors or ["(no parser error reported)"]),
             hint="the ONNX graph has an op or pattern this TensorRT does not support",
         )
     _check_profiles_against_network(network, profiles, onnx_path.name)
@@ -292,7 +296,8 @@ def build_engine(onnx_path, engine_path, profiles: Profiles, settings: Settings,
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - started
     if plan is None:
-        raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name}", hint="the TensorRT log above says why")
+        raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name}",
+                          hint="the TensorRT log above says why")
     _write_bytes(engine_path, plan)
     if timing_cache is not None:
         _write_bytes(timing_cache, config.get_timing_cache().serialize())
@@ -325,7 +330,7 @@ def _check_profiles_against_network(network, profiles: Profiles, label: str) -> 
     for name, (lo, _opt, _hi) in profiles.items():
         if name not in shapes:
             problems.append(f"profile names {name}, which the network does not have")
-        elif len(shapes[name]) != len(lo) or any(d >= 0 and d != m for d, m in zip(shapes[name], lo)):
+        elif len(shapes[name]) != len(lo) or any(d >= 0 and d != m for d, m in zip(shapes[name], lo, strict=True)):
             problems.append(f"profile {name} {list(lo)} does not fit the network's {list(shapes[name])}")
     if problems:
         raise ExportError(f"{label}: the graph and its declared IO disagree: " + "; ".join(problems), hint="re-export the ONNX")
@@ -391,7 +396,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
     return [_build_kit(ctx, parent, settings, profiles, availability.reason, common, started)]
 
 
-def _build_kit(ctx: StepContext, parent: Artifact, settings: Settings, profiles: Profiles, reason: str, common: dict, started: float) -> Artifact:
+def _build_kit(
+    ctx: StepContext, parent: Artifact, settings: Settings, profiles: Profiles, reason: str, common: dict, started: float
+) -> Artifact:
     kit = ctx.folder / KIT_DIR
     kit.mkdir(parents=True, exist_ok=True)
     ident = artifact_id(parent.component, "tensorrt", parent.precision)
@@ -410,7 +417,8 @@ def _build_kit(ctx: StepContext, parent: Artifact, settings: Settings, profiles:
     _write_text(kit / fragment, render_fragment(ident, engine_name, command, parent, profiles, ctx.variant.name))
     _write_text(kit / KIT_SCRIPT, render_driver(), executable=True)
     _write_text(kit / KIT_README, render_readme(ctx.variant.name, settings))
-    ctx.reporter.line(f"TensorRT unavailable here ({reason.split(' (')[0]}): wrote the trtexec build kit for {ident} to {KIT_DIR}/")
+    why = reason.split(" (")[0]
+    ctx.reporter.line(f"TensorRT unavailable here ({why}): wrote the trtexec build kit for {ident} to {KIT_DIR}/")
     facts = {
         "kit_only": True,
         "reason": reason,
@@ -434,12 +442,16 @@ def _build_kit(ctx: StepContext, parent: Artifact, settings: Settings, profiles:
 def render_fragment(ident: str, engine_name: str, command: list[str], parent: Artifact, profiles: Profiles, variant: str) -> str:
     """One component's trtexec call, sourced by build_engines.sh (which defines run_build, $TRTEXEC and
     $STRONGLY_TYPED_FLAG). The command is `command` token for token, except those two substitutions."""
-    tokens = ['"$TRTEXEC"'] + ["$STRONGLY_TYPED_FLAG" if token == "--stronglyTyped" else shlex.quote(token) for token in command[1:]]
+    tokens = ['"$TRTEXEC"'] + [
+        "$STRONGLY_TYPED_FLAG" if token == "--stronglyTyped" else shlex.quote(token) for token in command[1:]
+    ]
     lines = [
         f"# {ident}: EfficientViT-SAM-{variant} {parent.component}, {parent.precision} ONNX ({Path(parent.path).name}) -> "
         f"{parent.precision} engine; precision comes from the graph, no precision flags.",
-        *[f"# profile {name}: min {'x'.join(map(str, lo))}  opt {'x'.join(map(str, opt))}  max {'x'.join(map(str, hi))}" for name, (lo, opt, hi) in profiles.items()],
-        f"# Generated by evsam-export {__version__}; sourced by {KIT_SCRIPT}. Run `bash {KIT_SCRIPT} {ident}` to build only this one.",
+        *[f"# profile {name}: min {'x'.join(map(str, lo))}  opt {'x'.join(map(str, opt))}  max {'x'.join(map(str, hi))}"
+          for name, (lo, opt, hi) in profiles.items()],
+        f"# Generated by evsam-export {__version__}; sourced by {KIT_SCRIPT}. "
+        f"Run `bash {KIT_SCRIPT} {ident}` to build only this one.",
         f"run_build {shlex.quote(ident)} {shlex.quote(engine_name)} \\",
         "    " + " \\\n    ".join(tokens),
         "",
@@ -474,7 +486,8 @@ def render_readme(variant: str, settings: Settings) -> str:
         hardware_note="the engine also runs on other Ampere-or-newer GPUs, somewhat slower" if level != "none"
         else "the engine runs only on the GPU architecture that built it",
         version_compatibility="on (`--versionCompatible`: later TensorRT releases of the same major can load it; the loader "
-        "must allow engine host code)" if settings.version_compatible else "off (the engine loads only with the TensorRT version that built it)",
+        "must allow engine host code)" if settings.version_compatible
+        else "off (the engine loads only with the TensorRT version that built it)",
         timing_cache=settings.timing_cache or "(no timing cache)",
     )
 
@@ -523,7 +536,8 @@ def register_engines(folder) -> list[Artifact]:
         manifest.artifacts = [artifact if a.id == kit.id else a for a in manifest.artifacts]
         registered.append(artifact)
     if not registered:
-        raise ArtifactError(f"no engines in {folder / KIT_DIR} yet", hint=f"run `bash {KIT_DIR}/{KIT_SCRIPT}` on the GPU machine first")
+        raise ArtifactError(f"no engines in {folder / KIT_DIR} yet",
+                            hint=f"run `bash {KIT_DIR}/{KIT_SCRIPT}` on the GPU machine first")
     manifest.history.append({"command": f"evsam-export register-engines {folder}", "step": "tensorrt-register",
                              "artifacts": [a.id for a in registered]})
     manifest.write(folder)
