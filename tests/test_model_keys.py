@@ -63,7 +63,7 @@ def test_signature_equals_upstream_key_list(name):
         ref_keys, our_keys = [r[0] for r in rows], [o[0] for o in ours]
         missing = [k for k in ref_keys if k not in set(our_keys)]
         extra = [k for k in our_keys if k not in set(ref_keys)]
-        first_diff = next((i for i, (a, b) in enumerate(zip(ours, rows)) if a != b), min(len(ours), len(rows)))
+        first_diff = next((i for i, (a, b) in enumerate(zip(ours, rows, strict=False)) if a != b), min(len(ours), len(rows)))
         pytest.fail(
             f"{name}: {len(ours)} entries vs {len(rows)} upstream; missing {missing[:3]}, extra {extra[:3]}; "
             f"first difference at #{first_diff}: ours {ours[first_diff:first_diff + 1]} "

@@ -48,7 +48,8 @@ def test_bad_recipes_are_refused_with_the_field_path(tmp_path, body, message):
 
 
 def test_extends_and_set_overrides(tmp_path):
-    child = write(tmp_path / "child.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "child"\n[target]\noptimization = "basic"\n')
+    child = write(tmp_path / "child.toml",
+                  'extends = "cpu-ort-fp32"\n[recipe]\nname = "child"\n[target]\noptimization = "basic"\n')
     recipe = load_recipe(child)
     assert recipe.name == "child" and recipe.target_settings["optimization"] == "basic"
     assert recipe.export["decoder_profile"] == "sam"  # inherited
@@ -63,7 +64,8 @@ def test_extends_and_set_overrides(tmp_path):
 
 def test_missing_recipe_via_cli_is_one_line(tmp_path):
     env = {**os.environ, "CI": "1"}
-    proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(tmp_path / "nope.toml")], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(tmp_path / "nope.toml")],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 5 and "recipe not found" in proc.stderr and "Traceback" not in proc.stderr
     bad = write(tmp_path / "bad.toml", '[recipe]\nname = "x"\n[quantize]\nmethd = 1\n')
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(bad)], capture_output=True, text=True, env=env)
@@ -141,8 +143,11 @@ def test_shipped_recipes_and_suites_are_package_data_behind_the_top_level_folder
     assert validators_dir() == (root / "evsam_export" / "validators").resolve() == (root / "validators").resolve()
 
 
+UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'
+
+
 def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):
-    recipe = load_recipe(write(tmp_path / "r.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'))
+    recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
     cache = StepCache(tmp_path / "cache")
     plan = run_recipe(recipe, "l0", tmp_path / "dry", dry_run=True, cache=cache)
     assert [s.status for s in plan.steps] == ["run", "run", "run"]
@@ -168,7 +173,7 @@ def test_summary_line_warns_when_an_artifacts_build_gate_never_passed(tmp_path):
 
     from evsam_export.progress import Reporter
 
-    recipe = load_recipe(write(tmp_path / "r.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'))
+    recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
     cache = StepCache(tmp_path / "cache")
     first = run_recipe(recipe, "l0", tmp_path / "a", cache=cache, reporter=Reporter(quiet=True))
     step = next(s for s in first.steps if s.outputs == ["encoder.ort.fp32"])
