@@ -1,18 +1,20 @@
 """TensorRT target: a strongly typed engine from the precision-prepared ONNX, or a trtexec build kit.
 
 Precision lives in the ONNX graph (fp16 casts with fp32 islands, explicit symmetric Q/DQ for INT8), never in
-builder flags: TensorRT 11 removed BuilderFlag.FP16/INT8 and trtexec --fp16/--int8/--best (RUNTIMES.md §2.2).
+builder flags: TensorRT 11 removed BuilderFlag.FP16/INT8 and trtexec --fp16/--int8/--best.
 The network is created strongly typed, so the graph's casts decide every layer's type; on 10.x that takes the
 STRONGLY_TYPED creation flag (trtexec --stronglyTyped), on 11.x it is always on.
 
-Engines are tied to the GPU and TensorRT version that built them, and TensorRT cannot be pip-installed on our
-machines (§2.1), so where `tensorrt_availability()` says no, this step writes a build kit instead:
+Engines are tied to the GPU and TensorRT version that built them, and TensorRT cannot be pip-installed on
+every machine (its libraries come from NVIDIA's index), so where `tensorrt_availability()` says no, this
+step writes a build kit instead:
 
     OUT/tensorrt-kit/build_engines.sh          driver: checks trtexec, picks the 10.x/11.x flags, builds all
     OUT/tensorrt-kit/<id>.trtexec.sh           one trtexec command per component (sourced by the driver)
     OUT/tensorrt-kit/<component>.<prec>.onnx   hardlinks (or copies) of the prepared ONNX files
     OUT/tensorrt-kit/README.md                 what it is, how to run it, how to validate afterwards
 
+The driver's and the README's text are templates in tensorrt_kit/ (package data), filled by `_render_template`.
 The kit's manifest entry (facts["kit_only"]) has the driver as its path; the validator skips it until
 `evsam-export register-engines OUT` replaces it with the engine built on the GPU.
 
