@@ -1,5 +1,5 @@
 """Our model's state dict is key-exact with upstream's: keys, order, shapes and dtypes of every variant equal
-the reference key lists dumped from `efficientsam==1.0.0` (shared/reference/efficientvit_sam_<v>.keys.tsv)."""
+the reference key lists dumped from `efficientsam==1.0.0` (tests/data/reference/efficientvit_sam_<v>.keys.tsv)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,13 @@ from evsam_export.model.checkpoint import variant_signature
 from evsam_export.model.sam import EfficientViTSam
 from evsam_export.model.variants import VARIANT_NAMES, VARIANTS
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 
 
 def reference_path(name: str) -> Path:
     path = REFERENCE_DIR / f"efficientvit_sam_{name}.keys.tsv"
     if not path.is_file():
-        what = "reference folder" if not REFERENCE_DIR.is_dir() else "reference key list"
-        pytest.fail(
-            f"{what} missing: {REFERENCE_DIR if what == 'reference folder' else path} (shared/reference must sit "
-            "beside the repository, at <repo>/../shared/reference, holding efficientvit_sam_<variant>.keys.tsv "
-            "as dumped from upstream efficientsam==1.0.0)",
-            pytrace=False,
-        )
+        pytest.fail(f"reference key list missing: {path} (see tests/data/reference/README.md)", pytrace=False)
     return path
 
 
@@ -69,7 +63,7 @@ def test_signature_equals_upstream_key_list(name):
         ref_keys, our_keys = [r[0] for r in rows], [o[0] for o in ours]
         missing = [k for k in ref_keys if k not in set(our_keys)]
         extra = [k for k in our_keys if k not in set(ref_keys)]
-        first_diff = next((i for i, (a, b) in enumerate(zip(ours, rows)) if a != b), min(len(ours), len(rows)))
+        first_diff = next((i for i, (a, b) in enumerate(zip(ours, rows, strict=False)) if a != b), min(len(ours), len(rows)))
         pytest.fail(
             f"{name}: {len(ours)} entries vs {len(rows)} upstream; missing {missing[:3]}, extra {extra[:3]}; "
             f"first difference at #{first_diff}: ours {ours[first_diff:first_diff + 1]} "

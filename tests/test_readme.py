@@ -22,3 +22,20 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_them():
     assert install.strip() in ci_lines and tests.strip() in ci_lines
     assert "pytest" in tests and "torch==2.13.0" in install and ".[dev]" in install
     assert '-eq 5' in ci  # pytest's "no tests collected" fails CI
+
+
+def test_quick_loop_lint_and_wheel_check_are_wired():
+    """The README's quick loop uses a marker pyproject declares and tests use; CI lints and runs the wheel."""
+    import tomllib
+
+    readme = ROOT.joinpath("README.md").read_text()
+    assert 'python -m pytest -q -m "not slow"' in readme
+    pyproject = tomllib.loads(ROOT.joinpath("pyproject.toml").read_text())
+    assert any(marker.startswith("slow:") for marker in pyproject["tool"]["pytest"]["ini_options"]["markers"])
+    others = [path for path in ROOT.joinpath("tests").glob("test_*.py") if path.name != Path(__file__).name]
+    assert any("pytest.mark.slow" in path.read_text() for path in others)
+    assert any(dep.startswith("ruff") for dep in pyproject["project"]["optional-dependencies"]["dev"])
+    ci = ROOT.joinpath(".ci", "run").read_text()
+    assert "ruff check ." in ci and "pip wheel" in ci and "--system-site-packages" not in ci
+    for command in ("run cpu-ort-fp32", "validate X", "predict X"):
+        assert f'"$bin/evsam-export" {command}' in ci, command

@@ -48,7 +48,8 @@ def test_bad_recipes_are_refused_with_the_field_path(tmp_path, body, message):
 
 
 def test_extends_and_set_overrides(tmp_path):
-    child = write(tmp_path / "child.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "child"\n[target]\noptimization = "basic"\n')
+    child = write(tmp_path / "child.toml",
+                  'extends = "cpu-ort-fp32"\n[recipe]\nname = "child"\n[target]\noptimization = "basic"\n')
     recipe = load_recipe(child)
     assert recipe.name == "child" and recipe.target_settings["optimization"] == "basic"
     assert recipe.export["decoder_profile"] == "sam"  # inherited
@@ -63,15 +64,90 @@ def test_extends_and_set_overrides(tmp_path):
 
 def test_missing_recipe_via_cli_is_one_line(tmp_path):
     env = {**os.environ, "CI": "1"}
-    proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(tmp_path / "nope.toml")], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(tmp_path / "nope.toml")],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 5 and "recipe not found" in proc.stderr and "Traceback" not in proc.stderr
     bad = write(tmp_path / "bad.toml", '[recipe]\nname = "x"\n[quantize]\nmethd = 1\n')
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", str(bad)], capture_output=True, text=True, env=env)
     assert proc.returncode == 5 and "[quantize]: unknown section" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# recipe, --set override, the field path the one-line refusal names
+BAD_STEP_VALUES = [
+    ("cpu-ort-fp32", "target.optimization=all", "[target] optimization:"),
+    ("cpu-ort-fp32", 'target.providers=["CUDAExecutionProviderr"]', "[target] providers:"),
+    ("cpu-ort-fp32", "target.providers=[]", "[target] providers:"),
+    ("cpu-ort-fp32", 'target.providers=["CPUExecutionProvider", "CPUExecutionProvider"]', "[target] providers:"),
+    ("cpu-ort-fp32", 'target.graph_passes=["no-such-pass"]', "[target] graph_passes:"),
+    ("a100-trt-fp16", "target.encoder_batch=[4, 2, 8]", "[target] encoder_batch:"),
+    ("a100-trt-fp16", "target.decoder_prompts=[0, 16, 64]", "[target] decoder_prompts:"),
+    ("a100-trt-fp16", "target.decoder_points=[1, 2]", "[target] decoder_points:"),
+    ("a100-trt-fp16", "target.mask_batch=[1, 1, 128]", "[target] mask_batch:"),
+    ("a100-trt-fp16", "target.workspace_gib=0", "[target] workspace_gib:"),
+    ("a100-trt-fp16", "target.builder_optimization_level=6", "[target] builder_optimization_level:"),
+    ("a100-trt-fp16", "target.hardware_compatibility=turing", "[target] hardware_compatibility:"),
+    ("a100-trt-fp16", 'target.timing_cache=""', "[target] timing_cache:"),
+    ("orin-trt-fp16", 'target.device_name=" "', "[target] device_name:"),
+    ("cpu-openvino-int8", "precision.int8.preset=bogus", "[precision.int8] preset:"),
+    ("cpu-ort-int8", "precision.int8.calibrate_method=bogus", "[precision.int8] calibrate_method:"),
+]
+# Settings fields of the targets above whose every value of the right type is usable (booleans).
+NO_VALUE_CHECK = {"ort": set(), "tensorrt": {"tf32", "version_compatible"}}
+
+
+@pytest.mark.parametrize("recipe, override, field_path", BAD_STEP_VALUES, ids=[case[1].split("=")[0] for case in BAD_STEP_VALUES])
+def test_dry_run_refuses_a_bad_step_value_before_anything_is_exported(tmp_path, monkeypatch, recipe, override, field_path):
+    from typer.testing import CliRunner
+
+    from evsam_export.cli import _register, app
+
+    _register()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", recipe, "--dry-run", "-o", "out", "--set", override])
+    message = result.stderr if hasattr(result, "stderr") else result.output
+    assert result.exit_code == 5, result.output
+    assert f"error: {recipe}.toml: {field_path}" in message and "\n" not in message.strip()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", sorted(NO_VALUE_CHECK))
+def test_every_target_setting_with_a_value_check_has_a_bad_value_case(target):
+    import dataclasses
+    import importlib
+
+    settings_cls = importlib.import_module(f"evsam_export.targets.{target}").Settings
+    covered = {path.split("] ")[1].rstrip(":") for recipe, _, path in BAD_STEP_VALUES
+               if path.startswith("[target]") and load_recipe(recipe).target == target}
+    fields = {item.name for item in dataclasses.fields(settings_cls)}
+    assert fields - NO_VALUE_CHECK[target] == covered
+
+
+def test_extends_finds_a_shipped_recipe_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for parent in ("cpu-ort-fp32.toml", "cpu-ort-fp32"):
+        child = write(tmp_path / "mine.toml", f'extends = "{parent}"\n[recipe]\nname = "mine"\n')
+        assert load_recipe(child).target_settings == {"optimization": "extended"}
+    write(tmp_path / "cpu-ort-fp32.toml", '[recipe]\nname = "local"\ntarget = "ort"\n[target]\noptimization = "basic"\n')
+    assert load_recipe(child).target_settings == {"optimization": "basic"}  # a file beside it comes first
+    orphan = write(tmp_path / "orphan.toml", 'extends = "no-such.toml"\n[recipe]\nname = "o"\n')
+    with pytest.raises(RecipeError, match="extends: no-such.toml is neither beside it nor a shipped recipe"):
+        load_recipe(orphan)
+
+
+def test_shipped_recipes_and_suites_are_package_data_behind_the_top_level_folders():
+    """One copy: the top-level recipes/ and validators/ folders people edit are the package's own files."""
+    from evsam_export.parity.suites import validators_dir
+
+    root = Path(__file__).resolve().parents[1]
+    assert recipes_dir() == (root / "evsam_export" / "recipes").resolve() == (root / "recipes").resolve()
+    assert validators_dir() == (root / "evsam_export" / "validators").resolve() == (root / "validators").resolve()
+
+
+UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'
+
+
 def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):
-    recipe = load_recipe(write(tmp_path / "r.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'))
+    recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
     cache = StepCache(tmp_path / "cache")
     plan = run_recipe(recipe, "l0", tmp_path / "dry", dry_run=True, cache=cache)
     assert [s.status for s in plan.steps] == ["run", "run", "run"]
@@ -97,7 +173,7 @@ def test_summary_line_warns_when_an_artifacts_build_gate_never_passed(tmp_path):
 
     from evsam_export.progress import Reporter
 
-    recipe = load_recipe(write(tmp_path / "r.toml", 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'))
+    recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
     cache = StepCache(tmp_path / "cache")
     first = run_recipe(recipe, "l0", tmp_path / "a", cache=cache, reporter=Reporter(quiet=True))
     step = next(s for s in first.steps if s.outputs == ["encoder.ort.fp32"])

@@ -18,13 +18,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from evsam_export.errors import ExportError, RecipeError
+from evsam_export.export.onnx_export import decoder_spec, encoder_spec
 from evsam_export.manifest import Artifact, Manifest, TensorSpec, read_manifest, sha256_file, verify_artifact_file
 from evsam_export.model.variants import get_variant
+from evsam_export.pipeline.step import StepContext
 from evsam_export.progress import Reporter
 from evsam_export.runners.base import Availability
 from evsam_export.targets import tensorrt as trt_target
-from evsam_export.pipeline.step import StepContext
-from evsam_export.export.onnx_export import decoder_spec, encoder_spec
 
 VARIANT = get_variant("l0")
 SHAPE_FLAGS = ("--minShapes", "--optShapes", "--maxShapes")
@@ -103,7 +103,8 @@ def run_kit(folder: Path, tmp_path: Path, code: str = "101601", *args: str, fail
     env.update(FAKE_TRT_CODE=code, FAKE_TRTEXEC_RECORD=str(record), PATH=(f"{bindir}:" if with_trtexec else "") + "/usr/bin:/bin")
     if fail:
         env["FAKE_TRTEXEC_FAIL"] = "1"
-    result = subprocess.run(["bash", str(folder / "tensorrt-kit" / "build_engines.sh"), *args], env=env, capture_output=True, text=True)
+    result = subprocess.run(["bash", str(folder / "tensorrt-kit" / "build_engines.sh"), *args],
+                            env=env, capture_output=True, text=True)
     return result, record
 
 
@@ -121,7 +122,8 @@ def shape_flags(argv: list[str]) -> dict[str, dict[str, list[int]]]:
     for token in argv:
         flag, _, value = token.partition("=")
         if flag in SHAPE_FLAGS:
-            found[flag] = {name: [int(d) for d in dims.split("x")] for name, dims in (item.rsplit(":", 1) for item in value.split(","))}
+            pairs = (item.rsplit(":", 1) for item in value.split(","))
+            found[flag] = {name: [int(d) for d in dims.split("x")] for name, dims in pairs}
     return found
 
 
@@ -150,7 +152,7 @@ def test_decoder_profiles_share_named_axes_and_keep_fixed_dims(tmp_path):
     for name, shapes in profiles.items():
         for shape in shapes:
             assert len(shape) == len(by_name[name])
-            assert all(got == want for got, want in zip(shape, by_name[name]) if isinstance(want, int))
+            assert all(got == want for got, want in zip(shape, by_name[name], strict=True) if isinstance(want, int))
 
 
 def test_settings_normalise_toml_lists_and_refuse_bad_ranges():
@@ -158,8 +160,9 @@ def test_settings_normalise_toml_lists_and_refuse_bad_ranges():
     assert settings.encoder_batch == (1, 4, 8) and settings.axis_ranges()["mask_batch"] == (1, 1, 8)
     for bad in ({"encoder_batch": (4, 2, 8)}, {"decoder_points": (0, 2, 4)}, {"hardware_compatibility": "turing"},
                 {"builder_optimization_level": 6}, {"workspace_gib": 0}):
-        with pytest.raises(RecipeError):
+        with pytest.raises(RecipeError) as caught:
             trt_target.Settings(**bad)
+        assert caught.value.field == next(iter(bad))  # the field path reaches the recipe's message
 
 
 def test_unknown_dynamic_axis_is_refused(tmp_path):
@@ -184,7 +187,7 @@ def test_kit_commands_match_manifest_profiles(kit_folder):
         flags = shape_flags(argv)
         assert set(flags) == set(SHAPE_FLAGS)
         profiles = entry.facts["profiles"]
-        for flag, key in zip(SHAPE_FLAGS, ("min", "opt", "max")):
+        for flag, key in zip(SHAPE_FLAGS, ("min", "opt", "max"), strict=True):
             assert flags[flag] == {name: p[key] for name, p in profiles.items()}
         dynamic = {t.name for t in entry.inputs if any(isinstance(d, str) for d in t.shape)}
         assert set(profiles) == dynamic
@@ -284,7 +287,8 @@ def test_sam_profile_decoder_is_refused_in_one_line(tmp_path, no_tensorrt):
     parent = onnx_artifact(tmp_path, decoder_spec("sam"))
     with pytest.raises(ExportError) as caught:
         trt_target.build(make_ctx(tmp_path), parent, trt_target.Settings())
-    assert caught.value.one_line() == "decoder has orig_im_size, which breaks TensorRT builds; export with --decoder-profile tensorrt"
+    assert caught.value.one_line() == (
+        "decoder has orig_im_size, which breaks TensorRT builds; export with --decoder-profile tensorrt")
     assert not (tmp_path / "tensorrt-kit").exists()
 
 
@@ -296,7 +300,8 @@ def test_without_tensorrt_the_step_returns_a_kit_entry(tmp_path, no_tensorrt):
     assert entry.parent == "decoder.onnx.fp16" and entry.path == "tensorrt-kit/build_engines.sh"
     assert entry.facts["kit_only"] is True and "tensorrt" in entry.facts["reason"]
     assert entry.facts["engine"] == "tensorrt-kit/decoder.tensorrt.fp16.engine"
-    assert len(entry.facts["commands"]) == 1 and set(entry.facts["profiles"]) == {"point_coords", "point_labels", "mask_input", "has_mask_input"}
+    assert len(entry.facts["commands"]) == 1
+    assert set(entry.facts["profiles"]) == {"point_coords", "point_labels", "mask_input", "has_mask_input"}
     assert entry.settings["decoder_prompts"] == [1, 16, 64]
     readme = (tmp_path / "tensorrt-kit" / "README.md").read_text()
     assert "A100" in readme and "register" in readme and "evsam-export validate" in readme
@@ -319,7 +324,8 @@ def qdq_onnx(path: Path, zero_point: np.ndarray) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(zero_point, "zp")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
     onnx.save(helper.make_model(helper.make_graph(nodes, "qdq", [x], [y], inits)), str(path))
 
 
@@ -454,7 +460,8 @@ def test_build_engine_calls_match_profiles_and_settings(tmp_path, monkeypatch, f
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     profiles = trt_target.profiles_for(onnx_artifact(tmp_path, spec), trt_target.Settings())
     cache = tmp_path / "tc.bin"
-    facts = trt_target.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(), timing_cache=cache)
+    facts = trt_target.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(),
+                                    timing_cache=cache)
 
     assert ("create_network", 1 << 1) in trt.calls  # STRONGLY_TYPED
     assert ("parse_from_file", str(tmp_path / "decoder.fp32.onnx")) in trt.calls
@@ -467,12 +474,14 @@ def test_build_engine_calls_match_profiles_and_settings(tmp_path, monkeypatch, f
     assert (tmp_path / "d.engine").read_bytes() == b"PLAN" and cache.read_bytes() == b"CACHE"
     assert facts["tensorrt_version"] == "10.16.1.11" and facts["gpu"] == "NVIDIA A100-SXM4-80GB"
     assert facts["compute_capability"] == "8.0" and facts["build_time_s"] >= 0
-    assert facts["strongly_typed"] == "STRONGLY_TYPED network flag" and facts["timing_cache"] == {"path": "tc.bin", "reused": False}
+    assert facts["strongly_typed"] == "STRONGLY_TYPED network flag"
+    assert facts["timing_cache"] == {"path": "tc.bin", "reused": False}
     assert "A100" in facts["runs_on"]
 
     # a second build reuses the saved timing cache
     trt.calls.clear()
-    trt_target.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(), timing_cache=cache)
+    trt_target.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(),
+                            timing_cache=cache)
     assert ("create_timing_cache", b"CACHE") in trt.calls
 
 
@@ -480,7 +489,8 @@ def test_build_engine_optional_settings(tmp_path, monkeypatch, fake_gpu):
     spec = encoder_spec(VARIANT)
     trt = fake_tensorrt(version="11.4.0.106", strongly_typed=False, network_inputs=network_inputs_of(spec))
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    settings = trt_target.Settings(tf32=True, hardware_compatibility="ampere_plus", version_compatible=True, builder_optimization_level=5)
+    settings = trt_target.Settings(tf32=True, hardware_compatibility="ampere_plus", version_compatible=True,
+                                   builder_optimization_level=5)
     profiles = trt_target.profiles_for(onnx_artifact(tmp_path, spec), settings)
     facts = trt_target.build_engine(tmp_path / "encoder.fp32.onnx", tmp_path / "e.engine", profiles, settings)
     assert ("create_network", 0) in trt.calls  # 11.x without the enum member: strongly typed anyway
@@ -497,7 +507,8 @@ def test_build_engine_failures_are_one_line_errors(tmp_path, monkeypatch, fake_g
     profiles = trt_target.profiles_for(onnx_artifact(tmp_path, spec), trt_target.Settings())
     onnx_path = tmp_path / "encoder.fp32.onnx"
 
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(parse_errors=("In node 3: Unsupported op Foo", "In node 9:\n bad Resize")))
+    parse_errors = ("In node 3: Unsupported op Foo", "In node 9:\n bad Resize")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(parse_errors=parse_errors))
     with pytest.raises(ExportError) as caught:
         trt_target.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
     assert "Unsupported op Foo" in caught.value.one_line() and "bad Resize" in caught.value.one_line()

@@ -14,12 +14,19 @@ from evsam_export.cli.export_cmd import VariantChoice
 
 @app.command("run")
 def run_command(
-    recipe: Annotated[str, typer.Argument(help="Recipe name in recipes/ (e.g. cpu-ort-int8) or a .toml path.")],
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe's name (e.g. cpu-ort-int8; see recipes/) or a .toml path.")],
     variant: Annotated[VariantChoice, typer.Option("--variant", "-v", help="Model variant.")] = VariantChoice.l0,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact folder (default out/<recipe>-<variant>).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Artifact folder (default out/<recipe>-<variant>).")
+    ] = None,
     checkpoint: CheckpointOption = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, inputs, cache reuse) and write nothing.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check every step's settings, print the plan (steps, cache reuse), write nothing."),
+    ] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild every step (results are still stored).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     threads: Annotated[int | None, typer.Option(help="Runtime threads for calibration and validation.")] = None,
@@ -30,9 +37,9 @@ def run_command(
     def body() -> None:
         from evsam_export.errors import ParityFailure
         from evsam_export.parity.report import console_table
-        from evsam_export.progress import Reporter
         from evsam_export.pipeline.recipe import load_recipe
         from evsam_export.pipeline.runner import StepCache, run_recipe
+        from evsam_export.progress import Reporter
 
         loaded = load_recipe(recipe, overrides or [])
         folder = output or Path("out") / f"{loaded.name}-{variant.value}"
@@ -44,7 +51,8 @@ def run_command(
         if dry_run:
             typer.echo(f"recipe {loaded.name} ({loaded.path}) for {variant.value} -> {folder} (dry run: nothing written)")
             for step in result.steps:
-                typer.echo(f"  {step.name:<18} {step.status:<6} parent={step.parent or '-'} key={(step.key or '?')[:16]} settings={step.settings}")
+                key = (step.key or "?")[:16]
+                typer.echo(f"  {step.name:<18} {step.status:<6} parent={step.parent or '-'} key={key} settings={step.settings}")
             return
         reporter.print_summary()
         if result.report is not None and hasattr(result.report, "stages"):

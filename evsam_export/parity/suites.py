@@ -1,4 +1,5 @@
-"""Parity suites: `validators/<name>.toml` read into frozen, typed objects.
+"""Parity suites: `validators/<name>.toml` read into frozen, typed objects. The shipped suites are package
+data (evsam_export/validators, which the top-level validators/ folder links to).
 
 A suite names the images, the prompt kinds and the gates per precision. Validation is strict, like
 recipes: an unknown key or a wrong type is refused with a one-line message naming the field path
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 from evsam_export.calibration.images import (
@@ -67,22 +69,13 @@ class Suite:
 
 
 def validators_dir() -> Path:
-    """The repository's validators/ folder (next to the package: evsam_export/../validators)."""
-    folder = Path(__file__).resolve().parents[2] / "validators"
-    if not folder.is_dir():
-        raise RecipeError(
-            f"validators/ folder not found at {folder}",
-            hint="install evsam-export editable (pip install -e .) or pass a suite as a path to a .toml file",
-        )
-    return folder
+    """The shipped suites, wherever evsam_export is installed (an unpacked wheel, editable or a checkout)."""
+    return Path(str(resources.files("evsam_export").joinpath("validators")))
 
 
 def list_suites() -> tuple[str, ...]:
-    """Names of the suites shipped in validators/ (empty when the folder is not there)."""
-    try:
-        return tuple(sorted(path.stem for path in validators_dir().glob("*.toml")))
-    except RecipeError:
-        return ()
+    """Names of the shipped suites."""
+    return tuple(sorted(path.stem for path in validators_dir().glob("*.toml")))
 
 
 def load_suite(name_or_path: str | Path) -> Suite:

@@ -1,22 +1,30 @@
-"""Recipes: `recipes/*.toml` validated into a frozen `Recipe` (unknown keys and wrong types refused with
-the field path), `extends = "other.toml"` for variations, `--set section.key=value` overrides."""
+"""Recipes: `recipes/*.toml` validated into a frozen `Recipe` (unknown keys, wrong types and values a step
+cannot use refused with the field path), `extends = "other.toml"` for variations, `--set section.key=value`
+overrides.
+
+The shipped recipes are package data (evsam_export/recipes, which the top-level recipes/ folder links to),
+so a wheel installed anywhere finds them by name."""
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
+import tomllib
+
 from evsam_export.errors import RecipeError
+from evsam_export.pipeline.settings import SettingValueError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SECTIONS = ("recipe", "export", "precision", "target", "validate")
 
 
 def recipes_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "recipes"
+    """The shipped recipes, wherever evsam_export is installed (an unpacked wheel, editable or a checkout)."""
+    return Path(str(resources.files("evsam_export").joinpath("recipes")))
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,18 @@ def _read(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         return document
     if not isinstance(parent_name, str):
         raise RecipeError(f"{path.name}: extends: expected a file name string")
-    parent_path = (path.parent / parent_name) if (path.parent / parent_name).is_file() else resolve_recipe_path(parent_name)
-    return _merge(_read(parent_path, chain + (path,)), document)
+    return _merge(_read(_parent_path(path, parent_name), chain + (path,)), document)
+
+
+def _parent_path(child: Path, parent_name: str) -> Path:
+    """`extends` names a file beside the child recipe, else a shipped recipe (with or without .toml)."""
+    file_name = parent_name if parent_name.endswith(".toml") else f"{parent_name}.toml"
+    for candidate in (child.parent / parent_name, child.parent / file_name, recipes_dir() / file_name):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.toml")))
+    raise RecipeError(f"{child.name}: extends: {parent_name} is neither beside it nor a shipped recipe",
+                      hint=f"shipped recipes: {known}")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -127,7 +145,8 @@ def check_table(table: dict, settings_cls, where: str, source: str) -> dict:
         if key not in names:
             raise RecipeError(f"{source}: [{where}] {key}: unknown key", hint=f"allowed: {', '.join(sorted(names))}")
         if not _type_ok(value, hints[key]):
-            raise RecipeError(f"{source}: [{where}] {key}: expected {getattr(hints[key], '__name__', hints[key])}, got {type(value).__name__} {value!r}")
+            expected = getattr(hints[key], "__name__", hints[key])
+            raise RecipeError(f"{source}: [{where}] {key}: expected {expected}, got {type(value).__name__} {value!r}")
     return dict(table)
 
 
@@ -161,6 +180,38 @@ class _ValidateSection:
     suite: str = "default"
 
 
+def _settings_object(settings_cls, values: dict, precision: str):
+    """The step's Settings as the runner builds it: a step with a `precision` field is told which one."""
+    names = {f.name for f in dataclasses.fields(settings_cls)}
+    return settings_cls(**values, **({"precision": precision} if "precision" in names else {}))
+
+
+def _build_step_settings(target, target_settings: dict, tables: dict, used: set, source: str) -> None:
+    """Build every step's Settings once, so a value no step can use is refused now, not after an export.
+
+    A target without its own precision step takes the precision table merged into [target] (as the
+    runner does); a refused field is named in the table it came from."""
+    target_cls = _settings_class(target.target_step)
+    builds = [(target_cls, target_settings, "fp32")]  # (Settings class, values, precision)
+    for precision in ("fp16", "int8"):
+        if not tables[precision] and precision not in used:
+            continue
+        module = target.precision_steps.get(precision)
+        if module is not None:
+            builds += [(_settings_class(module), tables[precision], precision), (target_cls, target_settings, precision)]
+        else:
+            builds.append((target_cls, dict(target_settings, **tables[precision]), precision))
+    for settings_cls, values, precision in builds:
+        try:
+            _settings_object(settings_cls, values, precision)
+        except SettingValueError as error:
+            from_target = settings_cls is target_cls and error.field not in tables.get(precision, {})
+            where = "target" if from_target else f"precision.{precision}"
+            raise RecipeError(f"{source}: [{where}] {error.message}", hint=error.hint) from error
+        except RecipeError as error:  # a step whose Settings do not name the field (no StepSettings base yet)
+            raise RecipeError(f"{source}: {error.message}", hint=error.hint) from error
+
+
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     from evsam_export.api import ExportOptions
     from evsam_export.targets.registry import get_target
@@ -184,15 +235,18 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     for component in ("encoder", "decoder"):
         value = precision.get(component, "fp32")
         if value not in target.precisions:
-            raise RecipeError(f"{source}: [precision] {component}: {value!r} not one of {', '.join(target.precisions)} for {target.name}")
+            allowed = ", ".join(target.precisions)
+            raise RecipeError(f"{source}: [precision] {component}: {value!r} not one of {allowed} for {target.name}")
     steps = {p: target.precision_steps.get(p) or target.target_step for p in ("fp16", "int8")}
     used = {precision.get("encoder", "fp32"), precision.get("decoder", "fp32")}
     tables = {}
     for name in ("fp16", "int8"):  # a precision table is checked when present or when that precision is used
         table = precision.get(name) or {}
-        tables[name] = check_table(table, _settings_class(steps[name]), f"precision.{name}", source) if table or name in used else {}
+        used_or_given = table or name in used
+        tables[name] = check_table(table, _settings_class(steps[name]), f"precision.{name}", source) if used_or_given else {}
     fp16, int8 = tables["fp16"], tables["int8"]
     target_settings = check_table(document.get("target", {}), _settings_class(target.target_step), "target", source)
+    _build_step_settings(target, target_settings, tables, used, source)
     validate = check_table(document.get("validate", {}), _ValidateSection, "validate", source)
     return Recipe(
         name=head["name"],

@@ -12,13 +12,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evsam_export.manifest import Artifact
-from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.errors import RecipeError
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
+from evsam_export.manifest import Artifact
+from evsam_export.pipeline.settings import SettingValueError, StepSettings
+from evsam_export.pipeline.step import StepContext, artifact_filename
+
+OPTIMIZATION_LEVELS = ("basic", "extended")
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(StepSettings):
     # ORT graph optimization level baked into the saved model: basic | extended (see module docstring)
     optimization: str = "extended"
     # execution providers an app should use with this artifact, in order (recorded in the manifest)
@@ -26,18 +30,28 @@ class Settings:
     # graph passes applied before ORT's own optimizer (graph_passes.py; ORT-only ones allowed here)
     graph_passes: tuple[str, ...] = ORT_PASSES
 
-    def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
-        object.__setattr__(self, "providers", tuple(self.providers))
-        object.__setattr__(self, "graph_passes", check_pass_names(self.graph_passes, ("portable", "onnxruntime")))
+    def check(self) -> None:
+        import onnxruntime as ort
+
+        self.require_one_of("optimization", OPTIMIZATION_LEVELS)
+        if not self.providers:
+            raise SettingValueError("providers", "name at least one execution provider", hint="e.g. [\"CPUExecutionProvider\"]")
+        known = ort.get_all_providers()  # every provider name this onnxruntime knows, installed or not
+        for provider in self.providers:
+            if provider not in known:
+                raise SettingValueError("providers", f"{provider!r} is not an ONNX Runtime execution provider",
+                                        hint=f"known: {', '.join(known)}")
+        if len(set(self.providers)) != len(self.providers):
+            raise SettingValueError("providers", f"{list(self.providers)} names a provider twice")
+        try:
+            check_pass_names(self.graph_passes, ("portable", "onnxruntime"))
+        except RecipeError as error:
+            raise SettingValueError("graph_passes", error.message, hint=error.hint) from error
 
 
 def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifact]:
     import onnxruntime as ort
 
-    from evsam_export.errors import RecipeError
-
-    if settings.optimization not in ("basic", "extended"):
-        raise RecipeError(f"[target] optimization: {settings.optimization!r} is not basic or extended")
     started = time.perf_counter()
     if parent.target == "ort":  # already an ORT artifact (QDQ INT8): ORT fuses QDQ at load, keep it as is
         return []

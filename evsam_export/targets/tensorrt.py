@@ -1,18 +1,20 @@
 """TensorRT target: a strongly typed engine from the precision-prepared ONNX, or a trtexec build kit.
 
 Precision lives in the ONNX graph (fp16 casts with fp32 islands, explicit symmetric Q/DQ for INT8), never in
-builder flags: TensorRT 11 removed BuilderFlag.FP16/INT8 and trtexec --fp16/--int8/--best (RUNTIMES.md §2.2).
+builder flags: TensorRT 11 removed BuilderFlag.FP16/INT8 and trtexec --fp16/--int8/--best.
 The network is created strongly typed, so the graph's casts decide every layer's type; on 10.x that takes the
 STRONGLY_TYPED creation flag (trtexec --stronglyTyped), on 11.x it is always on.
 
-Engines are tied to the GPU and TensorRT version that built them, and TensorRT cannot be pip-installed on our
-machines (§2.1), so where `tensorrt_availability()` says no, this step writes a build kit instead:
+Engines are tied to the GPU and TensorRT version that built them, and TensorRT cannot be pip-installed on
+every machine (its libraries come from NVIDIA's index), so where `tensorrt_availability()` says no, this
+step writes a build kit instead:
 
     OUT/tensorrt-kit/build_engines.sh          driver: checks trtexec, picks the 10.x/11.x flags, builds all
     OUT/tensorrt-kit/<id>.trtexec.sh           one trtexec command per component (sourced by the driver)
     OUT/tensorrt-kit/<component>.<prec>.onnx   hardlinks (or copies) of the prepared ONNX files
     OUT/tensorrt-kit/README.md                 what it is, how to run it, how to validate afterwards
 
+The driver's and the README's text are templates in tensorrt_kit/ (package data), filled by `_render_template`.
 The kit's manifest entry (facts["kit_only"]) has the driver as its path; the validator skips it until
 `evsam-export register-engines OUT` replaces it with the engine built on the GPU.
 
@@ -30,13 +32,15 @@ import shlex
 import shutil
 import time
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 from evsam_export import __version__
-from evsam_export.errors import ArtifactError, ExportError, RecipeError
+from evsam_export.errors import ArtifactError, ExportError
 from evsam_export.manifest import Artifact, read_manifest, sha256_file
-from evsam_export.runners.tensorrt_runner import tensorrt_availability
+from evsam_export.pipeline.settings import SettingValueError, StepSettings
 from evsam_export.pipeline.step import StepContext, artifact_filename, artifact_id
+from evsam_export.runners.tensorrt_runner import tensorrt_availability
 
 KIT_DIR = "tensorrt-kit"
 KIT_SCRIPT = "build_engines.sh"
@@ -49,8 +53,15 @@ Shape = tuple[int, ...]
 Profiles = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
+PROFILE_AXES = ("encoder_batch", "decoder_prompts", "decoder_points", "mask_batch")
+
+
+def _as_toml(value) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(StepSettings):
     # `batch` axis of input_image (min, opt, max). opt 1: one image per call (interactive use); max 16: the
     # batch at which upstream publishes A100 throughput, so the engine can reproduce those numbers.
     encoder_batch: tuple[int, int, int] = (1, 1, 16)
@@ -82,13 +93,8 @@ class Settings:
     # GPU the build kit's README is written for (documentation only; the engine binds to whatever GPU builds it).
     device_name: str = "A100"
 
-    def __post_init__(self) -> None:
-        # recipes are TOML: arrays arrive as lists
-        for name in ("encoder_batch", "decoder_prompts", "decoder_points", "mask_batch"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        for name in ("encoder_batch", "decoder_prompts", "decoder_points", "mask_batch"):
+    def check(self) -> None:
+        for name in PROFILE_AXES:
             value = getattr(self, name)
             if value is None and name == "mask_batch":
                 continue
@@ -98,13 +104,19 @@ class Settings:
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
                 or not 1 <= value[0] <= value[1] <= value[2]
             ):
-                raise RecipeError(f"[target] {name}: {value!r} is not [min, opt, max] with 1 <= min <= opt <= max")
-        if self.hardware_compatibility not in HARDWARE_LEVELS:
-            raise RecipeError(f"[target] hardware_compatibility: {self.hardware_compatibility!r} is not one of {', '.join(HARDWARE_LEVELS)}")
-        if not 0 <= self.builder_optimization_level <= MAX_OPTIMIZATION_LEVEL:
-            raise RecipeError(f"[target] builder_optimization_level: {self.builder_optimization_level} is not 0..{MAX_OPTIMIZATION_LEVEL}")
+                raise SettingValueError(name, f"{_as_toml(value)} is not [min, opt, max] with 1 <= min <= opt <= max")
+        if self.mask_batch is not None and self.mask_batch[2] > self.decoder_prompts[2]:
+            limit = f"max {self.mask_batch[2]} exceeds decoder_prompts max {self.decoder_prompts[2]}"
+            raise SettingValueError("mask_batch", limit,
+                                    hint="mask_input holds one mask, or one per prompt set")
+        self.require_one_of("hardware_compatibility", tuple(HARDWARE_LEVELS))
+        self.require_between("builder_optimization_level", 0, MAX_OPTIMIZATION_LEVEL)
         if not self.workspace_gib > 0:
-            raise RecipeError(f"[target] workspace_gib: {self.workspace_gib} must be > 0")
+            raise SettingValueError("workspace_gib", f"{self.workspace_gib!r} must be > 0")
+        if self.timing_cache is not None and not self.timing_cache.strip():
+            raise SettingValueError("timing_cache", "empty file name", hint="name a file, or leave the key out for no cache")
+        if not self.device_name.strip():
+            raise SettingValueError("device_name", "empty name", hint="the GPU the kit's README is written for, e.g. \"A100\"")
 
     def axis_ranges(self) -> dict[str, tuple[int, int, int]]:
         """Named dynamic axis (as declared in the manifest IO) -> (min, opt, max)."""
@@ -165,8 +177,9 @@ def trtexec_command(onnx_path, engine_path, profiles: Profiles, settings: Settin
     given (the kit passes names relative to tensorrt-kit/, where its driver runs)."""
     command = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if profiles:  # a static model takes no shapes: trtexec refuses them
-        command += [f"--minShapes={_shape_list(profiles, 0)}", f"--optShapes={_shape_list(profiles, 1)}", f"--maxShapes={_shape_list(profiles, 2)}"]
-    command += [f"--memPoolSize=workspace:{settings.workspace_mib}M", f"--builderOptimizationLevel={settings.builder_optimization_level}"]
+        command += [f"--{kind}Shapes={_shape_list(profiles, which)}" for which, kind in enumerate(("min", "opt", "max"))]
+    command += [f"--memPoolSize=workspace:{settings.workspace_mib}M",
+                f"--builderOptimizationLevel={settings.builder_optimization_level}"]
     if settings.timing_cache:
         command.append(f"--timingCacheFile={settings.timing_cache}")
     command.append("--stronglyTyped")
@@ -220,7 +233,8 @@ def _runs_on(facts: dict, settings: Settings) -> str:
         else f"{facts.get('gpu') or 'the building GPU'} (compute capability {facts.get('compute_capability') or '?'}) only"
     )
     version = facts.get("tensorrt_version") or "?"
-    return f"{where}, with TensorRT {version}" + (" or a later release of the same major" if settings.version_compatible else " only")
+    later = " or a later release of the same major" if settings.version_compatible else " only"
+    return f"{where}, with TensorRT {version}{later}"
 
 
 def build_engine(onnx_path, engine_path, profiles: Profiles, settings: Settings, timing_cache: Path | None = None) -> dict:
@@ -246,7 +260,8 @@ def build_engine(onnx_path, engine_path, profiles: Profiles, settings: Settings,
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(
-            f"TensorRT {trt.__version__} could not parse {onnx_path.name}: " + " | ".join(" ".join(e.split()) for e in errors or ["(no parser error reported)"]),
+            f"TensorRT {trt.__version__} could not parse {onnx_path.name}: "
+            + " | ".join(" ".join(e.split()) for e in errors or ["(no parser error reported)"]),
             hint="the ONNX graph has an op or pattern this TensorRT does not support",
         )
     _check_profiles_against_network(network, profiles, onnx_path.name)
@@ -283,7 +298,8 @@ def build_engine(onnx_path, engine_path, profiles: Profiles, settings: Settings,
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - started
     if plan is None:
-        raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name}", hint="the TensorRT log above says why")
+        raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name}",
+                          hint="the TensorRT log above says why")
     _write_bytes(engine_path, plan)
     if timing_cache is not None:
         _write_bytes(timing_cache, config.get_timing_cache().serialize())
@@ -316,7 +332,7 @@ def _check_profiles_against_network(network, profiles: Profiles, label: str) -> 
     for name, (lo, _opt, _hi) in profiles.items():
         if name not in shapes:
             problems.append(f"profile names {name}, which the network does not have")
-        elif len(shapes[name]) != len(lo) or any(d >= 0 and d != m for d, m in zip(shapes[name], lo)):
+        elif len(shapes[name]) != len(lo) or any(d >= 0 and d != m for d, m in zip(shapes[name], lo, strict=True)):
             problems.append(f"profile {name} {list(lo)} does not fit the network's {list(shapes[name])}")
     if problems:
         raise ExportError(f"{label}: the graph and its declared IO disagree: " + "; ".join(problems), hint="re-export the ONNX")
@@ -382,7 +398,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
     return [_build_kit(ctx, parent, settings, profiles, availability.reason, common, started)]
 
 
-def _build_kit(ctx: StepContext, parent: Artifact, settings: Settings, profiles: Profiles, reason: str, common: dict, started: float) -> Artifact:
+def _build_kit(
+    ctx: StepContext, parent: Artifact, settings: Settings, profiles: Profiles, reason: str, common: dict, started: float
+) -> Artifact:
     kit = ctx.folder / KIT_DIR
     kit.mkdir(parents=True, exist_ok=True)
     ident = artifact_id(parent.component, "tensorrt", parent.precision)
@@ -401,7 +419,8 @@ def _build_kit(ctx: StepContext, parent: Artifact, settings: Settings, profiles:
     _write_text(kit / fragment, render_fragment(ident, engine_name, command, parent, profiles, ctx.variant.name))
     _write_text(kit / KIT_SCRIPT, render_driver(), executable=True)
     _write_text(kit / KIT_README, render_readme(ctx.variant.name, settings))
-    ctx.reporter.line(f"TensorRT unavailable here ({reason.split(' (')[0]}): wrote the trtexec build kit for {ident} to {KIT_DIR}/")
+    why = reason.split(" (")[0]
+    ctx.reporter.line(f"TensorRT unavailable here ({why}): wrote the trtexec build kit for {ident} to {KIT_DIR}/")
     facts = {
         "kit_only": True,
         "reason": reason,
@@ -425,12 +444,16 @@ def _build_kit(ctx: StepContext, parent: Artifact, settings: Settings, profiles:
 def render_fragment(ident: str, engine_name: str, command: list[str], parent: Artifact, profiles: Profiles, variant: str) -> str:
     """One component's trtexec call, sourced by build_engines.sh (which defines run_build, $TRTEXEC and
     $STRONGLY_TYPED_FLAG). The command is `command` token for token, except those two substitutions."""
-    tokens = ['"$TRTEXEC"'] + ["$STRONGLY_TYPED_FLAG" if token == "--stronglyTyped" else shlex.quote(token) for token in command[1:]]
+    tokens = ['"$TRTEXEC"'] + [
+        "$STRONGLY_TYPED_FLAG" if token == "--stronglyTyped" else shlex.quote(token) for token in command[1:]
+    ]
     lines = [
         f"# {ident}: EfficientViT-SAM-{variant} {parent.component}, {parent.precision} ONNX ({Path(parent.path).name}) -> "
         f"{parent.precision} engine; precision comes from the graph, no precision flags.",
-        *[f"# profile {name}: min {'x'.join(map(str, lo))}  opt {'x'.join(map(str, opt))}  max {'x'.join(map(str, hi))}" for name, (lo, opt, hi) in profiles.items()],
-        f"# Generated by evsam-export {__version__}; sourced by {KIT_SCRIPT}. Run `bash {KIT_SCRIPT} {ident}` to build only this one.",
+        *[f"# profile {name}: min {'x'.join(map(str, lo))}  opt {'x'.join(map(str, opt))}  max {'x'.join(map(str, hi))}"
+          for name, (lo, opt, hi) in profiles.items()],
+        f"# Generated by evsam-export {__version__}; sourced by {KIT_SCRIPT}. "
+        f"Run `bash {KIT_SCRIPT} {ident}` to build only this one.",
         f"run_build {shlex.quote(ident)} {shlex.quote(engine_name)} \\",
         "    " + " \\\n    ".join(tokens),
         "",
@@ -438,154 +461,37 @@ def render_fragment(ident: str, engine_name: str, command: list[str], parent: Ar
     return "\n".join(lines)
 
 
+def _render_template(name: str, **values: str) -> str:
+    """A kit file from evsam_export/targets/tensorrt_kit/ with its `{{ key }}` placeholders filled."""
+    text = resources.files("evsam_export.targets").joinpath(f"tensorrt_kit/{name}").read_text()
+    for key, value in values.items():
+        text = text.replace(f"{{{{ {key} }}}}", value)
+    if leftover := re.search(r"\{\{ (\w+) \}\}", text):
+        raise ExportError(f"TensorRT kit template {name} has no value for {leftover.group(1)}")
+    return text
+
+
 def render_driver() -> str:
     """build_engines.sh: the same text for every kit (see the module docstring for why)."""
-    return f"""#!/usr/bin/env bash
-# TensorRT build kit driver, generated by evsam-export {__version__}.
-# Builds one engine per *.trtexec.sh file next to this script (all of them, or the ids given):
-#   bash build_engines.sh                         # every engine in the kit
-#   bash build_engines.sh encoder.tensorrt.fp32   # just that one
-# Engines are written next to this script, with one trtexec log each. Set TRTEXEC=/path/to/trtexec when it is
-# not on PATH, CUDA_VISIBLE_DEVICES to pick the GPU. Engines only run on the GPU model and TensorRT version
-# that built them: build on the machine that will run them.
-set -euo pipefail
-
-KIT_DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
-cd "$KIT_DIR"
-
-TRTEXEC="${{TRTEXEC:-trtexec}}"
-if ! command -v "$TRTEXEC" >/dev/null 2>&1; then
-  echo "error: trtexec not found (looked for '$TRTEXEC' on PATH)." >&2
-  echo "  trtexec ships with TensorRT's tar/deb packages and NGC containers (nvcr.io/nvidia/tensorrt), not with" >&2
-  echo "  pip wheels. Add its folder to PATH (e.g. export PATH=/usr/src/tensorrt/bin:\\$PATH) or set TRTEXEC=..." >&2
-  exit 127
-fi
-
-# TensorRT version from trtexec's banner ("[TensorRT v101601]" = 10.16.1, "[TensorRT v110400]" = 11.4.0).
-# 10.x needs --stronglyTyped so the ONNX casts and Q/DQ decide precision; 11.x is always strongly typed and
-# documents the flag as no longer needed, so it is not passed there.
-TRT_CODE="$( ("$TRTEXEC" --help 2>&1 || true) | grep -o 'TensorRT v[0-9]*' | head -n 1 | tr -dc '0-9' || true)"
-STRONGLY_TYPED_FLAG="--stronglyTyped"
-if [[ -z "$TRT_CODE" ]]; then
-  echo "warning: could not read the TensorRT version from '$TRTEXEC --help'; assuming 10.x (--stronglyTyped)" >&2
-elif (( 10#$TRT_CODE < 100000 )); then
-  echo "error: this kit needs TensorRT 10 or 11 (trtexec reports v$TRT_CODE)" >&2
-  exit 2
-elif (( 10#$TRT_CODE >= 110000 )); then
-  STRONGLY_TYPED_FLAG=""
-fi
-
-BUILT=()
-run_build() {{  # run_build ID ENGINE TRTEXEC ARGS...
-  local id="$1" engine="$2" log="$1.trtexec.log" started=$SECONDS rc=0
-  shift 2
-  echo "building $id -> $KIT_DIR/$engine (log: $KIT_DIR/$log)"
-  rm -f "$engine"
-  "$@" >"$log" 2>&1 || rc=$?
-  if (( rc != 0 )); then
-    echo "error: trtexec failed for $id (exit code $rc); last lines of $KIT_DIR/$log:" >&2
-    tail -n 40 "$log" >&2
-    exit 1
-  fi
-  if [[ ! -s "$engine" ]]; then
-    echo "error: trtexec exited 0 but wrote no $engine; see $KIT_DIR/$log" >&2
-    exit 1
-  fi
-  echo "  done in $((SECONDS - started)) s"
-  BUILT+=("$KIT_DIR/$engine")
-}}
-
-FRAGMENTS=()
-if (( $# > 0 )); then
-  for id in "$@"; do
-    if [[ ! -f "$id.trtexec.sh" ]]; then
-      echo "error: no $id.trtexec.sh in $KIT_DIR" >&2
-      exit 2
-    fi
-    FRAGMENTS+=("$id.trtexec.sh")
-  done
-else
-  shopt -s nullglob
-  FRAGMENTS=(*.trtexec.sh)
-  shopt -u nullglob
-fi
-if (( ${{#FRAGMENTS[@]}} == 0 )); then
-  echo "error: no *.trtexec.sh build files in $KIT_DIR" >&2
-  exit 2
-fi
-
-for fragment in "${{FRAGMENTS[@]}}"; do
-  # shellcheck source=/dev/null
-  source "./$fragment"
-done
-
-echo
-echo "engines written to $KIT_DIR:"
-for engine in "${{BUILT[@]}}"; do
-  echo "  $engine"
-done
-ARTIFACTS="$(dirname "$KIT_DIR")"
-echo
-echo "next, on this machine (the engines are bound to this GPU and TensorRT version):"
-echo "  evsam-export register-engines '$ARTIFACTS'   # add the engines to manifest.json"
-echo "  evsam-export validate '$ARTIFACTS'                              # parity gate on this GPU"
-"""
+    return _render_template(KIT_SCRIPT, version=__version__)
 
 
 def render_readme(variant: str, settings: Settings) -> str:
     level = HARDWARE_LEVELS[settings.hardware_compatibility]
-    return f"""# TensorRT build kit: EfficientViT-SAM-{variant}
-
-Generated by evsam-export {__version__} on a machine without TensorRT or a GPU. TensorRT engines can only be
-built on the GPU that will run them, so this folder holds what a GPU machine needs to build them by hand:
-
-| file | what |
-|---|---|
-| `build_engines.sh` | driver: checks `trtexec`, picks the TensorRT 10/11 flags, builds every engine below |
-| `*.trtexec.sh` | one `trtexec` command per component (ONNX -> engine, with its shape profile) |
-| `*.onnx` | the prepared ONNX graphs (precision is already in the graph) |
-
-The same commands are stored in `../manifest.json` (`facts.commands` of each `tensorrt` entry).
-
-## Target
-
-- GPU: written for an **{settings.device_name}**; any GPU with TensorRT works, but an engine runs only where it was built.
-- TensorRT **10.x** (10.0 or newer) or **11.x**, with its `trtexec` (tar/deb packages or an NGC container such as
-  `nvcr.io/nvidia/tensorrt`; pip wheels do not ship `trtexec`).
-- Strongly typed builds: fp32 graphs give fp32 engines, graphs with fp16 casts give fp16 engines (with their fp32
-  islands intact), Q/DQ graphs give int8 engines. No `--fp16`/`--int8`/`--best`: TensorRT 11 removed them, and on
-  10.x they would override the precision the parity gate was designed for. `build_engines.sh` passes
-  `--stronglyTyped` to trtexec 10.x and leaves it out on 11.x, where strong typing is always on.
-- TF32: {"allowed" if settings.tf32 else "off (`--noTF32`), so fp32 layers really run in fp32 for the parity gate"}.
-- Hardware compatibility: `{level}`{" (the engine also runs on other Ampere-or-newer GPUs, somewhat slower)" if level != "none" else " (the engine runs only on the GPU architecture that built it)"}.
-- Version compatibility: {"on (`--versionCompatible`: later TensorRT releases of the same major can load it; the loader must allow engine host code)" if settings.version_compatible else "off (the engine loads only with the TensorRT version that built it)"}.
-
-## Build
-
-Copy the whole artifact folder (the parent of this one) to the GPU machine, then:
-
-```bash
-bash tensorrt-kit/build_engines.sh                   # all engines; or name ids: encoder.tensorrt.fp32
-TRTEXEC=/usr/src/tensorrt/bin/trtexec bash tensorrt-kit/build_engines.sh   # when trtexec is not on PATH
-```
-
-Engines (`<component>.tensorrt.<precision>.engine`) and one `*.trtexec.log` per build are written into this
-folder; `{settings.timing_cache or "(no timing cache)"}` keeps layer timings for faster rebuilds on the same GPU.
-
-## Validate
-
-On the same machine (the engines are bound to its GPU and TensorRT version):
-
-```bash
-evsam-export register-engines ARTIFACT_FOLDER   # replaces the kit entries with the engines
-evsam-export validate ARTIFACT_FOLDER                              # runs the parity gate on the engines
-```
-
-Until `register`, the manifest lists these entries as `kit_only` and `validate` skips them. `validate` needs
-evsam-export (with `[tensorrt]`) on the GPU machine, plus torch for the PyTorch reference; without torch, save the
-reference where torch is (`evsam-export validate ARTIFACT_FOLDER --save-reference ref.npz`) and pass
-`--reference ref.npz` on the GPU machine.
-"""
+    return _render_template(
+        KIT_README,
+        variant=variant,
+        version=__version__,
+        device_name=settings.device_name,
+        tf32="allowed" if settings.tf32 else "off (`--noTF32`), so fp32 layers really run in fp32 for the parity gate",
+        hardware_level=level,
+        hardware_note="the engine also runs on other Ampere-or-newer GPUs, somewhat slower" if level != "none"
+        else "the engine runs only on the GPU architecture that built it",
+        version_compatibility="on (`--versionCompatible`: later TensorRT releases of the same major can load it; the loader "
+        "must allow engine host code)" if settings.version_compatible
+        else "off (the engine loads only with the TensorRT version that built it)",
+        timing_cache=settings.timing_cache or "(no timing cache)",
+    )
 
 
 # -- registering engines built from a kit --------------------------------------------------------------------
@@ -632,7 +538,8 @@ def register_engines(folder) -> list[Artifact]:
         manifest.artifacts = [artifact if a.id == kit.id else a for a in manifest.artifacts]
         registered.append(artifact)
     if not registered:
-        raise ArtifactError(f"no engines in {folder / KIT_DIR} yet", hint=f"run `bash {KIT_DIR}/{KIT_SCRIPT}` on the GPU machine first")
+        raise ArtifactError(f"no engines in {folder / KIT_DIR} yet",
+                            hint=f"run `bash {KIT_DIR}/{KIT_SCRIPT}` on the GPU machine first")
     manifest.history.append({"command": f"evsam-export register-engines {folder}", "step": "tensorrt-register",
                              "artifacts": [a.id for a in registered]})
     manifest.write(folder)
