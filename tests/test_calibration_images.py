@@ -134,7 +134,7 @@ def test_known_sample_sizes_and_grayscale_stacking():
 
 def test_unknown_sample_name_is_refused():
     with pytest.raises(UsageError, match="unknown sample image"):
-        sample_image("skin")  # needs a network download (RUNTIMES.md §6.3), so not offered
+        sample_image("skin")  # needs a network download (docs/design.md "Offline sample photos"), so not offered
 
 
 def test_load_image_spec_for_synthetic_scenes():

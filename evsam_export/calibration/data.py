@@ -1,7 +1,7 @@
 """Deterministic calibration feeds for post-training quantization, and thin adapters to the two PTQ tools.
 
-Calibration data is just a list of feed dicts per component (ARCHITECTURE.md, "onnxruntime.quantization and
-NNCF"): `encoder_calibration_feeds` gives `{"input_image": [1,3,S,S]}` made by the shared preprocessing from
+Calibration data is just a list of feed dicts per component (docs/precision.md
+"Calibration data"): `encoder_calibration_feeds` gives `{"input_image": [1,3,S,S]}` made by the shared preprocessing from
 seeded synthetic scenes and the offline scikit-image photos; `decoder_calibration_feeds` gives decoder feeds
 whose `image_embeddings` are what the fp32 encoder *really* produces for those images (optimum-intel records
 the decoder's inputs by running the encoder; random embeddings would calibrate the wrong ranges) and whose
@@ -27,7 +27,7 @@ from evsam_export.errors import RuntimeUnavailable
 from evsam_export.model import processing
 from evsam_export.model.variants import LOW_RES_MASK_SIZE, Variant, get_variant
 
-# Offline scikit-image photos used for calibration (RUNTIMES.md §6.3), in the order they are taken: varied
+# Offline scikit-image photos used for calibration (docs/design.md "Offline sample photos"), in the order they are taken: varied
 # content (microscopy, coins, astronomy, objects, texture, a logo with alpha) and aspect ratios. Every photo a
 # parity suite scores on (validators/*.toml: astronaut, camera, chelsea = cat, coffee, page, rocket, text)
 # is left out on purpose.

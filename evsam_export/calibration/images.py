@@ -2,7 +2,7 @@
 only to load its sample photos).
 
 Synthetic scenes come with ground-truth masks, so a prompt can target a real object and a parity report
-can also score the task (RUNTIMES.md §6.2). Everything derives from an integer seed through
+can also score the task (docs/design.md "Parity inputs"). Everything derives from an integer seed through
 np.random.default_rng, so the same seed gives the same bytes on every machine.
 """
 
@@ -17,7 +17,7 @@ from evsam_export.model.processing import as_rgb_uint8
 
 PROMPT_KINDS = ("point", "points_neg", "box", "box_point", "boxes16", "mask_refine", "multimask")
 
-# Loaders that ship inside the scikit-image wheel and work offline (RUNTIMES.md §6.3). Others (e.g. `skin`,
+# Loaders that ship inside the scikit-image wheel and work offline (docs/design.md "Offline sample photos"). Others (e.g. `skin`,
 # `eagle`) fetch over the network through pooch, which a parity run must never depend on.
 SAMPLE_IMAGES = (
     "astronaut", "brick", "camera", "cat", "cell", "checkerboard", "chelsea", "clock", "coffee", "coins",
@@ -231,7 +231,7 @@ def _box_of(mask: np.ndarray) -> np.ndarray:
 
 
 def _jitter_box(rng: np.random.Generator, box: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Move each edge by up to ±5 % of the box size (RUNTIMES.md §6.2), then clip inside the image while
+    """Move each edge by up to ±5 % of the box size (docs/design.md "Parity inputs"), then clip inside the image while
     keeping x0 < x1 and y0 < y1."""
     size = np.maximum(np.array([box[2] - box[0], box[3] - box[1]] * 2), 1.0)
     out = box + rng.uniform(-0.05, 0.05, 4) * size

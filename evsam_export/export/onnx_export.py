@@ -2,7 +2,7 @@
 
 We use the TorchScript exporter (`dynamo=False`): torch>=2.9's default dynamo exporter changes the
 opset, writes a `.onnx.data` sidecar and flattens node names (`node_matmul_3`), which breaks the
-name-scoped precision islands later steps rely on (RUNTIMES.md §1.2.4). Opset 17 is the widest
+name-scoped precision islands later steps rely on (docs/runtimes.md "TorchScript exporter, opset 17"). Opset 17 is the widest
 TensorRT/ORT/OpenVINO common ground.
 """
 

@@ -1,6 +1,6 @@
 """Simplify an exported graph with onnxsim (onnxslim as fallback), then prove it still computes the same.
 
-onnxsim folds the exporter's shape arithmetic and no-op Casts (L0 encoder 860 -> ~470 nodes, RUNTIMES.md §5);
+onnxsim folds the exporter's shape arithmetic and no-op Casts (L0 encoder 860 -> ~470 nodes, docs/runtimes.md "onnxsim and onnxslim");
 onnxslim is pure Python and takes over where onnxsim is missing or fails.
 """
 

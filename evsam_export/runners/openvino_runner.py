@@ -1,5 +1,5 @@
 """OpenVINO runner (CPU). The inference precision is always set explicitly: OpenVINO silently runs bf16
-on CPUs with AVX512_BF16/AMX when no hint is given (RUNTIMES.md §3.1), which would make an "fp32"
+on CPUs with AVX512_BF16/AMX when no hint is given (docs/runtimes.md "OpenVINO: inference precision hint"), which would make an "fp32"
 artifact something else."""
 
 from __future__ import annotations
