@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evsam_export.manifest import Artifact, Manifest, sha256_file
+from evsam_export.manifest import Artifact, Manifest, sha256_file, verify_artifact_file
 from evsam_export.model.variants import Variant
 from evsam_export.progress import Reporter
 
 if TYPE_CHECKING:  # the parity modules load numpy and images; a step that never gates needs neither
     from evsam_export.parity.compare import ParityReport
     from evsam_export.parity.reference import SuiteReference
+
 
 def artifact_id(component: str, target: str, precision: str) -> str:
     return f"{component}.{target}.{precision}"
@@ -86,7 +87,6 @@ class StepContext:
 
         In memory: runners on the files in `folder`, compared with the suite's reference held in
         `references`; nothing is written, and the folder's manifest.json is left as it was."""
-        from evsam_export.manifest import verify_artifact_file
         from evsam_export.parity.compare import compare, open_runners
 
         chosen = [a for a in self.manifest.artifacts if a.target == "onnx" and a.precision == "fp32"]
