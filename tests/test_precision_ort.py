@@ -22,11 +22,10 @@ from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
 from evsam_export.parity import metrics
 from evsam_export.parity.suites import load_suite, validators_dir
-from evsam_export.parity.validate import Gate, ParityReport, StageReport
+from evsam_export.parity.compare import Gate, ParityReport, StageReport
 from evsam_export.progress import Reporter
 from evsam_export.runners.ort_runner import OrtRunner
 from evsam_export.pipeline import fallback
-from evsam_export.pipeline import step as base
 from evsam_export.precision import fp16, ort_int8
 from evsam_export.targets import openvino as openvino_target
 from evsam_export.pipeline.step import StepContext
@@ -508,16 +507,36 @@ def test_fallback_respects_max_rounds(fake_parent):
     assert "max_rounds=2" in artifact.facts["gate_note"] and artifact.facts["gate_passed"] is False
 
 
-def test_gate_references_made_outside_the_runner_are_removed_at_exit(monkeypatch):
-    """ctx.gate() and gate_context() keep the PyTorch reference in a temporary folder; only the recipe
-    runner removed it, so gating from tests or scripts left evsam-gate-* folders in /tmp."""
-    monkeypatch.setattr(base, "_SCRATCH_REFERENCES", [])
-    made = [base.scratch_reference_path(), base.scratch_reference_path()]
-    for path in made:
-        path.write_bytes(b"reference")
-    assert made[0].parent != made[1].parent
-    base._remove_scratch_references()  # what atexit runs
-    assert not any(path.parent.exists() for path in made)
+def test_gate_holds_one_reference_per_suite_in_memory_and_writes_nothing(ctx, quick_suite, tmp_path, monkeypatch):
+    """ctx.gate() compares in memory: the first gate on a suite rebuilds the PyTorch model and computes the
+    reference, later gates and gate_context() copies of the context reuse it (one per suite, held by the
+    context), and no scratch folder, manifest or reference file is written anywhere."""
+    import tempfile
+
+    from evsam_export.model import checkpoint
+    from evsam_export.parity.report import report_json
+
+    rebuilt = []
+    load_model = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *args, **kwargs: rebuilt.append(args) or load_model(*args, **kwargs))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    listing = sorted(path.name for path in ctx.folder.iterdir())
+    fresh = replace(ctx, references={})
+    encoder = parent(ctx, "encoder")
+
+    first, again = fresh.gate([encoder]), fresh.gate([encoder])
+    assert len(rebuilt) == 1 and report_json(first) == report_json(again) and first.passed
+    assert {(s.artifact, s.stage) for s in first.stages} == {
+        ("encoder.onnx.fp32", "encoder"), ("decoder.onnx.fp32", "decoder"), ("encoder.onnx.fp32", "end_to_end")}
+    other = fallback.gate_context(fresh, str(quick_suite))
+    other.gate([encoder])
+    fallback.gate_context(fresh, str(quick_suite)).gate([encoder])
+    assert len(rebuilt) == 2 and other.references is fresh.references
+    assert {suite for suite, _weights in fresh.references} == {ctx.suite, str(quick_suite)}
+    assert sorted(path.name for path in ctx.folder.iterdir()) == listing
+    assert list(scratch.iterdir()) == []
 
 
 def test_gate_judges_only_the_candidate_and_refuses_missing_runners(fake_parent, tmp_path):

@@ -16,7 +16,14 @@ from onnx import numpy_helper
 
 from evsam_export import api
 from evsam_export.manifest import read_manifest, sha256_file
-
+from evsam_export.parity.compare import compare
+from evsam_export.parity.reference import build_cases, pytorch_reference
+from evsam_export.parity.report import report_json
+from evsam_export.parity.suites import load_suite
+from evsam_export.parity.validate import validate_folder
+from evsam_export.progress import Reporter
+from evsam_export.runners import runner_for_artifact
+from evsam_export.runners.base import Runner
 
 
 
@@ -134,3 +141,54 @@ def test_saved_reference_validates_without_rebuilding_the_model(l0_copy, quick_s
     monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("reference should come from the file"))
     second = api.validate(l0_copy, quick_suite, reference=reference)
     assert second.passed and second.reference_source.startswith("file")
+
+
+class NegatedMasks(Runner):
+    """A runner no file describes: the fp32 decoder with its mask logits negated."""
+
+    runtime = "test"
+
+    def __init__(self, inner: Runner) -> None:
+        super().__init__(inner.inputs, inner.outputs, "negated-masks")
+        self.inner = inner
+
+    def _load(self) -> None:
+        self.inner.load()
+
+    def _infer(self, feeds):
+        outputs = self.inner.infer(feeds)
+        return {name: -value if name in ("low_res_masks", "masks") else value for name, value in outputs.items()}
+
+    def _close(self) -> None:
+        self.inner.close()
+
+
+def test_compare_gates_runners_in_memory_and_validate_folder_wraps_it(l0_export, quick_suite):
+    """compare() needs runners, cases, a reference and a suite, nothing on disk: a decoder runner that no
+    file describes fails its own stage and the end-to-end one, the encoder passes; with the folder's own
+    runners it gives exactly the report validate_folder gives."""
+    quiet = Reporter(quiet=True)
+    manifest = read_manifest(l0_export)
+    suite = load_suite(quick_suite)
+    cases = build_cases(suite, manifest.encoder_size)
+    reference = pytorch_reference(manifest, l0_export, cases, quiet)
+    encoder, decoder = manifest.artifact("encoder.onnx.fp32"), manifest.artifact("decoder.onnx.fp32")
+    files_before = {path.name: path.stat().st_mtime_ns for path in l0_export.iterdir()}
+    with runner_for_artifact(l0_export, encoder) as encoder_runner, \
+            NegatedMasks(runner_for_artifact(l0_export, decoder)) as negated:
+        broken = compare([(encoder, encoder_runner), (decoder, negated)], cases, reference, suite, "l0",
+                         {"encoder.tensorrt.fp16": "no GPU"}, quiet)
+        honest_decoder = runner_for_artifact(l0_export, decoder)
+        with honest_decoder:
+            honest = compare([(encoder, encoder_runner), (decoder, honest_decoder)], cases, reference, suite, "l0", None, quiet)
+    assert {(s.artifact, s.stage): s.passed for s in broken.stages} == {
+        ("encoder.onnx.fp32", "encoder"): True, ("decoder.onnx.fp32", "decoder"): False,
+        ("encoder.onnx.fp32", "end_to_end"): False}
+    assert "mask_iou.mean" in {g.metric for g in broken.failed_gates} and not broken.passed
+    assert broken.unavailable == {"encoder.tensorrt.fp16": "no GPU"} and broken.folder is None
+    assert broken.reference_source == "PyTorch (synthetic:0)"
+    assert {path.name: path.stat().st_mtime_ns for path in l0_export.iterdir()} == files_before
+
+    from_folder = validate_folder(l0_export, suite, reporter=quiet)
+    assert honest.passed and report_json(honest) == report_json(from_folder)
+    assert from_folder.folder == l0_export

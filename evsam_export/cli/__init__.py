@@ -3,29 +3,7 @@ libraries (torch, onnx, runtimes) only inside the command body, so `--help` stay
 
 from __future__ import annotations
 
-import typer
-
-app = typer.Typer(
-    name="evsam-export",
-    help="Export EfficientViT-SAM (l0, l1, l2, xl0, xl1) to ONNX Runtime, OpenVINO and TensorRT artifacts, "
-    "and prove with a parity gate that they segment like PyTorch.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    """Root options (keeps `evsam-export` a command group even with one command registered)."""
-    if version:
-        from evsam_export import __version__
-
-        typer.echo(f"evsam-export {__version__}")
-        raise typer.Exit(0)
+from evsam_export.cli.root import app
 
 
 def _register() -> None:
@@ -36,3 +14,6 @@ def _register() -> None:
 def main() -> None:
     _register()
     app()
+
+
+__all__ = ["app", "main"]

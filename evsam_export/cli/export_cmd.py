@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli import app
+from evsam_export.cli.root import app
 from evsam_export.cli.common import CheckpointOption, DebugOption, command_line, run_guarded
 from evsam_export.model.variants import VARIANT_NAMES
 

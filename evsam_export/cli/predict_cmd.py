@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli import app
+from evsam_export.cli.root import app
 from evsam_export.cli.common import DebugOption, run_guarded
 
 # Tints for the per-prompt masks and boxes in the overlay (RGB).

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli import app
+from evsam_export.cli.root import app
 from evsam_export.cli.common import CheckpointOption, DebugOption, run_guarded
 
 

@@ -7,12 +7,12 @@ keys, wrong shapes) becomes one CheckpointError line that says what and how to f
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from evsam_export.errors import CheckpointError
+from evsam_export.model.signature import variant_signature
 from evsam_export.model.variants import VARIANTS, Variant
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -41,18 +41,6 @@ def parse_synthetic(spec: str) -> int | None:
             f"bad synthetic weights spec {spec!r}", hint="use synthetic:SEED with a non-negative integer seed"
         )
     return int(seed)
-
-
-@functools.lru_cache(maxsize=None)
-def variant_signature(name: str) -> dict[str, tuple[int, ...]]:
-    """key -> shape of the variant's state dict, built on the meta device (no memory, no compute)."""
-    import torch
-
-    from evsam_export.model.sam import EfficientViTSam
-
-    with torch.device("meta"):
-        model = EfficientViTSam(VARIANTS[name])
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def identify_variant(state_dict: dict) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+from evsam_export.model.signature import variant_signature
 from evsam_export.model.variants import Variant
 
 
@@ -37,8 +38,6 @@ def _fan_in(shape: tuple[int, ...]) -> int:
 
 def synthetic_state_dict(variant: Variant, seed: int) -> dict:
     import torch
-
-    from evsam_export.model.checkpoint import variant_signature
 
     state = {}
     for key, shape in variant_signature(variant.name).items():

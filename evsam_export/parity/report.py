@@ -11,7 +11,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from evsam_export.parity.validate import ParityReport, StageReport
+from evsam_export.parity.compare import ParityReport, StageReport
 
 
 def _clean(value):

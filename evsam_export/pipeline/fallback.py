@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.step import StepContext, artifact_id, scratch_reference_path
+from evsam_export.pipeline.step import StepContext, artifact_id
 
 # The small suite every candidate is gated on (validators/calibration-gate.toml: 2 scenes + 1 photo,
-# point/box/boxes16, the default.toml tolerances verbatim). The recipe's own suite still validates the
+# every prompt kind, the default.toml tolerances verbatim). The recipe's own suite still validates the
 # finished folder afterwards.
 GATE_SUITE = "calibration-gate"
 
@@ -87,19 +87,12 @@ def nodes_matching(nodes: Iterable[tuple[str, str]], patterns: Sequence[str] = (
 
 # ------------------------------------------------------------------------------------------ gating
 
-# One PyTorch reference per (folder, weights, suite): ctx.reference_cache holds the reference of ctx.suite
-# only, so gating on another suite through the same ctx would load the wrong cases.
-_REFERENCES: dict[tuple[str, str, str], Path] = {}
-
-
 def gate_context(ctx: StepContext, suite: str) -> StepContext:
-    """A copy of `ctx` that gates on `suite`, sharing that suite's PyTorch reference across rounds/steps."""
+    """A copy of `ctx` that gates on `suite`. The copy shares `ctx.references`, so the suite's PyTorch
+    reference is computed once and reused by every round and step of the run."""
     if suite == ctx.suite:
         return ctx
-    key = (str(ctx.folder), str(ctx.manifest.weights.get("sha256")), suite)
-    if key not in _REFERENCES:
-        _REFERENCES[key] = scratch_reference_path()
-    return replace(ctx, suite=suite, reference_cache=_REFERENCES[key])
+    return replace(ctx, suite=suite)
 
 
 def _gate_view(artifact: Artifact) -> Artifact:

@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +181,6 @@ def run_recipe(
             step.seconds = time.perf_counter() - started
             if not artifacts:
                 step.status = "skipped" if step.status == "built" else step.status
-        if ctx.reference_cache is not None:  # the gate's PyTorch reference is scratch, not an artifact
-            shutil.rmtree(ctx.reference_cache.parent, ignore_errors=True)
         manifest.history.append({"command": command, "recipe": recipe.name, "steps": [
             {"step": s.name, "status": s.status, "key": s.key, "outputs": s.outputs, "seconds": round(s.seconds, 2)} for s in steps]})
         manifest.write(staging)

@@ -3,22 +3,24 @@
 A step is a function `build(ctx: StepContext, parent: Artifact, settings) -> list[Artifact]`:
 it reads `parent`'s file from `ctx.folder`, writes its own files into `ctx.folder` (named
 `<component>.<target>.<precision>.<ext>`), and returns manifest entries whose `parent` is `parent.id`.
-`ctx.gate(artifacts)` runs the parity validator on candidate artifacts (used by automatic fallback);
-`ctx.calibration` yields deterministic feeds for quantization.
+`ctx.gate(artifacts)` runs the parity comparison on candidate artifacts in memory (used by automatic
+fallback); `ctx.calibration` yields deterministic feeds for quantization.
 """
 
 from __future__ import annotations
 
-import atexit
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from evsam_export.manifest import Artifact, Manifest, sha256_file
+from evsam_export.manifest import Artifact, Manifest, sha256_file, verify_artifact_file
 from evsam_export.model.variants import Variant
 from evsam_export.progress import Reporter
+
+if TYPE_CHECKING:  # the parity modules load numpy and images; a step that never gates needs neither
+    from evsam_export.parity.compare import ParityReport
+    from evsam_export.parity.reference import SuiteReference
 
 
 def artifact_id(component: str, target: str, precision: str) -> str:
@@ -32,23 +34,6 @@ def artifact_filename(component: str, target: str, precision: str, ext: str) -> 
     return f"{component}.{target}.{precision}.{ext}"
 
 
-_SCRATCH_REFERENCES: list[Path] = []
-
-
-@atexit.register
-def _remove_scratch_references() -> None:
-    for folder in _SCRATCH_REFERENCES:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def scratch_reference_path() -> Path:
-    """Where a gate may keep the PyTorch reference of a suite: a fresh temporary folder removed at exit,
-    so callers that gate without the recipe runner (tests, scripts) leave no reference.npz behind."""
-    folder = Path(tempfile.mkdtemp(prefix="evsam-gate-"))
-    _SCRATCH_REFERENCES.append(folder)
-    return folder / "reference.npz"
-
-
 @dataclass
 class StepContext:
     folder: Path  # where artifacts are written (a staging folder during a run)
@@ -57,7 +42,9 @@ class StepContext:
     reporter: Reporter = field(default_factory=Reporter)
     suite: str = "default"  # parity suite used by gate()
     threads: int | None = None
-    reference_cache: Path | None = None  # PyTorch reference of the suite, computed by the first gate()
+    # (suite, weights sha256) -> parity.reference.SuiteReference, filled by suite_reference(). replace()
+    # shares this dict, so a copy that gates on another suite (fallback.gate_context) adds to the same one.
+    references: dict = field(default_factory=dict)
 
     def path_of(self, artifact: Artifact) -> Path:
         return self.folder / artifact.path
@@ -95,37 +82,34 @@ class StepContext:
             extra_files=list(extra_files or []),
         )
 
-    def gate(self, candidates: list[Artifact]):
-        """Parity report of `candidates` (plus the fp32 ONNX artifacts they pair with), on the suite.
+    def gate(self, candidates: list[Artifact]) -> ParityReport:
+        """Parity report of `candidates` (plus the fp32 ONNX artifacts they pair with) on the suite.
 
-        Writes a scratch manifest that includes the candidates into a temporary copy of the folder's
-        manifest; the folder's own manifest.json is left as it was."""
-        import json
+        In memory: runners on the files in `folder`, compared with the suite's reference held in
+        `references`; nothing is written, and the folder's manifest.json is left as it was."""
+        from evsam_export.parity.compare import compare, open_runners
 
+        chosen = [a for a in self.manifest.artifacts if a.target == "onnx" and a.precision == "fp32"]
+        for candidate in candidates:  # a candidate replaces an artifact of its id, as Manifest.add does
+            chosen = [a for a in chosen if a.id != candidate.id] + [candidate]
+        for artifact in chosen:
+            verify_artifact_file(self.folder, artifact)
+        quiet = Reporter(quiet=True)
+        held = self.suite_reference(quiet)
+        with open_runners(self.folder, chosen, self.threads) as (runners, unavailable):
+            report = compare(runners, held.cases, held.reference, held.suite, self.manifest.variant, unavailable, quiet)
+        report.folder = self.folder
+        return report
+
+    def suite_reference(self, reporter: Reporter) -> SuiteReference:
+        """The suite's cases and PyTorch reference, computed on first use and kept in `references`."""
+        from evsam_export.parity.reference import SuiteReference, build_cases, pytorch_reference
         from evsam_export.parity.suites import load_suite
-        from evsam_export.parity.validate import validate_folder
 
-        scratch = Path(tempfile.mkdtemp(prefix=".gate-", dir=self.folder))
-        try:
-            for name in {a.path for a in self.manifest.artifacts + candidates} | {f for a in self.manifest.artifacts + candidates for f in a.extra_files}:
-                (scratch / name).parent.mkdir(parents=True, exist_ok=True)
-                (scratch / name).symlink_to(self.folder / name)
-            trial = Manifest(**{**self.manifest.__dict__, "artifacts": list(self.manifest.artifacts)})
-            for candidate in candidates:
-                trial.add(candidate)
-            (scratch / "manifest.json").write_text(json.dumps(trial.to_json()))
-            ids = [c.id for c in candidates] + [a.id for a in self.manifest.artifacts if a.target == "onnx" and a.precision == "fp32"]
-            cached = self.reference_cache is not None and self.reference_cache.is_file()
-            if self.reference_cache is None:
-                self.reference_cache = scratch_reference_path()
-            return validate_folder(
-                scratch,
-                load_suite(self.suite),
-                artifacts=sorted(set(ids)),
-                reporter=Reporter(quiet=True),
-                threads=self.threads,
-                reference_path=self.reference_cache if cached else None,
-                save_reference=None if cached else self.reference_cache,
-            )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        key = (self.suite, self.manifest.weights.get("sha256"))
+        if key not in self.references:
+            suite = load_suite(self.suite)
+            cases = build_cases(suite, self.manifest.encoder_size)
+            reference = pytorch_reference(self.manifest, self.folder, cases, reporter)
+            self.references[key] = SuiteReference(suite, cases, reference)
+        return self.references[key]

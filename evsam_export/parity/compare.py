@@ -1,0 +1,281 @@
+"""The parity comparison, in memory: runners + cases + reference + tolerances in, stage reports out.
+
+Like Polygraphy's comparator, it knows nothing about folders or manifests: `compare` takes the runners
+(each with the manifest entry of what it runs), the suite's cases, the PyTorch `Reference` and the suite's
+tolerances, and gates three stages, so a failure says where it comes from:
+  1. encoder  - each encoder artifact's embeddings vs the PyTorch encoder (SNR, cosine, max abs);
+  2. decoder  - each decoder artifact fed the *reference* embeddings (isolates decoder error from encoder
+                drift, as optimum-intel's SAM test does): mask IoU per token, logit and IoU-score diffs;
+  3. end_to_end - encoder artifact -> decoder artifact: mask IoU and stable-mask IoU.
+Plus a NaN/Inf gate on every output. `open_runners` makes and loads the runners of artifacts in a folder.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from evsam_export.errors import RuntimeUnavailable
+from evsam_export.manifest import Artifact
+from evsam_export.model import processing
+from evsam_export.model.variants import NUM_MASK_TOKENS
+from evsam_export.parity import metrics
+from evsam_export.parity.reference import Case, CaseSet, Reference, decoder_feeds
+from evsam_export.parity.suites import Suite, Tolerance
+from evsam_export.progress import Reporter
+from evsam_export.runners import runner_for_artifact
+from evsam_export.runners.base import Runner
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Gate:
+    artifact: str
+    stage: str
+    kind: str  # prompt kind, or "all"
+    metric: str
+    value: float
+    threshold: float
+    op: str  # ">=" or "<=" or "=="
+
+    @property
+    def passed(self) -> bool:
+        if isinstance(self.value, float) and math.isnan(self.value):
+            return False
+        if self.op == ">=":
+            return self.value >= self.threshold
+        if self.op == "<=":
+            return self.value <= self.threshold
+        return self.value == self.threshold
+
+    def line(self) -> str:
+        return f"{self.artifact} [{self.stage}/{self.kind}] {self.metric} = {self.value:.6g} (needs {self.op} {self.threshold:g})"
+
+    def to_json(self) -> dict:
+        value = None if isinstance(self.value, float) and not math.isfinite(self.value) and math.isnan(self.value) else self.value
+        if isinstance(value, float) and math.isinf(value):
+            value = "inf" if value > 0 else "-inf"
+        return {"artifact": self.artifact, "stage": self.stage, "kind": self.kind, "metric": self.metric,
+                "value": value, "threshold": self.threshold, "op": self.op, "passed": self.passed}
+
+
+@dataclass
+class StageReport:
+    artifact: str
+    stage: str  # encoder | decoder | end_to_end
+    precision: str
+    pairing: str = ""  # end_to_end: "encoder-id -> decoder-id"
+    per_kind: dict = field(default_factory=dict)  # kind -> metrics dict
+    gates: list[Gate] = field(default_factory=list)
+    worst: list[dict] = field(default_factory=list)  # worst cases (for overlays)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+@dataclass
+class ParityReport:
+    variant: str
+    suite: str
+    stages: list[StageReport] = field(default_factory=list)
+    unavailable: dict = field(default_factory=dict)  # artifact id -> reason
+    reference_source: str = ""
+    folder: Path | None = None  # the artifact folder, when the runners were made from one
+
+    @property
+    def gates(self) -> list[Gate]:
+        return [g for s in self.stages for g in s.gates]
+
+    @property
+    def failed_gates(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.stages) and not self.failed_gates
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+
+def _gate_min(stage: StageReport, kind: str, metric: str, value: float, threshold: float | None) -> None:
+    if threshold is not None:
+        stage.gates.append(Gate(stage.artifact, stage.stage, kind, metric, float(value), float(threshold), ">="))
+
+
+def _gate_max(stage: StageReport, kind: str, metric: str, value: float, threshold: float | None) -> None:
+    if threshold is not None:
+        stage.gates.append(Gate(stage.artifact, stage.stage, kind, metric, float(value), float(threshold), "<="))
+
+
+def token_indices(artifact: Artifact) -> list[int]:
+    single = bool(artifact.settings.get("single_mask"))
+    return [0] if single else list(range(NUM_MASK_TOKENS))
+
+
+def compare_masks(case: Case, ref_full: np.ndarray, test_low: np.ndarray, margin: float | None):
+    """Per-mask IoU (and stable IoU) of binarised masks at the original image size, shared post-processing."""
+    test_full = processing.postprocess_masks(test_low, case.geometry)
+    iou = metrics.mask_iou(processing.binarize(ref_full), processing.binarize(test_full))
+    stable = metrics.stable_mask_iou(ref_full, test_full, margin) if margin is not None else None
+    return iou, stable, ref_full, test_full
+
+
+def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_by_case, reference: Reference, artifact: Artifact) -> None:
+    tokens = token_indices(artifact)
+    by_kind: dict[str, dict[str, list]] = {}
+    worst = []
+    for case in cases:
+        out = outputs_by_case[case.key]
+        ref_low = reference.low_res[case.key][:, tokens]
+        ref_iou = reference.iou[case.key][:, tokens]
+        test_low, test_iou = out["low_res_masks"], out["iou_predictions"]
+        bucket = by_kind.setdefault(case.kind, {"iou": [], "stable": [], "logit": [], "score": [], "nonfinite": 0, "inmask": []})
+        bucket["nonfinite"] += sum(metrics.nonfinite_count(v) for v in out.values())
+        if test_low.shape != ref_low.shape:
+            bucket["iou"].append(np.zeros(1))
+            continue
+        iou, stable, _ref_full, test_full = compare_masks(case, reference.full_size(case, tokens), test_low, tol.stable_margin)
+        bucket["iou"].append(iou.ravel())
+        if stable is not None:
+            bucket["stable"].append(stable.ravel())
+        bucket["logit"].append(metrics.max_abs_diff(ref_low, test_low))
+        bucket["score"].append(metrics.max_abs_diff(ref_iou, test_iou))
+        if "masks" in out:  # sam profile: the in-graph upscaling must equal the shared host post-processing
+            host = test_full
+            bucket["inmask"].append(float(metrics.mask_iou(processing.binarize(host), processing.binarize(out["masks"])).min()))
+        worst.append({"case": case, "iou": float(iou.min()), "token": tokens[int(np.argmin(iou.min(axis=0)))] if iou.ndim > 1 else tokens[0],
+                      "prompt_set": int(np.argmin(iou.min(axis=1))) if iou.ndim > 1 else 0, "test_low": test_low, "ref_low": ref_low})
+    for kind, bucket in by_kind.items():
+        summary = metrics.summarize(np.concatenate(bucket["iou"]) if bucket["iou"] else [])
+        entry = {"mask_iou": summary.as_dict(), "nonfinite": bucket["nonfinite"]}
+        _gate_min(stage, kind, "mask_iou.mean", summary.mean, tol.mask_iou_mean_min)
+        _gate_min(stage, kind, "mask_iou.p5", summary.p5, tol.mask_iou_p5_min)
+        if bucket["stable"]:
+            stable = metrics.summarize(np.concatenate(bucket["stable"]))
+            entry["stable_mask_iou"] = stable.as_dict()
+            _gate_min(stage, kind, "stable_mask_iou.mean", stable.mean, tol.stable_mask_iou_mean_min)
+        if bucket["logit"]:
+            entry["logit_max_abs"] = max(bucket["logit"])
+            entry["iou_pred_max_abs"] = max(bucket["score"])
+            if stage.stage == "decoder":
+                _gate_max(stage, kind, "logit_max_abs", entry["logit_max_abs"], tol.decoder_logit_max_abs)
+                _gate_max(stage, kind, "iou_pred_max_abs", entry["iou_pred_max_abs"], tol.iou_pred_max_abs)
+        if bucket["inmask"]:
+            entry["in_graph_upscale_iou_min"] = min(bucket["inmask"])
+            _gate_min(stage, kind, "in_graph_upscale_iou.min", entry["in_graph_upscale_iou_min"], 0.999)
+        if not tol.allow_nonfinite:
+            stage.gates.append(Gate(stage.artifact, stage.stage, kind, "nonfinite", float(bucket["nonfinite"]), 0.0, "=="))
+        stage.per_kind[kind] = entry
+    stage.worst = sorted(worst, key=lambda w: w["iou"])[:2]
+
+
+def pair_decoder(encoder: Artifact, decoders: list[Artifact]) -> Artifact | None:
+    """The decoder an end-to-end deployment would use with this encoder: same target and precision, else
+    same target, else the fp32 ONNX decoder."""
+    for match in (
+        lambda d: d.target == encoder.target and d.precision == encoder.precision,
+        lambda d: d.target == encoder.target,
+        lambda d: d.target == "onnx" and d.precision == "fp32",
+    ):
+        found = [d for d in decoders if match(d)]
+        if found:
+            return found[0]
+    return decoders[0] if decoders else None
+
+
+# ------------------------------------------------------------------------------------------ runners
+
+
+@contextmanager
+def open_runners(folder: Path, artifacts: Sequence[Artifact], threads: int | None = None
+                 ) -> Iterator[tuple[list[tuple[Artifact, Runner]], dict[str, str]]]:
+    """([(artifact, loaded runner)], {artifact id: why no runner}) for the encoder and decoder artifacts
+    among `artifacts` (files under `folder`), in their order; every runner is closed on exit."""
+    runners, unavailable = [], {}
+    try:
+        for artifact in artifacts:
+            if artifact.component not in ("encoder", "decoder") or artifact.facts.get("kit_only"):
+                continue
+            try:
+                runners.append((artifact, runner_for_artifact(folder, artifact, threads=threads).load()))
+            except RuntimeUnavailable as exc:
+                unavailable[artifact.id] = exc.message
+        yield runners, unavailable
+    finally:
+        for _artifact, runner in runners:
+            runner.close()
+
+
+# ------------------------------------------------------------------------------------------ the comparison
+
+
+def compare(
+    runners: Sequence[tuple[Artifact, Runner]],
+    cases: CaseSet,
+    reference: Reference,
+    suite: Suite,
+    variant: str,
+    unavailable: Mapping[str, str] | None = None,
+    reporter: Reporter | None = None,
+) -> ParityReport:
+    """Gate every runner against `reference` on `cases` with `suite`'s tolerances for its precision.
+
+    `runners` pairs each loaded runner with the manifest entry of what it runs (id, component, precision,
+    IO contract); `unavailable` (artifact id -> reason) is carried into the report as is."""
+    reporter = reporter or Reporter()
+    report = ParityReport(variant=variant, suite=suite.name, reference_source=reference.source,
+                          unavailable=dict(unavailable or {}))
+    runner_of = {artifact.id: runner for artifact, runner in runners}
+    encoders = [a for a, _ in runners if a.component == "encoder"]
+    decoders = [a for a, _ in runners if a.component == "decoder"]
+
+    embeddings_of: dict[str, dict[str, np.ndarray]] = {}
+    for artifact in encoders:
+        tol = suite.tolerance(artifact.precision)
+        stage = StageReport(artifact.id, "encoder", artifact.precision)
+        embeddings_of[artifact.id] = {}
+        comparisons = []
+        for image in reporter.track(cases.images, f"{artifact.id}: encoder stage"):
+            out = runner_of[artifact.id].infer({"input_image": cases.inputs[image.name]})["image_embeddings"]
+            embeddings_of[artifact.id][image.name] = out
+            comparisons.append(metrics.compare_tensors(reference.embeddings[image.name], out))
+        snr = min(c.snr_db for c in comparisons)
+        cos = min(c.cosine for c in comparisons)
+        nonfinite = sum(c.nonfinite for c in comparisons)
+        stage.per_kind["all"] = {"snr_db_min": snr, "cosine_min": cos, "max_abs": max(c.max_abs for c in comparisons),
+                                 "per_image": {img.name: c.as_dict() for img, c in zip(cases.images, comparisons)}, "nonfinite": nonfinite}
+        _gate_min(stage, "all", "embedding_snr_db.min", snr, tol.embedding_snr_db_min)
+        _gate_min(stage, "all", "embedding_cosine.min", cos, tol.embedding_cosine_min)
+        if not tol.allow_nonfinite:
+            stage.gates.append(Gate(artifact.id, "encoder", "all", "nonfinite", float(nonfinite), 0.0, "=="))
+        report.stages.append(stage)
+
+    for artifact in decoders:
+        stage = StageReport(artifact.id, "decoder", artifact.precision)
+        outputs = {}
+        for case in reporter.track(cases.cases, f"{artifact.id}: decoder stage"):
+            outputs[case.key] = runner_of[artifact.id].infer(decoder_feeds(case, reference.embeddings[case.image.name], artifact.inputs))
+        evaluate_decoder_outputs(stage, suite.tolerance(artifact.precision), cases.cases, outputs, reference, artifact)
+        report.stages.append(stage)
+
+    for encoder in encoders:
+        decoder = pair_decoder(encoder, decoders)
+        if decoder is None:
+            continue
+        precision = encoder.precision if encoder.precision != "fp32" else decoder.precision
+        stage = StageReport(encoder.id, "end_to_end", precision, pairing=f"{encoder.id} -> {decoder.id}")
+        outputs = {}
+        for case in reporter.track(cases.cases, f"{encoder.id} -> {decoder.id}: end to end"):
+            feeds = decoder_feeds(case, embeddings_of[encoder.id][case.image.name], decoder.inputs)
+            outputs[case.key] = runner_of[decoder.id].infer(feeds)
+        evaluate_decoder_outputs(stage, suite.tolerance(precision), cases.cases, outputs, reference, decoder)
+        report.stages.append(stage)
+    return report

@@ -1,0 +1,218 @@
+"""What the parity comparison is fed: the cases of a suite and the PyTorch reference outputs for them.
+
+`build_cases(suite, encoder_size)` turns a suite into images, preprocessed inputs and one `Case` per
+image x prompt kind; `compute_reference` runs the PyTorch model on them (`pytorch_reference` first
+rebuilds the model from a manifest's weights and checks their hash); `Reference.save`/`Reference.load`
+keep a reference in an .npz file, so a machine without torch can validate against references computed
+elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evsam_export.calibration.images import PromptSet, ValidationImage, load_image_spec, prompts_for
+from evsam_export.errors import ArtifactError, CheckpointError
+from evsam_export.manifest import Manifest
+from evsam_export.model import processing
+from evsam_export.model.variants import LOW_RES_MASK_SIZE, get_variant
+from evsam_export.parity.suites import Suite
+from evsam_export.progress import Reporter
+
+REFERENCE_FORMAT = "evsam-export/parity-reference-v1"
+
+
+@dataclass
+class Case:
+    """One image x prompt kind, with everything both sides are fed."""
+
+    image: ValidationImage
+    kind: str
+    prompts: PromptSet
+    geometry: processing.ImageGeometry
+    point_coords: np.ndarray
+    point_labels: np.ndarray
+    mask_input: np.ndarray  # [1,1,256,256] (zeros when unused)
+    has_mask_input: np.ndarray  # [1]
+
+    @property
+    def key(self) -> str:
+        return f"{self.image.name}/{self.kind}"
+
+
+@dataclass
+class CaseSet:
+    """A suite's images in suite order, their preprocessed encoder inputs, and every case."""
+
+    images: list[ValidationImage]
+    inputs: dict[str, np.ndarray]  # image name -> [1,3,S,S] encoder input
+    cases: list[Case]
+
+
+@dataclass
+class Reference:
+    """PyTorch outputs: input images and embeddings per image; all-token decoder outputs per case."""
+
+    input_images: dict[str, np.ndarray] = field(default_factory=dict)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    low_res: dict[str, np.ndarray] = field(default_factory=dict)  # case key -> [B,4,256,256]
+    iou: dict[str, np.ndarray] = field(default_factory=dict)  # case key -> [B,4]
+    mask_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # refine cases: the fed-back mask
+    weights_sha256: str = ""
+    source: str = ""  # where it came from, for the report: "PyTorch (synthetic:0)" or "file ref.npz"
+    full_masks: dict = field(default_factory=dict)  # (case key, tokens) -> logits at original size (cache)
+
+    def full_size(self, case: Case, tokens: list[int]) -> np.ndarray:
+        """Reference logits at the original image size, post-processed once and shared by every stage."""
+        key = (case.key, tuple(tokens))
+        if key not in self.full_masks:
+            self.full_masks[key] = processing.postprocess_masks(self.low_res[case.key][:, tokens], case.geometry)
+        return self.full_masks[key]
+
+    def save(self, path: Path, suite: Suite) -> None:
+        arrays = {"__format__": np.array(REFERENCE_FORMAT), "__weights__": np.array(self.weights_sha256),
+                  "__suite__": np.array(suite.name)}
+        for prefix, table in (("image", self.input_images), ("emb", self.embeddings), ("low", self.low_res),
+                              ("iou", self.iou), ("maskin", self.mask_inputs)):
+            for key, value in table.items():
+                arrays[f"{prefix}|{key}"] = value
+        tmp = Path(path).with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read reference file {path} ({type(exc).__name__})", hint="re-create it with --save-reference") from exc
+        if "__format__" not in data or str(data["__format__"]) != REFERENCE_FORMAT:
+            raise ArtifactError(f"{path} is not an evsam-export parity reference", hint="create it with --save-reference")
+        ref = cls(weights_sha256=str(data["__weights__"]), source=f"file {path}")
+        tables = {"image": ref.input_images, "emb": ref.embeddings, "low": ref.low_res, "iou": ref.iou, "maskin": ref.mask_inputs}
+        for name in data.files:
+            if "|" in name:
+                prefix, key = name.split("|", 1)
+                tables[prefix][key] = data[name]
+        return ref
+
+
+@dataclass
+class SuiteReference:
+    """A suite with its cases and their reference: computed once, compared against by many gates."""
+
+    suite: Suite
+    cases: CaseSet  # refine cases carry the reference's fed-back masks
+    reference: Reference
+
+
+def build_cases(suite: Suite, encoder_size: int) -> CaseSet:
+    images, inputs, cases = [], {}, []
+    for spec in suite.images:
+        image = load_image_spec(spec)
+        images.append(image)
+        input_image, geometry = processing.preprocess_image(image.rgb, encoder_size)
+        inputs[image.name] = input_image
+        for index, kind in enumerate(suite.prompt_kinds):
+            prompts = prompts_for(kind, image.rgb, image.masks, seed=suite.prompt_seed + index)
+            tokens = processing.build_prompt_tokens(geometry, prompts.points, prompts.labels, prompts.boxes)
+            cases.append(
+                Case(
+                    image=image,
+                    kind=kind,
+                    prompts=prompts,
+                    geometry=geometry,
+                    point_coords=tokens.point_coords,
+                    point_labels=tokens.point_labels,
+                    mask_input=np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), np.float32),
+                    has_mask_input=np.zeros((1,), np.float32),
+                )
+            )
+    return CaseSet(images, inputs, cases)
+
+
+def decoder_feeds(case: Case, embeddings: np.ndarray, artifact_inputs) -> dict[str, np.ndarray]:
+    feeds = {
+        "image_embeddings": embeddings,
+        "point_coords": case.point_coords,
+        "point_labels": case.point_labels,
+        "mask_input": case.mask_input,
+        "has_mask_input": case.has_mask_input,
+        "orig_im_size": np.array(case.geometry.original_size, dtype=np.float32),
+    }
+    names = {spec.name for spec in artifact_inputs}
+    return {name: value for name, value in feeds.items() if name in names}
+
+
+def selected_token(iou: np.ndarray, multimask: bool) -> np.ndarray:
+    """PyTorch SAM usage: multimask -> best of tokens 1..3 by predicted IoU; else token 0. Per prompt set."""
+    if not multimask:
+        return np.zeros(iou.shape[0], dtype=np.int64)
+    return 1 + np.argmax(iou[:, 1:], axis=1)
+
+
+def apply_refine(case: Case, mask_input: np.ndarray) -> None:
+    case.mask_input = mask_input.astype(np.float32)
+    case.has_mask_input = np.ones((1,), np.float32)
+
+
+def compute_reference(model, variant, cases: CaseSet, reporter: Reporter, weights_sha256: str, source: str) -> Reference:
+    """PyTorch outputs for every case; refine cases get the fed-back mask applied (they are changed)."""
+    from evsam_export.runners.torch_runner import torch_reference_runners
+
+    encoder, decoder = torch_reference_runners(model, variant, decoder_profile="tensorrt")
+    ref = Reference(weights_sha256=weights_sha256, source=source)
+    with encoder, decoder:
+        for image in reporter.track(cases.images, "PyTorch reference: encoder"):
+            ref.input_images[image.name] = cases.inputs[image.name]
+            ref.embeddings[image.name] = encoder.infer({"input_image": cases.inputs[image.name]})["image_embeddings"]
+        for case in reporter.track(cases.cases, "PyTorch reference: decoder"):
+            out = decoder.infer(decoder_feeds(case, ref.embeddings[case.image.name], decoder.inputs))
+            if case.prompts.refine:
+                # Second pass fed with the first pass's selected low-res mask, as an interactive app does.
+                token = selected_token(out["iou_predictions"], case.prompts.multimask)[0]
+                ref.mask_inputs[case.key] = out["low_res_masks"][:1, token : token + 1]
+                apply_refine(case, ref.mask_inputs[case.key])
+                out = decoder.infer(decoder_feeds(case, ref.embeddings[case.image.name], decoder.inputs))
+            ref.low_res[case.key] = out["low_res_masks"]
+            ref.iou[case.key] = out["iou_predictions"]
+    return ref
+
+
+def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter: Reporter,
+                      checkpoint: str | None = None) -> Reference:
+    """The reference computed by the PyTorch model rebuilt from the weights `folder` was exported from
+    (or `checkpoint`), refused when those weights are not the exported ones."""
+    from evsam_export.model.checkpoint import load_model
+
+    spec = checkpoint or manifest.weights["spec"]
+    variant = get_variant(manifest.variant)
+    with reporter.step(f"rebuild the PyTorch reference ({spec})"):
+        model, weights = load_model(variant, spec)
+    if weights.sha256 != manifest.weights["sha256"]:
+        raise CheckpointError(
+            f"weights {spec} differ from the ones {folder} was exported from (sha256 mismatch)",
+            hint="pass --checkpoint with the exported checkpoint",
+        )
+    return compute_reference(model, variant, cases, reporter, weights.sha256, f"PyTorch ({spec})")
+
+
+def saved_reference(path: Path, manifest: Manifest, folder: Path, suite: Suite, cases: CaseSet) -> Reference:
+    """A reference loaded from `path`, checked against the export's weights and the suite's cases;
+    refine cases get the saved fed-back mask applied (they are changed)."""
+    ref = Reference.load(path)
+    if ref.weights_sha256 != manifest.weights["sha256"]:
+        raise ArtifactError(
+            f"reference {path} was computed from other weights than {folder}",
+            hint="save the reference from the same checkpoint as the export",
+        )
+    missing = [c.key for c in cases.cases if c.key not in ref.low_res]
+    if missing:
+        raise ArtifactError(f"reference {path} lacks case {missing[0]}", hint=f"save it with --suite {suite.name}")
+    for case in cases.cases:
+        if case.key in ref.mask_inputs:
+            apply_refine(case, ref.mask_inputs[case.key])
+    return ref
