@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evsam_export import contract
+from evsam_export.export.graph_passes import EXPORT_PASSES, check_pass_names
 from evsam_export.manifest import Artifact, Manifest, environment, sha256_file
 from evsam_export.model.variants import LOW_RES_MASK_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
 from evsam_export.progress import Reporter
-from evsam_export.export.graph_passes import EXPORT_PASSES, check_pass_names
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ def export(
 
 
 def export_components(model, variant: Variant, folder: Path, options: ExportOptions, reporter: Reporter) -> list[Artifact]:
-    from evsam_export.model.sam import DecoderGraph, EncoderGraph
     from evsam_export.export.onnx_export import export_onnx, op_histogram
     from evsam_export.export.simplify import simplify_graph
+    from evsam_export.model.sam import DecoderGraph, EncoderGraph
 
     jobs = [
         ("encoder", EncoderGraph(model), contract.encoder_spec(variant, options.dynamic_batch)),

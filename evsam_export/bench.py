@@ -14,15 +14,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from evsam_export import contract
 from evsam_export.manifest import cpu_flags, cpu_model, package_versions, read_manifest
-from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, get_variant
+from evsam_export.model.variants import get_variant
 from evsam_export.progress import Reporter
 
 
@@ -180,7 +180,9 @@ def run_bench(
     folder = Path(folder)
     manifest = read_manifest(folder)
     variant = get_variant(manifest.variant)
-    result = BenchResult(folder, variant.name, threads, machine={"cpu": cpu_model(), "cpu_flags": cpu_flags(), "packages": package_versions()})
+    result = BenchResult(
+        folder, variant.name, threads, machine={"cpu": cpu_model(), "cpu_flags": cpu_flags(), "packages": package_versions()}
+    )
     encoders, decoders, load_times = {}, {}, {}
     for artifact in manifest.artifacts:
         if artifact.facts.get("kit_only") or artifact.component not in ("encoder", "decoder"):
@@ -259,7 +261,11 @@ def chart(result: BenchResult, path: Path) -> Path:
     height = 40 + bar_h * len(rows) + 20
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"EfficientViT-SAM-{result.variant}: median latency (ms), {result.threads} threads, {result.machine.get('cpu', '')}", fill="black")
+    draw.text(
+        (10, 10),
+        f"EfficientViT-SAM-{result.variant}: median latency (ms), {result.threads} threads, {result.machine.get('cpu', '')}",
+        fill="black",
+    )
     longest = max((t.median_ms for t in rows), default=1.0)
     colors = {"encoder": (66, 120, 200), "decoder": (230, 140, 40)}
     for index, t in enumerate(rows):

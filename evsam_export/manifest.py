@@ -48,7 +48,7 @@ class Artifact:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "Artifact":
+    def from_json(cls, data: dict) -> Artifact:
         data = dict(data)
         data["inputs"] = [TensorSpec.from_json(t) for t in data["inputs"]]
         data["outputs"] = [TensorSpec.from_json(t) for t in data["outputs"]]
@@ -160,7 +160,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def package_versions(names: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "openvino", "nncf", "tensorrt", "numpy")) -> dict:
+def package_versions(
+    names: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "openvino", "nncf", "tensorrt", "numpy"),
+) -> dict:
     from importlib import metadata
 
     versions = {}

@@ -32,10 +32,10 @@ from pathlib import Path
 def build(folder: Path, threads: int, calibration_images: int, int8_groups: list[str], skip: set[str]) -> dict:
     from evsam_export.manifest import read_manifest
     from evsam_export.model.variants import get_variant
-    from evsam_export.progress import Reporter
-    from evsam_export.precision import fp16, ort_int8
-    from evsam_export.targets import openvino, ort
     from evsam_export.pipeline.step import StepContext
+    from evsam_export.precision import fp16, ort_int8
+    from evsam_export.progress import Reporter
+    from evsam_export.targets import openvino, ort
 
     manifest = read_manifest(folder)
     ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant(manifest.variant),

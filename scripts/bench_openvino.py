@@ -45,10 +45,10 @@ def build_irs(folder: Path, args) -> dict:
     """{precision: Artifact} of the encoder IRs, built into folder/bench-openvino when missing."""
     from evsam_export.manifest import Artifact, read_manifest, sha256_file
     from evsam_export.model.variants import get_variant
-    from evsam_export.progress import Reporter
-    from evsam_export.precision import nncf_int8
-    from evsam_export.targets import openvino as target
     from evsam_export.pipeline.step import StepContext
+    from evsam_export.precision import nncf_int8
+    from evsam_export.progress import Reporter
+    from evsam_export.targets import openvino as target
 
     manifest = read_manifest(folder)
     parent = manifest.artifact("encoder.onnx.fp32")
@@ -180,8 +180,11 @@ def main(argv=None) -> int:
     print(f"{manifest.variant} encoder, {args.threads} threads, {args.runs} alternated runs; CPU {result['cpu']} {result['cpu_flags']}")
     print(f"{'runner':<28} {'precision':>9} {'median ms':>10} {'min ms':>8} {'x torch':>8} {'x ORT':>6} {'x OVfp32':>8} {'SNR dB':>7}")
     for row in rows:
-        print(f"{row['runner']:<28} {row['compiled_precision']:>9} {row['median_ms']:>10.1f} {row['min_ms']:>8.1f} "
-              f"{row['speedup_vs_torch']:>8.2f} {row['speedup_vs_ort']:>6.2f} {row['speedup_vs_ov_fp32']:>8.2f} {row['snr_db_vs_torch']:>7.1f}")
+        print(
+            f"{row['runner']:<28} {row['compiled_precision']:>9} {row['median_ms']:>10.1f} {row['min_ms']:>8.1f} "
+            f"{row['speedup_vs_torch']:>8.2f} {row['speedup_vs_ort']:>6.2f} {row['speedup_vs_ov_fp32']:>8.2f} "
+            f"{row['snr_db_vs_torch']:>7.1f}"
+        )
     print(f"INT8: {result['int8']['fake_quantize']} FakeQuantize, fp32 groups {result['int8']['fp32_groups'] or 'none (base scope)'}, "
           f"overflow_fix {result['int8']['overflow_fix']['resolved']}")
     if args.json:

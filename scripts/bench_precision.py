@@ -29,10 +29,10 @@ def build_variants(folder: Path, scratch: Path, calibration_images: int, threads
                    fallback_groups: list[str], int8_options: dict) -> tuple[dict[str, Path], str, dict]:
     from evsam_export.manifest import read_manifest
     from evsam_export.model.variants import get_variant
-    from evsam_export.progress import Reporter
-    from evsam_export.precision import fp16, ort_int8
-    from evsam_export.targets import ort
     from evsam_export.pipeline.step import StepContext
+    from evsam_export.precision import fp16, ort_int8
+    from evsam_export.progress import Reporter
+    from evsam_export.targets import ort
 
     manifest = read_manifest(folder)
     encoder = manifest.artifact("encoder.onnx.fp32")

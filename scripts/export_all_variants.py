@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 # This interpreter's package (a checkout on PYTHONPATH included), not whichever `evsam-export` is on PATH.
 CLI = [sys.executable, "-m", "evsam_export.cli"]
 
@@ -43,9 +42,13 @@ def main() -> None:
             ["/usr/bin/time", "-f", "MAXRSS_KB=%M", *CLI, "export", "--variant", variant, "--output", str(folder), "--force"]
         )
         rss = [line for line in tail.splitlines() if line.startswith("MAXRSS_KB=")]
-        record = {"variant": variant, "export_exit": code, "export_s": round(seconds, 1),
-                  "export_peak_rss_mb": round(int(rss[-1].split("=")[1]) / 1024) if rss else None,
-                  "sizes_mb": {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(folder.glob("*.onnx"))} if folder.exists() else {}}
+        record = {
+            "variant": variant,
+            "export_exit": code,
+            "export_s": round(seconds, 1),
+            "export_peak_rss_mb": round(int(rss[-1].split("=")[1]) / 1024) if rss else None,
+            "sizes_mb": {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(folder.glob("*.onnx"))} if folder.exists() else {},
+        }
         if code != 0:
             record["error"] = tail[-500:]
         elif not args.no_validate:

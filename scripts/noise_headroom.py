@@ -61,7 +61,7 @@ def main() -> None:
                 tokens = build_prompt_tokens(geometry, prompt.points, prompt.labels, prompt.boxes)
                 batch = tokens.point_coords.shape[0]
 
-                def masks(emb: np.ndarray) -> np.ndarray:
+                def masks(emb: np.ndarray, decoder=decoder, tokens=tokens, batch=batch, geometry=geometry) -> np.ndarray:
                     with torch.no_grad():
                         _, low_res = decoder(torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(tokens.point_coords),
                                              torch.from_numpy(tokens.point_labels), torch.zeros(batch, 1, 256, 256), torch.zeros(batch))

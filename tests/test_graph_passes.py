@@ -15,11 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from evsam_export import api
 from evsam_export.errors import ExportError, RecipeError
-from evsam_export.manifest import TensorSpec, read_manifest
 from evsam_export.export import graph_passes
 from evsam_export.export.graph_passes import PASSES, apply_checked, apply_passes, cubic_resize_matrix
 from evsam_export.export.onnx_export import ComponentSpec
 from evsam_export.export.simplify import ort_outputs
+from evsam_export.manifest import TensorSpec, read_manifest
 
 
 def ops(model) -> collections.Counter:

@@ -17,17 +17,17 @@ ov = pytest.importorskip("openvino")
 
 from evsam_export.calibration.images import synthetic_scene  # noqa: E402
 from evsam_export.errors import RecipeError, UsageError  # noqa: E402
+from evsam_export.export.onnx_export import decoder_spec, sample_feeds  # noqa: E402
 from evsam_export.manifest import cpu_flags, read_manifest, sha256_file  # noqa: E402
 from evsam_export.model.processing import preprocess_image  # noqa: E402
 from evsam_export.model.variants import get_variant  # noqa: E402
 from evsam_export.parity.metrics import compare_tensors  # noqa: E402
+from evsam_export.pipeline.step import StepContext  # noqa: E402
+from evsam_export.precision import nncf_int8  # noqa: E402
 from evsam_export.progress import Reporter  # noqa: E402
 from evsam_export.runners.openvino_runner import OpenVINORunner  # noqa: E402
 from evsam_export.runners.ort_runner import OrtRunner  # noqa: E402
-from evsam_export.precision import nncf_int8  # noqa: E402
 from evsam_export.targets import openvino as target  # noqa: E402
-from evsam_export.pipeline.step import StepContext  # noqa: E402
-from evsam_export.export.onnx_export import decoder_spec, sample_feeds  # noqa: E402
 
 # One small scene, two prompt kinds, the shipped default tolerances (as tests/test_validate.py does).
 
@@ -213,7 +213,9 @@ def test_stage_groups_reach_nncf_by_name(ctx):
     assert scope.to_json(nodes)["names"] == len(scope.names)
 
     feeds = nncf_int8.calibration_feeds(ctx, parent, settings)
-    quantized = nncf.quantize(model, nncf.Dataset(feeds), ignored_scope=scope.nncf(), **nncf_int8.quantize_kwargs(settings, "disable", len(feeds)))
+    quantized = nncf.quantize(
+        model, nncf.Dataset(feeds), ignored_scope=scope.nncf(), **nncf_int8.quantize_kwargs(settings, "disable", len(feeds))
+    )
     passthrough = {"Convert", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 
     def fed_by_fake_quantize(op) -> bool:

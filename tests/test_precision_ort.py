@@ -15,20 +15,20 @@ import onnx
 import pytest
 
 from evsam_export.calibration import data
+from evsam_export.errors import RecipeError
 from evsam_export.export import regions
 from evsam_export.export.regions import Region
-from evsam_export.errors import RecipeError
 from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
 from evsam_export.parity import metrics
-from evsam_export.parity.suites import load_suite, validators_dir
 from evsam_export.parity.compare import Gate, ParityReport, StageReport
+from evsam_export.parity.suites import load_suite, validators_dir
+from evsam_export.pipeline import fallback
+from evsam_export.pipeline.step import StepContext
+from evsam_export.precision import fp16, ort_int8
 from evsam_export.progress import Reporter
 from evsam_export.runners.ort_runner import OrtRunner
-from evsam_export.pipeline import fallback
-from evsam_export.precision import fp16, ort_int8
 from evsam_export.targets import openvino as openvino_target
-from evsam_export.pipeline.step import StepContext
 
 CALIBRATION_IMAGES = 4
 
@@ -127,7 +127,9 @@ def test_decoder_feeds_use_the_encoder_and_follow_the_profile():
         return np.full((1, 256, 64, 64), 0.5, np.float32)
 
     sam = data.decoder_calibration_feeds(encoder, "l0", 2, decoder_inputs=None)
-    trt = data.decoder_calibration_feeds(encoder, "l0", 2, decoder_inputs=["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"])
+    trt = data.decoder_calibration_feeds(
+        encoder, "l0", 2, decoder_inputs=["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"]
+    )
     assert calls == [(1, 3, 512, 512)] * 4
     assert len(sam) == 2 * len(data.DECODER_PROMPT_KINDS)
     assert "orig_im_size" in sam[0] and "orig_im_size" not in trt[0]
@@ -405,7 +407,9 @@ class FakeReporter:
 
 
 def fake_verdict(passed: bool, value: float = 0.9) -> fallback.Verdict:
-    failed = [] if passed else [{"stage": "end_to_end", "kind": "box", "metric": "mask_iou.mean", "value": value, "threshold": 0.97, "op": ">="}]
+    failed = (
+        [] if passed else [{"stage": "end_to_end", "kind": "box", "metric": "mask_iou.mean", "value": value, "threshold": 0.97, "op": ">="}]
+    )
     return fallback.Verdict(passed=passed, failed=failed, worst=failed[0] if failed else None)
 
 

@@ -159,7 +159,9 @@ PROMPTS = {
     "point": lambda h, w: dict(point_coords=[[0.55 * w, 0.4 * h]], point_labels=[1], multimask_output=True),
     "points_neg": lambda h, w: dict(point_coords=[[0.5 * w, 0.5 * h], [0.1 * w, 0.1 * h]], point_labels=[1, 0], multimask_output=True),
     "box": lambda h, w: dict(box=[0.2 * w, 0.15 * h, 0.8 * w, 0.9 * h], multimask_output=False),
-    "box_point": lambda h, w: dict(point_coords=[[0.5 * w, 0.5 * h]], point_labels=[1], box=[0.2 * w, 0.15 * h, 0.8 * w, 0.9 * h], multimask_output=True),
+    "box_point": lambda h, w: dict(
+        point_coords=[[0.5 * w, 0.5 * h]], point_labels=[1], box=[0.2 * w, 0.15 * h, 0.8 * w, 0.9 * h], multimask_output=True
+    ),
     "boxes16": lambda h, w: dict(boxes=sixteen_boxes(h, w), multimask_output=False),
 }
 
@@ -196,7 +198,9 @@ def test_mask_refinement_matches_pytorch(predictor, torch_model):
     previous = first.best_low_res()
     assert previous.shape == (1, 256, 256)
     got = predictor.predict(point_coords=[[300, 200], [320, 180]], point_labels=[1, 1], mask_input=previous, multimask_output=False)
-    want_masks, want_iou, _ = torch_masks(torch_model, torch_embeddings(torch_model, image), [[300, 200], [320, 180]], [1, 1], mask_input=previous, multimask=False)
+    want_masks, want_iou, _ = torch_masks(
+        torch_model, torch_embeddings(torch_model, image), [[300, 200], [320, 180]], [1, 1], mask_input=previous, multimask=False
+    )
     np.testing.assert_allclose(got.scores, want_iou, atol=1e-4)
     assert mask_iou(got.masks[0, 0], want_masks[0, 0]) >= MIN_IOU
 

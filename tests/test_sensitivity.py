@@ -44,7 +44,9 @@ def test_all_alone_is_only_the_every_node_row_and_unknown_groups_are_refused(qua
     rows, skipped = sensitivity.group_selection(quantizable, ["all"])
     assert list(rows) == ["all"] and not skipped
     rows, skipped = sensitivity.group_selection(quantizable, ["decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head", "neck"])
-    assert list(rows) == ["neck"] and skipped == ["decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head"]  # decoder groups name no encoder node
+    assert list(rows) == ["neck"] and skipped == [
+        "decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head"
+    ]  # decoder groups name no encoder node
     with pytest.raises(UsageError, match="unknown group 'nek'"):
         sensitivity.group_selection(quantizable, ["nek"])
 
@@ -98,8 +100,13 @@ def test_sensitivity_errors_are_one_line_with_exit_codes(l0_export, tmp_path):
     proc = cli(l0_export, "--groups", "nek", "--report", tmp_path / "never.json")
     assert proc.returncode == 2 and "unknown group 'nek'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "never.json").exists()
-    proc = cli(l0_export, "--groups", "decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head", "--report", tmp_path / "never.json")
-    assert proc.returncode == 2 and "no quantizable Conv node in decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head" in proc.stderr
+    proc = cli(
+        l0_export, "--groups", "decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head", "--report", tmp_path / "never.json"
+    )
+    assert (
+        proc.returncode == 2
+        and "no quantizable Conv node in decoder-output-upscaling+decoder-hypernetworks+decoder-iou-head" in proc.stderr
+    )
     assert not (tmp_path / "never.json").exists()
     proc = cli(tmp_path)
     assert proc.returncode == 6 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,7 +26,6 @@ from evsam_export.runners import runner_for_artifact
 from evsam_export.runners.base import Runner
 
 
-
 @pytest.fixture()
 def l0_copy(copy_export) -> Path:
     return copy_export("validate")

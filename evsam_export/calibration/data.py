@@ -16,16 +16,16 @@ hashes the feeds for the manifest and for cache keys.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from evsam_export.calibration.images import ValidationImage, prompts_for, sample_image, synthetic_scene
 from evsam_export import contract
+from evsam_export.calibration.images import ValidationImage, prompts_for, sample_image, synthetic_scene
 from evsam_export.errors import RuntimeUnavailable
 from evsam_export.model import processing
-from evsam_export.model.variants import LOW_RES_MASK_SIZE, Variant, get_variant
+from evsam_export.model.variants import Variant, get_variant
 
 # Offline scikit-image photos used for calibration (docs/design.md "Offline sample photos"), in the order they are taken: varied
 # content (microscopy, coins, astronomy, objects, texture, a logo with alpha) and aspect ratios. Every photo a

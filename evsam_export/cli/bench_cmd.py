@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli.root import app
 from evsam_export.cli.common import DebugOption, run_guarded
+from evsam_export.cli.root import app
 
 
 @app.command("bench")

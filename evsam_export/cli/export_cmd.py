@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli.root import app
 from evsam_export.cli.common import CheckpointOption, DebugOption, command_line, run_guarded
+from evsam_export.cli.root import app
 from evsam_export.model.variants import VARIANT_NAMES
 
 VariantChoice = Enum("VariantChoice", {name: name for name in VARIANT_NAMES}, type=str)
@@ -33,9 +33,7 @@ def export_command(
     checkpoint: CheckpointOption = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch", help="Encoder batch axis.")] = True,
-    dynamic_prompts: Annotated[
-        bool, typer.Option("--dynamic-prompts/--static-prompts", help="Decoder prompt-set and point axes.")
-    ] = True,
+    dynamic_prompts: Annotated[bool, typer.Option("--dynamic-prompts/--static-prompts", help="Decoder prompt-set and point axes.")] = True,
     decoder_profile: Annotated[
         DecoderProfile,
         typer.Option(help="sam: SAM's ONNX contract with orig_im_size and upscaled masks; tensorrt: no orig_im_size, low-res masks."),
@@ -46,7 +44,8 @@ def export_command(
     simplify: Annotated[Simplifier, typer.Option(help="Graph simplifier.")] = Simplifier.auto,
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip graph simplification.")] = False,
     no_graph_passes: Annotated[
-        bool, typer.Option("--no-graph-passes", help="Skip the portable graph passes (bicubic Resize as MatMul; see `evsam-export targets`).")
+        bool,
+        typer.Option("--no-graph-passes", help="Skip the portable graph passes (bicubic Resize as MatMul; see `evsam-export targets`)."),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     debug: DebugOption = False,

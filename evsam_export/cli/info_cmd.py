@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli.root import app
 from evsam_export.cli.common import DebugOption, run_guarded
+from evsam_export.cli.root import app
 
 
 @app.command("targets")
@@ -57,7 +57,9 @@ def doctor_command(
         flags = set(env["cpu_flags"])
         notes = []
         if not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags):
-            notes.append("no VNNI: INT8 runs without dot-product instructions (smaller speed-up, possible saturation; NNCF overflow_fix matters)")
+            notes.append(
+                "no VNNI: INT8 runs without dot-product instructions (smaller speed-up, possible saturation; NNCF overflow_fix matters)"
+            )
         if {"avx512_bf16", "amx_bf16"} & flags:
             notes.append("bf16-capable CPU: OpenVINO would silently run bf16 without a precision hint (evsam-export always sets one)")
         data = {
@@ -65,7 +67,9 @@ def doctor_command(
             "gpus": gpus,
             "gpu_note": gpu_reason,
             "runtimes": {k: {"available": v.available, "version": v.version, "reason": v.reason} for k, v in availability.items()},
-            "targets": {t.name: {"needs": t.runtime, "device": t.device, "ready": availability[t.runtime].available} for t in TARGETS.values()},
+            "targets": {
+                t.name: {"needs": t.runtime, "device": t.device, "ready": availability[t.runtime].available} for t in TARGETS.values()
+            },
             "notes": notes,
         }
         if json_output:

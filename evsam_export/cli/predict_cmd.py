@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli.root import app
 from evsam_export.cli.common import DebugOption, run_guarded
+from evsam_export.cli.root import app
 
 # Tints for the per-prompt masks and boxes in the overlay (RGB).
 PALETTE = (
@@ -148,15 +148,24 @@ def save_mask(mask, path: Path) -> None:
 @app.command("predict")
 def predict_command(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Artifact folder (with manifest.json).", show_default=False)],
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file (PNG, JPEG, ...; RGB, grayscale, RGBA or palette).", show_default=False)],
+    image: Annotated[
+        Path, typer.Argument(metavar="IMAGE", help="Image file (PNG, JPEG, ...; RGB, grayscale, RGBA or palette).", show_default=False)
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="MASK.png", help="Mask PNG to write (MASK.png).", show_default=False)],
     point: Annotated[
         list[str] | None,
-        typer.Option("--point", "-p", metavar="X,Y[,LABEL]", help="A point in pixels; LABEL 1 foreground (default), 0 background. Repeatable."),
+        typer.Option(
+            "--point", "-p", metavar="X,Y[,LABEL]", help="A point in pixels; LABEL 1 foreground (default), 0 background. Repeatable."
+        ),
     ] = None,
     box: Annotated[
         list[str] | None,
-        typer.Option("--box", "-b", metavar="X0,Y0,X1,Y1", help="A box in pixels (top-left, bottom-right). Repeatable: one prompt set and mask per box."),
+        typer.Option(
+            "--box",
+            "-b",
+            metavar="X0,Y0,X1,Y1",
+            help="A box in pixels (top-left, bottom-right). Repeatable: one prompt set and mask per box.",
+        ),
     ] = None,
     multimask: Annotated[bool, typer.Option("--multimask", help="Score 3 candidates per prompt set and keep the best.")] = False,
     encoder: Annotated[str | None, typer.Option("--encoder", metavar="ID", help="Encoder artifact id, e.g. encoder.ort.int8.")] = None,

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli.root import app
 from evsam_export.cli.common import CheckpointOption, DebugOption, command_line, run_guarded
 from evsam_export.cli.export_cmd import VariantChoice
+from evsam_export.cli.root import app
 
 
 @app.command("run")

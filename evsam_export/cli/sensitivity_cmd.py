@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from evsam_export.cli import app
 from evsam_export.cli.common import DebugOption, run_guarded
+from evsam_export.cli.root import app
 
 
 class CalibrateMethod(str, Enum):
@@ -21,12 +21,21 @@ class CalibrateMethod(str, Enum):
 @app.command("sensitivity")
 def sensitivity_command(
     folder: Annotated[Path, typer.Argument(help="Artifact folder with encoder.onnx.fp32 (a cpu-ort-int8 output lends its INT8 settings).")],
-    groups: Annotated[str, typer.Option(help="Comma list of fallback groups, 'ungrouped' or 'all' (default: every encoder "
-                                             "group, ungrouped and all; 'all' alone: only the every-node row).")] = "",
-    calibrate_method: Annotated[CalibrateMethod | None, typer.Option(help="Override the activation ranges (a new calibration, then cached).")] = None,
+    groups: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of fallback groups, 'ungrouped' or 'all' (default: every encoder "
+            "group, ungrouped and all; 'all' alone: only the every-node row)."
+        ),
+    ] = "",
+    calibrate_method: Annotated[
+        CalibrateMethod | None, typer.Option(help="Override the activation ranges (a new calibration, then cached).")
+    ] = None,
     percentile: Annotated[float | None, typer.Option(help="Override the percentile of percentile ranges.")] = None,
     calibration_images: Annotated[int | None, typer.Option(help="Override the number of calibration images.")] = None,
-    suite: Annotated[str, typer.Option("--suite", "-s", help="Parity suite whose images are measured (name or .toml path).")] = "calibration-gate",
+    suite: Annotated[
+        str, typer.Option("--suite", "-s", help="Parity suite whose images are measured (name or .toml path).")
+    ] = "calibration-gate",
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads.")] = 2,
     report: Annotated[Path | None, typer.Option(help="JSON report path (default DIR/sensitivity.json).")] = None,
     debug: DebugOption = False,

@@ -18,8 +18,8 @@ in the ONNX Runtime targets.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -286,7 +286,9 @@ def rewrite_tanh_gelu(graph) -> int:
         if fold_into_convs:
             for conv in y.outputs:
                 weight = conv.inputs[1]
-                conv.inputs[1] = gs.Constant(f"{weight.name}/gelu_half_unfolded", (np.asarray(weight.values) * 2).astype(weight.values.dtype))
+                conv.inputs[1] = gs.Constant(
+                    f"{weight.name}/gelu_half_unfolded", (np.asarray(weight.values) * 2).astype(weight.values.dtype)
+                )
         elif not halved:
             graph.nodes.append(gs.Node("Mul", f"{scope}/FastGelu_times_2",
                                        inputs=[gelu, gs.Constant(f"{scope}/two", np.array(2.0, np.float32))], outputs=[y]))

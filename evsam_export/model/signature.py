@@ -11,7 +11,7 @@ import functools
 from evsam_export.model.variants import VARIANTS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def variant_signature(name: str) -> dict[str, tuple[int, ...]]:
     """key -> shape of the variant's state dict, built on the meta device (no memory, no compute)."""
     import torch

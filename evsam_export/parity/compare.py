@@ -13,10 +13,10 @@ Plus a NaN/Inf gate on every output. `open_runners` makes and loads the runners 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -151,8 +151,16 @@ def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_
         if "masks" in out:  # sam profile: the in-graph upscaling must equal the shared host post-processing
             host = test_full
             bucket["inmask"].append(float(metrics.mask_iou(processing.binarize(host), processing.binarize(out["masks"])).min()))
-        worst.append({"case": case, "iou": float(iou.min()), "token": tokens[int(np.argmin(iou.min(axis=0)))] if iou.ndim > 1 else tokens[0],
-                      "prompt_set": int(np.argmin(iou.min(axis=1))) if iou.ndim > 1 else 0, "test_low": test_low, "ref_low": ref_low})
+        worst.append(
+            {
+                "case": case,
+                "iou": float(iou.min()),
+                "token": tokens[int(np.argmin(iou.min(axis=0)))] if iou.ndim > 1 else tokens[0],
+                "prompt_set": int(np.argmin(iou.min(axis=1))) if iou.ndim > 1 else 0,
+                "test_low": test_low,
+                "ref_low": ref_low,
+            }
+        )
     for kind, bucket in by_kind.items():
         summary = metrics.summarize(np.concatenate(bucket["iou"]) if bucket["iou"] else [])
         entry = {"mask_iou": summary.as_dict(), "nonfinite": bucket["nonfinite"]}

@@ -36,7 +36,7 @@ def _iou_last_two_axes(a: np.ndarray, b: np.ndarray, valid: np.ndarray | None = 
         a, b = a & valid, b & valid
     intersection = np.count_nonzero(a & b, axis=(-2, -1))
     union = np.count_nonzero(a | b, axis=(-2, -1))
-    # IoU(empty, empty) = 1 (RUNTIMES.md §6.2): two runtimes agreeing on "no mask" agree perfectly.
+    # IoU(empty, empty) = 1 (docs/design.md "IoU of two empty masks"): two runtimes agreeing on "no mask" agree perfectly.
     safe_union = np.maximum(union, 1)
     return np.where(union == 0, 1.0, intersection / safe_union).astype(np.float64)
 
@@ -145,7 +145,7 @@ class Summary:
 def summarize(values) -> Summary:
     """Mean, min, 5th percentile (numpy's linear interpolation), median, max and count of `values`
     (any shape, flattened). The 5th percentile is what fp16/int8 gates use: one 30-pixel mask can lose
-    0.2 IoU from three boundary pixels, so the minimum alone is too noisy (RUNTIMES.md §6.2)."""
+    0.2 IoU from three boundary pixels, so the minimum alone is too noisy (docs/design.md "Percentile, not minimum")."""
     flat = _as_float64(values).ravel()
     if flat.size == 0:
         nan = math.nan

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evsam_export import contract
 from evsam_export.calibration.images import PromptSet, ValidationImage, load_image_spec, prompts_for
 from evsam_export.errors import ArtifactError, CheckpointError
 from evsam_export.manifest import Manifest
@@ -84,11 +85,13 @@ class Reference:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "Reference":
+    def load(cls, path: Path) -> Reference:
         try:
             data = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read reference file {path} ({type(exc).__name__})", hint="re-create it with --save-reference") from exc
+            raise ArtifactError(
+                f"cannot read reference file {path} ({type(exc).__name__})", hint="re-create it with --save-reference"
+            ) from exc
         if "__format__" not in data or str(data["__format__"]) != REFERENCE_FORMAT:
             raise ArtifactError(f"{path} is not an evsam-export parity reference", hint="create it with --save-reference")
         ref = cls(weights_sha256=str(data["__weights__"]), source=f"file {path}")
@@ -135,16 +138,16 @@ def build_cases(suite: Suite, encoder_size: int) -> CaseSet:
 
 
 def decoder_feeds(case: Case, embeddings: np.ndarray, artifact_inputs) -> dict[str, np.ndarray]:
-    feeds = {
-        "image_embeddings": embeddings,
-        "point_coords": case.point_coords,
-        "point_labels": case.point_labels,
-        "mask_input": case.mask_input,
-        "has_mask_input": case.has_mask_input,
-        "orig_im_size": np.array(case.geometry.original_size, dtype=np.float32),
-    }
-    names = {spec.name for spec in artifact_inputs}
-    return {name: value for name, value in feeds.items() if name in names}
+    """The contract's decoder feeds for `case`, for the graph whose inputs are `artifact_inputs`."""
+    return contract.decoder_feeds(
+        artifact_inputs,
+        image_embeddings=embeddings,
+        point_coords=case.point_coords,
+        point_labels=case.point_labels,
+        mask_input=case.mask_input,
+        has_mask_input=case.has_mask_input,
+        original_size=case.geometry.original_size,
+    )
 
 
 def selected_token(iou: np.ndarray, multimask: bool) -> np.ndarray:

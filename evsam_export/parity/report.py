@@ -95,7 +95,13 @@ def report_markdown(report: ParityReport) -> str:
     if report.failed_gates:
         lines += ["", "## Failing gates", ""]
         lines += [f"- {g.line()}" for g in report.failed_gates]
-    lines += ["", "## Per prompt kind", "", "| artifact | stage | kind | mask IoU mean | p5 | min | stable IoU | logit max abs |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per prompt kind",
+        "",
+        "| artifact | stage | kind | mask IoU mean | p5 | min | stable IoU | logit max abs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in report.stages:
         if s.stage == "encoder":
             continue
@@ -164,7 +170,11 @@ def write_overlays(report: ParityReport, folder: Path) -> list[Path]:
 
 def write_reports(report: ParityReport, folder: Path, junit_path: Path | None = None, overlays: bool = True) -> dict[str, Path]:
     folder = Path(folder)
-    paths = {"json": folder / "parity.json", "markdown": folder / "parity.md", "junit": Path(junit_path) if junit_path else folder / "junit.xml"}
+    paths = {
+        "json": folder / "parity.json",
+        "markdown": folder / "parity.md",
+        "junit": Path(junit_path) if junit_path else folder / "junit.xml",
+    }
     _write_atomic(paths["json"], json.dumps(report_json(report), indent=2) + "\n")
     _write_atomic(paths["markdown"], report_markdown(report))
     paths["junit"].parent.mkdir(parents=True, exist_ok=True)

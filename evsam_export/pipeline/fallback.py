@@ -9,7 +9,7 @@ module decides nothing about graphs; it only orders rounds, gates, and records e
 
     artifact = build_with_fallback(ctx, parent, build_round, max_rounds=4, groups=INT8_GROUPS, nodes=graph_nodes(path))
 
-Verdicts never go silent (ARCHITECTURE.md: a missed goal must not exit 0): when nothing passes, the last
+Verdicts never go silent (docs/design.md "A missed goal never exits 0"): when nothing passes, the last
 candidate comes back with `facts["gate_passed"] = False` and a one-line `facts["gate_note"]`, for the
 caller to report and fail on. A candidate counts as passing only when *its own* stages exist and all
 pass; the fp32 artifacts the gate validates alongside it are reported separately, and an artifact no
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from evsam_export.manifest import Artifact
 from evsam_export.pipeline.step import StepContext, artifact_id

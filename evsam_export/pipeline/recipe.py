@@ -180,10 +180,11 @@ class _ValidateSection:
     suite: str = "default"
 
 
-def _settings_object(settings_cls, values: dict, precision: str):
-    """The step's Settings as the runner builds it: a step with a `precision` field is told which one."""
+def build_settings(settings_cls, values: dict, precision: str | None):
+    """A step's Settings as the runner builds it: a step with a `precision` field is told which one."""
     names = {f.name for f in dataclasses.fields(settings_cls)}
-    return settings_cls(**values, **({"precision": precision} if "precision" in names else {}))
+    told = {"precision": precision} if "precision" in names and precision is not None else {}
+    return settings_cls(**{**values, **told})
 
 
 def _build_step_settings(target, target_settings: dict, tables: dict, used: set, source: str) -> None:
@@ -203,7 +204,7 @@ def _build_step_settings(target, target_settings: dict, tables: dict, used: set,
             builds.append((target_cls, dict(target_settings, **tables[precision]), precision))
     for settings_cls, values, precision in builds:
         try:
-            _settings_object(settings_cls, values, precision)
+            build_settings(settings_cls, values, precision)
         except SettingValueError as error:
             from_target = settings_cls is target_cls and error.field not in tables.get(precision, {})
             where = "target" if from_target else f"precision.{precision}"

@@ -10,11 +10,8 @@ result).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +19,10 @@ from pathlib import Path
 from evsam_export import __version__
 from evsam_export.errors import EvsamError
 from evsam_export.manifest import Artifact, Manifest, environment, package_versions
-from evsam_export.progress import Reporter
 from evsam_export.pipeline.cache import StepCache, module_code_hash, step_key
-from evsam_export.pipeline.recipe import Recipe
 from evsam_export.pipeline.fallback import summary_outcome
+from evsam_export.pipeline.recipe import Recipe, build_settings
+from evsam_export.progress import Reporter
 from evsam_export.targets.registry import get_target
 
 KEY_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "onnx_graphsurgeon", "openvino", "nncf", "tensorrt", "numpy")
@@ -61,15 +58,6 @@ def plan_steps(recipe: Recipe) -> list[Step]:
     if recipe.validate:
         steps.append(Step("validate", "evsam_export.parity.validate", settings={"suite": recipe.suite}))
     return steps
-
-
-def _settings_object(module_name: str, settings: dict, precision: str | None):
-    cls = importlib.import_module(module_name).Settings
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = dict(settings)
-    if "precision" in names and precision is not None:
-        values["precision"] = precision
-    return cls(**values)
 
 
 def _suite_hash(suite: str) -> str:
@@ -139,7 +127,11 @@ def run_recipe(
     manifest = Manifest(
         variant=variant.name,
         encoder_size=variant.encoder_size,
-        weights={"spec": checkpoint or "synthetic:0", "sha256": weights_sha, "synthetic_seed": parse_synthetic(checkpoint or "synthetic:0")},
+        weights={
+            "spec": checkpoint or "synthetic:0",
+            "sha256": weights_sha,
+            "synthetic_seed": parse_synthetic(checkpoint or "synthetic:0"),
+        },
         model=model_contract(variant, options),
         environment=environment(),
         command=command,
@@ -227,7 +219,7 @@ def _run_step(step: Step, ctx, parent, variant, checkpoint, options, load_model,
         model, _weights = load_model(variant, checkpoint)
         return export_components(model, variant, ctx.folder, options, ctx.reporter)
     module = importlib.import_module(step.module)
-    settings = _settings_object(step.module, step.settings, step.precision)
+    settings = build_settings(importlib.import_module(step.module).Settings, step.settings, step.precision)
     return list(module.build(ctx, parent, settings))
 
 

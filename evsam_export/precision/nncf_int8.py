@@ -11,9 +11,9 @@ and records each round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from evsam_export.errors import ExportError, RecipeError, RuntimeUnavailable
 from evsam_export.export import regions
@@ -279,7 +279,9 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
         scope = round_scope(settings, kept, nodes, parent.component, base)
         with ctx.reporter.step(f"{parent.component}: NNCF INT8 (fp32 groups: {', '.join(scope.groups) or 'base scope'})"), quiet_nncf():
-            quantized = nncf.quantize(model.clone(), dataset, ignored_scope=scope.nncf(), **quantize_kwargs(settings, overflow_fix, len(feeds)))
+            quantized = nncf.quantize(
+                model.clone(), dataset, ignored_scope=scope.nncf(), **quantize_kwargs(settings, overflow_fix, len(feeds))
+            )
         artifact = write_ir(ctx, parent, quantized, settings, started, {**common, "ignored_scope": scope.to_json(nodes)})
         require_int8(artifact)
         return artifact

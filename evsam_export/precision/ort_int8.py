@@ -369,7 +369,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             kept_nodes = sorted({n for g in kept for n in g.select(quantizable)})
             exclude = sorted(set(excluded) | set(kept_nodes))
             first = not cache.exists()
-            step = f"{parent.component}: quantize_static" + (f" + {settings.calibrate_method} calibration ({passes_note})" if first else " (cached ranges)")
+            step = f"{parent.component}: quantize_static" + (
+                f" + {settings.calibrate_method} calibration ({passes_note})" if first else " (cached ranges)"
+            )
             # ORT's histogram calibrators print progress with print(); our reporter says the same in one line.
             with ctx.reporter.step(step), contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(

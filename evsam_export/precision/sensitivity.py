@@ -22,9 +22,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from evsam_export.errors import RecipeError, UsageError
 from evsam_export.pipeline.fallback import GATE_SUITE

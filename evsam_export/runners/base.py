@@ -36,7 +36,7 @@ class Runner(ABC):
         self.loaded = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def load(self) -> "Runner":
+    def load(self) -> Runner:
         if not self.loaded:
             self._load()
             self.loaded = True
@@ -47,7 +47,7 @@ class Runner(ABC):
             self._close()
             self.loaded = False
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self.load()
 
     def __exit__(self, *exc) -> None:
@@ -73,7 +73,7 @@ class Runner(ABC):
     @abstractmethod
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # noqa: B027 - optional hook: most runtimes free everything on garbage collection
         pass
 
 

@@ -45,8 +45,8 @@ class TorchRunner(Runner):
 
 def torch_reference_runners(model, variant, decoder_profile: str = "sam", single_mask: bool = False):
     """(encoder runner, decoder runner) for the PyTorch model, with the same IO specs as the export."""
-    from evsam_export.model.sam import DecoderGraph, EncoderGraph
     from evsam_export.contract import decoder_spec, encoder_spec
+    from evsam_export.model.sam import DecoderGraph, EncoderGraph
 
     encoder = TorchRunner(EncoderGraph(model), encoder_spec(variant), "torch:encoder")
     decoder = TorchRunner(

@@ -14,9 +14,9 @@ decoder profiles. Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or Te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -348,7 +348,10 @@ class Predictor:
         out = self.encoder.infer(contract.encoder_feeds(self.encoder_spec, input_image))[contract.IMAGE_EMBEDDINGS]
         embeddings = np.ascontiguousarray(out[:1], dtype=np.float32)
         if embeddings.shape != contract.EMBEDDINGS_SHAPE:
-            raise ArtifactError(f"{self.encoder_artifact.id}: embeddings of shape {list(out.shape)}, expected [1,{EMBEDDING_DIM},{EMBEDDING_SIZE},{EMBEDDING_SIZE}]")
+            raise ArtifactError(
+                f"{self.encoder_artifact.id}: embeddings of shape {list(out.shape)}, "
+                f"expected [1,{EMBEDDING_DIM},{EMBEDDING_SIZE},{EMBEDDING_SIZE}]"
+            )
         self.image_embeddings = embeddings
         self.geometry = geometry
 
@@ -435,7 +438,7 @@ class Predictor:
             if runner is not None:
                 runner.close()
 
-    def __enter__(self) -> "Predictor":
+    def __enter__(self) -> Predictor:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -134,7 +134,11 @@ def write_ir(ctx: StepContext, parent: Artifact, model, settings: Settings, star
         "fake_quantize": histogram.get("FakeQuantize", 0),
         "compile_config": runner.compile_config(),  # what runners/openvino_runner.py compiles with (no threads)
         "compiled_inference_precision": actual,  # what the build machine's CPU plugin reported for it
-        "weights_storage": "fp16" if settings.precision == "fp16" else "fp32 (int8 where quantized)" if settings.precision == "int8" else "fp32",
+        "weights_storage": "fp16"
+        if settings.precision == "fp16"
+        else "fp32 (int8 where quantized)"
+        if settings.precision == "int8"
+        else "fp32",
         "static_batch": bool(settings.static_batch and parent.component == "encoder"),
         "openvino_version": ov.get_version(),
         **facts,
