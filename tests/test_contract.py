@@ -141,7 +141,7 @@ def test_exported_decoder_runs_on_contract_feeds(l0_export):
 
 
 def test_parity_and_fp16_smoke_feeds_are_the_contracts(l0_export):
-    from evsam_export.parity.validate import Case, decoder_feeds
+    from evsam_export.parity.reference import Case, decoder_feeds
     from evsam_export.precision.fp16 import smoke_feeds
 
     manifest = read_manifest(l0_export)
