@@ -185,6 +185,35 @@ def test_an_unwritable_cache_is_one_line_and_exit_4_from_the_cli(tmp_path):
     assert time.perf_counter() - started < 60  # nothing was exported
 
 
+def test_a_full_cache_is_one_line_and_leaves_no_partial_entry(tmp_path, monkeypatch):
+    import errno
+
+    from evsam_export.pipeline import cache as cache_module
+
+    files = make_step_output(tmp_path / "built")
+
+    def copy_until_full(source, target):
+        if source.name == "weights.bin":  # the second file: the first is already in the entry's scratch
+            raise OSError(errno.ENOSPC, "No space left on device")
+        cache_module.shutil.copyfile(source, target)
+
+    monkeypatch.setattr(cache_module, "copy_independent", copy_until_full)
+    cache = StepCache(tmp_path / "cache")
+    with pytest.raises(OutputError) as info:
+        cache.store(KEY, tmp_path / "built", files, {"step": "export", "artifacts": []})
+    assert str(cache.root) in info.value.one_line() and "free space" in info.value.one_line() and info.value.exit_code == 4
+    assert list(cache.root.iterdir()) == []
+
+    import io
+
+    from evsam_export.pipeline.runner import _store
+    from evsam_export.progress import Reporter
+
+    lines = io.StringIO()  # in a run, the finished step is kept and the lost reuse is a warning line
+    _store(cache, Reporter(interactive=False, stream=lines), KEY, tmp_path / "built", files, {"step": "export", "artifacts": []})
+    assert lines.getvalue().startswith("warning: could not store a step in the cache ") and lines.getvalue().count("\n") == 1
+
+
 def test_no_cache_neither_reads_nor_writes(tmp_path, monkeypatch):
     cache, files = stored(tmp_path)
     disabled = StepCache(cache.root, enabled=False)

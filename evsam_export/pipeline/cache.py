@@ -290,7 +290,8 @@ class StepCache:
     def store(self, key: str, folder: Path, files: list[str], payload: dict) -> None:
         """Copy `files` (relative to `folder`) into a new entry and place it atomically.
 
-        An entry that another process placed meanwhile is success when it verifies; a bad one is replaced."""
+        An entry that another process placed meanwhile is success when it verifies; a bad one is replaced.
+        A full or read-only cache raises OutputError, with nothing of the entry left behind."""
         if not self.enabled:
             return
         self.root.mkdir(parents=True, exist_ok=True)
@@ -308,6 +309,11 @@ class StepCache:
             (scratch / "entry.json").chmod(0o444)
             scratch.chmod(0o755)  # mkdtemp makes it 0700
             self._place(scratch, self.root / key)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise OutputError(f"could not store a step in the cache {self.root}: {exc.strerror}",
+                              hint="free space there, set EVSAM_CACHE_DIR elsewhere, or pass --no-cache") from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # gone already when it was placed
 

@@ -164,8 +164,8 @@ def run_recipe(
                 except EvsamError:
                     step.status = "failed"
                     raise
-                cache.store(step.key, staging, [f for a in artifacts for f in _artifact_files(a)],
-                            {"step": step.name, "artifacts": [a.to_json() for a in artifacts]})
+                _store(cache, reporter, step.key, staging, [f for a in artifacts for f in _artifact_files(a)],
+                       {"step": step.name, "artifacts": [a.to_json() for a in artifacts]})
                 step.status = "built"
             for artifact in artifacts:
                 manifest.add(artifact)
@@ -208,6 +208,17 @@ def _cached_artifacts(step: Step, entry: dict | None) -> list[Artifact] | None:
             step.cache_problem = f"{artifact.path}: the artifact record and the file record disagree"
             return None
     return artifacts
+
+
+def _store(cache: StepCache, reporter, key: str, folder: Path, files: list[str], payload: dict) -> None:
+    """Store a step's result; a cache that filled up (or turned read-only) mid-run costs the reuse, not the
+    finished work, so it is a warning line instead of an error."""
+    from evsam_export.errors import OutputError
+
+    try:
+        cache.store(key, folder, files, payload)
+    except OutputError as exc:
+        reporter.line(f"warning: {exc.one_line()}")
 
 
 def _step_line(step: Step) -> str:
@@ -270,7 +281,7 @@ def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_has
     write_reports(report, staging)
     files = ["parity.json", "parity.md", "junit.xml"] + [p.relative_to(staging).as_posix() for p in (staging / "parity").glob("*.png")]
     if report.passed:  # a failing validation is not cached: it re-runs after the cause is fixed
-        cache.store(step.key, staging, files, {"step": "validate", "passed": True, "failed": []})
+        _store(cache, reporter, step.key, staging, files, {"step": "validate", "passed": True, "failed": []})
     step.status = "built"
     return report
 
