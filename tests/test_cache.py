@@ -314,3 +314,37 @@ def test_cache_clear_removes_every_entry_and_the_scratch_of_dead_processes_only(
     assert "2 entries" in result.output and "removed 2 entries" in result.output and "1 temporary folders" in result.output
     assert [p.name for p in cache.root.iterdir()] == [f".{keys[0]}.tmp-{live_pid}-abc"]  # another process may still write it
     assert read_entry(cache.root / keys[0]) == (None, "entry.json is missing")
+
+
+def test_an_entry_whose_artifact_records_disagree_with_its_files_is_dropped_and_rebuilt(tmp_path):
+    """Sound files but an edited artifact record (its sha256 no longer the file's): the runner refuses the
+    entry and drops it with the copies it restored, since a later store would keep an entry whose files verify."""
+    from evsam_export.pipeline.runner import Step, _cached_artifacts
+
+    cache, files = stored(tmp_path)
+    _rewrite_entry(cache.root / KEY, lambda d: d.update(artifacts=[{"id": "encoder.onnx.fp32", "path": "model.onnx"}]))
+    step = Step("export", "evsam_export.api", key=KEY)
+    entry, problem = cache.restore(KEY, tmp_path / "out")
+    assert problem is None and _cached_artifacts(step, entry) is None and step.cache_problem == "entry.json has malformed artifact records"
+
+    good = json.loads((cache.root / KEY / "entry.json").read_text())
+    artifact = {"id": "encoder.onnx.fp32", "component": "encoder", "target": "onnx", "precision": "fp32", "path": "model.onnx",
+                "sha256": "0" * 64, "size_bytes": 3, "inputs": [], "outputs": []}
+    assert _cached_artifacts(step, {**good, "artifacts": [artifact]}) is None and "disagree" in step.cache_problem
+    artifact["sha256"] = good["files"]["model.onnx"]["sha256"]
+    assert [a.id for a in _cached_artifacts(step, {**good, "artifacts": [artifact]})] == ["encoder.onnx.fp32"]
+
+    cache.discard(KEY, tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()] and list(cache.root.iterdir()) == []
+    cache.store(KEY, tmp_path / "built", files, {"step": "export", "artifacts": [artifact]})
+    assert cache.restore(KEY, tmp_path / "again")[0]["artifacts"] == [artifact]
+
+
+def test_a_run_sweeps_the_temporary_folders_of_dead_processes_when_it_starts(tmp_path):
+    cache, _files = stored(tmp_path)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = cache.root / f".{KEY}.tmp-{int(finished.stdout)}-abc", cache.root / f".{KEY}.gone-{os.getppid()}-abc"
+    dead.mkdir()
+    live.mkdir()
+    cache.check_writable()  # what run_recipe calls before any model work
+    assert not dead.exists() and live.exists() and verify_entry(cache.root / KEY)[1] is None

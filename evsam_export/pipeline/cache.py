@@ -331,6 +331,14 @@ class StepCache:
                 return  # the same step stored meanwhile (or earlier) by another process
             self._discard(final)  # a bad entry: moved aside atomically, then replaced by ours
 
+    def discard(self, key: str, folder: Path | None = None) -> None:
+        """Drop an entry its user found wrong beyond its file records, and the copies restored into `folder`."""
+        entry, _problem = read_entry(self.root / key)
+        if folder is not None and entry is not None:
+            for name in entry["files"]:
+                (folder / name).unlink(missing_ok=True)
+        self._discard(self.root / key)
+
     def _discard(self, path: Path) -> int:
         """Remove an entry without a half-deleted state being visible under its key; returns its bytes."""
         grave = self.root / f".{path.name}.gone-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -155,6 +155,8 @@ def run_recipe(
             step.key = key_for(step, parent.sha256 if parent else None)
             entry, step.cache_problem = cache.restore(step.key, staging)
             artifacts = _cached_artifacts(step, entry)
+            if artifacts is None and entry is not None:
+                cache.discard(step.key, staging)  # its files verified, so a store would keep it: drop it first
             if artifacts is not None:
                 step.status = "reused"
             else:
@@ -271,10 +273,13 @@ def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_has
     manifest.write(staging)
     step.key = validate_key(staging, manifest, suite_hash, versions)
     entry, step.cache_problem = cache.restore(step.key, staging)
-    if entry is not None:
+    if entry is not None and entry.get("passed") is True:
         step.status = "reused"
         step.outputs = []
-        return _CachedReport(entry["passed"], entry.get("failed", []))
+        return _CachedReport(True, [])
+    if entry is not None:  # only passes are stored, so anything else was edited
+        step.cache_problem = "entry.json has no passing verdict"
+        cache.discard(step.key, staging)
     if step.cache_problem:
         reporter.line(_step_line(step))
     report = validate_folder(staging, load_suite(step.settings["suite"]), reporter=reporter, threads=ctx.threads)
@@ -291,11 +296,11 @@ def validate_key(folder: Path, manifest: Manifest, suite_hash: str, versions: di
     manifest records), and every artifact's IO contract, which the feeds are built from."""
     from evsam_export.pipeline.cache import file_sha256
 
-    files = {name: file_sha256(folder / name) for artifact in manifest.artifacts for name in _artifact_files(artifact)}
+    files = {name: file_sha256(folder / name) if (folder / name).is_file() else None  # a missing file fails the validation itself
+             for artifact in manifest.artifacts for name in _artifact_files(artifact)}
     return step_key({"step": "validate", "code": module_code_hash("evsam_export.parity.validate"), "suite": suite_hash,
                      "artifacts": sorted((a.id, a.path, a.to_json()["inputs"], a.to_json()["outputs"]) for a in manifest.artifacts),
-                     "files": files,
-                     "tool": __version__, "versions": versions})
+                     "files": files, "tool": __version__, "versions": versions})
 
 
 @dataclass
