@@ -183,6 +183,7 @@ def test_summary_line_warns_when_an_artifacts_build_gate_never_passed(tmp_path):
     artifact["facts"].update(gate_passed=False, fallback=[
         {"round": 0, "kept_fp32_groups": [], "worst_gate": "end_to_end points_neg mask_iou.mean 0.9689 < 0.97"},
         {"round": 1, "kept_fp32_groups": ["encoder-neck"], "worst_gate": "end_to_end points_neg mask_iou.mean 0.9691 < 0.97"}])
+    entry_file.chmod(0o644)  # cache files are read-only
     entry_file.write_text(json.dumps(entry))
     reporter = Reporter(quiet=True)
     run_recipe(recipe, "l0", tmp_path / "b", cache=cache, reporter=reporter)
@@ -197,6 +198,59 @@ def test_cache_stores_a_step_without_files(tmp_path):
     cache = StepCache(tmp_path / "cache")
     cache.store("k" * 64, tmp_path, [], {"step": "ort:encoder", "artifacts": []})
     assert cache.lookup("k" * 64)["artifacts"] == []
+
+
+def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path):
+    """The issue's scenario: run into r1, truncate the largest file under the cache, run into r2. The step is
+    rebuilt (and says so), r2 matches its manifest, r1 is untouched, and the rebuilt entry replaced the bad one."""
+    import io
+
+    from evsam_export.manifest import read_manifest
+    from evsam_export.pipeline.cache import file_sha256, verify_entry
+    from evsam_export.progress import Reporter
+
+    def files_match_their_manifest(folder: Path) -> bool:
+        manifest = read_manifest(folder)
+        return all(file_sha256(folder / a.path) == a.sha256 and (folder / a.path).stat().st_size == a.size_bytes
+                   for a in manifest.artifacts)
+
+    recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
+    cache = StepCache(tmp_path / "cache")
+    first = run_recipe(recipe, "l0", tmp_path / "r1", cache=cache, reporter=Reporter(quiet=True))
+    r1_bytes = {p: p.read_bytes() for p in (tmp_path / "r1").rglob("*") if p.is_file()}
+    assert all(os.stat(p).st_nlink == 1 for p in r1_bytes)
+    largest = max((p for p in cache.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+    damaged_key = largest.relative_to(cache.root).parts[0]
+
+    lines = io.StringIO()
+    reporter = Reporter(interactive=False, stream=lines)
+    second = run_recipe(recipe, "l0", tmp_path / "r2", cache=cache, reporter=reporter)
+    rebuilt = next(s for s in second.steps if s.key == damaged_key)
+    assert rebuilt.status == "built" and largest.name in rebuilt.cache_problem
+    assert f"cache entry {damaged_key[:16]} refused: {largest.name} is" in lines.getvalue()
+    rebuilt_paths = {str(tmp_path / "r2" / second.manifest.artifact(a).path) for a in rebuilt.outputs}
+    assert rebuilt_paths and all("rebuilt: its cache entry was bad" in line.note for line in reporter.summary if line.path in rebuilt_paths)
+    assert files_match_their_manifest(tmp_path / "r2") and files_match_their_manifest(tmp_path / "r1")
+    assert {p: p.read_bytes() for p in (tmp_path / "r1").rglob("*") if p.is_file()} == r1_bytes
+    assert verify_entry(cache.root / damaged_key)[1] is None  # the rebuild replaced the bad entry
+    assert [s.status for s in first.steps] == ["built", "built", "built"]
+
+
+def test_the_validate_key_covers_the_bytes_of_the_files_it_checks(copy_export):
+    """A file changed after its manifest was written changes the key, so a cached pass cannot be replayed."""
+    from evsam_export.manifest import read_manifest
+    from evsam_export.pipeline.runner import validate_key
+
+    folder = copy_export("validate-key")
+    manifest = read_manifest(folder)
+    key = validate_key(folder, manifest, "suite", {})
+    assert validate_key(folder, manifest, "suite", {}) == key
+    target = folder / manifest.artifacts[0].path
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert validate_key(folder, read_manifest(folder), "suite", {}) != key
 
 
 def test_step_code_hash_covers_the_helpers_a_step_imports():

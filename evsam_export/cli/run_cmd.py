@@ -27,7 +27,9 @@ def run_command(
         bool,
         typer.Option("--dry-run", help="Check every step's settings, print the plan (steps, cache reuse), write nothing."),
     ] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild every step (results are still stored).")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Rebuild every step and store nothing: the step cache is neither read nor written.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     threads: Annotated[int | None, typer.Option(help="Runtime threads for calibration and validation.")] = None,
     debug: DebugOption = False,
@@ -44,9 +46,7 @@ def run_command(
         loaded = load_recipe(recipe, overrides or [])
         folder = output or Path("out") / f"{loaded.name}-{variant.value}"
         reporter = Reporter()
-        cache = StepCache()
-        if no_cache:
-            cache.enabled = False
+        cache = StepCache(enabled=not no_cache)
         result = run_recipe(loaded, variant.value, folder, checkpoint, force, dry_run, reporter, cache, command_line(), threads)
         if dry_run:
             typer.echo(f"recipe {loaded.name} ({loaded.path}) for {variant.value} -> {folder} (dry run: nothing written)")

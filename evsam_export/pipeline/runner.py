@@ -40,6 +40,7 @@ class Step:
     status: str = "planned"  # planned | reused | built | failed | skipped
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cache_problem: str | None = None  # why a cached entry was refused and the step rebuilt
 
 
 def plan_steps(recipe: Recipe) -> list[Step]:
@@ -101,6 +102,8 @@ def run_recipe(
     cache = cache or StepCache()
     variant = get_variant(variant_name)
     output = Path(output) if dry_run else check_output_folder(Path(output), force)
+    if not dry_run:
+        cache.check_writable()  # before any model work: an unwritable cache would fail only at the first store
     weights_sha = _weights_sha(variant, checkpoint)
     versions = {name: version for name, version in package_versions(KEY_PACKAGES).items()}
     suite_hash = _suite_hash(recipe.suite)
@@ -150,20 +153,21 @@ def run_recipe(
             parent = manifest.artifact(parent_id) if parent_id else None
             step.parent = parent_id
             step.key = key_for(step, parent.sha256 if parent else None)
-            entry = cache.lookup(step.key)
-            if entry is not None:
-                cache.restore(step.key, entry, staging)
-                artifacts = [Artifact.from_json(a) for a in entry["artifacts"]]
+            entry, step.cache_problem = cache.restore(step.key, staging)
+            artifacts = _cached_artifacts(step, entry)
+            if artifacts is None and entry is not None:
+                cache.discard(step.key, staging)  # its files verified, so a store would keep it: drop it first
+            if artifacts is not None:
                 step.status = "reused"
             else:
                 try:
-                    with reporter.step(f"{step.name}"):
+                    with reporter.step(_step_line(step)):
                         artifacts = _run_step(step, ctx, parent, variant, checkpoint, options, load_model, export_components)
                 except EvsamError:
                     step.status = "failed"
                     raise
-                cache.store(step.key, staging, [f for a in artifacts for f in _artifact_files(a)],
-                            {"step": step.name, "artifacts": [a.to_json() for a in artifacts]})
+                _store(cache, reporter, step.key, staging, [f for a in artifacts for f in _artifact_files(a)],
+                       {"step": step.name, "artifacts": [a.to_json() for a in artifacts]})
                 step.status = "built"
             for artifact in artifacts:
                 manifest.add(artifact)
@@ -182,9 +186,47 @@ def run_recipe(
             status, outcome = summary_outcome(artifact.facts)
             if step.status == "reused" and status == "ok":
                 status = "reused"
+            note = f"{artifact_id} · {outcome}" if outcome else artifact_id
+            if step.cache_problem:
+                note += " · rebuilt: its cache entry was bad"
             reporter.artifact(status, step.seconds, output / artifact.path, size_bytes=artifact.size_bytes,  # incl. .bin
-                              note=f"{artifact_id} · {outcome}" if outcome else artifact_id)
+                              note=note)
     return RunResult(output, steps, manifest, None if report is None else report.passed, report)
+
+
+def _cached_artifacts(step: Step, entry: dict | None) -> list[Artifact] | None:
+    """The artifacts a restored entry records, or None (with the reason on the step) when they do not
+    parse or do not match the file records the restore verified."""
+    if entry is None:
+        return None
+    try:
+        artifacts = [Artifact.from_json(a) for a in entry["artifacts"]]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        step.cache_problem = "entry.json has malformed artifact records"
+        return None
+    for artifact in artifacts:
+        record = entry["files"].get(artifact.path)
+        if record is None or record["sha256"] != artifact.sha256:
+            step.cache_problem = f"{artifact.path}: the artifact record and the file record disagree"
+            return None
+    return artifacts
+
+
+def _store(cache: StepCache, reporter, key: str, folder: Path, files: list[str], payload: dict) -> None:
+    """Store a step's result; a cache that filled up (or turned read-only) mid-run costs the reuse, not the
+    finished work, so it is a warning line instead of an error."""
+    from evsam_export.errors import OutputError
+
+    try:
+        cache.store(key, folder, files, payload)
+    except OutputError as exc:
+        reporter.line(f"warning: {exc.one_line()}")
+
+
+def _step_line(step: Step) -> str:
+    if step.cache_problem:
+        return f"{step.name} (cache entry {step.key[:16]} refused: {step.cache_problem}; rebuilding it)"
+    return step.name
 
 
 def _tensorrt_device() -> dict:
@@ -229,21 +271,36 @@ def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_has
     from evsam_export.parity.validate import validate_folder
 
     manifest.write(staging)
-    step.key = step_key({"step": "validate", "code": module_code_hash("evsam_export.parity.validate"), "suite": suite_hash,
-                         "artifacts": sorted(a.sha256 for a in manifest.artifacts), "tool": __version__, "versions": versions})
-    entry = cache.lookup(step.key)
-    if entry is not None:
-        cache.restore(step.key, entry, staging)
+    step.key = validate_key(staging, manifest, suite_hash, versions)
+    entry, step.cache_problem = cache.restore(step.key, staging)
+    if entry is not None and entry.get("passed") is True:
         step.status = "reused"
         step.outputs = []
-        return _CachedReport(entry["passed"], entry.get("failed", []))
+        return _CachedReport(True, [])
+    if entry is not None:  # only passes are stored, so anything else was edited
+        step.cache_problem = "entry.json has no passing verdict"
+        cache.discard(step.key, staging)
+    if step.cache_problem:
+        reporter.line(_step_line(step))
     report = validate_folder(staging, load_suite(step.settings["suite"]), reporter=reporter, threads=ctx.threads)
     write_reports(report, staging)
     files = ["parity.json", "parity.md", "junit.xml"] + [p.relative_to(staging).as_posix() for p in (staging / "parity").glob("*.png")]
     if report.passed:  # a failing validation is not cached: it re-runs after the cause is fixed
-        cache.store(step.key, staging, files, {"step": "validate", "passed": True, "failed": []})
+        _store(cache, reporter, step.key, staging, files, {"step": "validate", "passed": True, "failed": []})
     step.status = "built"
     return report
+
+
+def validate_key(folder: Path, manifest: Manifest, suite_hash: str, versions: dict) -> str:
+    """The validate step's key: over the sha256 of every file it will check, read from disk (not the hashes the
+    manifest records), and every artifact's IO contract, which the feeds are built from."""
+    from evsam_export.pipeline.cache import file_sha256
+
+    files = {name: file_sha256(folder / name) if (folder / name).is_file() else None  # a missing file fails the validation itself
+             for artifact in manifest.artifacts for name in _artifact_files(artifact)}
+    return step_key({"step": "validate", "code": module_code_hash("evsam_export.parity.validate"), "suite": suite_hash,
+                     "artifacts": sorted((a.id, a.path, a.to_json()["inputs"], a.to_json()["outputs"]) for a in manifest.artifacts),
+                     "files": files, "tool": __version__, "versions": versions})
 
 
 @dataclass
