@@ -248,3 +248,14 @@ def test_a_readable_image_above_the_bomb_threshold_is_read_with_one_warning_line
     assert [str(w.message) for w in leaked] == []
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"warning: {image} is above") and "refused" in lines[0], lines
+
+
+def test_validate_with_an_unwritable_report_path_fails_before_any_model_work(tmp_path):
+    folder = tmp_path / "artifacts"
+    folder.mkdir()  # no manifest: reaching the parity gate would be exit 6, so exit 4 shows the order
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    proc = run_cli("validate", str(folder), "--junit", str(a_file / "junit.xml"))
+    assert proc.returncode == 4, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(a_file / "junit.xml") in errors[0], proc.stderr
