@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -29,28 +30,45 @@ TEMP_FOLDER_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)(?:-[A-Za-z0-9_]+
 SWAP_ATTEMPTS = 20
 
 
+def stat_or_none(path: Path) -> os.stat_result | None:
+    """One stat of `path` (None when absent), so a folder another run is swapping is judged on one look."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def check_output_folder(output: Path, force: bool) -> Path:
     """Refuse early (before any heavy work) when `output` cannot be written or would be overwritten."""
     output = Path(output).expanduser().absolute()
-    if output.exists() and not output.is_dir():
+    info = stat_or_none(output)
+    if info is not None and not stat.S_ISDIR(info.st_mode):
         raise OutputError(f"output {output} is a file", hint="choose a folder path")
-    if output.is_dir() and any(output.iterdir()) and not force:
+    if info is not None and not force and folder_has_entries(output):
         raise OutputError(f"output folder {output} is not empty", hint="pass --force to replace it, or choose another folder")
     check_writable_parent(output, what="folder")
     return output
+
+
+def folder_has_entries(folder: Path) -> bool:
+    try:
+        return any(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # moved away by a concurrent swap: nothing to overwrite
+        return False
 
 
 def check_writable_parent(path: Path, what: str = "file") -> Path:
     """Refuse early when `path` could not be created: its nearest existing ancestor must be a writable folder."""
     path = Path(path).expanduser().absolute()
     existing = path.parent
-    while not existing.exists():
+    while stat_or_none(existing) is None:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"cannot write to {path}: {existing} is not a folder", hint=f"choose an output {what} path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to {existing}", hint=f"choose an output {what} you can write to")
-    if path.exists() and not path.is_dir() and not os.access(path, os.W_OK):
+    info = stat_or_none(path)
+    if info is not None and not stat.S_ISDIR(info.st_mode) and not os.access(path, os.W_OK):
         raise OutputError(f"cannot write to {path}: the file is read-only", hint=f"choose another output {what}")
     return path
 
@@ -188,6 +206,17 @@ def folder_lock(folder: Path):
         os.close(descriptor)  # closing releases the lock
 
 
+def restore_or_discard(previous: Path, output: Path) -> None:
+    """Put the moved-aside folder back; if another writer's complete folder took the place meanwhile, the old
+    content is obsolete and is removed instead of being left as a `.old-` folder."""
+    try:
+        os.replace(previous, output)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise  # nothing took its place: keep the old content where the user can find it
+        shutil.rmtree(previous, ignore_errors=True)
+
+
 def swap_into_place(staging: Path, output: Path) -> Path | None:
     """Move `output` aside and `staging` into its place; return the moved-aside folder (None if there was none).
 
@@ -204,7 +233,7 @@ def swap_into_place(staging: Path, output: Path) -> Path | None:
                 os.replace(staging, output)
             except BaseException:
                 if previous is not None:
-                    os.replace(previous, output)
+                    restore_or_discard(previous, output)
                 raise
             return previous
         except OSError as exc:
