@@ -262,6 +262,8 @@ def staged_folder(output: Path, force: bool, keep: bool = False):
             shutil.copytree(output, staging, dirs_exist_ok=True)
         yield staging
         with folder_lock(output.parent), signals_deferred():
+            if not (force or keep) and folder_has_entries(output):  # another run filled it since the early check
+                raise OutputError(f"output folder {output} is not empty", hint="another run wrote it meanwhile; pass --force to replace it")
             previous = swap_into_place(staging, output)
     except BaseException as exc:
         full = disk_full_error(exc, fallback=output, staging=staging) if isinstance(exc, Exception) else None

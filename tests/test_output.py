@@ -38,13 +38,13 @@ def dead_pid() -> int:
     return child.pid
 
 
-def race_worker(target: str, barrier, failures, trials: int, without_lock: bool) -> None:
+def race_worker(target: str, barrier, failures, trials: int, without_lock: bool, force: bool = True) -> None:
     """Write `target` with --force `trials` times, meeting the other worker at the barrier right before each swap."""
     if without_lock:  # the retries alone must also settle the race (filesystems where flock is refused)
         output_module.folder_lock = lambda folder: contextlib.nullcontext()
     for trial in range(trials):
         try:
-            with staged_folder(Path(target), force=True) as staging:
+            with staged_folder(Path(target), force=force) as staging:
                 (staging / "writer.txt").write_text(f"{os.getpid()} {trial}")
                 (staging / "payload.bin").write_bytes(os.urandom(4096))
                 barrier.wait(BARRIER_TIMEOUT_S)
@@ -76,6 +76,24 @@ def test_two_force_writes_of_one_folder_never_fail_or_leave_temp_folders(tmp_pat
     assert sorted(p.name for p in target.iterdir()) == ["payload.bin", "writer.txt"]
     pid, trial = (target / "writer.txt").read_text().split()
     assert int(pid) in {worker.pid for worker in workers} and int(trial) == RACE_TRIALS - 1
+
+
+def test_two_writes_without_force_one_wins_and_the_other_is_refused(tmp_path):
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    failures = context.Queue()
+    target = tmp_path / "out"
+    workers = [context.Process(target=race_worker, args=(str(target), barrier, failures, 1, False, False)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(BARRIER_TIMEOUT_S * 2)
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert len(errors) == 1 and "OutputError" in errors[0] and "not empty" in errors[0], errors
+    assert temp_leftovers(tmp_path) == []
+    assert sorted(p.name for p in target.iterdir()) == ["payload.bin", "writer.txt"]
 
 
 def test_stale_temp_folders_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
