@@ -148,3 +148,58 @@ def test_help_is_fast_and_lists_commands():
     imported = proc.stderr
     for heavy in ("torch", "onnx", "onnxruntime", "openvino"):
         assert f"| {heavy}\n" not in imported and f" {heavy}\n" not in imported.replace("|", " "), heavy
+
+
+def test_sigterm_during_an_export_exits_143_and_leaves_no_temp_folder(tmp_path):
+    """What CI runners, `timeout` and container stops send must clean up like Ctrl-C does."""
+    import signal
+
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evsam_export.cli", "export", "--variant", "l0", "--output", str(out_parent / "o")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    # The progress line of the first trace is printed inside the staged folder: reading up to it is the event.
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "trace encoder to ONNX" in line:
+            break
+    assert list(out_parent.glob(".o.tmp-*")), "".join(seen)
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "SIGTERM" in errors[0] and "Traceback" not in stderr, stderr
+    assert leftovers(out_parent) == []
+
+
+def test_disk_full_during_an_export_is_exit_4_with_the_path(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import typer
+
+    from evsam_export import api
+    from evsam_export.cli.common import run_guarded
+    from evsam_export.progress import Reporter
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("previous export")
+
+    def full_disk(module, args, path, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    with pytest.raises(typer.Exit) as exit_info:
+        run_guarded(False, lambda: api.export("l0", target, force=True, reporter=Reporter(quiet=True)))
+    assert exit_info.value.exit_code == 4
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert str(target / "encoder.fp32.onnx") in errors[0] and "free space on /" in errors[0], errors[0]
+    assert "--debug" not in errors[0]
+    assert leftovers(target) == ["old.txt"]
+    assert leftovers(tmp_path) == ["out"]

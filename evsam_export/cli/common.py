@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Annotated, TypeVar
 
 import typer
@@ -21,12 +23,54 @@ CheckpointOption = Annotated[
 ]
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like SIGINT's KeyboardInterrupt so every clean-up that handles one handles all."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextmanager
+def stop_signals_raise():
+    """While a command runs, SIGTERM and SIGHUP raise Stopped, so staged folders are removed as on Ctrl-C."""
+    installed = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is None or signal.getsignal(signum) == signal.SIG_IGN:  # nohup: the user asked to ignore it
+            continue
+        try:
+            installed[signum] = signal.signal(signum, raise_stopped)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            continue
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+
 def run_guarded(debug: bool, body: Callable[[], T]) -> T:
-    """Run a command body: EvsamError -> `error: ...` on one line and its exit code; tracebacks only with --debug."""
+    """Run a command body: EvsamError -> `error: ...` on one line and its exit code; tracebacks only with --debug.
+
+    A full disk is exit 4 naming the path, wherever it happens; a stop signal is exit 128 + its number."""
     from evsam_export.errors import EvsamError
+    from evsam_export.output import disk_full_error
 
     try:
-        return body()
+        try:
+            with stop_signals_raise():
+                return body()
+        except Exception as exc:
+            already_output = isinstance(exc, EvsamError) and exc.exit_code == 4
+            full = None if already_output or isinstance(exc, typer.Exit) else disk_full_error(exc)
+            if full is None:
+                raise
+            raise full from exc
     except typer.Exit:
         raise
     except EvsamError as exc:
@@ -42,9 +86,10 @@ def run_guarded(debug: bool, body: Callable[[], T]) -> T:
         hint = f"pip install 'evsam-export[{extra}]'" if extra else "install the missing package"
         typer.echo(f"error: missing dependency {exc.name!r} ({hint})", err=True)
         raise typer.Exit(7) from None
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted (nothing was moved into place)", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        typer.echo(f"error: interrupted by {signal.Signals(signum).name} (no partial output is left behind)", err=True)
+        raise typer.Exit(128 + signum) from None
     except Exception as exc:  # anything unexpected still gets one line, never a bare traceback
         if debug:
             raise

@@ -57,6 +57,8 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 def read_image(path: Path):
     """An image file as HxWx3 uint8 RGB (grayscale, RGBA, palette, 16-bit and EXIF-rotated files included)."""
+    import warnings
+
     import numpy as np
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -68,16 +70,23 @@ def read_image(path: Path):
         raise UsageError(f"image not found: {path}")
     if path.is_dir():
         raise UsageError(f"image is a directory: {path}", hint="pass an image file")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened) or opened
-            image.load()
-    except UnidentifiedImageError:
-        raise UsageError(f"cannot read image {path}: not an image file Pillow can read", hint="use PNG, JPEG, BMP, TIFF or WebP") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot read image {path}: {detail}", hint="is the file complete and a supported format?") from None
+    # Pillow warns (a raw multi-line warning) between its bomb threshold and twice it, and refuses above; the
+    # warning becomes one `warning:` line so the user sees why the run is slow and memory-hungry.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened) or opened
+                image.load()
+        except UnidentifiedImageError:
+            raise UsageError(
+                f"cannot read image {path}: not an image file Pillow can read", hint="use PNG, JPEG, BMP, TIFF or WebP"
+            ) from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"cannot read image {path}: {detail}", hint="is the file complete and a supported format?") from None
+    report_large_image(path, caught)
     mode = image.mode
     if mode in ("L", "RGB", "RGBA"):
         array = np.asarray(image)
@@ -98,6 +107,25 @@ def read_image(path: Path):
         return as_rgb_uint8(array)
     except ValueError as exc:
         raise UsageError(f"cannot use image {path}: {exc}") from None
+
+
+def report_large_image(path: Path, caught: list) -> None:
+    """One `warning:` line for Pillow's DecompressionBombWarning (other warnings are passed on unchanged)."""
+    import warnings
+
+    from PIL import Image
+
+    bombs = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    for other in caught:
+        if other not in bombs:
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if bombs:
+        limit = Image.MAX_IMAGE_PIXELS or 0
+        typer.echo(
+            f"warning: {path} is above {limit / 1e6:.0f} megapixels (Pillow's decompression-bomb threshold); "
+            f"reading it anyway, images above {2 * limit / 1e6:.0f} megapixels are refused",
+            err=True,
+        )
 
 
 def output_paths(output: Path, count: int) -> dict:
@@ -181,6 +209,7 @@ def predict_command(
         import numpy as np
 
         from evsam_export.errors import OutputError, UsageError
+        from evsam_export.output import check_writable_parent, disk_full_error
         from evsam_export.runtime import Predictor, check_prompts
 
         points = [parse_point(text) for text in point or []]
@@ -188,6 +217,8 @@ def predict_command(
         if not points and not boxes:
             raise UsageError("give at least one --point X,Y[,LABEL] or --box X0,Y0,X1,Y1")
         paths = output_paths(output, len(boxes))
+        for path in (paths["mask"], paths["overlay"], paths["json"], *paths["per_prompt"]):
+            check_writable_parent(path)  # fail before the models run, not after
         rgb = read_image(image)
         point_coords = np.array([p[:2] for p in points], dtype=np.float64) if points else None
         point_labels = np.array([p[2] for p in points], dtype=np.float64) if points else None
@@ -208,7 +239,9 @@ def predict_command(
                 save_mask(mask, path)
             draw_overlay(rgb, best, points, boxes).save(paths["overlay"], format="PNG")
         except OSError as exc:
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}", hint="check the folder exists and is writable") from None
+            raise disk_full_error(exc, fallback=output) or OutputError(
+                f"cannot write {output}: {exc.strerror or exc}", hint="check the folder exists and is writable"
+            ) from None
 
         height, width = rgb.shape[:2]
         results = []
@@ -249,7 +282,8 @@ def predict_command(
         try:
             paths["json"].write_text(json.dumps(report, indent=2) + "\n")
         except OSError as exc:
-            raise OutputError(f"cannot write {paths['json']}: {exc.strerror or exc}") from None
+            unwritable = OutputError(f"cannot write {paths['json']}: {exc.strerror or exc}")
+            raise disk_full_error(exc, fallback=paths["json"]) or unwritable from None
         written = [paths["mask"], *paths["per_prompt"], paths["overlay"], paths["json"]]
         typer.echo("wrote " + ", ".join(str(p) for p in written))
 

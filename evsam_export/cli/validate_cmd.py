@@ -28,9 +28,15 @@ def validate_command(
     def body() -> None:
         from evsam_export import api
         from evsam_export.errors import ParityFailure
+        from evsam_export.output import check_writable_parent
         from evsam_export.parity.report import console_table
         from evsam_export.progress import Reporter
 
+        # Reports go into the folder and the optional paths: refuse an unwritable one before any model runs.
+        written = [folder / "parity.md"] if folder.is_dir() else []
+        for path in [*written, junit, save_reference]:
+            if path is not None:
+                check_writable_parent(path)
         reporter = Reporter()
         report = api.validate(folder, suite, checkpoint, reference, save_reference, junit, artifact or None, reporter, threads)
         typer.echo(console_table(report))
