@@ -187,7 +187,7 @@ class _ManifestReader:
             raise self.fail("encoder_size", f"is {_describe(encoder_size)}, but variant {variant} has {VARIANTS[variant].encoder_size}")
         weights = self.get(data, "weights", "weights", "dict")
         for key in ("spec", "sha256"):
-            self.get(weights, key, f"weights.{key}", "str")
+            self.get(weights, key, f"weights.{key}", "str", required=False)
         model = self.get(data, "model", "model", "dict")
         self.check_model(model)
         entries = self.get(data, "artifacts", "artifacts", "list")
