@@ -43,10 +43,12 @@ def integer_to_uint8(values: np.ndarray) -> np.ndarray:
     """Integer pixels (16/32-bit, signed or not) -> uint8, the rule of `evsam-export predict`'s image reader:
     values up to 255 are kept, up to 65535 divided by 257 (full 16-bit range to full 8-bit range), larger
     ones scaled so the maximum is 255; negatives clip to 0."""
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values)
     top = float(values.max()) if values.size else 0.0
     scale = 1.0 if top <= 255 else (257.0 if top <= 65535 else top / 255.0)
-    return np.clip(values / scale, 0, 255).round().astype(np.uint8)
+    # float32 halves the memory of float64 and rounds the same up to 65535: x/257 is never near a .5 tie.
+    work_type = np.float32 if top <= 65535 else np.float64
+    return np.clip(values.astype(work_type) / work_type(scale), 0, 255).round().astype(np.uint8)
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -60,7 +62,7 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     elif array.dtype.kind in "iu" and array.dtype != np.uint8:
         array = integer_to_uint8(array)
     elif array.dtype.kind == "f":
-        array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
         if array.size and float(array.max()) <= 1.0:
             array = array * 255.0
         array = np.clip(array, 0, 255).round().astype(np.uint8)
