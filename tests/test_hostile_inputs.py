@@ -509,6 +509,15 @@ def test_predict_on_arbitrary_prompt_arrays(prompt_predictor, arguments):
     assert np.isfinite(result.scores).all() and np.isfinite(result.low_res_logits).all()
 
 
+def test_prediction_index_must_be_an_integer(prompt_predictor):
+    result = prompt_predictor.predict(point_coords=[[10, 10]], point_labels=[1])
+    assert result.best(np.int64(0)).shape == IMAGE_HW
+    for index in (np.array([0, 1]), 0.5, "0", True, 1):
+        with pytest.raises(UsageError) as info:
+            result.best(index)
+        assert_one_line(info.value, "prompt index")
+
+
 @pytest.fixture(scope="module")
 def prompt_predictor(l0_export) -> Predictor:
     """A predictor of its own, so no other test changes its image."""

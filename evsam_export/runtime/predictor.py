@@ -3,7 +3,7 @@ OpenVINO or TensorRT.
 
     from evsam_export.runtime import Predictor
     predictor = Predictor("out/l0")                      # reads manifest.json, checks sha256, picks artifacts
-    predictor.set_image(rgb)                             # HxW / HxWx3 / HxWx4 numpy image: encoder runs once
+    predictor.set_image(rgb)                             # numpy HxW / HxWx3 / HxWx4 or a PIL image: encoder runs once
     prediction = predictor.predict(point_coords=[[320, 240]], point_labels=[1])
     mask = prediction.best()                             # HxW bool, highest-scoring candidate
 
@@ -78,6 +78,8 @@ class Prediction:
         return self.low_res_logits[prompt, index : index + 1]
 
     def _check_prompt(self, prompt: int) -> None:
+        if isinstance(prompt, (bool, np.bool_)) or not isinstance(prompt, (int, np.integer)):
+            raise UsageError(f"prompt index must be an integer, got {type(prompt).__name__}")
         if not -self.num_prompts <= prompt < self.num_prompts:
             raise UsageError(f"prompt index {prompt} out of range: this prediction has {self.num_prompts} prompt set(s)")
 
