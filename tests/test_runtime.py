@@ -191,6 +191,22 @@ def test_runtime_matches_pytorch(predictor, torch_model, image_name, kinds):
         assert got.low_res_logits.shape == (*got.scores.shape, 256, 256)
 
 
+@pytest.mark.parametrize("shape", [(2, 5000), (3000, 1)], ids=["2x5000", "3000x1"])
+def test_extreme_aspect_ratio_matches_pytorch(predictor, torch_model, shape):
+    """Beyond 2048:1 upstream rounds the short side to 0 rows and fails; ours keeps 1 row, and the runtime
+    (whose sam-profile graph gets the prompt-frame size) still segments like the PyTorch model."""
+    height, width = shape
+    image = np.ascontiguousarray(np.resize(photograph("coffee")[200], (height, width, 3)))
+    predictor.set_image(image)
+    boxes = [[0, 0, width, height], [0, 0, width / 3, height]] if width > height else [[0, 0, width, height / 3]]
+    got = predictor.predict(boxes=boxes, multimask_output=True)
+    want_masks, want_iou, _ = torch_masks(torch_model, torch_embeddings(torch_model, image), boxes=boxes, multimask=True)
+    assert got.masks.shape == want_masks.shape == (len(boxes), 3, height, width)
+    np.testing.assert_allclose(got.scores, want_iou, atol=1e-4)
+    ious = [mask_iou(a, b) for a, b in zip(got.masks.reshape(-1, height, width), want_masks.reshape(-1, height, width))]
+    assert min(ious) >= MIN_IOU
+
+
 def test_mask_refinement_matches_pytorch(predictor, torch_model):
     image = photograph("coffee")
     predictor.set_image(image)

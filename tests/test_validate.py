@@ -191,3 +191,22 @@ def test_compare_gates_runners_in_memory_and_validate_folder_wraps_it(l0_export,
     from_folder = validate_folder(l0_export, suite, reporter=quiet)
     assert honest.passed and report_json(honest) == report_json(from_folder)
     assert from_folder.folder == l0_export
+
+
+def test_hand_edited_manifest_exits_6_with_one_line_naming_the_field(l0_export, tmp_path):
+    edits = {
+        "artifacts-list": (lambda data: data.update(artifacts=["x"]), "artifacts[0] must be an object"),
+        "encoder-size": (lambda data: data.update(encoder_size="abc"), "encoder_size must be an integer"),
+        "absolute-path": (lambda data: data["artifacts"][0].update(path=str(l0_export / "encoder.fp32.onnx")), "is absolute"),
+    }
+    for name, (edit, needle) in edits.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        data = json.loads((l0_export / "manifest.json").read_text())
+        edit(data)
+        (folder / "manifest.json").write_text(json.dumps(data))
+        proc = run_validate(folder)
+        assert proc.returncode == 6, proc.stderr
+        assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr

@@ -32,15 +32,42 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """preprocess_shape with each side at least 1 pixel: upstream rounds the short side of an image longer
+    than 1024:1 (2048:1 at 1024) to 0 and crashes, while one row or column keeps the math intact."""
+    new_h, new_w = preprocess_shape(height, width, long_side)
+    return max(new_h, 1), max(new_w, 1)
+
+
+def integer_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Integer pixels (16/32-bit, signed or not) -> uint8, the rule of `evsam-export predict`'s image reader:
+    values up to 255 are kept, up to 65535 divided by 257 (full 16-bit range to full 8-bit range), larger
+    ones scaled so the maximum is 255; negatives clip to 0."""
+    values = np.asarray(values)
+    top = float(values.max()) if values.size else 0.0
+    scale = 1.0 if top <= 255 else (257.0 if top <= 65535 else top / 255.0)
+    # float32 halves the memory of float64 and rounds the same up to 65535: x/257 is never near a .5 tie.
+    work_type = np.float32 if top <= 65535 else np.float64
+    return np.clip(values.astype(work_type) / work_type(scale), 0, 255).round().astype(np.uint8)
+
+
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """HxW (gray), HxWx1, HxWx3 or HxWx4 (alpha dropped) of uint8/bool/float -> HxWx3 uint8."""
+    """HxW (gray), HxWx1, HxWx3 or HxWx4 (alpha dropped) of uint8/bool/integer/float -> HxWx3 uint8.
+
+    Integers other than uint8 follow integer_to_uint8; floats with a maximum <= 1 are scaled by 255, others
+    are clipped to 0..255, NaN counts as 0. Raises ValueError for other dtypes and shapes."""
     array = np.asarray(image)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
-    elif array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.size and float(np.nanmax(array)) <= 1.0:
+    elif array.dtype.kind in "iu" and array.dtype != np.uint8:
+        array = integer_to_uint8(array)
+    elif array.dtype.kind == "f":
+        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
+        if array.size and float(array.max()) <= 1.0:
             array = array * 255.0
-        array = np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
+        array = np.clip(array, 0, 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"image dtype {array.dtype} is not supported (use uint8, uint16, bool or float)")
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     elif array.ndim == 3 and array.shape[2] == 1:
@@ -52,6 +79,28 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def pil_to_rgb_uint8(image) -> np.ndarray:
+    """A PIL image -> HxWx3 uint8 RGB, as `evsam-export predict` reads files: EXIF orientation applied,
+    palette/1-bit/LA/CMYK/YCbCr/LAB/HSV converted by Pillow, 16/32-bit integer modes by integer_to_uint8."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode in ("L", "RGB", "RGBA"):
+        array = np.asarray(image)
+    elif mode == "P":
+        array = np.asarray(image.convert("RGBA" if "transparency" in image.info else "RGB"))
+    elif mode.startswith("I"):
+        array = integer_to_uint8(np.asarray(image))
+    elif mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+    elif mode in ("1", "LA", "La"):
+        array = np.asarray(image.convert("L"))
+    else:
+        array = np.asarray(image.convert("RGB"))
+    return as_rgb_uint8(array)
+
+
 def preprocess_image(image: np.ndarray, encoder_size: int) -> tuple[np.ndarray, ImageGeometry]:
     """RGB image -> encoder input [1,3,S,S] float32 and its geometry."""
     from PIL import Image
@@ -59,7 +108,7 @@ def preprocess_image(image: np.ndarray, encoder_size: int) -> tuple[np.ndarray, 
     rgb = as_rgb_uint8(image)
     height, width = rgb.shape[:2]
     if max(height, width) != encoder_size:
-        new_h, new_w = preprocess_shape(height, width, encoder_size)
+        new_h, new_w = resized_shape(height, width, encoder_size)
         rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR))
     # ToTensor then Normalize(mean/255, std/255), in float32 and in that order, as upstream.
     scaled = rgb.astype(np.float32) / np.float32(255.0)
@@ -70,7 +119,7 @@ def preprocess_image(image: np.ndarray, encoder_size: int) -> tuple[np.ndarray, 
     padded[0, :, : normalized.shape[1], : normalized.shape[2]] = normalized
     geometry = ImageGeometry(
         original_size=(height, width),
-        input_size=preprocess_shape(height, width, PROMPT_FRAME),
+        input_size=resized_shape(height, width, PROMPT_FRAME),
         encoder_size=encoder_size,
     )
     return padded, geometry

@@ -3,7 +3,7 @@ OpenVINO or TensorRT.
 
     from evsam_export.runtime import Predictor
     predictor = Predictor("out/l0")                      # reads manifest.json, checks sha256, picks artifacts
-    predictor.set_image(rgb)                             # HxW / HxWx3 / HxWx4 numpy image: encoder runs once
+    predictor.set_image(rgb)                             # numpy HxW / HxWx3 / HxWx4 or a PIL image: encoder runs once
     prediction = predictor.predict(point_coords=[[320, 240]], point_labels=[1])
     mask = prediction.best()                             # HxW bool, highest-scoring candidate
 
@@ -14,6 +14,7 @@ decoder profiles. Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or Te
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from evsam_export import contract
 from evsam_export.errors import ArtifactError, RuntimeUnavailable, UsageError
-from evsam_export.manifest import Artifact, Manifest, read_manifest, verify_artifact_file
+from evsam_export.manifest import Artifact, Manifest, artifact_file, read_manifest, verify_artifact_file
 from evsam_export.model import processing
 from evsam_export.model.processing import ImageGeometry
 from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS
@@ -77,6 +78,8 @@ class Prediction:
         return self.low_res_logits[prompt, index : index + 1]
 
     def _check_prompt(self, prompt: int) -> None:
+        if isinstance(prompt, (bool, np.bool_)) or not isinstance(prompt, (int, np.integer)):
+            raise UsageError(f"prompt index must be an integer, got {type(prompt).__name__}")
         if not -self.num_prompts <= prompt < self.num_prompts:
             raise UsageError(f"prompt index {prompt} out of range: this prediction has {self.num_prompts} prompt set(s)")
 
@@ -85,13 +88,31 @@ class Prediction:
 
 
 def _as_float_array(value, name: str) -> np.ndarray:
+    """`value` as a float64 array of finite real numbers, or one UsageError line saying why not."""
     try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{name} must be numeric ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raw = np.asarray(value)
+        if raw.dtype.kind not in "biufO":  # strings, complex, dates: never a coordinate
+            raise TypeError(f"dtype {raw.dtype} is not a real number type")
+        array = raw.astype(np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"{name} must be real numbers ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})") from None
     if not np.all(np.isfinite(array)):
         raise UsageError(f"{name} contains NaN or infinite values")
     return array
+
+
+def _as_flag(value, name: str) -> bool:
+    """A bool argument (True/False, numpy bools, 0/1), refused otherwise so an array never decides a branch."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise UsageError(f"{name} must be True or False, got {type(value).__name__}")
+
+
+def _is_pil_image(value) -> bool:
+    """Whether `value` is a PIL image, without importing Pillow for callers that pass numpy arrays."""
+    if "PIL.Image" not in sys.modules:
+        return False
+    return isinstance(value, sys.modules["PIL.Image"].Image)
 
 
 def _shape(array: np.ndarray) -> str:
@@ -136,7 +157,7 @@ def check_prompts(
         if points.ndim == 2:
             points = points[None]
             labels = labels.reshape(1, -1) if labels.ndim == 1 else labels
-        if points.ndim != 3 or points.shape[-1] != 2 or points.shape[1] < 1:
+        if points.ndim != 3 or points.shape[-1] != 2 or points.shape[0] < 1 or points.shape[1] < 1:
             raise UsageError(f"point_coords must have shape [N,2] or [B,N,2], got {_shape(np.asarray(point_coords))}")
         if labels.shape != points.shape[:2]:
             raise UsageError(
@@ -170,7 +191,10 @@ def _mask_feed(mask_input, batch: int) -> tuple[np.ndarray, np.ndarray]:
     low = LOW_RES_MASK_SIZE
     if mask_input is None:
         return contract.no_mask_input()
-    array = _as_float_array(mask_input, "mask_input").astype(np.float32)
+    array = _as_float_array(mask_input, "mask_input")
+    if array.size and float(np.abs(array).max()) > float(np.finfo(np.float32).max):
+        raise UsageError("mask_input has values beyond the float32 range", hint="pass low-res logits from an earlier prediction")
+    array = array.astype(np.float32)
     if array.shape in ((low, low), (1, low, low)):
         array = array.reshape(1, 1, low, low)
     elif array.ndim == 3 and array.shape[1:] == (low, low):
@@ -280,7 +304,7 @@ class Predictor:
         for artifact in (self.encoder_artifact, self.decoder_artifact):
             verify_artifact_file(self.folder, artifact)
             for extra in artifact.extra_files:
-                if not (self.folder / extra).is_file():
+                if not artifact_file(self.folder, extra, artifact.id).is_file():
                     raise ArtifactError(f"{artifact.id}: file {extra} is missing", hint="re-run the export")
         self._check_contract()
         self.encoder = runner_for_artifact(self.folder, self.encoder_artifact, threads).load()
@@ -334,14 +358,26 @@ class Predictor:
         }
 
     # -- image -------------------------------------------------------------------------------------
-    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        """Run the encoder once on `image` (HxW, HxWx3 RGB or HxWx4 RGBA; uint8, bool or float in 0..1 / 0..255)."""
-        if image_format not in ("RGB", "BGR"):
-            raise UsageError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    def set_image(self, image, image_format: str = "RGB") -> None:
+        """Run the encoder once on `image`: a numpy array HxW, HxWx3 RGB or HxWx4 RGBA (uint8, uint16 and other
+        integers scaled like `evsam-export predict` reads 16-bit files, bool, or float in 0..1 / 0..255), or
+        a PIL image in any mode, converted to RGB as `evsam-export predict` converts files (CMYK included)."""
+        if not isinstance(image_format, str) or image_format not in ("RGB", "BGR"):
+            raise UsageError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}"[:120])
         try:
-            rgb = processing.as_rgb_uint8(image)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            if isinstance(image, np.ndarray):
+                rgb = processing.as_rgb_uint8(image)
+            elif _is_pil_image(image):
+                if image_format == "BGR":
+                    raise UsageError("image_format='BGR' is for numpy arrays: a PIL image is converted to RGB by its mode")
+                rgb = processing.pil_to_rgb_uint8(image)
+            else:
+                raise UsageError(
+                    f"image must be a numpy array or a PIL image, got {type(image).__name__}",
+                    hint="load it first, e.g. np.asarray(PIL.Image.open(path))",
+                )
+        except (ValueError, OSError) as exc:
+            raise UsageError(" ".join(str(exc).split())[:160] or f"cannot use the image ({type(exc).__name__})") from None
         if image_format == "BGR":
             rgb = np.ascontiguousarray(rgb[:, :, ::-1])
         input_image, geometry = processing.preprocess_image(rgb, self.encoder_size)
@@ -382,6 +418,8 @@ class Predictor:
         multimask_output: 3 candidates (tokens 1..3) instead of 1 (token 0)."""
         if self.image_embeddings is None or self.geometry is None:
             raise UsageError("no image set: call set_image(image) before predict()")
+        multimask_output = _as_flag(multimask_output, "multimask_output")
+        return_logits = _as_flag(return_logits, "return_logits")
         if multimask_output and self.num_tokens == 1:
             raise UsageError(
                 f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask), so multimask_output=True is not available",
@@ -399,7 +437,9 @@ class Predictor:
             point_labels=tokens.point_labels,
             mask_input=mask,
             has_mask_input=has_mask,
-            original_size=geometry.original_size,
+            # The "sam" graph's own upscaled `masks` output is never read (the host upscales the low-res logits),
+            # so it gets the prompt-frame size, whose sides are never rounded to 0 rows (images beyond 2048:1).
+            original_size=geometry.input_size,
         )
         out = self._run_decoder(feeds, batch)
         low_res, scores = processing.select_masks(out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
