@@ -9,7 +9,9 @@ OpenVINO or TensorRT.
 
 Everything numeric goes through evsam_export.model.processing (the same pre/post-processing the parity
 validators check): prompt tokens laid out like PyTorch SAM, low-res logits upscaled on the host for both
-decoder profiles. Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imports torch.
+decoder profiles. Prompt sets run in chunks sized to a memory budget and are post-processed per chunk, so
+memory grows with the number of prompt sets only by the results (docs/reliability-memory.md).
+Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imports torch.
 """
 
 from __future__ import annotations
@@ -325,7 +327,8 @@ def _normalize_prefer(prefer) -> tuple[str, ...]:
 class Predictor:
     """SAM-style predictor over an evsam-export artifact folder (no torch).
 
-    Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None)
+    Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None,
+              memory_budget_mib=512, max_prompt_batch=None)
 
     encoder / decoder: artifact ids from manifest.json (e.g. "encoder.ort.int8"); by default the fp32
     artifacts, by target in `prefer` order, skipping targets whose runtime is not installed or usable.
