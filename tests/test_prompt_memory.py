@@ -280,3 +280,29 @@ def test_mask_png_is_0_and_255(tmp_path):
     written = np.asarray(Image.open(path))
     assert written.dtype == np.uint8
     assert np.array_equal(written, np.where(mask, 255, 0))
+
+
+def test_cli_memory_budget_changes_no_output(l0_export, tmp_path):
+    import subprocess
+    import sys
+
+    Image.fromarray(scene(120, 160, seed=11)).save(tmp_path / "scene.png")
+    boxes = ["10,10,60,50", "40,30,150,110", "0,0,160,120"]
+    written = {}
+    for budget in (None, "1"):
+        out = tmp_path / f"budget-{budget}.png"
+        args = ["predict", str(l0_export), str(tmp_path / "scene.png"), "-o", str(out), "--threads", "1"]
+        args += [item for box in boxes for item in ("--box", box)]
+        args += [] if budget is None else ["--memory-budget", budget]
+        code = "import sys; sys.argv = ['evsam-export'] + sys.argv[1:]; from evsam_export.cli import main; main()"
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        written[budget] = [(tmp_path / f"budget-{budget}{suffix}").read_bytes() for suffix in (".png", ".0.png", ".1.png", ".2.png")]
+    assert written[None] == written["1"]
+    refused = subprocess.run(
+        [sys.executable, "-c", code, "predict", str(l0_export), str(tmp_path / "scene.png"), "-o", str(tmp_path / "x.png"),
+         "--box", "1,1,5,5", "--memory-budget", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 2, refused.stderr  # a usage error, before any model runs
+    assert not (tmp_path / "x.png").exists()

@@ -226,6 +226,15 @@ def predict_command(
     encoder: Annotated[str | None, typer.Option("--encoder", metavar="ID", help="Encoder artifact id, e.g. encoder.ort.int8.")] = None,
     decoder: Annotated[str | None, typer.Option("--decoder", metavar="ID", help="Decoder artifact id, e.g. decoder.onnx.fp32.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Runtime threads (default: the runtime's).")] = None,
+    memory_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-budget",
+            metavar="MIB",
+            min=1,
+            help="Working memory in MiB for one chunk of prompt sets (default: the runtime's); masks and scores do not depend on it.",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Segment IMAGE with the artifacts in DIR: writes MASK.png, MASK.overlay.png and MASK.json, prints the scores."""
@@ -252,7 +261,8 @@ def predict_command(
         box_array = np.array(boxes, dtype=np.float64) if boxes else None
         check_prompts(rgb.shape[:2], point_coords, point_labels, boxes=box_array)  # fail before loading models
 
-        predictor = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads)
+        budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
+        predictor = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget)
         with predictor:
             predictor.set_image(rgb)
             prediction = predictor.predict(point_coords, point_labels, boxes=box_array, multimask_output=multimask)
