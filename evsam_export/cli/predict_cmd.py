@@ -23,6 +23,12 @@ PALETTE = (
 FOREGROUND = (0, 255, 0)
 BACKGROUND = (255, 0, 0)
 OVERLAY_ALPHA = 0.5
+# The overlay is blended in row bands of about this many float32 bytes, so a large photo never needs a
+# float copy of the whole image.
+OVERLAY_BAND_BYTES = 32 * 2**20
+# Pixels are copied out of Pillow in row bands of about this many bytes: np.asarray(image) would first make
+# a bytes copy of the whole image, so a large photo would briefly be held three times.
+READ_BAND_BYTES = 32 * 2**20
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -77,8 +83,8 @@ def read_image(path: Path):
         try:
             with Image.open(path) as opened:
                 opened.load()
-                image = ImageOps.exif_transpose(opened) or opened
-                image.load()
+                ImageOps.exif_transpose(opened, in_place=True)  # in place: no second copy of the pixels
+                image = opened
         except UnidentifiedImageError:
             raise UsageError(
                 f"cannot read image {path}: not an image file Pillow can read", hint="use PNG, JPEG, BMP, TIFF or WebP"
@@ -89,7 +95,7 @@ def read_image(path: Path):
     report_large_image(path, caught)
     mode = image.mode
     if mode in ("L", "RGB", "RGBA"):
-        array = np.asarray(image)
+        array = pixels_by_rows(image)
     elif mode == "P":
         array = np.asarray(image.convert("RGBA" if "transparency" in image.info else "RGB"))
     elif mode.startswith("I"):  # 16/32-bit integer grayscale: scale to 0..255
@@ -102,11 +108,26 @@ def read_image(path: Path):
     elif mode in ("1", "LA", "La"):
         array = np.asarray(image.convert("L"))
     else:  # CMYK, YCbCr, LAB, HSV, ...
-        array = np.asarray(image.convert("RGB"))
+        array = pixels_by_rows(image.convert("RGB"))
     try:
         return as_rgb_uint8(array)
     except ValueError as exc:
         raise UsageError(f"cannot use image {path}: {exc}") from None
+
+
+def pixels_by_rows(image):
+    """np.asarray(image) for 8-bit modes (L, RGB, RGBA), copied in row bands so no whole-image bytes copy is made."""
+    import numpy as np
+
+    width, height = image.size
+    channels = len(image.getbands())
+    band = max(1, READ_BAND_BYTES // max(1, width * channels))
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    array = np.empty(shape, np.uint8)
+    for start in range(0, height, band):
+        stop = min(start + band, height)
+        array[start:stop] = np.asarray(image.crop((0, start, width, stop)))
+    return array
 
 
 def report_large_image(path: Path, caught: list) -> None:
@@ -149,13 +170,18 @@ def draw_overlay(rgb, masks, points, boxes):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    canvas = rgb.astype(np.float32)
-    for index, mask in enumerate(masks):
-        colour = np.asarray(PALETTE[index % len(PALETTE)], dtype=np.float32)
-        canvas[mask] = canvas[mask] * (1.0 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
-    image = Image.fromarray(np.clip(canvas.round(), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
     height, width = rgb.shape[:2]
+    image = Image.new("RGB", (width, height))
+    band = max(1, OVERLAY_BAND_BYTES // (4 * 3 * width))
+    for start in range(0, height, band):
+        rows = slice(start, start + band)
+        canvas = rgb[rows].astype(np.float32)
+        for index, mask in enumerate(masks):
+            inside = mask[rows]
+            colour = np.asarray(PALETTE[index % len(PALETTE)], dtype=np.float32)
+            canvas[inside] = canvas[inside] * (1.0 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
+        image.paste(Image.fromarray(np.clip(canvas.round(), 0, 255).astype(np.uint8)), (0, start))
+    draw = ImageDraw.Draw(image)
     line = max(1, round(min(height, width) / 200))
     radius = max(2, round(min(height, width) / 80))
     for index, (x0, y0, x1, y1) in enumerate(boxes):
@@ -170,7 +196,8 @@ def save_mask(mask, path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path, format="PNG")
+    # One uint8 copy of the mask (np.where would build an int64 image first, 8 bytes per pixel).
+    Image.fromarray(np.asarray(mask, dtype=bool).view(np.uint8) * np.uint8(255), mode="L").save(path, format="PNG")
 
 
 @app.command("predict")
@@ -199,6 +226,15 @@ def predict_command(
     encoder: Annotated[str | None, typer.Option("--encoder", metavar="ID", help="Encoder artifact id, e.g. encoder.ort.int8.")] = None,
     decoder: Annotated[str | None, typer.Option("--decoder", metavar="ID", help="Decoder artifact id, e.g. decoder.onnx.fp32.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Runtime threads (default: the runtime's).")] = None,
+    memory_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-budget",
+            metavar="MIB",
+            min=1,
+            help="Working memory in MiB for one chunk of prompt sets (default: the runtime's); masks and scores do not depend on it.",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Segment IMAGE with the artifacts in DIR: writes MASK.png, MASK.overlay.png and MASK.json, prints the scores."""
@@ -225,11 +261,15 @@ def predict_command(
         box_array = np.array(boxes, dtype=np.float64) if boxes else None
         check_prompts(rgb.shape[:2], point_coords, point_labels, boxes=box_array)  # fail before loading models
 
-        predictor = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads)
+        budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
+        predictor = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget)
         with predictor:
             predictor.set_image(rgb)
             prediction = predictor.predict(point_coords, point_labels, boxes=box_array, multimask_output=multimask)
-        best = prediction.best_masks()  # [B,H,W]
+        scores, best_index = prediction.scores, prediction.best_index()
+        # [B,H,W]: a view when there is one candidate per prompt set, so the masks are not held twice.
+        best = prediction.masks[:, 0] if prediction.masks.shape[1] == 1 else prediction.best_masks()
+        del prediction  # with --multimask the other candidates are never written: free them before the overlay
         union = np.any(best, axis=0)
 
         try:
@@ -245,22 +285,22 @@ def predict_command(
 
         height, width = rgb.shape[:2]
         results = []
-        for index in range(prediction.num_prompts):
-            choice = int(prediction.best_index()[index])
+        for index in range(len(scores)):
+            choice = int(best_index[index])
             area = int(best[index].sum())
             results.append({
                 "index": index,
                 "box": list(boxes[index]) if boxes else None,
-                "scores": [round(float(s), 6) for s in prediction.scores[index]],
+                "scores": [round(float(s), 6) for s in scores[index]],
                 "best": choice,
-                "score": round(float(prediction.scores[index, choice]), 6),
+                "score": round(float(scores[index, choice]), 6),
                 "area_px": area,
                 "mask": paths["per_prompt"][index].name if paths["per_prompt"] else paths["mask"].name,
             })
             label = f"box {index} {[round(v, 1) for v in boxes[index]]}" if boxes else "points"
-            candidates = f" (candidate {choice + 1} of {prediction.scores.shape[1]})" if multimask else ""
+            candidates = f" (candidate {choice + 1} of {scores.shape[1]})" if multimask else ""
             typer.echo(
-                f"{label}: score {prediction.scores[index, choice]:.4f}{candidates}, "
+                f"{label}: score {scores[index, choice]:.4f}{candidates}, "
                 f"{area} px ({100.0 * area / (height * width):.1f}% of the image)"
             )
         report = {

@@ -3,6 +3,7 @@
     with runner:                       # load() ... close()
         runner.input_metadata()        # the IO contract it was built for (TensorSpec list)
         outputs = runner.infer(feeds)  # dict name -> np.ndarray, after the base class checked the feeds
+        runner.infer(feeds, outputs=["low_res_masks"])  # only the outputs the caller reads
 
 The base class checks every feed against the declared inputs (names, dtype, rank, fixed dims), as
 Polygraphy's runners do, so a wrong prompt shape fails with one line instead of deep inside a runtime.
@@ -11,6 +12,7 @@ Polygraphy's runners do, so a wrong prompt shape fails with one line instead of 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,21 +59,32 @@ class Runner(ABC):
     def input_metadata(self) -> list[TensorSpec]:
         return list(self.inputs)
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on checked feeds; `outputs` names the outputs wanted (default all), so a runtime that can skip
+        fetching the others (ONNX Runtime) does not hand them back."""
         if not self.loaded:
             self.load()
+        declared = [t.name for t in self.outputs]
+        wanted = declared if outputs is None else list(outputs)
+        unknown = [name for name in wanted if name not in declared]
+        if unknown:
+            raise UsageError(f"{self.label}: no output named {unknown}", hint=f"outputs are {declared}")
         checked = check_feeds(self.inputs, feeds, self.label)
-        outputs = self._infer(checked)
-        missing = [t.name for t in self.outputs if t.name not in outputs]
+        results = self._infer(checked) if outputs is None else self._infer_outputs(checked, wanted)
+        missing = [name for name in wanted if name not in results]
         if missing:
             raise RuntimeError(f"{self.label}: runtime returned no {missing}")
-        return {t.name: np.asarray(outputs[t.name]) for t in self.outputs}
+        return {name: np.asarray(results[name]) for name in wanted}
 
     @abstractmethod
     def _load(self) -> None: ...
 
     @abstractmethod
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """Only `names`: runtimes that can fetch a subset override this; the others compute everything."""
+        return self._infer(feeds)
 
     def _close(self) -> None:  # noqa: B027 - optional hook: most runtimes free everything on garbage collection
         pass

@@ -59,5 +59,9 @@ class OrtRunner(Runner):
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feeds)))
 
+    def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        # ORT still runs every node (measured: same time and peak RSS), but never copies the unread outputs out.
+        return dict(zip(names, self.session.run(names, feeds)))
+
     def _close(self) -> None:
         self.session = None

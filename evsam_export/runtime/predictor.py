@@ -9,7 +9,9 @@ OpenVINO or TensorRT.
 
 Everything numeric goes through evsam_export.model.processing (the same pre/post-processing the parity
 validators check): prompt tokens laid out like PyTorch SAM, low-res logits upscaled on the host for both
-decoder profiles. Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imports torch.
+decoder profiles. Prompt sets run in chunks sized to a memory budget and are post-processed per chunk, so
+memory grows with the number of prompt sets only by the results (docs/reliability-memory.md).
+Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imports torch.
 """
 
 from __future__ import annotations
@@ -26,13 +28,28 @@ from evsam_export.errors import ArtifactError, RuntimeUnavailable, UsageError
 from evsam_export.manifest import Artifact, Manifest, artifact_file, read_manifest, verify_artifact_file
 from evsam_export.model import processing
 from evsam_export.model.processing import ImageGeometry
-from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS
+from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PROMPT_FRAME
 
 TARGETS = ("ort", "onnx", "openvino", "tensorrt")
 DEFAULT_PREFER = TARGETS
 # Default choice: the exact (fp32) artifacts first, then the lower precisions; within a precision, by target
 # in the caller's `prefer` order. A named artifact id always wins.
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
+
+# Memory per prompt-set chunk (docs/benchmarks.md, "predict: peak memory per prompt batch"): the default
+# budget keeps a chunk to a few prompt sets, enough to amortise each decoder call, far from a small machine's RAM.
+DEFAULT_MEMORY_BUDGET_MIB = 512
+# The decoder's own working memory per prompt set (two-way transformer over the 64x64 image tokens and the
+# upscaling convolutions), measured with ONNX Runtime on CPU; the same for every variant (one decoder design).
+DECODER_MIB_PER_PROMPT_SET = 48
+# Host post-processing per candidate mask: the 1024x1024 float32 upscale and its interpolation temporaries.
+HOST_MIB_PER_CANDIDATE = 16
+# The final resize to the original size runs in row bands of about this many bytes of float temporaries,
+# so a 12000x12000 photo costs its boolean masks plus one band, not several float copies of the image.
+POSTPROCESS_BAND_BYTES = 64 * 2**20
+# The `sam` graph's upscaled `masks` output is never read, so it gets the smallest size consistent with the
+# 1024 frame (one row): its crop and second resize shrink to one row instead of a full frame per token.
+UNREAD_MASKS_SIZE = (1, PROMPT_FRAME)
 
 # ------------------------------------------------------------------------------------------------ results
 
@@ -209,6 +226,40 @@ def _mask_feed(mask_input, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(array), np.ones((array.shape[0],), np.float32)
 
 
+# ------------------------------------------------------------------------------------------ post-processing
+
+
+def prompt_sets_per_chunk(memory_budget_mib: float, candidates: int) -> int:
+    """How many prompt sets one decoder call plus its host post-processing may take within the budget (>= 1)."""
+    per_prompt_set = DECODER_MIB_PER_PROMPT_SET + HOST_MIB_PER_CANDIDATE * candidates
+    return max(1, int(memory_budget_mib // per_prompt_set))
+
+
+def postprocess_into(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int = POSTPROCESS_BAND_BYTES) -> None:
+    """processing.postprocess_masks (then binarize when `out` is bool) written into `out` [n,C,H,W] band by band.
+
+    The same float32 operations on the same elements as postprocess_masks, so the result is bit-identical;
+    only the float temporaries of the final resize are limited to about `band_bytes` at a time."""
+    frame = processing.resize_bilinear(low_res, PROMPT_FRAME, PROMPT_FRAME)
+    frame = frame[..., : geometry.input_size[0], : geometry.input_size[1]]
+    height, width = geometry.original_size
+    # Same index/weight tables resize_bilinear computes, so each band repeats its arithmetic exactly.
+    rows0, rows1, row_weight = processing._bilinear_axis(frame.shape[-2], height)
+    cols0, cols1, col_weight = processing._bilinear_axis(frame.shape[-1], width)
+    bytes_per_row = 4 * 4 * width * max(1, int(np.prod(frame.shape[:-2])))  # left, right, result, slack (float32)
+    band = max(1, band_bytes // bytes_per_row)
+    for start in range(0, height, band):
+        rows = slice(start, min(start + band, height))
+        top = frame[..., rows0[rows], :]
+        bottom = frame[..., rows1[rows], :]
+        blended_rows = top + (bottom - top) * row_weight[rows, None]
+        del top, bottom
+        left = blended_rows[..., cols0]
+        right = blended_rows[..., cols1]
+        logits = left + (right - left) * col_weight
+        out[..., rows, :] = logits if out.dtype != bool else processing.binarize(logits)
+
+
 # ------------------------------------------------------------------------------------------ artifact choice
 
 
@@ -276,11 +327,15 @@ def _normalize_prefer(prefer) -> tuple[str, ...]:
 class Predictor:
     """SAM-style predictor over an evsam-export artifact folder (no torch).
 
-    Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None)
+    Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None,
+              memory_budget_mib=512, max_prompt_batch=None)
 
     encoder / decoder: artifact ids from manifest.json (e.g. "encoder.ort.int8"); by default the fp32
     artifacts, by target in `prefer` order, skipping targets whose runtime is not installed or usable.
     threads: intra-op threads for ONNX Runtime / OpenVINO (None: the runtime's default).
+    memory_budget_mib: working memory for one chunk of prompt sets (decoder call and post-processing); the
+    chunk size follows from it (at least one prompt set). max_prompt_batch: a fixed chunk size instead.
+    Decoders exported with --static-prompts always run their fixed prompt-set count per call.
     """
 
     def __init__(
@@ -290,11 +345,21 @@ class Predictor:
         decoder: str | None = None,
         prefer: Sequence[str] = DEFAULT_PREFER,
         threads: int | None = None,
+        memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB,
+        max_prompt_batch: int | None = None,
     ) -> None:
         from evsam_export.runners import runner_for_artifact
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
+        if isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, (int, float)) or not memory_budget_mib > 0:
+            raise UsageError(f"memory_budget_mib must be a positive number, got {memory_budget_mib!r}"[:120])
+        if max_prompt_batch is not None and (
+            isinstance(max_prompt_batch, bool) or not isinstance(max_prompt_batch, int) or max_prompt_batch < 1
+        ):
+            raise UsageError(f"max_prompt_batch must be a positive integer, got {max_prompt_batch!r}"[:120])
+        self.memory_budget_mib = float(memory_budget_mib)
+        self.max_prompt_batch = max_prompt_batch
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         prefer = _normalize_prefer(prefer)
@@ -345,6 +410,14 @@ class Predictor:
         self.num_tokens = int(tokens)
         prompt_batch = self.decoder_spec.prompt_batch
         self._prompt_batch_limit = int(prompt_batch) if isinstance(prompt_batch, int) else None
+
+    def prompt_chunk_size(self, multimask_output: bool = True) -> int:
+        """Prompt sets per decoder call: the static graph's fixed count, max_prompt_batch, or the budget's."""
+        if self._prompt_batch_limit is not None:
+            return self._prompt_batch_limit
+        if self.max_prompt_batch is not None:
+            return self.max_prompt_batch
+        return prompt_sets_per_chunk(self.memory_budget_mib, 3 if multimask_output else 1)
 
     @property
     def info(self) -> dict:
@@ -430,35 +503,41 @@ class Predictor:
         tokens = processing.build_prompt_tokens(geometry, points, labels, box_array)
         batch = tokens.point_coords.shape[0]
         mask, has_mask = _mask_feed(mask_input, batch)
-        feeds = contract.decoder_feeds(
-            self.decoder_spec,
-            image_embeddings=self.image_embeddings,
-            point_coords=tokens.point_coords,
-            point_labels=tokens.point_labels,
-            mask_input=mask,
-            has_mask_input=has_mask,
-            # The "sam" graph's own upscaled `masks` output is never read (the host upscales the low-res logits),
-            # so it gets the prompt-frame size, whose sides are never rounded to 0 rows (images beyond 2048:1).
-            original_size=geometry.input_size,
-        )
-        out = self._run_decoder(feeds, batch)
-        low_res, scores = processing.select_masks(out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
-        low_res = np.ascontiguousarray(low_res, dtype=np.float32)
-        logits = processing.postprocess_masks(low_res, geometry)
-        masks = logits if return_logits else processing.binarize(logits)
-        return Prediction(
-            masks=masks,
-            scores=np.ascontiguousarray(scores, dtype=np.float32),
-            low_res_logits=low_res,
-            multimask_output=multimask_output,
-        )
+        candidates = 3 if multimask_output else 1
+        height, width = geometry.original_size
+        low = LOW_RES_MASK_SIZE
+        # Only these grow with the whole batch; everything else lives for one chunk.
+        masks = np.empty((batch, candidates, height, width), np.float32 if return_logits else bool)
+        scores = np.empty((batch, candidates), np.float32)
+        low_res = np.empty((batch, candidates, low, low), np.float32)
+        chunk = self.prompt_chunk_size(multimask_output)
+        for start in range(0, batch, chunk):
+            prompt_sets = slice(start, min(start + chunk, batch))
+            feeds = contract.decoder_feeds(
+                self.decoder_spec,
+                image_embeddings=self.image_embeddings,
+                point_coords=tokens.point_coords[prompt_sets],
+                point_labels=tokens.point_labels[prompt_sets],
+                mask_input=mask if mask.shape[0] == 1 else mask[prompt_sets],
+                has_mask_input=has_mask if has_mask.shape[0] == 1 else has_mask[prompt_sets],
+                # The "sam" graph's own upscaled `masks` output is never read (the host upscales the low-res logits).
+                original_size=UNREAD_MASKS_SIZE,
+            )
+            out = self._run_decoder(feeds, prompt_sets.stop - prompt_sets.start)
+            chunk_low_res, chunk_scores = processing.select_masks(
+                out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output
+            )
+            low_res[prompt_sets] = chunk_low_res
+            scores[prompt_sets] = chunk_scores
+            del out, chunk_low_res
+            postprocess_into(low_res[prompt_sets], geometry, masks[prompt_sets])
+        return Prediction(masks=masks, scores=scores, low_res_logits=low_res, multimask_output=multimask_output)
 
     def _run_decoder(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         wanted = (contract.LOW_RES_MASKS, contract.IOU_PREDICTIONS)
         limit = self._prompt_batch_limit
         if limit is None or batch <= limit:
-            out = self.decoder.infer(feeds)
-            return {name: out[name] for name in wanted}
+            return self.decoder.infer(feeds, outputs=wanted)
         # Static-prompt decoders take `limit` prompt sets per call: run them in chunks.
         parts = []
         for start in range(0, batch, limit):
@@ -468,8 +547,7 @@ class Predictor:
                 per_prompt_set += [contract.MASK_INPUT, contract.HAS_MASK_INPUT]
             for name in per_prompt_set:
                 chunk[name] = feeds[name][start : start + limit]
-            out = self.decoder.infer(chunk)
-            parts.append({name: out[name] for name in wanted})
+            parts.append(self.decoder.infer(chunk, outputs=wanted))
         return {name: np.concatenate([p[name] for p in parts], axis=0) for name in wanted}
 
     # -- lifecycle ---------------------------------------------------------------------------------
