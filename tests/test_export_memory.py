@@ -12,18 +12,19 @@ from evsam_export.progress import Reporter
 
 
 class ModelWatch(Reporter):
-    """Records, at the start of every step, whether the loaded PyTorch model is still alive."""
+    """Records, at the start of every step, whether any parameter of the loaded PyTorch model is still alive
+    (the graph wrappers hold submodules, not the model object, so the model itself says nothing)."""
 
     def __init__(self) -> None:
         super().__init__(quiet=True)
-        self.model_ref = None
+        self.parameter_refs: list[weakref.ref] = []
         self.alive_at: dict[str, bool] = {}
 
     @contextmanager
     def step(self, description: str):
-        if self.model_ref is not None:
+        if self.parameter_refs:
             gc.collect()
-            self.alive_at[description] = self.model_ref() is not None
+            self.alive_at[description] = any(ref() is not None for ref in self.parameter_refs)
         with super().step(description):
             yield
 
@@ -34,7 +35,7 @@ def test_export_frees_the_model_before_the_onnx_only_phases(tmp_path, monkeypatc
 
     def watched_load_model(*args, **kwargs):
         model, weights = real_load_model(*args, **kwargs)
-        reporter.model_ref = weakref.ref(model)
+        reporter.parameter_refs = [weakref.ref(p) for p in model.parameters()]
         return model, weights
 
     monkeypatch.setattr(checkpoint, "load_model", watched_load_model)
