@@ -28,15 +28,6 @@ class SimplifyResult:
     note: str = ""
 
 
-def _run_onnxsim(model):
-    from onnxsim import simplify
-
-    simplified, ok = simplify(model)
-    if not ok:
-        raise RuntimeError("onnxsim's own check failed")
-    return simplified
-
-
 def _run_onnxslim(model):
     import onnxslim
 
@@ -76,21 +67,30 @@ def max_abs_difference(reference: list[list[np.ndarray]], candidate: list[list[n
 def _simplify_and_run(name: str, path: Path, candidate_path: Path, spec: ComponentSpec, feeds) -> tuple[int, int, list]:
     """Simplify the graph at `path` with `name`, write it to `candidate_path` and run it there.
 
-    Returns (nodes before, nodes after, outputs per feed). The original is dropped as soon as the simplifier
-    returns and the candidate runs from its file, so no serialized copy or second ModelProto sits beside the
-    ORT session (for xl1 each copy is 0.8 GB)."""
+    Returns (nodes before, nodes after, outputs per feed). onnxsim goes file to file, so no Python copy of
+    the input, no serialized bytes and no second ModelProto sit beside its C++ working copy (same output
+    bytes as simplifying a loaded ModelProto); onnxslim needs a ModelProto and drops the original as soon
+    as it returns. For xl1 each copy is 0.8 GB (docs/benchmarks.md, "Export memory")."""
     import gc
 
     import onnx
 
-    model = onnx.load(str(path))
-    nodes_before = len(model.graph.node)
-    simplified = _run_onnxsim(model) if name == "onnxsim" else _run_onnxslim(model)
-    del model
+    nodes_before = len(onnx.load(str(path)).graph.node)
     gc.collect()
+    if name == "onnxsim":
+        from onnxsim import simplify
+
+        simplified, ok = simplify(str(path), output_path=str(candidate_path))
+        if not ok:
+            raise RuntimeError("onnxsim's own check failed")
+    else:
+        model = onnx.load(str(path))
+        simplified = _run_onnxslim(model)
+        del model
+        gc.collect()
+        onnx.save(simplified, str(candidate_path))
     check_contract(simplified, spec)
     nodes_after = len(simplified.graph.node)
-    onnx.save(simplified, str(candidate_path))
     del simplified
     gc.collect()
     return nodes_before, nodes_after, [ort_outputs(candidate_path, f) for f in feeds]
