@@ -83,19 +83,26 @@ def _artifact_from_file(
     )
 
 
-def _torch_parity(module, spec, path: Path) -> float:
-    """Max abs difference between PyTorch and ONNX Runtime on the graph's own example feeds."""
-    import numpy as np
+def _torch_reference(module, spec) -> tuple[dict, list]:
+    """PyTorch outputs on the graph's own example feeds, kept so the model can be freed before simplifying."""
     import torch
-
-    from evsam_export.export.simplify import ort_outputs
 
     feeds = contract.sample_feeds(spec, batch=2 if spec.component == "decoder" else 1, num_points=3, seed=3)
     with torch.inference_mode():
         expected = module(*[torch.from_numpy(feeds[name]) for name in spec.input_names])
     expected = expected if isinstance(expected, tuple) else (expected,)
+    return feeds, [e.numpy().copy() for e in expected]
+
+
+def _torch_parity(reference: tuple[dict, list], path: Path) -> float:
+    """Max abs difference between the PyTorch reference outputs and ONNX Runtime on the same feeds."""
+    import numpy as np
+
+    from evsam_export.export.simplify import ort_outputs
+
+    feeds, expected = reference
     got = ort_outputs(path, feeds)
-    return max(float(np.max(np.abs(e.numpy() - g))) for e, g in zip(expected, got))
+    return max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
 
 
 def export(
@@ -125,8 +132,11 @@ def export(
         environment=environment(),
         command=command or shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
     )
+    # export_components frees the model after tracing, which it can only do if this frame holds no reference.
+    handover = [model]
+    del model
     with staged_folder(output, force) as staging:
-        artifacts = export_components(model, spec_variant, staging, options, reporter)
+        artifacts = export_components(handover.pop(), spec_variant, staging, options, reporter)
         for artifact in artifacts:
             manifest.add(artifact)
         manifest.history.append({"command": manifest.command, "step": "export", "artifacts": [a.id for a in artifacts]})
@@ -137,6 +147,13 @@ def export(
 
 
 def export_components(model, variant: Variant, folder: Path, options: ExportOptions, reporter: Reporter) -> list[Artifact]:
+    """Trace both components, then simplify, rewrite and check them with the PyTorch model freed.
+
+    The model is released once both graphs and their PyTorch reference outputs exist, so a caller that
+    passes its only reference lets simplification and the ORT checks run without it (docs/benchmarks.md,
+    "Export memory")."""
+    import gc
+
     from evsam_export.export.onnx_export import export_onnx, op_histogram
     from evsam_export.export.simplify import simplify_graph
     from evsam_export.model.sam import DecoderGraph, EncoderGraph
@@ -149,12 +166,22 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
             contract.decoder_spec(options.decoder_profile, options.single_mask, options.dynamic_prompts),
         ),
     ]
-    artifacts = []
-    for component, module, spec in jobs:
+    del model
+    traced = []
+    while jobs:
+        component, module, spec = jobs.pop(0)
         started = time.perf_counter()
         path = folder / f"{component}.fp32.onnx"
         with reporter.step(f"trace {component} to ONNX (opset {options.opset})"):
             export_onnx(module, spec, path, options.opset)
+            reference = _torch_reference(module, spec)
+        del module
+        gc.collect()
+        traced.append((component, spec, path, reference, time.perf_counter() - started))
+
+    artifacts = []
+    for component, spec, path, reference, trace_s in traced:
+        started = time.perf_counter()
         simplify_facts = {"tool": "none"}
         if options.simplify != "none":
             with reporter.step(f"simplify {component}"):
@@ -177,8 +204,10 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                 rewritten, pass_facts = apply_checked(onnx.load(str(path)), options.graph_passes, spec)
                 if any(pass_facts["passes"].values()):
                     onnx.save(rewritten, str(path))
+                del rewritten
+                gc.collect()
         with reporter.step(f"check {component} against PyTorch"):
-            torch_diff = _torch_parity(module, spec, path)
+            torch_diff = _torch_parity(reference, path)
         import onnx
 
         graph = onnx.load(str(path), load_external_data=False)
@@ -205,12 +234,12 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                     "nodes": len(graph.graph.node),
                     "op_types": op_histogram(graph),
                 },
-                wall_time_s=round(time.perf_counter() - started, 2),
+                wall_time_s=round(trace_s + time.perf_counter() - started, 2),
             )
         )
+        del graph
+        gc.collect()
     return artifacts
-
-
 
 
 def validate(

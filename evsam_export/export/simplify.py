@@ -28,15 +28,6 @@ class SimplifyResult:
     note: str = ""
 
 
-def _run_onnxsim(model):
-    from onnxsim import simplify
-
-    simplified, ok = simplify(model)
-    if not ok:
-        raise RuntimeError("onnxsim's own check failed")
-    return simplified
-
-
 def _run_onnxslim(model):
     import onnxslim
 
@@ -73,29 +64,67 @@ def max_abs_difference(reference: list[list[np.ndarray]], candidate: list[list[n
     return worst
 
 
-def simplify_graph(path: Path, spec: ComponentSpec, tool: str = "auto") -> SimplifyResult:
-    """Simplify the ONNX file at `path` in place; keep the original if no simplifier preserves outputs."""
+def _simplify_and_run(name: str, path: Path, candidate_path: Path, spec: ComponentSpec, feeds) -> tuple[int, int, list]:
+    """Simplify the graph at `path` with `name`, write it to `candidate_path` and run it there.
+
+    Returns (nodes before, nodes after, outputs per feed). onnxsim goes file to file, so no Python copy of
+    the input, no serialized bytes and no second ModelProto sit beside its C++ working copy (same output
+    bytes as simplifying a loaded ModelProto); onnxslim needs a ModelProto and drops the original as soon
+    as it returns. For xl1 each copy is 0.8 GB (docs/benchmarks.md, "Export memory")."""
+    import gc
+
     import onnx
 
-    model = onnx.load(str(path))
-    feeds = equivalence_feeds(spec)
-    reference = [ort_outputs(path, f) for f in feeds]
+    nodes_before = len(onnx.load(str(path)).graph.node)
+    gc.collect()
+    if name == "onnxsim":
+        from onnxsim import simplify
+
+        simplified, ok = simplify(str(path), output_path=str(candidate_path))
+        if not ok:
+            raise RuntimeError("onnxsim's own check failed")
+    else:
+        model = onnx.load(str(path))
+        simplified = _run_onnxslim(model)
+        del model
+        gc.collect()
+        onnx.save(simplified, str(candidate_path))
+    check_contract(simplified, spec)
+    nodes_after = len(simplified.graph.node)
+    del simplified
+    gc.collect()
+    return nodes_before, nodes_after, [ort_outputs(candidate_path, f) for f in feeds]
+
+
+def simplify_graph(path: Path, spec: ComponentSpec, tool: str = "auto") -> SimplifyResult:
+    """Simplify the ONNX file at `path` in place; keep the original if no simplifier preserves outputs.
+
+    Each simplifier starts from the file at `path`, which changes only when a candidate passes."""
     order = SIMPLIFIERS if tool == "auto" else (tool,)
     if tool not in ("auto",) + SIMPLIFIERS:
         raise ExportError(f"unknown simplifier {tool!r}", hint="use auto, onnxsim or onnxslim")
+    feeds = equivalence_feeds(spec)
+    reference = [ort_outputs(path, f) for f in feeds]
+    candidate_path = path.with_name(path.name + ".simplified")
     failures = []
-    for name in order:
-        try:
-            simplified = _run_onnxsim(model) if name == "onnxsim" else _run_onnxslim(model)
-            check_contract(simplified, spec)
-            candidate = [ort_outputs(simplified, f) for f in feeds]
-        except Exception as exc:  # a simplifier failing is expected on some graphs: try the next one
-            failures.append(f"{name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
-            continue
-        diff = max_abs_difference(reference, candidate)
-        if diff > EQUIVALENCE_ATOL:
-            failures.append(f"{name}: outputs moved by {diff:.2e}")
-            continue
-        onnx.save(simplified, str(path))
-        return SimplifyResult(name, len(model.graph.node), len(simplified.graph.node), diff, "; ".join(failures))
-    return SimplifyResult("none", len(model.graph.node), len(model.graph.node), 0.0, "; ".join(failures))
+    nodes_before = None
+    try:
+        for name in order:
+            try:
+                nodes_before, nodes_after, candidate = _simplify_and_run(name, path, candidate_path, spec, feeds)
+            except Exception as exc:  # a simplifier failing is expected on some graphs: try the next one
+                failures.append(f"{name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
+                continue
+            diff = max_abs_difference(reference, candidate)
+            if diff > EQUIVALENCE_ATOL:
+                failures.append(f"{name}: outputs moved by {diff:.2e}")
+                continue
+            candidate_path.replace(path)
+            return SimplifyResult(name, nodes_before, nodes_after, diff, "; ".join(failures))
+    finally:
+        candidate_path.unlink(missing_ok=True)
+    if nodes_before is None:  # every simplifier failed before counting
+        import onnx
+
+        nodes_before = len(onnx.load(str(path)).graph.node)
+    return SimplifyResult("none", nodes_before, nodes_before, 0.0, "; ".join(failures))

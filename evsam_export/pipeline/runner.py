@@ -258,8 +258,8 @@ def _weights_sha(variant, checkpoint: str | None) -> str:
 
 def _run_step(step: Step, ctx, parent, variant, checkpoint, options, load_model, export_components) -> list[Artifact]:
     if step.name == "export":
-        model, _weights = load_model(variant, checkpoint)
-        return export_components(model, variant, ctx.folder, options, ctx.reporter)
+        # no local name for the model: export_components frees it before simplifying (export memory)
+        return export_components(load_model(variant, checkpoint)[0], variant, ctx.folder, options, ctx.reporter)
     module = importlib.import_module(step.module)
     settings = build_settings(importlib.import_module(step.module).Settings, step.settings, step.precision)
     return list(module.build(ctx, parent, settings))
