@@ -129,7 +129,7 @@ def test_sighup_inside_a_staged_folder_exits_129_and_leaves_the_previous_output(
     def body():
         with staged_folder(target, force=True) as staging:
             (staging / "new.txt").write_text("half done")
-            os.kill(os.getpid(), signal.SIGHUP)
+            signal.raise_signal(signal.SIGHUP)  # to this thread: a process-directed kill may land on a native worker thread
             raise AssertionError("the handler should have raised at the kill")
 
     with pytest.raises(typer.Exit) as exit_info:
@@ -153,7 +153,7 @@ def test_a_signal_during_the_swap_is_held_until_the_swap_is_complete(tmp_path, m
         real_replace(source, destination)
         calls.append(destination)
         if len(calls) == 1:  # between moving the old folder aside and moving the new one in
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(output_module.os, "replace", replace_then_signal)
 
