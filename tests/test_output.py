@@ -120,32 +120,21 @@ def test_sweep_reports_what_it_removed(tmp_path):
     assert [p.name for p in sweep_stale_temp_folders(tmp_path)] == [f".a.tmp-{gone}-x1"]
 
 
-def test_sighup_inside_a_staged_folder_exits_129_and_leaves_the_previous_output(tmp_path, capsys):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("previous")
-    handler_before = signal.getsignal(signal.SIGHUP)
+# The two signal tests run in a fresh interpreter: in a pytest process that had run the NNCF tests before them,
+# a stop signal inside run_guarded ended in a segfault (exit 139) that a fresh process never shows; the cause is
+# open (docs/reliability.md, "Limits").
+SIGNAL_PROBE = """
+import os, signal, sys
+from pathlib import Path
+import typer
+from evsam_export import output as output_module
+from evsam_export.cli.common import run_guarded
+from evsam_export.output import staged_folder
 
-    def body():
-        with staged_folder(target, force=True) as staging:
-            (staging / "new.txt").write_text("half done")
-            signal.raise_signal(signal.SIGHUP)  # to this thread: a process-directed kill may land on a native worker thread
-            raise AssertionError("the handler should have raised at the kill")
-
-    with pytest.raises(typer.Exit) as exit_info:
-        run_guarded(False, body)
-    assert exit_info.value.exit_code == 128 + signal.SIGHUP
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "SIGHUP" in errors[0], errors
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in target.iterdir()] == ["old.txt"]
-    assert signal.getsignal(signal.SIGHUP) == handler_before
-
-
-def test_a_signal_during_the_swap_is_held_until_the_swap_is_complete(tmp_path, monkeypatch, capsys):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("previous")
+target = Path(sys.argv[1])
+case = sys.argv[2]
+handler_before = signal.getsignal(signal.SIGHUP)
+if case == "swap":
     real_replace = os.replace
     calls = []
 
@@ -155,19 +144,53 @@ def test_a_signal_during_the_swap_is_held_until_the_swap_is_complete(tmp_path, m
         if len(calls) == 1:  # between moving the old folder aside and moving the new one in
             signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(output_module.os, "replace", replace_then_signal)
+    output_module.os.replace = replace_then_signal
 
-    def body():
-        with staged_folder(target, force=True) as staging:
-            (staging / "new.txt").write_text("complete")
 
-    with pytest.raises(typer.Exit) as exit_info:
-        run_guarded(False, body)
-    assert exit_info.value.exit_code == 128 + signal.SIGTERM
-    assert len(calls) == 2
+def body():
+    with staged_folder(target, force=True) as staging:
+        (staging / "new.txt").write_text("half done" if case == "inside" else "complete")
+        if case == "inside":
+            os.kill(os.getpid(), signal.SIGHUP)
+            raise AssertionError("the handler should have raised at the kill")
+
+
+try:
+    run_guarded(False, body)
+except typer.Exit as exc:
+    print("exit", exc.exit_code, "restored", signal.getsignal(signal.SIGHUP) == handler_before,
+          "replaces", len(calls) if case == "swap" else 0)
+"""
+
+
+def run_signal_probe(target: Path, case: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SIGNAL_PROBE, str(target), case], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_sighup_inside_a_staged_folder_exits_129_and_leaves_the_previous_output(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("previous")
+    proc = run_signal_probe(target, "inside")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["exit", str(128 + signal.SIGHUP), "restored", "True", "replaces", "0"]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "SIGHUP" in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+
+def test_a_signal_during_the_swap_is_held_until_the_swap_is_complete(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("previous")
+    proc = run_signal_probe(target, "swap")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["exit", str(128 + signal.SIGTERM), "restored", "True", "replaces", "2"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert temp_leftovers(tmp_path) == []
-    assert "SIGTERM" in capsys.readouterr().err
+    assert "SIGTERM" in proc.stderr
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
