@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from evsam_export.errors import OutputError
-from evsam_export.pipeline.cache import StepCache, file_sha256, read_entry, verify_entry
+from evsam_export.manifest import sha256_file
+from evsam_export.pipeline.cache import StepCache, read_entry, verify_entry
 
 KEY = "a" * 64
 
@@ -104,7 +105,7 @@ def test_a_damaged_entry_is_a_miss_that_leaves_nothing_and_the_next_store_replac
     cache.store(KEY, tmp_path / "built", files, {"step": "export", "artifacts": []})  # the rebuilt step's store
     entry, problem = cache.restore(KEY, tmp_path / "out")
     assert problem is None and entry is not None
-    assert file_sha256(tmp_path / "out" / "model.onnx") == file_sha256(tmp_path / "built" / "model.onnx")
+    assert sha256_file(tmp_path / "out" / "model.onnx") == sha256_file(tmp_path / "built" / "model.onnx")
     assert sorted(p.name for p in cache.root.iterdir()) == [KEY]  # the bad entry's remains are gone
 
 

@@ -205,13 +205,13 @@ def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path):
     rebuilt (and says so), r2 matches its manifest, r1 is untouched, and the rebuilt entry replaced the bad one."""
     import io
 
-    from evsam_export.manifest import read_manifest
-    from evsam_export.pipeline.cache import file_sha256, verify_entry
+    from evsam_export.manifest import read_manifest, sha256_file
+    from evsam_export.pipeline.cache import verify_entry
     from evsam_export.progress import Reporter
 
     def files_match_their_manifest(folder: Path) -> bool:
         manifest = read_manifest(folder)
-        return all(file_sha256(folder / a.path) == a.sha256 and (folder / a.path).stat().st_size == a.size_bytes
+        return all(sha256_file(folder / a.path) == a.sha256 and (folder / a.path).stat().st_size == a.size_bytes
                    for a in manifest.artifacts)
 
     recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evsam_export.errors import OutputError
+from evsam_export.manifest import sha256_file
 
 ENTRY_FORMAT = 2  # entries before 2 recorded file names without sizes and hashes: unverifiable, so a miss
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -99,14 +100,6 @@ def step_key(payload: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def copy_independent(source: Path, target: Path) -> None:
     """Copy `source` to a new file `target` that shares no inode with it: a reflink where the filesystem
     offers one, else an in-kernel copy, else a plain read/write copy."""
@@ -165,7 +158,7 @@ def _file_problem(name: str, path: Path, record: dict) -> str | None:
         return f"{name} is missing"
     if size != record["size"]:
         return f"{name} is {size} bytes, recorded {record['size']}"
-    if file_sha256(path) != record["sha256"]:
+    if sha256_file(path) != record["sha256"]:
         return f"{name} sha256 differs from its record"
     return None
 
@@ -302,7 +295,7 @@ class StepCache:
                 target = scratch / "files" / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 copy_independent(folder / name, target)
-                records[name] = {"size": target.stat().st_size, "sha256": file_sha256(target)}
+                records[name] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
                 target.chmod(0o444)
             entry = {**payload, "format": ENTRY_FORMAT, "key": key, "stored": time.time(), "files": records}
             (scratch / "entry.json").write_text(json.dumps(entry, indent=1))

@@ -294,9 +294,9 @@ def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_has
 def validate_key(folder: Path, manifest: Manifest, suite_hash: str, versions: dict) -> str:
     """The validate step's key: over the sha256 of every file it will check, read from disk (not the hashes the
     manifest records), and every artifact's IO contract, which the feeds are built from."""
-    from evsam_export.pipeline.cache import file_sha256
+    from evsam_export.manifest import sha256_file
 
-    files = {name: file_sha256(folder / name) if (folder / name).is_file() else None  # a missing file fails the validation itself
+    files = {name: sha256_file(folder / name) if (folder / name).is_file() else None  # a missing file fails the validation itself
              for artifact in manifest.artifacts for name in _artifact_files(artifact)}
     return step_key({"step": "validate", "code": module_code_hash("evsam_export.parity.validate"), "suite": suite_hash,
                      "artifacts": sorted((a.id, a.path, a.to_json()["inputs"], a.to_json()["outputs"]) for a in manifest.artifacts),
