@@ -54,15 +54,11 @@ def race_worker(target: str, barrier, failures, trials: int, without_lock: bool,
             return
 
 
-@pytest.mark.parametrize("without_lock", [False, True], ids=["locked", "retries-only"])
-def test_two_force_writes_of_one_folder_never_fail_or_leave_temp_folders(tmp_path, without_lock):
-    context = multiprocessing.get_context("fork")
+def run_two_writers(context, target: Path, *worker_args) -> tuple[list, list[str]]:
+    """Two race_worker processes behind one barrier; (the processes, after join; the failures they reported)."""
     barrier = context.Barrier(2)
     failures = context.Queue()
-    target = tmp_path / "out"
-    workers = [
-        context.Process(target=race_worker, args=(str(target), barrier, failures, RACE_TRIALS, without_lock)) for _ in range(2)
-    ]
+    workers = [context.Process(target=race_worker, args=(str(target), barrier, failures, *worker_args)) for _ in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -70,6 +66,14 @@ def test_two_force_writes_of_one_folder_never_fail_or_leave_temp_folders(tmp_pat
     errors = []
     while not failures.empty():
         errors.append(failures.get())
+    return workers, errors
+
+
+@pytest.mark.parametrize("without_lock", [False, True], ids=["locked", "retries-only"])
+def test_two_force_writes_of_one_folder_never_fail_or_leave_temp_folders(tmp_path, without_lock):
+    context = multiprocessing.get_context("fork")
+    target = tmp_path / "out"
+    workers, errors = run_two_writers(context, target, RACE_TRIALS, without_lock)
     assert errors == []
     assert [worker.exitcode for worker in workers] == [0, 0]
     assert temp_leftovers(tmp_path) == []
@@ -80,17 +84,8 @@ def test_two_force_writes_of_one_folder_never_fail_or_leave_temp_folders(tmp_pat
 
 def test_two_writes_without_force_one_wins_and_the_other_is_refused(tmp_path):
     context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(2)
-    failures = context.Queue()
     target = tmp_path / "out"
-    workers = [context.Process(target=race_worker, args=(str(target), barrier, failures, 1, False, False)) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(BARRIER_TIMEOUT_S * 2)
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
+    _workers, errors = run_two_writers(context, target, 1, False, False)
     assert len(errors) == 1 and "OutputError" in errors[0] and "not empty" in errors[0], errors
     assert temp_leftovers(tmp_path) == []
     assert sorted(p.name for p in target.iterdir()) == ["payload.bin", "writer.txt"]
