@@ -14,10 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evsam_export import contract
+from evsam_export.errors import UsageError
 from evsam_export.export.graph_passes import EXPORT_PASSES, check_pass_names
 from evsam_export.manifest import Artifact, Manifest, environment, sha256_file
-from evsam_export.model.variants import LOW_RES_MASK_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME, Variant, get_variant
+from evsam_export.model.variants import LOW_RES_MASK_SIZE, PROMPT_FRAME, Variant, get_variant
 from evsam_export.progress import Reporter
+
+# The export settings that take one of a few values: checked when the options are built, so a recipe's
+# [export] table is refused when it loads.
+EXPORT_CHOICES = {
+    "decoder_profile": contract.DECODER_PROFILES,
+    "encoder_profile": contract.ENCODER_PROFILES,
+    "single_mask_rule": contract.SINGLE_MASK_RULES,
+    "simplify": ("auto", "onnxsim", "onnxslim", "none"),
+}
 
 
 @dataclass(frozen=True)
@@ -26,13 +36,21 @@ class ExportOptions:
     dynamic_batch: bool = True
     dynamic_prompts: bool = True
     decoder_profile: str = "sam"  # sam | tensorrt
+    encoder_profile: str = "host"  # host | app (preprocessing in the graph, raw uint8 HWC input)
     single_mask: bool = False
+    single_mask_rule: str = "token0"  # token0 | sam-onnx (contract.SINGLE_MASK_RULES), only with single_mask
     simplify: str = "auto"  # auto | onnxsim | onnxslim | none
     # Portable graph passes run after simplification (evsam_export.export.graph_passes; [] for none).
     graph_passes: tuple[str, ...] = EXPORT_PASSES
 
     def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
         object.__setattr__(self, "graph_passes", check_pass_names(self.graph_passes, ("portable",)))
+        for name, allowed in EXPORT_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.single_mask_rule != "token0" and not self.single_mask:
+            raise UsageError(f"single_mask_rule: {self.single_mask_rule!r} chooses the token of a single-mask decoder",
+                             hint="add --single-mask (or single_mask = true in the recipe)")
 
 
 @dataclass
@@ -45,12 +63,8 @@ class ExportResult:
 def model_contract(variant: Variant, options: ExportOptions) -> dict:
     """What a consumer must know to feed the graphs (recorded in manifest.json)."""
     return {
-        "encoder_input": {
-            "layout": "NCHW RGB",
-            "resize": f"Pillow bilinear, longest side to {variant.encoder_size}",
-            "normalize": {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD), "scale": "0..255"},
-            "pad": f"zeros at bottom/right to {variant.encoder_size}x{variant.encoder_size}",
-        },
+        "encoder_profile": options.encoder_profile,
+        "encoder_input": contract.encoder_input_contract(options.encoder_profile, variant.encoder_size),
         "prompt_frame": PROMPT_FRAME,
         "prompt_rules": {
             "coords": f"pixel (x, y) scaled so the image's longest side is {PROMPT_FRAME}",
@@ -59,7 +73,7 @@ def model_contract(variant: Variant, options: ExportOptions) -> dict:
             "boxes": "one prompt set per box: point_coords [B,2,2] (+ points) with labels [2,3]",
         },
         "decoder_profile": options.decoder_profile,
-        "mask_selection": contract.mask_selection(options.single_mask),
+        "mask_selection": contract.mask_selection(options.single_mask, options.single_mask_rule),
         "low_res_mask_size": LOW_RES_MASK_SIZE,
         "mask_threshold": 0.0,
         "postprocess": "bilinear to 1024x1024, crop to the resized image, bilinear to the original size, > 0",
@@ -87,7 +101,7 @@ def _torch_reference(module, spec) -> tuple[dict, list]:
     """PyTorch outputs on the graph's own example feeds, kept so the model can be freed before simplifying."""
     import torch
 
-    feeds = contract.sample_feeds(spec, batch=2 if spec.component == "decoder" else 1, num_points=3, seed=3)
+    feeds = contract.trace_feeds(spec, seed=3)
     with torch.inference_mode():
         expected = module(*[torch.from_numpy(feeds[name]) for name in spec.input_names])
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -146,7 +160,15 @@ def export(
     return ExportResult(output=output, manifest=manifest, artifacts=artifacts)
 
 
-def export_components(model, variant: Variant, folder: Path, options: ExportOptions, reporter: Reporter) -> list[Artifact]:
+def component_opset(component: str, options: ExportOptions) -> int:
+    """The opset a component is traced at: the app encoder needs at least APP_ENCODER_MIN_OPSET."""
+    if component == "encoder" and options.encoder_profile == "app":
+        return max(options.opset, contract.APP_ENCODER_MIN_OPSET)
+    return options.opset
+
+
+def export_components(model, variant: Variant, folder: Path, options: ExportOptions, reporter: Reporter,
+                      components: tuple[str, ...] = ("encoder", "decoder")) -> list[Artifact]:
     """Trace both components, then simplify, rewrite and check them with the PyTorch model freed.
 
     The model is released once both graphs and their PyTorch reference outputs exist, so a caller that
@@ -158,22 +180,26 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
     from evsam_export.export.simplify import simplify_graph
     from evsam_export.model.sam import DecoderGraph, EncoderGraph
 
+    app_encoder = options.encoder_profile == "app"
+    # The app profile traces the host encoder with batch 1, then prepends the preprocessing graph to it.
     jobs = [
-        ("encoder", EncoderGraph(model), contract.encoder_spec(variant, options.dynamic_batch)),
+        ("encoder", EncoderGraph(model), contract.encoder_spec(variant, options.dynamic_batch and not app_encoder)),
         (
             "decoder",
-            DecoderGraph(model, options.decoder_profile, options.single_mask),
+            DecoderGraph(model, options.decoder_profile, options.single_mask, options.single_mask_rule, token_layout=True),
             contract.decoder_spec(options.decoder_profile, options.single_mask, options.dynamic_prompts),
         ),
     ]
+    jobs = [job for job in jobs if job[0] in components]
     del model
     traced = []
     while jobs:
         component, module, spec = jobs.pop(0)
         started = time.perf_counter()
         path = folder / f"{component}.fp32.onnx"
-        with reporter.step(f"trace {component} to ONNX (opset {options.opset})"):
-            export_onnx(module, spec, path, options.opset)
+        opset = component_opset(component, options)
+        with reporter.step(f"trace {component} to ONNX (opset {opset})"):
+            export_onnx(module, spec, path, opset)
             reference = _torch_reference(module, spec)
         del module
         gc.collect()
@@ -208,6 +234,12 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                 gc.collect()
         with reporter.step(f"check {component} against PyTorch"):
             torch_diff = _torch_parity(reference, path)
+        app_facts = {}
+        if component == "encoder" and app_encoder:
+            from evsam_export.export.app_encoder import prepend_preprocessing
+
+            with reporter.step("put the preprocessing into the encoder graph (app profile)"):
+                spec, app_facts = prepend_preprocessing(path, variant.encoder_size)
         import onnx
 
         graph = onnx.load(str(path), load_external_data=False)
@@ -222,12 +254,15 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                 spec,
                 step="export",
                 settings={
-                    "opset": options.opset,
+                    "opset": component_opset(component, options),
                     "exporter": "torchscript",
                     "dynamic_axes": spec.dynamic_axes(),
-                    **({"decoder_profile": spec.profile, "single_mask": spec.single_mask} if component == "decoder" else {}),
+                    **({"decoder_profile": spec.profile, "single_mask": spec.single_mask,
+                        "single_mask_rule": options.single_mask_rule} if component == "decoder" else {}),
+                    **({"encoder_profile": spec.profile} if component == "encoder" else {}),
                 },
                 facts={
+                    **app_facts,
                     "simplify": simplify_facts,
                     "graph_passes": pass_facts,
                     "max_abs_diff_vs_torch": torch_diff,
@@ -242,6 +277,54 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
     return artifacts
 
 
+def export_decoder(
+    folder: str | Path,
+    checkpoint: str | None = None,
+    options: ExportOptions | None = None,
+    reporter: Reporter | None = None,
+    command: str | None = None,
+) -> ExportResult:
+    """Re-export only the decoder of an existing folder (`export --components decoder`): the encoder and its
+    artifacts are kept untouched; every decoder artifact (and file) is replaced by the new fp32 decoder, and the
+    manifest's decoder contract is updated, all in one atomic swap of the folder. Later decoder steps (a target
+    build, fp16...) and the parity gate are to be re-run on the new decoder."""
+    from evsam_export.manifest import read_manifest
+    from evsam_export.model.checkpoint import load_model
+    from evsam_export.output import staged_folder
+
+    options = options or ExportOptions()
+    reporter = reporter or Reporter()
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    variant = get_variant(manifest.variant)
+    spec = checkpoint or manifest.weights.get("spec") or "synthetic:0"
+    with reporter.step(f"load EfficientViT-SAM-{variant.name} weights ({spec})"):
+        model, weights = load_model(variant, spec)
+    if weights.sha256 != manifest.weights.get("sha256"):
+        raise UsageError(f"{spec} are not the weights {folder} was exported from",
+                         hint="pass the checkpoint of the folder's encoder with --checkpoint, or export a new folder")
+    handover = [model]
+    del model
+    with staged_folder(folder, force=False, keep=True) as staging:
+        old = [a for a in manifest.artifacts if a.component == "decoder"]
+        for artifact in old:
+            for name in [artifact.path, *artifact.extra_files]:
+                (staging / name).unlink(missing_ok=True)
+        manifest.artifacts = [a for a in manifest.artifacts if a.component != "decoder"]
+        artifacts = export_components(handover.pop(), variant, staging, options, reporter, components=("decoder",))
+        for artifact in artifacts:
+            manifest.add(artifact)
+        manifest.model.update({key: value for key, value in model_contract(variant, options).items()
+                               if key in ("decoder_profile", "mask_selection")})
+        manifest.history.append({"command": command or shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                                 "step": "export", "components": ["decoder"], "replaced": [a.id for a in old],
+                                 "artifacts": [a.id for a in artifacts]})
+        manifest.write(staging)
+    for artifact in artifacts:
+        reporter.artifact("ok", artifact.wall_time_s, folder / artifact.path, note=artifact.id)
+    return ExportResult(output=folder, manifest=manifest, artifacts=artifacts)
+
+
 def validate(
     folder: str | Path,
     suite: str | Path = "default",
@@ -252,16 +335,27 @@ def validate(
     artifacts: list[str] | None = None,
     reporter: Reporter | None = None,
     threads: int | None = None,
+    images: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
 ):
-    """Run the parity gate on an artifact folder; writes parity.json, parity.md, junit.xml and overlays.
+    """Run the parity gate on an artifact folder; writes parity.json, parity.md, junit.xml, overlays and
+    report.html.
 
-    Returns the ParityReport; `report.passed` is the gate (the CLI exits non-zero when it is False)."""
+    `images`: a folder of the user's images replacing the suite's own (its prompt kinds and gates are kept),
+    `limit` of them drawn with `seed` (all when None). Returns the ParityReport; `report.passed` is the gate
+    (the CLI exits non-zero when it is False)."""
+    from evsam_export.data.images import ImageFolder
     from evsam_export.parity.report import write_reports
     from evsam_export.parity.suites import load_suite
     from evsam_export.parity.validate import validate_folder
 
     folder = Path(folder)
     loaded = load_suite(suite)
+    if images is not None:
+        image_folder = ImageFolder(Path(images).expanduser(), limit=limit, seed=seed)
+        image_folder.all_files()  # a missing or empty folder is refused before any model runs
+        loaded = loaded.with_images(image_folder)
     report = validate_folder(
         folder,
         loaded,
@@ -286,6 +380,8 @@ def record_validation(folder: Path, report) -> None:
         "step": "validate",
         "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "suite": report.suite,
+        "images": report.images,
+        "skipped_images": [item.to_json() for item in report.skipped_images],
         "reference": report.reference_source,
         "passed": report.passed,
         "stages": {f"{s.pairing or s.artifact}/{s.stage}": s.passed for s in report.stages},
@@ -295,4 +391,34 @@ def record_validation(folder: Path, report) -> None:
     manifest.write(folder)
 
 
-__all__ = ["ExportOptions", "ExportResult", "export", "validate"]
+def evaluate(
+    folder: str | Path,
+    annotations: str | Path,
+    images: str | Path | None = None,
+    checkpoint: str | None = None,
+    prompts: tuple[str, ...] = ("box", "point"),
+    limit: int | None = None,
+    seed: int = 0,
+    shard: tuple[int, int] | None = None,
+    artifacts: list[str] | None = None,
+    threads: int | None = None,
+    reporter: Reporter | None = None,
+):
+    """mIoU against COCO-format ground truth (the paper's zero-shot protocol) for the PyTorch reference of
+    `folder` and every encoder -> decoder pairing in it; returns an Evaluation (evsam_export.evaluation)."""
+    from evsam_export.data.coco import load_coco
+    from evsam_export.evaluation.pictures import draw_worst
+    from evsam_export.evaluation.protocol import evaluate_folder
+    from evsam_export.evaluation.report import results
+
+    reporter = reporter or Reporter()
+    dataset = load_coco(annotations, images, limit=limit, seed=seed, shard=shard)
+
+    def draw(pipelines, evaluation) -> None:
+        with reporter.step("draw the worst instances"):
+            draw_worst(pipelines, dataset, evaluation, results(evaluation))
+
+    return evaluate_folder(folder, dataset, prompts, artifacts, checkpoint, threads, reporter, on_evaluated=draw)
+
+
+__all__ = ["ExportOptions", "ExportResult", "evaluate", "export", "export_decoder", "validate"]

@@ -4,6 +4,8 @@ Method: every subject is loaded first, warm-up runs are discarded, then repetiti
 across subjects (A B C A B C ...) inside one process, so machine noise hits all of them alike; we report
 median, p90 and min, and compare subjects as ratios. Baselines in the same run: PyTorch eager fp32 and a
 *plain* export (torch.onnx.export at opset 17, no graph work: what the official export script produces).
+Prompt latency as an app waits for it (`Predictor.predict`: decoder and host post-processing) is timed
+against the plain export of upstream's decoder alone, on the same embeddings and prompts (`prompt_bench`).
 Peak resident memory is measured in a separate process per subject (load + one inference).
 """
 
@@ -89,6 +91,26 @@ def plain_export(model, variant, folder: Path) -> Path:
     example = torch.zeros(1, 3, variant.encoder_size, variant.encoder_size)
     torch.onnx.export(module, (example,), str(path), input_names=["input_image"], output_names=["image_embeddings"],
                       dynamic_axes={"input_image": {0: "batch"}, "image_embeddings": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path
+
+
+def plain_decoder_export(model, folder: Path) -> Path:
+    """The decoder a user gets from upstream code with torch.onnx.export, the baseline of prompt latency:
+    prompt encoder and mask decoder traced as they are (branch-free point embedding, the official
+    deployment's IO: low-res logits and IoU of all four tokens, no image-size input), opset 17, no
+    simplification and no graph passes."""
+    import torch
+
+    from evsam_export.model.sam import DecoderGraph
+
+    spec = contract.decoder_spec("tensorrt")
+    path = folder / "decoder.plain.onnx"
+    module = DecoderGraph(model, "tensorrt").eval()
+    example = contract.sample_feeds(spec, batch=2, num_points=3)
+    with torch.no_grad():
+        torch.onnx.export(module, tuple(torch.from_numpy(example[n]) for n in spec.input_names), str(path),
+                          input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes(), opset_version=17, dynamo=False)
     return path
 
 
@@ -232,6 +254,10 @@ def run_bench(
             feeds = {name: _decoder_feed(runner.inputs, prompts, boxes) for name, runner in decoders.items()}
             times = alternate(decoders, feeds, runs * 2, warmup)
         result.timings += [_timing(n, "decoder", workload, t, prompts, load_of(n, decoders)) for n, t in times.items()]
+    if "plain-onnx" in compare:
+        with reporter.step("plain decoder export (upstream's decoder traced as it is, no graph work)"):
+            plain_decoder = plain_decoder_export(model, scratch)
+        result.timings += prompt_bench(folder, plain_decoder, threads, runs, warmup, reporter)
     if memory:
         for timing in result.timings:
             if timing.subject in {a.id for a in manifest.artifacts}:
@@ -241,13 +267,94 @@ def run_bench(
     return result
 
 
+# Prompt latency is timed on a 1024x768 photo (H, W) with what an app sends: one foreground click
+# (multimask) and 16 boxes in one call (one mask each).
+PROMPT_IMAGE_SIZE = (768, 1024)
+PROMPT_WORKLOADS = ("app: 1 click", "app: 16 boxes")
+PLAIN_DECODER = "plain-decoder"
+PREDICTOR = "predictor"
+
+
+def prompt_image(size: tuple[int, int] = PROMPT_IMAGE_SIZE) -> np.ndarray:
+    """A deterministic photo-like RGB image: smooth gradients plus noise (speed does not depend on content)."""
+    height, width = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+    noise = np.random.default_rng(3).normal(0, 20, (height, width, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def prompt_requests(size: tuple[int, int] = PROMPT_IMAGE_SIZE) -> dict[str, dict]:
+    """Predictor.predict keyword arguments of each prompt workload, in original-image pixels."""
+    height, width = size
+    rng = np.random.default_rng(4)
+    corners = np.sort(rng.uniform(0, 1, (16, 2, 2)) * np.array([width, height]), axis=1)
+    return {
+        PROMPT_WORKLOADS[0]: {"point_coords": [[0.4 * width, 0.55 * height]], "point_labels": [1], "multimask_output": True},
+        PROMPT_WORKLOADS[1]: {"boxes": corners.reshape(16, 4), "multimask_output": False},
+    }
+
+
+def prompt_bench(folder: Path, plain_decoder: Path, threads: int, runs: int, warmup: int,
+                 reporter: Reporter | None = None, **predictor_options) -> list[Timing]:
+    """Prompt latency as an app sees it: `Predictor.predict` (decoder graph + host post-processing, masks at
+    the original size) against the plain upstream decoder graph alone on the same embeddings and tokens,
+    alternated in one process. `predictor:decoder` and `predictor:postprocess` split the predictor's time
+    (from `Prediction.meta` of the timed calls)."""
+    from evsam_export.model import processing
+    from evsam_export.runners.ort_runner import OrtRunner
+    from evsam_export.runtime import Predictor
+
+    reporter = reporter or Reporter()
+    spec = contract.decoder_spec("tensorrt")
+    timings = []
+    with Predictor(folder, threads=threads, **predictor_options) as predictor, \
+            OrtRunner(plain_decoder, list(spec.inputs), list(spec.outputs), PLAIN_DECODER, threads=threads) as plain:
+        started = time.perf_counter()
+        predictor.set_image(prompt_image())
+        set_image_ms = (time.perf_counter() - started) * 1000
+        for workload, request in prompt_requests().items():
+            points = request.get("point_coords")
+            tokens = processing.build_prompt_tokens(
+                predictor.geometry, None if points is None else np.asarray(points), request.get("point_labels"), request.get("boxes"))
+            feeds = contract.decoder_feeds(plain, predictor.image_embeddings, tokens.point_coords, tokens.point_labels)
+            breakdown: list[dict] = []
+            calls = {
+                PLAIN_DECODER: lambda feeds=feeds: plain.infer(feeds),
+                PREDICTOR: lambda request=request, log=breakdown: log.append(predictor.predict(**request).meta),
+            }
+            with reporter.step(f"prompt latency, {workload}: predictor vs plain decoder graph, {runs} alternated runs"):
+                times = alternate_calls(calls, runs, warmup)
+            prompts = int(tokens.point_coords.shape[0])
+            timings += [_timing(name, "prompt", workload, values, prompts, 0.0) for name, values in times.items()]
+            for part in ("decoder_ms", "postprocess_ms"):
+                values = [meta[part] for meta in breakdown[warmup:]]
+                timings.append(_timing(f"{PREDICTOR}:{part[:-3]}", "prompt", workload, values, prompts, 0.0))
+        reporter.line(f"set_image (encoder + preprocessing, {PROMPT_IMAGE_SIZE[1]}x{PROMPT_IMAGE_SIZE[0]}): {set_image_ms:.0f} ms; "
+                      f"predictor decoder {predictor.decoder_artifact.id}")
+    return timings
+
+
+def prompt_ratios(timings: list[Timing]) -> dict[str, dict[str, float]]:
+    """Per prompt workload: the predictor's speed-up over the plain decoder graph and the host share."""
+    median = {(t.subject, t.workload): t.median_ms for t in timings if t.component == "prompt"}
+    ratios = {}
+    for workload in PROMPT_WORKLOADS:
+        if (PREDICTOR, workload) in median and (PLAIN_DECODER, workload) in median:
+            ratios[workload] = {
+                "predictor_vs_plain": median[(PLAIN_DECODER, workload)] / median[(PREDICTOR, workload)],
+                "host_share": median.get((f"{PREDICTOR}:postprocess", workload), 0.0) / median[(PREDICTOR, workload)],
+            }
+    return ratios
+
+
 def table(result: BenchResult) -> str:
     baseline = {t.workload: t.median_ms for t in result.timings if t.subject == "pytorch-eager"}
-    rows = [f"{'subject':<24} {'component':<8} {'workload':<9} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'items/s':>8} "
+    rows = [f"{'subject':<24} {'component':<8} {'workload':<14} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'items/s':>8} "
             f"{'vs torch':>8} {'load s':>7} {'peak MB':>8}"]
     for t in result.timings:
         speedup = f"{baseline[t.workload] / t.median_ms:.2f}x" if t.workload in baseline else "-"
-        rows.append(f"{t.subject:<24} {t.component:<8} {t.workload:<9} {t.median_ms:>10.1f} {t.p90_ms:>8.1f} {t.min_ms:>8.1f} "
+        rows.append(f"{t.subject:<24} {t.component:<8} {t.workload:<14} {t.median_ms:>10.1f} {t.p90_ms:>8.1f} {t.min_ms:>8.1f} "
                     f"{t.per_second:>8.2f} {speedup:>8} {t.load_s:>7.2f} {t.peak_rss_mb or '-':>8}")
     return "\n".join(rows)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evsam_export.errors import ExportError
-from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS
+from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PIXEL_MEAN, PIXEL_STD
 
 # ------------------------------------------------------------------------------------------- tensor names
 
@@ -37,6 +37,11 @@ IOU_PREDICTIONS = "iou_predictions"
 LOW_RES_MASKS = "low_res_masks"
 
 DECODER_PROFILES = ("sam", "tensorrt")
+# host: the caller resizes, normalises and pads (processing.preprocess_image) and feeds float32 NCHW;
+# app: the graph does it, from a raw uint8 RGB image, as annotation apps feed encoders.
+ENCODER_PROFILES = ("host", "app")
+APP_IMAGE_SHAPE = ("image_height", "image_width", 3)
+APP_ENCODER_MIN_OPSET = 18  # Resize's antialias attribute, which the app profile needs to match Pillow, is opset 18
 EMBEDDINGS_SHAPE = (1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)
 
 # ------------------------------------------------------------------------------------ label conventions
@@ -62,10 +67,31 @@ ALL_TOKENS = "all4"
 TOKEN0_ONLY = "token0"
 
 
-def mask_selection(single_mask: bool) -> dict:
+# Which token a single-mask decoder returns. token0: PyTorch SAM's multimask_output=False. sam-onnx: SAM's own
+# ONNX wrapper (return_single_mask), which apps built on it (samexporter, X-AnyLabeling) show in channel 0.
+SINGLE_MASK_RULES = ("token0", "sam-onnx")
+SAM_ONNX_RULE = ("SAM ONNX return_single_mask: token 0 when point_coords has more than 2 points (padding point and "
+                 "box corners included), else the best of tokens 1-3 by predicted IoU")
+
+
+def single_mask_tokens(iou_predictions: np.ndarray, num_points: int, rule: str = "token0") -> np.ndarray:
+    """The token [B] a single-mask decoder of `rule` returns for each prompt set, from all four predicted IoUs [B,4]
+    and the number of point tokens fed (point_coords.shape[1])."""
+    iou = np.asarray(iou_predictions)
+    if rule == "token0" or num_points > 2:
+        return np.zeros(iou.shape[0], dtype=np.int64)
+    if rule != "sam-onnx":
+        raise ValueError(f"unknown single-mask rule {rule!r} (use {' or '.join(SINGLE_MASK_RULES)})")
+    return 1 + np.argmax(iou[:, 1:], axis=1)
+
+
+def mask_selection(single_mask: bool, rule: str = "token0") -> dict:
     """The mask-token semantics of a decoder, as manifest.json records them."""
+    if single_mask and rule == "sam-onnx":
+        return {"outputs": TOKEN0_ONLY, "tokens": 1, "single_mask_rule": rule, "rule": SAM_ONNX_RULE}
     if single_mask:
-        return {"outputs": TOKEN0_ONLY, "tokens": 1, "rule": "token 0 only: PyTorch SAM multimask_output=False"}
+        return {"outputs": TOKEN0_ONLY, "tokens": 1, "single_mask_rule": "token0",
+                "rule": "token 0 only: PyTorch SAM multimask_output=False"}
     return {
         "outputs": ALL_TOKENS,
         "tokens": NUM_MASK_TOKENS,
@@ -133,15 +159,49 @@ class ComponentSpec:
         return None if coords is None or not coords.shape else coords.shape[0]
 
 
-def encoder_spec(variant, dynamic_batch: bool = True) -> ComponentSpec:
-    """The encoder of `variant` (anything with .encoder_size): one normalised, padded NCHW image in, embeddings out."""
+def encoder_spec(variant, dynamic_batch: bool = True, profile: str = "host") -> ComponentSpec:
+    """The encoder of `variant` (anything with .encoder_size). `host`: one normalised, padded NCHW image in,
+    embeddings out; `app`: one raw uint8 RGB image [H, W, 3] of any size in (no batch axis), embeddings out."""
+    if profile == "app":
+        return ComponentSpec(
+            component="encoder",
+            inputs=(TensorSpec(INPUT_IMAGE, "uint8", APP_IMAGE_SHAPE),),
+            outputs=(TensorSpec(IMAGE_EMBEDDINGS, "float32", EMBEDDINGS_SHAPE),),
+            profile="app",
+        )
+    if profile != "host":
+        raise ExportError(f"unknown encoder profile {profile!r}", hint="use " + " or ".join(ENCODER_PROFILES))
     batch = "batch" if dynamic_batch else 1
     size = variant.encoder_size
     return ComponentSpec(
         component="encoder",
         inputs=(TensorSpec(INPUT_IMAGE, "float32", (batch, 3, size, size)),),
         outputs=(TensorSpec(IMAGE_EMBEDDINGS, "float32", (batch, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)),),
+        profile="host",
     )
+
+
+def encoder_profile_of(input_image: TensorSpec) -> str:
+    """The profile of an encoder graph with this input: `app` takes raw uint8 pixels, `host` preprocessed floats."""
+    return "app" if input_image.dtype == "uint8" else "host"
+
+
+def encoder_input_contract(profile: str, encoder_size: int) -> dict:
+    """What the encoder's input is and which preprocessing steps the caller or the graph performs (manifest.json)."""
+    steps = {
+        "resize": f"longest side to {encoder_size}, bilinear with antialiasing on downscale (Pillow BILINEAR), "
+                  "sides int(x * scale + 0.5), at least 1",
+        "normalize": {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD), "scale": "0..255"},
+        "pad": f"zeros at bottom/right to {encoder_size}x{encoder_size}",
+    }
+    if profile == "app":
+        return {
+            "layout": "HWC RGB uint8, no batch axis, any height and width",
+            "in_graph": True,
+            **steps,
+            "resize": steps["resize"] + "; ONNX Resize antialias=1 then rounded to 0..255 like Pillow's uint8 output",
+        }
+    return {"layout": "NCHW RGB float32", "in_graph": False, **steps}
 
 
 def decoder_spec(profile: str = "sam", single_mask: bool = False, dynamic_prompts: bool = True) -> ComponentSpec:
@@ -194,7 +254,8 @@ def artifact_spec(artifact) -> ComponentSpec:
     """The ComponentSpec of an exported artifact (its manifest IO), for feeds and contract checks."""
     spec = ComponentSpec(artifact.component, tuple(artifact.inputs), tuple(artifact.outputs))
     if artifact.component == "encoder":
-        return spec
+        image = spec.input(INPUT_IMAGE)
+        return spec if image is None else ComponentSpec(spec.component, spec.inputs, spec.outputs, encoder_profile_of(image))
     return ComponentSpec(
         spec.component,
         spec.inputs,
@@ -221,7 +282,8 @@ def _for_inputs(inputs, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def encoder_feeds(inputs, input_image: np.ndarray) -> dict[str, np.ndarray]:
-    """Encoder feeds: `input_image` [B,3,S,S] float32, already preprocessed (processing.preprocess_image)."""
+    """Encoder feeds: `input_image` [B,3,S,S] float32, already preprocessed (processing.preprocess_image), or
+    for an `app` encoder the raw uint8 RGB image [H,W,3] (runners.base.check_feeds refuses anything else)."""
     return _for_inputs(inputs, {INPUT_IMAGE: input_image})
 
 
@@ -269,9 +331,22 @@ SAMPLE_LABEL_CYCLE = (LABEL_FOREGROUND, LABEL_BACKGROUND, LABEL_BOX_TOP_LEFT, LA
 SAMPLE_ORIGINAL_SIZE = (480, 640)
 
 
+def trace_feeds(spec: ComponentSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """The feeds a component is traced and checked with: a decoder gets 2 prompt sets x 3 points, so no dynamic
+    dim is specialised to 1 or to a coincidence, except where its contract fixes them (--static-prompts)."""
+    if spec.component == "encoder":
+        return sample_feeds(spec, batch=1, seed=seed)
+    prompts, points = spec.input(POINT_COORDS).shape[:2]
+    return sample_feeds(spec, batch=prompts if isinstance(prompts, int) else 2,
+                        num_points=points if isinstance(points, int) else 3, seed=seed)
+
+
 def sample_feeds(spec: ComponentSpec, batch: int = 1, num_points: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic example inputs that satisfy `spec` (used for tracing and for equivalence checks)."""
     rng = np.random.default_rng(seed)
+    if spec.component == "encoder" and spec.profile == "app":
+        # Portrait and not a multiple of anything, so the in-graph resize and padding both do work.
+        return encoder_feeds(spec, rng.integers(0, 256, size=(301, 217, 3), dtype=np.uint8))
     if spec.component == "encoder":
         size = spec.inputs[0].shape[-1]
         return encoder_feeds(spec, rng.standard_normal((batch, 3, size, size)).astype(np.float32))

@@ -30,6 +30,13 @@ TEMP_FOLDER_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)(?:-[A-Za-z0-9_]+
 SWAP_ATTEMPTS = 20
 
 
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write one file through a hidden temporary file beside it, moved into place when complete: a reader
+    sees the old file or the new one, never half of it."""
+    path = Path(path)
+    return write_files_atomically(path.parent, {path.name: data})[path.name]
+
+
 def stat_or_none(path: Path) -> os.stat_result | None:
     """One stat of `path` (None when absent), so a folder another run is swapping is judged on one look."""
     try:
@@ -274,3 +281,33 @@ def staged_folder(output: Path, force: bool, keep: bool = False):
         shutil.rmtree(staging, ignore_errors=True)  # already gone when the swap succeeded
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_files_atomically(folder: Path, texts: dict[str, str | bytes]) -> dict[str, Path]:
+    """Write `texts` (file name, or a path relative to `folder` -> text or bytes) into `folder`: every file is
+    complete in a temporary beside its target before the first one replaces its target, and the replacements
+    run with stop signals held, so a reader sees all the old files or all the new ones and never half a file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = {}
+    try:
+        for name, text in texts.items():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            staged[name] = temporary
+            if isinstance(text, bytes):
+                temporary.write_bytes(text)
+            else:
+                temporary.write_text(text)
+        with signals_deferred():
+            for name, temporary in staged.items():
+                os.replace(temporary, folder / name)
+    except BaseException as exc:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
+        full = disk_full_error(exc, fallback=folder) if isinstance(exc, Exception) else None
+        if full is not None:
+            raise full from exc
+        raise
+    return {name: folder / name for name in texts}

@@ -69,7 +69,8 @@ class Reporter:
             self.line(f"[{time.perf_counter() - self._start:6.1f}s] {description}: done in {time.perf_counter() - started:.1f}s")
 
     def track(self, items, description: str, total: int | None = None):
-        """Iterate with a progress bar (terminal) or one line per 10 % (CI)."""
+        """Iterate with a progress bar with ETA (terminal) or one line per 10 % with ETA (CI); a generator streams
+        when `total` is given."""
         items = list(items) if total is None else items
         total = len(items) if total is None else total
         if self.interactive and not self.quiet:
@@ -78,10 +79,13 @@ class Reporter:
             yield from track(items, description=description, total=total, console=None, transient=True)
             return
         every = max(1, total // 10)
+        started = time.perf_counter()
         for index, item in enumerate(items, 1):
             yield item
             if index % every == 0 or index == total:
-                self.line(f"[{time.perf_counter() - self._start:6.1f}s] {description}: {index}/{total}")
+                now = time.perf_counter()
+                eta = f", ETA {(now - started) / index * (total - index):.0f}s" if index < total else ""
+                self.line(f"[{now - self._start:6.1f}s] {description}: {index}/{total}{eta}")
 
     def artifact(self, status: str, seconds: float, path: Path | str, note: str = "", size_bytes: int | None = None) -> None:
         path = Path(path)

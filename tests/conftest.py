@@ -12,6 +12,20 @@ from evsam_export.parity.suites import validators_dir
 from evsam_export.progress import Reporter
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-heavy", action="store_true", help="also run the heavy tests: whole recipes, checkpoint training")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heavy tests would take CI past an hour on 2 cores; they run on request and their numbers are in docs."""
+    if config.getoption("--run-heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy (a whole recipe run or checkpoint training): run with --run-heavy")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
 def quick_suite_text(name: str, kinds: tuple[str, ...]) -> str:
     """A one-image suite with the shipped default.toml tolerances (tests must not loosen them)."""
     default = (validators_dir() / "default.toml").read_text()
@@ -67,3 +81,12 @@ def copy_export(l0_export, tmp_path_factory):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def realistic_checkpoint() -> Path:
+    """Our trained-decoder l0 checkpoint (evsam_export.model.realistic), trained on first use (a few minutes
+    on 2 cores) and cached under $EVSAM_CACHE_DIR/realistic/<key>/ for every later session."""
+    from evsam_export.model.realistic import TrainSettings, ensure_checkpoint
+
+    return ensure_checkpoint(TrainSettings())

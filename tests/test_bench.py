@@ -72,6 +72,11 @@ def test_bench_command_times_artifacts_and_baselines(copy_export):
     assert (folder / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plain-onnx" in proc.stdout and "vs torch" in proc.stdout
     assert data["machine"]["cpu_flags"]  # the CPU flags that decide the numbers travel with them
+    # Prompt latency as an app waits for it, against upstream's decoder graph traced as it is.
+    for workload in bench.PROMPT_WORKLOADS:
+        for subject in ("plain-decoder", "predictor", "predictor:decoder", "predictor:postprocess"):
+            assert (subject, workload) in rows, (subject, workload)
+    assert "as fast as the plain upstream decoder graph alone" in proc.stdout
 
 
 def test_bench_refuses_unknown_baselines(l0_export):

@@ -203,3 +203,23 @@ def test_disk_full_during_an_export_is_exit_4_with_the_path(tmp_path, monkeypatc
     assert "--debug" not in errors[0]
     assert leftovers(target) == ["old.txt"]
     assert leftovers(tmp_path) == ["out"]
+
+
+def test_static_prompts_export_is_traced_at_its_declared_shape_and_predicts(tmp_path):
+    """--static-prompts fixes one prompt set of two points (the contract); tracing used to feed 2 sets of 3
+    points, so the simplifier's equivalence check refused the graph it had just written."""
+    import numpy as np
+    import onnx
+
+    from evsam_export.runtime import Predictor
+
+    out = tmp_path / "static"
+    proc = run_cli("export", "--variant", "l0", "--static-prompts", "--no-graph-passes", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    graph = onnx.load(out / "decoder.fp32.onnx", load_external_data=False).graph
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["point_coords"] == [1, 2, 2] and dims["point_labels"] == [1, 2]
+    predictor = Predictor(out)
+    predictor.set_image(np.full((96, 128, 3), 127, np.uint8))
+    boxes = predictor.predict(boxes=np.array([[10, 10, 60, 50], [20, 30, 90, 80]], np.float32))
+    assert boxes.masks.shape[-2:] == (96, 128) and boxes.masks.shape[0] == 2

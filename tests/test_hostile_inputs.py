@@ -335,7 +335,7 @@ def test_set_image_refuses_bad_image_format(predictor):
 
 
 def test_uint16_and_pil_modes_convert_like_the_cli_reader(tmp_path):
-    from evsam_export.cli.predict_cmd import read_image
+    from evsam_export.data.images import read_image_file as read_image
 
     rng = np.random.default_rng(3)
     ramp = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
@@ -367,7 +367,7 @@ def test_uint16_and_pil_modes_convert_like_the_cli_reader(tmp_path):
 
 
 def test_set_image_uint16_and_cmyk_match_the_cli(predictor, tmp_path):
-    from evsam_export.cli.predict_cmd import read_image
+    from evsam_export.data.images import read_image_file as read_image
 
     rng = np.random.default_rng(4)
     deep = (rng.integers(0, 256, (40, 56, 3)) * 257).astype(np.uint16)  # 8-bit content in 16 bits

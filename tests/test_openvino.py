@@ -251,9 +251,11 @@ def test_overflow_fix_follows_cpu_flags():
 def test_settings_refused(ctx):
     parent = ctx.manifest.artifact("encoder.onnx.fp32")
     with pytest.raises(RecipeError, match="precision"):
-        target.build(ctx, parent, target.Settings(precision="bf16"))
+        target.build(ctx, parent, target.Settings(precision="int4"))
     with pytest.raises(RecipeError, match="inference_precision"):
         target.build(ctx, parent, target.Settings(inference_precision="bf16"))
+    with pytest.raises(RecipeError, match="inference_precision"):  # a bf16 artifact computed in f32 is not bf16
+        target.build(ctx, parent, target.Settings(precision="bf16", inference_precision="f32"))
     with pytest.raises(RecipeError, match="overflow_fix"):
         target.build(ctx, parent, target.Settings(precision="int8", overflow_fix="first"))
     # every value is refused when the settings are built, before any step runs

@@ -115,9 +115,8 @@ def test_sweep_reports_what_it_removed(tmp_path):
     assert [p.name for p in sweep_stale_temp_folders(tmp_path)] == [f".a.tmp-{gone}-x1"]
 
 
-# The two signal tests run in a fresh interpreter: in a pytest process that had run the NNCF tests before them,
-# a stop signal inside run_guarded ended in a segfault (exit 139) that a fresh process never shows; the cause is
-# open (docs/reliability.md, "Limits").
+# The two signal tests run in a fresh interpreter, so no earlier test's OpenVINO Cores can have left a freed
+# signal stack behind (docs/reliability.md, "Signals and OpenVINO's signal stack"; tests/test_signal_stack.py).
 SIGNAL_PROBE = """
 import os, signal, sys
 from pathlib import Path
@@ -272,7 +271,7 @@ def test_an_image_header_above_the_bomb_threshold_gets_one_line(tmp_path):
 def test_a_readable_image_above_the_bomb_threshold_is_read_with_one_warning_line(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    from evsam_export.cli.predict_cmd import read_image
+    from evsam_export.data.images import read_image_file as read_image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12x12 = 144 px: a warning, not a refusal (above 200)
     image = tmp_path / "twelve.png"

@@ -131,3 +131,16 @@ def test_metrics_module_does_not_import_torch():
            "print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_in_graph_upscale_agreement_ignores_rounding_at_the_threshold_only():
+    from evsam_export.parity.compare import in_graph_upscale_agreement
+
+    host = np.full((1, 1, 8, 8), -9.0, np.float32)
+    host[..., 2:4, 2:4] = 9.0
+    host[..., 4, 2] = 1e-7  # a boundary pixel on the threshold: two correct Resize kernels may disagree on its sign
+    graph = host.copy()
+    graph[..., 4, 2] = -1e-7
+    assert in_graph_upscale_agreement(host, graph) == 1.0
+    graph[..., 3, 3] = -9.0  # a confident pixel that changed: a real disagreement
+    assert in_graph_upscale_agreement(host, graph) == 0.75

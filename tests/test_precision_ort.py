@@ -222,7 +222,9 @@ def test_fp16_decoder_keeps_attention_and_norms_fp32(ctx, fp16_decoder):
     model = onnx.load(str(ctx.path_of(fp16_decoder)))
     assert set(fp16.io_types(model).values()) == {"FLOAT"}
     islands = fp16.fp32_islands(model)
-    assert islands["fp32_by_op_type"]["Softmax"] == 7 and islands["fp32_by_op_type"]["LayerNormalization"] == 9
+    # 9 transformer norms + the output upscaling's LayerNorm2d, which the token-layout decoder exports as one
+    # LayerNormalization (docs/benchmarks.md, "Prompt speed")
+    assert islands["fp32_by_op_type"]["Softmax"] == 7 and islands["fp32_by_op_type"]["LayerNormalization"] == 10
     assert fp16_decoder.facts["ort_cpu_check"]["nonfinite"] == 0
 
 

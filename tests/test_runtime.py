@@ -425,7 +425,7 @@ def test_cli_predict_several_boxes_writes_union_and_per_box_masks(l0_folder, tmp
 
 
 def test_read_image_handles_16_bit_and_exif(tmp_path):
-    from evsam_export.cli.predict_cmd import read_image
+    from evsam_export.data.images import read_image_file as read_image
 
     ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")

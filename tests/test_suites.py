@@ -42,7 +42,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_suites_load_with_every_precision_and_kind(name):
     suite = load_suite(name)
     assert suite.name == name
-    assert set(suite.tolerances) == set(PRECISIONS)
+    assert set(suite.tolerances) == set(PRECISIONS) | {"app-fp32"}
+    assert suite.tolerance("fp32", encoder_profile="app") is suite.tolerances["app-fp32"]
     assert suite.prompt_kinds == PROMPT_KINDS
     assert any(isinstance(image, SyntheticImageSpec) for image in suite.images)
     assert any(isinstance(image, SampleImageSpec) for image in suite.images)

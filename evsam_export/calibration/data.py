@@ -18,12 +18,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from evsam_export import contract
-from evsam_export.calibration.images import ValidationImage, prompts_for, sample_image, synthetic_scene
-from evsam_export.errors import RuntimeUnavailable
+from evsam_export.calibration.images import ValidationImage, annotated_validation_images, prompts_for, sample_image, synthetic_scene
+from evsam_export.data.coco import AnnotationSet
+from evsam_export.data.images import FolderImage, ImageFolder, SkippedImage, files_sha256, read_folder
+from evsam_export.errors import RuntimeUnavailable, UsageError
+from evsam_export.manifest import sha256_file
 from evsam_export.model import processing
 from evsam_export.model.variants import Variant, get_variant
 
@@ -47,16 +51,51 @@ DECODER_PROMPT_KINDS = ("point", "box")
 
 @dataclass(frozen=True)
 class CalibrationImage:
-    name: str  # "synthetic-10003-480x640" or a scikit-image loader name
-    source: str  # synthetic | skimage
+    name: str  # "synthetic-10003-480x640", a scikit-image loader name, or a file's path in the folder
+    source: str  # synthetic | skimage | folder
     image: ValidationImage
 
 
-def calibration_images(count: int, seed: int = 0, photos: bool = True) -> list[CalibrationImage]:
+def is_annotation_file(source: str | Path) -> bool:
+    """calibration_data names a COCO-format annotation file (its images beside it) rather than a folder."""
+    return Path(source).expanduser().is_file()
+
+
+def annotation_calibration_images(file: str | Path, count: int, seed: int = 0) -> list[CalibrationImage]:
+    """Up to `count` annotated images of a COCO-format file (data.coco.load_coco, `file_name`s relative to the
+    file's folder; sampled with `seed`), with their GT masks and boxes for the decoder's prompts."""
+    source = AnnotationSet(Path(file).expanduser(), limit=count, seed=seed)
+    return [CalibrationImage(image.name, "annotations", image) for image in annotated_validation_images(source)]
+
+
+def folder_calibration_images(folder: str | Path, count: int, seed: int = 0) -> tuple[list[CalibrationImage], list[SkippedImage]]:
+    """Up to `count` images of the user's folder (a deterministic sample drawn with `seed` when it holds
+    more), and the files skipped as unreadable. UsageError when the folder is missing, empty, or has no
+    readable image among the sample. A COCO-format annotation file instead of a folder gives its annotated
+    images (annotation_calibration_images; an unreadable one is an error there, as in `evaluate`)."""
+    if is_annotation_file(folder):
+        return annotation_calibration_images(folder, count, seed), []
+    images, skipped = [], []
+    spec = ImageFolder(Path(folder), limit=count, seed=seed)
+    for item in read_folder(spec):
+        if isinstance(item, FolderImage):
+            images.append(CalibrationImage(item.name, "folder", ValidationImage(item.name, item.rgb, None, str(item.path))))
+        else:
+            skipped.append(item)
+    if not images:
+        raise UsageError(f"no readable image among the {len(skipped)} calibration files sampled from {spec.folder}",
+                         hint="check the files, or point calibration_data at another folder")
+    return images, skipped
+
+
+def calibration_images(count: int, seed: int = 0, photos: bool = True, folder: str | Path | None = None) -> list[CalibrationImage]:
     """`count` images alternating synthetic scene / photo (synthetic only if `photos` is False or
-    scikit-image is missing). The seed rotates the photo list and picks the scene seeds and sizes."""
+    scikit-image is missing). The seed rotates the photo list and picks the scene seeds and sizes.
+    With `folder`, the user's images instead (folder_calibration_images; `photos` is ignored)."""
     if count < 1:
         raise ValueError(f"calibration needs at least one image, got count={count}")
+    if folder is not None:
+        return folder_calibration_images(folder, count, seed)[0]
     rng = np.random.default_rng([seed, 0xCA1])
     if photos:
         try:
@@ -87,10 +126,12 @@ def _variant(variant: Variant | str) -> Variant:
     return get_variant(variant) if isinstance(variant, str) else variant
 
 
-def encoder_calibration_feeds(variant: Variant | str, count: int, seed: int = 0, photos: bool = True) -> list[dict[str, np.ndarray]]:
+def encoder_calibration_feeds(variant: Variant | str, count: int, seed: int = 0, photos: bool = True,
+                              folder: str | Path | None = None) -> list[dict[str, np.ndarray]]:
     """[{"input_image": [1,3,S,S] float32}] through the shared preprocessing (what every runner is fed)."""
     size = _variant(variant).encoder_size
-    return [{"input_image": processing.preprocess_image(item.image.rgb, size)[0]} for item in calibration_images(count, seed, photos)]
+    return [{"input_image": processing.preprocess_image(item.image.rgb, size)[0]}
+            for item in calibration_images(count, seed, photos, folder)]
 
 
 def _embed(encoder) -> Callable[[np.ndarray], np.ndarray]:
@@ -108,6 +149,7 @@ def decoder_calibration_feeds(
     decoder_inputs: Sequence | None = None,
     kinds: Sequence[str] = DECODER_PROMPT_KINDS,
     photos: bool = True,
+    folder: str | Path | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Decoder feeds for `count` images x `kinds` prompt kinds (count * len(kinds) feeds).
 
@@ -120,11 +162,12 @@ def decoder_calibration_feeds(
     embed = _embed(encoder)
     inputs = contract.decoder_spec("sam") if decoder_inputs is None else decoder_inputs
     feeds = []
-    for index, item in enumerate(calibration_images(count, seed, photos)):
+    for index, item in enumerate(calibration_images(count, seed, photos, folder)):
         input_image, geometry = processing.preprocess_image(item.image.rgb, size)
         embeddings = np.asarray(embed(input_image), dtype=np.float32)
         for kind_index, kind in enumerate(kinds):
-            prompts = prompts_for(kind, item.image.rgb, item.image.masks, seed=seed * 7919 + index * len(kinds) + kind_index)
+            prompts = prompts_for(kind, item.image.rgb, item.image.masks, seed=seed * 7919 + index * len(kinds) + kind_index,
+                                  gt_boxes=item.image.boxes)
             tokens = processing.build_prompt_tokens(geometry, prompts.points, prompts.labels, prompts.boxes)
             feeds.append(contract.decoder_feeds(
                 inputs,
@@ -136,16 +179,41 @@ def decoder_calibration_feeds(
     return feeds
 
 
-def describe_calibration(count: int, seed: int = 0, photos: bool = True) -> dict:
-    """What a manifest records about the images behind a calibration set (names and sources)."""
+def describe_calibration(count: int, seed: int = 0, photos: bool = True, folder: str | Path | None = None) -> dict:
+    """What a manifest records about the images behind a calibration set (names and sources). For a folder:
+    the files used, their count and the sha256 of their sorted list (path and content sha256 of each), and
+    the unreadable files skipped."""
+    if folder is not None:
+        images, skipped = folder_calibration_images(folder, count, seed)
+        names = [item.name for item in images]
+        annotated = is_annotation_file(folder)
+        described = {
+            "source": "annotations" if annotated else "folder",
+            "folder": str(Path(folder).expanduser().parent if annotated else folder),
+            "count": len(images),
+            "seed": seed,
+            "files_sha256": files_sha256(Path(folder).expanduser().parent if annotated else Path(folder), names),
+            "images": names,
+            "skipped": [item.to_json() for item in skipped],
+        }
+        if annotated:
+            described.update(annotations=str(folder), annotations_sha256=sha256_file(Path(folder).expanduser()))
+        return described
     images = calibration_images(count, seed, photos)
     return {
+        "source": "built-in",
         "count": len(images),
         "seed": seed,
         "synthetic": sum(1 for i in images if i.source == "synthetic"),
         "photos": sum(1 for i in images if i.source == "skimage"),
         "images": [i.name for i in images],
     }
+
+
+def warn_skipped(described: dict, reporter) -> None:
+    """One `warning:` line per unreadable calibration file (describe_calibration lists them in the manifest)."""
+    for item in described.get("skipped", []):
+        reporter.line(f"warning: {item['reason']} (skipped for calibration; listed in the manifest)")
 
 
 def calibration_fingerprint(feeds: Iterable[dict[str, np.ndarray]]) -> str:

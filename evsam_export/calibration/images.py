@@ -8,10 +8,13 @@ np.random.default_rng, so the same seed gives the same bytes on every machine.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from evsam_export.data.coco import AnnotationSet
+from evsam_export.data.images import ImageFolder
 from evsam_export.errors import RuntimeUnavailable, UsageError
 from evsam_export.model.processing import as_rgb_uint8
 
@@ -49,14 +52,20 @@ class SampleImageSpec:
     name: str
 
 
-ImageSpec = SyntheticImageSpec | SampleImageSpec
+# A folder (data.images.ImageFolder) or an annotation file (data.coco.AnnotationSet) stands for many images:
+# parity.reference.build_cases expands it.
+ImageSpec = SyntheticImageSpec | SampleImageSpec | ImageFolder | AnnotationSet
 
 
 @dataclass(frozen=True)
 class ValidationImage:
     name: str
     rgb: np.ndarray  # HxWx3 uint8
-    masks: tuple[np.ndarray, ...] | None  # ground-truth HxW bool masks (synthetic scenes only)
+    masks: tuple[np.ndarray, ...] | None  # ground-truth HxW bool masks (synthetic scenes, annotated images)
+    source: str = ""  # the file it was read from, for images of a folder or an annotation file
+    # Annotated images only: the GT boxes [n,4] x0 y0 x1 y1 of `masks`; box and point prompts then come from
+    # the ground truth (data.coco: the GT box; the mask pixel farthest from the background).
+    boxes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -200,10 +209,20 @@ def load_image_spec(spec: ImageSpec) -> ValidationImage:
     raise TypeError(f"not an image spec: {spec!r}")
 
 
+def annotated_validation_images(source: AnnotationSet, prefix: str = "") -> Iterator:
+    """A ValidationImage per selected image of an annotation file, one at a time, with its GT masks and boxes."""
+    from evsam_export.data.coco import box_prompts, iter_images
+
+    dataset = source.load()
+    for image, rgb, masks in iter_images(dataset):
+        name = prefix + image.path.relative_to(dataset.images_dir).as_posix()
+        yield ValidationImage(name=name, rgb=rgb, masks=tuple(masks), source=str(image.path), boxes=box_prompts(image))
+
+
 # --------------------------------------------------------------------------------------------- prompts
 
 
-def _eroded(mask: np.ndarray, steps: int) -> np.ndarray:
+def eroded(mask: np.ndarray, steps: int) -> np.ndarray:
     """4-neighbour erosion by `steps` pixels: points away from the edge test the object, not the edge."""
     out = mask.copy()
     for _ in range(steps):
@@ -259,26 +278,31 @@ def _random_box(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return _jitter_box(rng, np.array([x0, y0, x0 + box_w, y0 + box_h]), height, width)
 
 
-def prompts_for(kind: str, rgb: np.ndarray, gt_masks=None, seed: int = 0) -> PromptSet:
+def prompts_for(kind: str, rgb: np.ndarray, gt_masks=None, seed: int = 0, gt_boxes: np.ndarray | None = None) -> PromptSet:
     """The prompt set of one `kind` (PROMPT_KINDS) for an image, in original-image pixels.
 
     With ground-truth masks the prompt targets one object (foreground points well inside it, boxes its
-    jittered bounding box); without, it targets the central half of the image. Deterministic in (seed,
-    kind); points and boxes always lie inside the image (0..W-1, 0..H-1)."""
+    jittered bounding box); without, it targets the central half of the image. With annotation boxes
+    (`gt_boxes`, one per mask) the `box` prompt is the target's GT box and the `point` prompt its pixel
+    farthest from the background, as `evaluate` prompts; other kinds are generated as above. Deterministic
+    in (seed, kind); points and boxes always lie inside the image (0..W-1, 0..H-1)."""
     if kind not in PROMPT_KINDS:
         raise UsageError(f"unknown prompt kind {kind!r}", hint=f"choose one of {', '.join(PROMPT_KINDS)}")
     height, width = np.asarray(rgb).shape[:2]
     rng = np.random.default_rng([seed, PROMPT_KINDS.index(kind)])
     objects = [np.asarray(mask, dtype=bool) for mask in (gt_masks or ()) if np.any(mask)]
     if objects:
-        target = objects[int(rng.integers(len(objects)))]
+        target_index = int(rng.integers(len(objects)))
+        target = objects[target_index]
+        if gt_boxes is not None and kind in ("box", "point"):
+            return _ground_truth_prompt(kind, target, np.asarray(gt_boxes)[target_index], height, width)
         background = ~np.logical_or.reduce(objects)
     else:
         target = _central_region(height, width, 0.5)
         background = ~_central_region(height, width, 0.8)
     if not background.any():
         background = ~target if (~target).any() else np.ones_like(target)
-    inner = _eroded(target, steps=max(1, min(height, width) // 50))
+    inner = eroded(target, steps=max(1, min(height, width) // 50))
 
     def foreground(count: int) -> np.ndarray:
         return _points_in(rng, inner, count)
@@ -309,3 +333,14 @@ def prompts_for(kind: str, rgb: np.ndarray, gt_masks=None, seed: int = 0) -> Pro
         multimask=kind == "multimask",
         refine=kind == "mask_refine",
     )
+
+
+def _ground_truth_prompt(kind: str, mask: np.ndarray, box: np.ndarray, height: int, width: int) -> PromptSet:
+    """An annotated object's own prompt: its GT box, or one foreground point (data.coco.point_prompt)."""
+    from evsam_export.data.coco import point_prompt
+
+    if kind == "box":
+        boxes = np.clip(np.asarray(box, dtype=np.float64), 0, [width - 1, height - 1, width - 1, height - 1])
+        return PromptSet(kind, None, None, boxes[None].astype(np.float32), multimask=False, refine=False)
+    point = point_prompt(mask)[None].astype(np.float32)
+    return PromptSet(kind, point, np.ones(1, dtype=np.float32), None, multimask=False, refine=False)

@@ -8,7 +8,18 @@ from evsam_export.cli.root import app
 
 def _register() -> None:
     # importing a command module registers its commands on `app`
-    from evsam_export.cli import bench_cmd, cache_cmd, export_cmd, info_cmd, predict_cmd, run_cmd, sensitivity_cmd, validate_cmd  # noqa: F401
+    from evsam_export.cli import (  # noqa: F401
+        bench_cmd,
+        cache_cmd,
+        evaluate_cmd,
+        export_cmd,
+        info_cmd,
+        predict_cmd,
+        run_cmd,
+        segment_cmd,
+        sensitivity_cmd,
+        validate_cmd,
+    )
 
 
 def main() -> None:

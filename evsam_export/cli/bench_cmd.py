@@ -26,7 +26,7 @@ def bench_command(
     """Alternated timing of every artifact; writes bench.json and bench.png into DIR."""
 
     def body() -> None:
-        from evsam_export.bench import chart, run_bench, table
+        from evsam_export.bench import chart, prompt_ratios, run_bench, table
         from evsam_export.errors import UsageError
         from evsam_export.progress import Reporter
 
@@ -37,10 +37,17 @@ def bench_command(
         if runs < 1 or threads < 1:
             raise UsageError("--runs and --threads must be at least 1")
         result = run_bench(folder, threads, runs, warmup, tuple(batch or [1]), baselines, memory, Reporter())
-        (folder / "bench.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        from evsam_export.folder_report import write_folder_report
+        from evsam_export.output import write_atomic
+
+        write_atomic(folder / "bench.json", json.dumps(result.to_json(), indent=2) + "\n")
         chart(result, folder / "bench.png")
+        write_folder_report(folder)
         typer.echo(f"cpu: {result.machine['cpu']}  flags: {' '.join(result.machine['cpu_flags'])}  threads: {threads}")
         typer.echo(table(result))
+        for workload, ratio in prompt_ratios(result.timings).items():
+            typer.echo(f"{workload}: Predictor.predict {ratio['predictor_vs_plain']:.2f}x as fast as the plain upstream decoder "
+                       f"graph alone; host post-processing {100 * ratio['host_share']:.0f}% of it")
         typer.echo(f"wrote {folder / 'bench.json'} and {folder / 'bench.png'}")
 
     run_guarded(debug, body)

@@ -38,6 +38,9 @@ def raise_stopped(signum: int, frame) -> None:
 @contextmanager
 def stop_signals_raise():
     """While a command runs, SIGTERM and SIGHUP raise Stopped, so staged folders are removed as on Ctrl-C."""
+    from evsam_export import signal_stack
+
+    signal_stack.repair()  # a handler on a freed signal stack would end in SIGSEGV instead
     installed = {}
     for name in ("SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
@@ -82,7 +85,8 @@ def run_guarded(debug: bool, body: Callable[[], T]) -> T:
         if debug:
             raise
         extra = {"torch": "export", "onnx": "export", "onnxsim": "export", "onnxslim": "export", "openvino": "openvino",
-                 "nncf": "openvino", "tensorrt": "tensorrt", "skimage": "images"}.get((exc.name or "").split(".")[0])
+                 "nncf": "openvino", "tensorrt": "tensorrt", "skimage": "images", "pycocotools": "data",
+                 "cv2": "data"}.get((exc.name or "").split(".")[0])
         hint = f"pip install 'evsam-export[{extra}]'" if extra else "install the missing package"
         typer.echo(f"error: missing dependency {exc.name!r} ({hint})", err=True)
         raise typer.Exit(7) from None

@@ -20,6 +20,21 @@ class DecoderProfile(str, Enum):
     tensorrt = "tensorrt"
 
 
+class EncoderProfile(str, Enum):
+    host = "host"
+    app = "app"
+
+
+class SingleMaskRule(str, Enum):
+    token0 = "token0"
+    sam_onnx = "sam-onnx"
+
+
+class Components(str, Enum):
+    all = "all"
+    decoder = "decoder"
+
+
 class Simplifier(str, Enum):
     auto = "auto"
     onnxsim = "onnxsim"
@@ -38,15 +53,31 @@ def export_command(
         DecoderProfile,
         typer.Option(help="sam: SAM's ONNX contract with orig_im_size and upscaled masks; tensorrt: no orig_im_size, low-res masks."),
     ] = DecoderProfile.sam,
+    encoder_profile: Annotated[
+        EncoderProfile,
+        typer.Option(help="host: float32 NCHW input, preprocessed by the caller; app: raw uint8 RGB [H, W, 3], "
+                          "resize/normalise/pad inside the graph (annotation apps; opset >= 18)."),
+    ] = EncoderProfile.host,
     single_mask: Annotated[
         bool, typer.Option("--single-mask", help="Return only token 0 (PyTorch multimask_output=False) instead of all 4.")
     ] = False,
+    single_mask_rule: Annotated[
+        SingleMaskRule,
+        typer.Option(help="Which token --single-mask returns. token0: PyTorch multimask_output=False; sam-onnx: SAM's ONNX "
+                          "wrapper (token 0 with more than 2 points incl. padding, else the best of tokens 1-3 by IoU), "
+                          "what apps built on SAM's ONNX export show."),
+    ] = SingleMaskRule.token0,
     simplify: Annotated[Simplifier, typer.Option(help="Graph simplifier.")] = Simplifier.auto,
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip graph simplification.")] = False,
     no_graph_passes: Annotated[
         bool,
         typer.Option("--no-graph-passes", help="Skip the portable graph passes (bicubic Resize as MatMul; see `evsam-export targets`)."),
     ] = False,
+    components: Annotated[
+        Components,
+        typer.Option(help="all: a new folder; decoder: re-export only the decoder into the existing --output folder "
+                          "(its encoder is kept, the manifest updated atomically)."),
+    ] = Components.all,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -61,12 +92,17 @@ def export_command(
             dynamic_batch=dynamic_batch,
             dynamic_prompts=dynamic_prompts,
             decoder_profile=decoder_profile.value,
+            encoder_profile=encoder_profile.value,
             single_mask=single_mask,
+            single_mask_rule=single_mask_rule.value,
             simplify="none" if no_simplify else simplify.value,
             graph_passes=() if no_graph_passes else api.EXPORT_PASSES,
         )
         reporter = Reporter()
-        api.export(variant.value, output, checkpoint, options, force=force, reporter=reporter, command=command_line())
+        if components == Components.decoder:
+            api.export_decoder(output, checkpoint, options, reporter=reporter, command=command_line())
+        else:
+            api.export(variant.value, output, checkpoint, options, force=force, reporter=reporter, command=command_line())
         reporter.print_summary()
 
     run_guarded(debug, body)

@@ -26,9 +26,6 @@ OVERLAY_ALPHA = 0.5
 # The overlay is blended in row bands of about this many float32 bytes, so a large photo never needs a
 # float copy of the whole image.
 OVERLAY_BAND_BYTES = 32 * 2**20
-# Pixels are copied out of Pillow in row bands of about this many bytes: np.asarray(image) would first make
-# a bytes copy of the whole image, so a large photo would briefly be held three times.
-READ_BAND_BYTES = 32 * 2**20
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -59,94 +56,6 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     except ValueError:
         raise UsageError(f"bad --box {text!r}", hint="use X0,Y0,X1,Y1 in pixels (top-left, bottom-right)") from None
     return x0, y0, x1, y1
-
-
-def read_image(path: Path):
-    """An image file as HxWx3 uint8 RGB (grayscale, RGBA, palette, 16-bit and EXIF-rotated files included)."""
-    import warnings
-
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from evsam_export.errors import UsageError
-    from evsam_export.model.processing import as_rgb_uint8
-
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"image not found: {path}")
-    if path.is_dir():
-        raise UsageError(f"image is a directory: {path}", hint="pass an image file")
-    # Pillow warns (a raw multi-line warning) between its bomb threshold and twice it, and refuses above; the
-    # warning becomes one `warning:` line so the user sees why the run is slow and memory-hungry.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                ImageOps.exif_transpose(opened, in_place=True)  # in place: no second copy of the pixels
-                image = opened
-        except UnidentifiedImageError:
-            raise UsageError(
-                f"cannot read image {path}: not an image file Pillow can read", hint="use PNG, JPEG, BMP, TIFF or WebP"
-            ) from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot read image {path}: {detail}", hint="is the file complete and a supported format?") from None
-    report_large_image(path, caught)
-    mode = image.mode
-    if mode in ("L", "RGB", "RGBA"):
-        array = pixels_by_rows(image)
-    elif mode == "P":
-        array = np.asarray(image.convert("RGBA" if "transparency" in image.info else "RGB"))
-    elif mode.startswith("I"):  # 16/32-bit integer grayscale: scale to 0..255
-        values = np.asarray(image, dtype=np.float64)
-        top = float(values.max()) if values.size else 0.0
-        scale = 1.0 if top <= 255 else (257.0 if top <= 65535 else top / 255.0)
-        array = np.clip(values / scale, 0, 255).round().astype(np.uint8)
-    elif mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-    elif mode in ("1", "LA", "La"):
-        array = np.asarray(image.convert("L"))
-    else:  # CMYK, YCbCr, LAB, HSV, ...
-        array = pixels_by_rows(image.convert("RGB"))
-    try:
-        return as_rgb_uint8(array)
-    except ValueError as exc:
-        raise UsageError(f"cannot use image {path}: {exc}") from None
-
-
-def pixels_by_rows(image):
-    """np.asarray(image) for 8-bit modes (L, RGB, RGBA), copied in row bands so no whole-image bytes copy is made."""
-    import numpy as np
-
-    width, height = image.size
-    channels = len(image.getbands())
-    band = max(1, READ_BAND_BYTES // max(1, width * channels))
-    shape = (height, width) if channels == 1 else (height, width, channels)
-    array = np.empty(shape, np.uint8)
-    for start in range(0, height, band):
-        stop = min(start + band, height)
-        array[start:stop] = np.asarray(image.crop((0, start, width, stop)))
-    return array
-
-
-def report_large_image(path: Path, caught: list) -> None:
-    """One `warning:` line for Pillow's DecompressionBombWarning (other warnings are passed on unchanged)."""
-    import warnings
-
-    from PIL import Image
-
-    bombs = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-    for other in caught:
-        if other not in bombs:
-            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
-    if bombs:
-        limit = Image.MAX_IMAGE_PIXELS or 0
-        typer.echo(
-            f"warning: {path} is above {limit / 1e6:.0f} megapixels (Pillow's decompression-bomb threshold); "
-            f"reading it anyway, images above {2 * limit / 1e6:.0f} megapixels are refused",
-            err=True,
-        )
 
 
 def output_paths(output: Path, count: int) -> dict:
@@ -244,6 +153,7 @@ def predict_command(
 
         import numpy as np
 
+        from evsam_export.data.images import read_image_file
         from evsam_export.errors import OutputError, UsageError
         from evsam_export.output import check_writable_parent, disk_full_error
         from evsam_export.runtime import Predictor, check_prompts
@@ -255,7 +165,7 @@ def predict_command(
         paths = output_paths(output, len(boxes))
         for path in (paths["mask"], paths["overlay"], paths["json"], *paths["per_prompt"]):
             check_writable_parent(path)  # fail before the models run, not after
-        rgb = read_image(image)
+        rgb = read_image_file(image)
         point_coords = np.array([p[:2] for p in points], dtype=np.float64) if points else None
         point_labels = np.array([p[2] for p in points], dtype=np.float64) if points else None
         box_array = np.array(boxes, dtype=np.float64) if boxes else None

@@ -21,6 +21,10 @@ def validate_command(
     junit: Annotated[Path | None, typer.Option(help="JUnit XML path (default DIR/junit.xml).")] = None,
     artifact: Annotated[list[str] | None, typer.Option("--artifact", "-a", help="Only these artifact ids (repeatable).")] = None,
     threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    images: Annotated[Path | None, typer.Option(
+        help="Validate on a folder of your images (PNG/JPEG/TIFF/BMP/WebP, recursive) with the suite's prompt kinds and gates.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="With --images: a deterministic sample of this many images.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="With --images: seed of the --limit sample.")] = 0,
     debug: DebugOption = False,
 ) -> None:
     """Prove that every artifact segments like PyTorch: encoder, decoder and end-to-end stages."""
@@ -37,12 +41,19 @@ def validate_command(
         for path in [*written, junit, save_reference]:
             if path is not None:
                 check_writable_parent(path)
+        if images is None and (limit is not None or seed):
+            from evsam_export.errors import UsageError
+
+            raise UsageError("--limit and --seed sample the --images folder", hint="add --images PATH")
         reporter = Reporter()
-        report = api.validate(folder, suite, checkpoint, reference, save_reference, junit, artifact or None, reporter, threads)
+        report = api.validate(folder, suite, checkpoint, reference, save_reference, junit, artifact or None, reporter, threads,
+                              images, limit, seed)
         typer.echo(console_table(report))
         for gate in report.failed_gates:
             typer.echo(f"FAILED {gate.line()}", err=True)
-        typer.echo(f"report: {folder / 'parity.md'}")
+        if report.skipped_images:
+            typer.echo(f"warning: {len(report.skipped_images)} unreadable image(s) skipped, listed in {folder / 'parity.md'}", err=True)
+        typer.echo(f"report: {folder / 'parity.md'}, {folder / 'report.html'}")
         if not report.stages:
             raise ParityFailure("no artifact could be validated", hint="install the missing runtimes listed above")
         if not report.passed:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 # The specs are declared in evsam_export.contract; artifact_spec/decoder_spec/encoder_spec stay importable
 # from here for the steps and tests that already take them from the exporter.
-from evsam_export.contract import ComponentSpec, artifact_spec, decoder_spec, encoder_spec, sample_feeds  # noqa: F401
+from evsam_export.contract import ComponentSpec, artifact_spec, decoder_spec, encoder_spec, sample_feeds, trace_feeds  # noqa: F401
 from evsam_export.errors import ExportError
 
 DEFAULT_OPSET = 17
@@ -26,8 +26,7 @@ def export_onnx(module, spec: ComponentSpec, path: Path, opset: int = DEFAULT_OP
 
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old", hint=f"use --opset {MIN_OPSET} or newer")
-    # Trace with 2 prompt sets x 3 points so no dynamic dim is specialised to 1 or to a coincidence.
-    example = sample_feeds(spec, batch=2 if spec.component == "decoder" else 1, num_points=3)
+    example = trace_feeds(spec)
     args = tuple(torch.from_numpy(example[name]) for name in spec.input_names)
     # A fresh wrapper module starts in training mode, and the exporter restores that mode on the whole
     # subtree after tracing, which would silently switch the shared model's BatchNorms to batch statistics.

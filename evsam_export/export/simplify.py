@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evsam_export.contract import POINT_COORDS, ComponentSpec, sample_feeds
+from evsam_export.contract import ComponentSpec, sample_feeds, trace_feeds
 from evsam_export.errors import ExportError
 from evsam_export.export.onnx_export import check_contract
 
@@ -46,11 +46,8 @@ def ort_outputs(model_or_path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]
 
 def equivalence_feeds(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
     """Feeds at more than one dynamic shape, so a simplifier that baked a traced shape is caught."""
-    if spec.component == "encoder":
-        return [sample_feeds(spec, batch=1, seed=11)]
-    prompts, points = spec.input(POINT_COORDS).shape[:2]
-    if isinstance(prompts, int):  # --static-prompts: the one shape the graph accepts
-        return [sample_feeds(spec, batch=prompts, num_points=points, seed=11)]
+    if spec.component == "encoder" or isinstance(spec.prompt_batch, int):  # --static-prompts: its one shape
+        return [trace_feeds(spec, seed=11)]
     return [sample_feeds(spec, batch=1, num_points=2, seed=11), sample_feeds(spec, batch=3, num_points=5, seed=12)]
 
 

@@ -32,7 +32,10 @@ class ChannelLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_layout: bool = False) -> torch.Tensor:
+        """x [B,C,H,W]; token_layout: x [..., C] (channels last), one LayerNormalization over the last axis."""
+        if token_layout:
+            return F.layer_norm(x, (self.weight.shape[0],), self.weight, self.bias, self.eps)
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(var + self.eps)
@@ -169,12 +172,53 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reassociate: str = "") -> torch.Tensor:
+        """reassociate: "tokens_to_image" / "image_to_tokens" compute the same attention as
+        attend_tokens_to_image / attend_image_to_tokens (through forward, so graph node names keep this scope)."""
+        if reassociate == "tokens_to_image":
+            return self.attend_tokens_to_image(q, k, v)
+        if reassociate == "image_to_tokens":
+            return self.attend_image_to_tokens(q, k, v)
         q, k, v = self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
         attn = torch.softmax((q @ k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1]), dim=-1)
         out = attn @ v
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+
+    def attend_tokens_to_image(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`forward` for a few queries (T tokens) over many keys (N image tokens), reassociated so the image
+        never goes through k_proj / v_proj: q·(W_k x + b_k) = (W_kᵀ q)·x + a per-row constant that softmax
+        ignores, and softmax·(W_v x + b_v) = W_v (softmax·x) + b_v since softmax rows sum to 1. Per prompt set
+        2·H·T·N·C multiply-adds instead of 2·N·C·C/2 (H·T = 56 < 128 = C/2 in SAM's decoder)."""
+        b, t, _ = queries.shape
+        inner, dim = self.k_proj.weight.shape
+        depth = inner // self.heads
+        q = self._split(self.q_proj(queries))  # [B,H,T,d]
+        q_over_image = (q @ self.k_proj.weight.reshape(self.heads, depth, dim)).reshape(b, self.heads * t, dim)
+        weights = torch.softmax((q_over_image @ keys.transpose(1, 2)) / math.sqrt(depth), dim=-1)  # [B,HT,N]
+        context = (weights @ values).reshape(b, self.heads, t, dim)
+        out = context @ self.v_proj.weight.reshape(self.heads, depth, dim).transpose(1, 2) + self.v_proj.bias.reshape(self.heads, 1, depth)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, inner))
+
+    def attend_image_to_tokens(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`forward` for many queries (N image tokens) over a few keys (T tokens), reassociated so the image
+        never goes through q_proj / out_proj: per prompt set, W_qᵀ k and v W_out fold into [H·T, C] matrices,
+        and each image token takes two C x H·T products instead of two C x C/2 projections."""
+        b, t, _ = keys.shape
+        inner, dim = self.q_proj.weight.shape
+        depth = inner // self.heads
+        k = self._split(self.k_proj(keys))  # [B,H,T,d]
+        v = self._split(self.v_proj(values))
+        k_over_image = (k @ self.q_proj.weight.reshape(self.heads, depth, dim)).reshape(b, self.heads * t, dim)
+        k_bias = (k * self.q_proj.bias.reshape(self.heads, 1, depth)).sum(-1).reshape(b, 1, self.heads * t)
+        logits = (queries @ k_over_image.transpose(1, 2) + k_bias) / math.sqrt(depth)  # [B,N,HT]
+        n = logits.shape[1]
+        weights = torch.softmax(logits.reshape(b, n, self.heads, t), dim=-1).reshape(b, n, self.heads * t)
+        v_out = (v @ self.out_proj.weight.reshape(dim, self.heads, depth).permute(1, 2, 0)).reshape(b, self.heads * t, dim)
+        # Each head's weights sum to 1, so out_proj's bias rides in v_out (1/H per head, a power of two here)
+        # instead of costing one more pass over the [B, N, C] result.
+        return weights @ (v_out + self.out_proj.bias / self.heads)
 
 
 class MLPBlock(nn.Module):
@@ -200,16 +244,19 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(dim, heads, downsample=2)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries, keys, query_pe, key_pe):
+    def forward(self, queries, keys, query_pe, key_pe, reassociate_token_to_image: bool = False, reassociate_image_to_token: bool = False):
+        """reassociate_*: compute that cross attention as Attention.attend_tokens_to_image / attend_image_to_tokens."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys + key_pe, keys))
+        token_to_image = "tokens_to_image" if reassociate_token_to_image else ""
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys + key_pe, keys, token_to_image))
         queries = self.norm3(queries + self.mlp(queries))
-        keys = self.norm4(keys + self.cross_attn_image_to_token(keys + key_pe, queries + query_pe, queries))
+        image_to_token = "image_to_tokens" if reassociate_image_to_token else ""
+        keys = self.norm4(keys + self.cross_attn_image_to_token(keys + key_pe, queries + query_pe, queries, image_to_token))
         return queries, keys
 
 
@@ -220,14 +267,48 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(dim, heads, downsample=2)
         self.norm_final_attn = nn.LayerNorm(dim, eps=NORM_EPS)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
-        keys = image.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, token_layout: bool = False):
+        """image, image_pe [B|1, C, H, W]; token_layout: both already image tokens [1|B, HW, C]. Keys of batch 1
+        broadcast over the B prompt sets, so the first layer's image-side projections run once per call; and
+        every cross attention whose image side is per prompt set runs reassociated (Attention.attend_*), which
+        skips the image-sized projections (the first token-to-image attention keeps them: its image side is
+        shared by the whole call and projected once)."""
+        keys, key_pe = (image, image_pe) if token_layout else (image.flatten(2).permute(0, 2, 1), image_pe.flatten(2).permute(0, 2, 1))
         queries = tokens
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, key_pe)
-        queries = queries + self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys)
+        for index, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, tokens, key_pe, token_layout and index > 0, token_layout)
+        final = "tokens_to_image" if token_layout else ""
+        queries = queries + self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys, final)
         return self.norm_final_attn(queries), keys
+
+
+class StrideTwoConvTranspose(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d(kernel 2, stride 2) (same parameters and keys) with a token-layout form."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor, token_layout: bool = False) -> torch.Tensor:
+        """token_layout: x is feature rows [B, N, Cin], one per pixel. Each input pixel feeds exactly its own
+        2x2 output block, so the result [B, N*4, Cout] with rows (pixel, i, j) is one Gemm with the weight
+        [Cin, Cout, 2, 2] laid out as [Cin, (i, j, Cout)] and the bias repeated per (i, j); the rows are
+        flattened to 2-D so the bias add is part of the Gemm."""
+        if not token_layout:
+            return super().forward(x)
+        cin, cout = self.weight.shape[:2]
+        weight = self.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)
+        out = F.linear(x.reshape(-1, cin), weight.t(), self.bias.repeat(4))
+        return out.reshape(x.shape[0], -1, cout)
+
+
+class OutputUpscaling(nn.Sequential):
+    """SAM's output_upscaling (same children and keys); forward(x, token_layout=True) takes the image tokens
+    [B, HW, C] and returns the features [B, HW*16, C/8] with rows (pixel, i1, j1, i2, j2), never NCHW."""
+
+    def forward(self, x: torch.Tensor, token_layout: bool = False) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, token_layout) if isinstance(layer, (StrideTwoConvTranspose, ChannelLayerNorm)) else layer(x)
+        return x
 
 
 class MaskDecoder(nn.Module):
@@ -237,15 +318,24 @@ class MaskDecoder(nn.Module):
         self.transformer = TwoWayTransformer()
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(NUM_MASK_TOKENS, dim)
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2),
+        self.output_upscaling = OutputUpscaling(
+            StrideTwoConvTranspose(dim, dim // 4),
             ChannelLayerNorm(dim // 4),
             nn.GELU(),
-            nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2),
+            StrideTwoConvTranspose(dim // 4, dim // 8),
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(NUM_MASK_TOKENS))
         self.iou_prediction_head = MLP(dim, 256, NUM_MASK_TOKENS, 3)
+
+    def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
+        """[iou token, 4 mask tokens, prompt tokens] per prompt set: [B, 5 + N, C]."""
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        return torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+
+    def _hypernetworks(self, mask_tokens_out: torch.Tensor) -> torch.Tensor:
+        """Each mask token's MLP: [B, 4, C // 8] weights over the upscaled feature channels."""
+        return torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
 
     def predict_masks(
         self,
@@ -253,14 +343,17 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse: torch.Tensor,
         dense: torch.Tensor,
+        token_layout: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All four mask tokens: low-res logits [B,4,256,256] and IoU predictions [B,4].
 
         `image_embeddings` is one image ([1,256,64,64]) shared by B prompt sets, or [B,...] one per prompt set.
+        token_layout: compute them as `_token_layout_masks` does (what the export traces), else as upstream.
         """
         batch = sparse.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        tokens = self._tokens(sparse)
+        if token_layout:
+            return self._token_layout_masks(image_embeddings + dense, image_pe, tokens)
         # expand instead of SAM's repeat_interleave: same values, but it exports to Expand, not the
         # OneHot+Tile pattern that TensorRT rejects as a shape tensor (efficientvit issues #70, #78).
         src = image_embeddings.expand(batch, -1, -1, -1) + dense
@@ -270,9 +363,31 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + NUM_MASK_TOKENS, :]
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
+        hyper_in = self._hypernetworks(mask_tokens_out)
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _token_layout_masks(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict_masks` in token layout (image = embeddings + dense prompt, [1|B,C,H,W]): same parameters,
+        same values up to float summation order (tests/test_decoder_layout.py), faster on CPU.
+
+        Measured on ONNX Runtime CPU (docs/benchmarks.md, "Prompt speed"): the image stays [1|mask batch, HW, C]
+        until the first layer's image-to-token update, so its projections run once per call, not per prompt
+        set; each stride-2 ConvTranspose is a per-pixel MatMul to (i, j, channel) columns, so LayerNorm2d
+        becomes a LayerNormalization over the last axis and no NCHW transpose, col2im scatter or ReduceMean
+        runs; the upscaled features stay in (pixel, i1, j1, i2, j2) order and only the 4-token masks are
+        transposed to image order at the end."""
+        batch = tokens.shape[0]
+        h, w = image.shape[-2:]
+        keys = image.flatten(2).permute(0, 2, 1)
+        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        hs, keys = self.transformer(keys, key_pe, tokens, True)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + NUM_MASK_TOKENS, :]
+        x = self.output_upscaling(keys, True)  # rows (pixel, i1, j1, i2, j2)
+        hyper_in = self._hypernetworks(mask_tokens_out)
+        tokens_out = hyper_in.shape[1]
+        masks = hyper_in @ x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)  # [B, T, pixels in (h, w, i1, j1, i2, j2) order]
+        masks = masks.reshape(batch, tokens_out, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        return masks.reshape(batch, tokens_out, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)

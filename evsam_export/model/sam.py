@@ -71,14 +71,19 @@ class DecoderGraph(nn.Module):
     `tensorrt` profile: iou_predictions, low_res_masks (no shape-tensor input, host upsamples).
     """
 
-    def __init__(self, model: EfficientViTSam, profile: str = "sam", single_mask: bool = False) -> None:
+    def __init__(self, model: EfficientViTSam, profile: str = "sam", single_mask: bool = False,
+                 single_mask_rule: str = "token0", token_layout: bool = False) -> None:
         super().__init__()
+        # token_layout: trace MaskDecoder._token_layout_masks (what the export ships: same values, faster
+        # on CPU); False keeps upstream's formulation (the PyTorch reference and the plain baseline).
+        self.token_layout = token_layout
         if profile not in DECODER_PROFILES:
             raise ValueError(f"unknown decoder profile {profile!r}")
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
         self.profile = profile
         self.single_mask = single_mask
+        self.single_mask_rule = single_mask_rule
         self.prompt_frame = PROMPT_FRAME
 
     def forward(
@@ -92,13 +97,25 @@ class DecoderGraph(nn.Module):
     ):
         sparse = self.prompt_encoder.embed_point_tokens(point_coords, point_labels)
         dense = self.prompt_encoder.embed_dense(mask_input, has_mask_input)
-        low_res, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense)
-        if self.single_mask:
+        low_res, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense, self.token_layout)
+        if self.single_mask and self.single_mask_rule == "sam-onnx":
+            low_res, iou = select_single_mask_sam_onnx(low_res, iou, point_coords.shape[1])
+        elif self.single_mask:
             # PyTorch's multimask_output=False returns token 0: a static slice, no argmax.
             low_res, iou = low_res[:, :1], iou[:, :1]
         if self.profile == "tensorrt":
             return iou, low_res
         return upscale_masks_traceable(low_res, orig_im_size, self.prompt_frame), iou, low_res
+
+
+def select_single_mask_sam_onnx(low_res: torch.Tensor, iou: torch.Tensor, num_points) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's ONNX wrapper rule (contract.SAM_ONNX_RULE), branch-free as SAM writes it: token 0's score is
+    raised by 1000 * (num_points - 2.5), so it wins with 3+ points and loses to tokens 1-3 otherwise."""
+    reweight = torch.zeros_like(iou[:1])
+    reweight[:, 0] = 1000.0
+    best = torch.argmax(iou + (torch.as_tensor(num_points, dtype=iou.dtype) - 2.5) * reweight, dim=1, keepdim=True)
+    masks = torch.gather(low_res, 1, best[:, :, None, None].expand(-1, -1, low_res.shape[2], low_res.shape[3]))
+    return masks, torch.gather(iou, 1, best)
 
 
 def upscale_masks_traceable(low_res: torch.Tensor, orig_im_size: torch.Tensor, frame: int) -> torch.Tensor:

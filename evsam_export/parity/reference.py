@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export import contract
-from evsam_export.calibration.images import PromptSet, ValidationImage, load_image_spec, prompts_for
-from evsam_export.errors import ArtifactError, CheckpointError
+from evsam_export.calibration.images import PromptSet, ValidationImage, annotated_validation_images, load_image_spec, prompts_for
+from evsam_export.data.coco import AnnotationSet
+from evsam_export.data.images import FolderImage, ImageFolder, SkippedImage, read_folder
+from evsam_export.errors import ArtifactError, CheckpointError, UsageError
 from evsam_export.manifest import Manifest
 from evsam_export.model import processing
 from evsam_export.model.variants import LOW_RES_MASK_SIZE, get_variant
@@ -51,6 +53,7 @@ class CaseSet:
     images: list[ValidationImage]
     inputs: dict[str, np.ndarray]  # image name -> [1,3,S,S] encoder input
     cases: list[Case]
+    skipped: list[SkippedImage] = field(default_factory=list)  # unreadable files of the suite's folders
 
 
 @dataclass
@@ -112,15 +115,46 @@ class SuiteReference:
     reference: Reference
 
 
-def build_cases(suite: Suite, encoder_size: int) -> CaseSet:
-    images, inputs, cases = [], {}, []
+def suite_images(suite: Suite, reporter: Reporter | None = None) -> tuple[list[ValidationImage], list[SkippedImage]]:
+    """The suite's images in order, a folder or an annotation file expanded to its (sampled) files; an unreadable file of a folder
+    is skipped with a `warning:` line and returned, never dropped silently. A folder with no readable image,
+    or two images of one name, is refused (UsageError)."""
+    images, skipped = [], []
     for spec in suite.images:
-        image = load_image_spec(spec)
+        if isinstance(spec, AnnotationSet):
+            images.extend(annotated_validation_images(spec, prefix=f"{spec.name}/"))
+            continue
+        if not isinstance(spec, ImageFolder):
+            images.append(load_image_spec(spec))
+            continue
+        readable = 0
+        for item in read_folder(spec):
+            if isinstance(item, FolderImage):
+                readable += 1
+                images.append(ValidationImage(name=f"{spec.name}/{item.name}", rgb=item.rgb, masks=None, source=str(item.path)))
+            else:
+                skipped.append(SkippedImage(f"{spec.name}/{item.name}", item.reason))
+                if reporter is not None:
+                    reporter.line(f"warning: {item.reason} (skipped; counted in the report)")
+        if not readable:
+            raise UsageError(f"no readable image in {spec.folder} ({len(skipped)} unreadable)",
+                             hint="check the files with an image viewer, or point at another folder")
+    names = [image.name for image in images]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"suite {suite.name!r} has two images named {twice[0]!r}", hint="list each image or folder once")
+    return images, skipped
+
+
+def build_cases(suite: Suite, encoder_size: int, reporter: Reporter | None = None) -> CaseSet:
+    images, inputs, cases = [], {}, []
+    loaded, skipped = suite_images(suite, reporter)
+    for image in loaded:
         images.append(image)
         input_image, geometry = processing.preprocess_image(image.rgb, encoder_size)
         inputs[image.name] = input_image
         for index, kind in enumerate(suite.prompt_kinds):
-            prompts = prompts_for(kind, image.rgb, image.masks, seed=suite.prompt_seed + index)
+            prompts = prompts_for(kind, image.rgb, image.masks, seed=suite.prompt_seed + index, gt_boxes=image.boxes)
             tokens = processing.build_prompt_tokens(geometry, prompts.points, prompts.labels, prompts.boxes)
             cases.append(
                 Case(
@@ -134,7 +168,7 @@ def build_cases(suite: Suite, encoder_size: int) -> CaseSet:
                     has_mask_input=np.zeros((1,), np.float32),
                 )
             )
-    return CaseSet(images, inputs, cases)
+    return CaseSet(images, inputs, cases, skipped)
 
 
 def decoder_feeds(case: Case, embeddings: np.ndarray, artifact_inputs) -> dict[str, np.ndarray]:
@@ -185,10 +219,9 @@ def compute_reference(model, variant, cases: CaseSet, reporter: Reporter, weight
     return ref
 
 
-def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter: Reporter,
-                      checkpoint: str | None = None) -> Reference:
-    """The reference computed by the PyTorch model rebuilt from the weights `folder` was exported from
-    (or `checkpoint`), refused when those weights are not the exported ones."""
+def reference_model(manifest: Manifest, folder: Path, reporter: Reporter, checkpoint: str | None = None):
+    """(model, variant, weights, source) of the PyTorch model rebuilt from the weights `folder` was exported
+    from (or `checkpoint`), refused when those weights are not the exported ones."""
     from evsam_export.model.checkpoint import load_model
 
     spec = checkpoint or manifest.weights["spec"]
@@ -200,7 +233,14 @@ def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter
             f"weights {spec} differ from the ones {folder} was exported from (sha256 mismatch)",
             hint="pass --checkpoint with the exported checkpoint",
         )
-    return compute_reference(model, variant, cases, reporter, weights.sha256, f"PyTorch ({spec})")
+    return model, variant, weights, f"PyTorch ({spec})"
+
+
+def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter: Reporter,
+                      checkpoint: str | None = None) -> Reference:
+    """The reference computed by the PyTorch model of reference_model on every case."""
+    model, variant, weights, source = reference_model(manifest, folder, reporter, checkpoint)
+    return compute_reference(model, variant, cases, reporter, weights.sha256, source)
 
 
 def saved_reference(path: Path, manifest: Manifest, folder: Path, suite: Suite, cases: CaseSet) -> Reference:

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from pathlib import Path
-from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from evsam_export.output import write_atomic
 from evsam_export.parity.compare import ParityReport, StageReport
 
 
@@ -30,18 +30,13 @@ def _clean(value):
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def report_json(report: ParityReport) -> dict:
+def report_json(report: ParityReport, overlays: list[dict] | None = None) -> dict:
     return _clean(
         {
             "format": "evsam-export/parity",
             "variant": report.variant,
             "suite": report.suite,
+            "images": {"count": report.images, "skipped": [item.to_json() for item in report.skipped_images]},
             "reference": report.reference_source,
             "passed": report.passed,
             "stages": [
@@ -58,6 +53,7 @@ def report_json(report: ParityReport) -> dict:
             ],
             "unavailable": report.unavailable,
             "failed_gates": [g.line() for g in report.failed_gates],
+            "overlays": overlays or [],
         }
     )
 
@@ -81,6 +77,8 @@ def report_markdown(report: ParityReport) -> str:
         "",
         f"Reference: {report.reference_source}. Result: **{'PASS' if report.passed else 'FAIL'}**.",
         "",
+        f"Images: {report.images}" + (f", {len(report.skipped_images)} unreadable file(s) skipped" if report.skipped_images else "") + ".",
+        "",
         "| artifact | stage | precision | result | headline | gates |",
         "|---|---|---|---|---|---|",
     ]
@@ -92,6 +90,9 @@ def report_markdown(report: ParityReport) -> str:
     if report.unavailable:
         lines += ["", "## Not run (runtime unavailable)", ""]
         lines += [f"- `{artifact}`: {reason}" for artifact, reason in report.unavailable.items()]
+    if report.skipped_images:
+        lines += ["", "## Skipped images (unreadable)", ""]
+        lines += [f"- `{item.name}`: {item.reason}" for item in report.skipped_images]
     if report.failed_gates:
         lines += ["", "## Failing gates", ""]
         lines += [f"- {g.line()}" for g in report.failed_gates]
@@ -116,35 +117,29 @@ def report_markdown(report: ParityReport) -> str:
 
 
 def report_junit(report: ParityReport) -> str:
-    suite = ET.Element("testsuite", name=f"evsam-parity-{report.variant}-{report.suite}")
-    count = failures = skipped = 0
-    for s in report.stages:
-        kinds = sorted({g.kind for g in s.gates})
-        for kind in kinds:
-            gates = [g for g in s.gates if g.kind == kind]
-            case = ET.SubElement(suite, "testcase", classname=f"{s.artifact}.{s.stage}", name=kind)
-            count += 1
-            bad = [g for g in gates if not g.passed]
-            if bad:
-                failures += 1
-                failure = ET.SubElement(case, "failure", message=bad[0].line())
-                failure.text = "\n".join(g.line() for g in bad)
-    for artifact, reason in report.unavailable.items():
-        case = ET.SubElement(suite, "testcase", classname=artifact, name="runtime")
-        ET.SubElement(case, "skipped", message=reason)
-        count += 1
-        skipped += 1
-    suite.set("tests", str(count))
-    suite.set("failures", str(failures))
-    suite.set("skipped", str(skipped))
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+    """One test case per artifact x stage x prompt kind, failing with its failed gates' lines."""
+    from evsam_export.junit import junit_xml
+
+    cases = [(f"{s.artifact}.{s.stage}", kind, [g.line() for g in s.gates if g.kind == kind and not g.passed])
+             for s in report.stages for kind in sorted({g.kind for g in s.gates})]
+    return junit_xml(f"evsam-parity-{report.variant}-{report.suite}", cases, report.unavailable)
 
 
-def write_overlays(report: ParityReport, folder: Path) -> list[Path]:
-    """Worst cases per non-encoder stage: image with reference mask (green) vs artifact mask (magenta)."""
-    from PIL import Image
+def _overlay_caption(stage: StageReport, worst: dict) -> str:
+    case = worst["case"]
+    sets = worst["ref_low"].shape[0]
+    where = f"token {worst['token']}" + (f", prompt set {worst['prompt_set'] + 1} of {sets}" if sets > 1 else "")
+    refine = " (second pass, fed its first mask)" if case.prompts.refine else ""
+    return (f"{stage.pairing or stage.artifact}, {stage.stage} stage, {stage.precision}: {case.image.name} / "
+            f"{case.kind}{refine}: mask IoU {worst['iou']:.4f} ({where})")
 
+
+def write_overlays(report: ParityReport, folder: Path) -> list[dict]:
+    """The worst cases of every non-encoder stage as pictures (parity/*.png): the image with the reference
+    mask and the artifact's mask outlined and tinted, the prompt drawn, a caption with the IoU and a legend.
+    Returns [{"file", "caption", "iou"}] in the order drawn (parity.json lists them for report.html)."""
     from evsam_export.model import processing
+    from evsam_export.overlay import ARTIFACT, REFERENCE, LabelledMask, comparison_picture
 
     out_dir = folder / "parity"
     out_dir.mkdir(exist_ok=True)
@@ -157,14 +152,23 @@ def write_overlays(report: ParityReport, folder: Path) -> list[Path]:
             col = min(t, tokens_ref.shape[1] - 1)
             ref_mask = processing.binarize(processing.postprocess_masks(tokens_ref[b, col], case.geometry))
             test_mask = processing.binarize(processing.postprocess_masks(worst["test_low"][b, col], case.geometry))
-            canvas = case.image.rgb.astype(np.float32) * 0.6
-            canvas[ref_mask & ~test_mask] = [0, 220, 0]
-            canvas[test_mask & ~ref_mask] = [230, 0, 230]
-            canvas[ref_mask & test_mask] = canvas[ref_mask & test_mask] * 0.5 + np.array([60, 110, 230]) * 0.5
+            prompts = case.prompts
+            caption = _overlay_caption(s, worst)
+            picture = comparison_picture(
+                case.image.rgb,
+                [LabelledMask("reference (PyTorch)", ref_mask, REFERENCE),
+                 LabelledMask(f"artifact ({s.precision})", test_mask, ARTIFACT)],
+                caption,
+                points=prompts.points,
+                labels=prompts.labels,
+                boxes=None if prompts.boxes is None else prompts.boxes[b : b + 1],
+            )
             name = f"{s.stage}-{(s.pairing or s.artifact).replace(' -> ', '__')}-{rank}-{case.image.name}-{case.kind}.png"
             path = out_dir / name.replace("/", "_")
-            Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(path)
-            written.append(path)
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            write_atomic(path, buffer.getvalue())
+            written.append({"file": path.relative_to(folder).as_posix(), "caption": caption, "iou": worst["iou"]})
     return written
 
 
@@ -175,12 +179,14 @@ def write_reports(report: ParityReport, folder: Path, junit_path: Path | None = 
         "markdown": folder / "parity.md",
         "junit": Path(junit_path) if junit_path else folder / "junit.xml",
     }
-    _write_atomic(paths["json"], json.dumps(report_json(report), indent=2) + "\n")
-    _write_atomic(paths["markdown"], report_markdown(report))
+    pictures = write_overlays(report, folder) if overlays else []
+    write_atomic(paths["json"], json.dumps(report_json(report, pictures), indent=2) + "\n")
+    write_atomic(paths["markdown"], report_markdown(report))
     paths["junit"].parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(paths["junit"], report_junit(report))
-    if overlays:
-        write_overlays(report, folder)
+    write_atomic(paths["junit"], report_junit(report))
+    from evsam_export.folder_report import write_folder_report
+
+    paths["html"] = write_folder_report(folder)
     return paths
 
 

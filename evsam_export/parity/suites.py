@@ -9,6 +9,8 @@ pass every artifact.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -23,9 +25,15 @@ from evsam_export.calibration.images import (
     SampleImageSpec,
     SyntheticImageSpec,
 )
+from evsam_export.data.coco import AnnotationSet
+from evsam_export.data.images import ImageFolder
 from evsam_export.errors import RecipeError
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+# Gates for an `app`-profile encoder (preprocessing in the graph) are their own tables, "app-<precision>":
+# its Resize approximates Pillow's uint8 resize, an error the host-preprocessed tables rightly refuse.
+APP_PREFIX = "app-"
+TOLERANCE_TABLES = PRECISIONS + tuple(APP_PREFIX + precision for precision in PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,27 @@ class Suite:
     prompt_seed: int
     tolerances: dict[str, Tolerance]
 
-    def tolerance(self, precision: str) -> Tolerance:
-        """The gates for `precision`; refused when this suite does not define them."""
+    def with_images(self, folder: ImageFolder, description: str | None = None) -> Suite:
+        """This suite's prompt kinds and gates on the images of `folder` instead of its own images
+        (`validate --images`)."""
+        return dataclasses.replace(self, name=f"{self.name}+{folder.name}", images=(folder,),
+                                   description=description or f"{self.description}; images from {folder.folder}")
+
+    def fingerprint(self) -> str:
+        """sha256 of the suite file and of every image folder and annotation file it names (ImageFolder and
+        AnnotationSet.fingerprint), so a cache key over it changes when the user's images or annotations change."""
+        digest = hashlib.sha256(self.path.read_bytes() if self.path.is_file() else self.name.encode())
+        for spec in self.images:
+            if isinstance(spec, ImageFolder):
+                digest.update(f"|{spec.folder.resolve()}|{spec.fingerprint()}".encode())
+            elif isinstance(spec, AnnotationSet):
+                digest.update(f"|{spec.file.resolve()}|{spec.fingerprint()}".encode())
+        return digest.hexdigest()
+
+    def tolerance(self, precision: str, encoder_profile: str = "host") -> Tolerance:
+        """The gates for `precision` (of an encoder of `encoder_profile`); refused when this suite does not define them."""
+        if encoder_profile == "app":
+            precision = APP_PREFIX + precision
         if precision not in self.tolerances:
             raise RecipeError(
                 f"parity suite {self.name!r} has no tolerances for {precision!r}",
@@ -78,18 +105,102 @@ def list_suites() -> tuple[str, ...]:
     return tuple(sorted(path.stem for path in validators_dir().glob("*.toml")))
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """Load a suite by bare name (validators/<name>.toml) or by path to a .toml file."""
+def suite_path(name_or_path: str | Path, beside: Path | None = None) -> Path:
+    """The file of a suite given by bare name (validators/<name>.toml, or a file beside `beside`) or path."""
     text = str(name_or_path)
     looks_like_path = isinstance(name_or_path, Path) or text.endswith(".toml") or "/" in text or "\\" in text
     if looks_like_path:
         path = Path(text).expanduser()
+        if beside is not None and not path.is_absolute():
+            path = beside.parent / path
     else:
         path = validators_dir() / f"{text}.toml"
     if not path.is_file():
         known = ", ".join(list_suites()) or "none found"
         raise RecipeError(f"parity suite {text!r} not found ({path})", hint=f"shipped suites: {known}")
-    return parse_suite(_read_toml(path), path)
+    return path
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Load a suite by bare name (validators/<name>.toml) or by path to a .toml file."""
+    path = suite_path(name_or_path)
+    return parse_suite(_resolve_extends(_read_toml(path), path), path)
+
+
+def _resolve_extends(document: dict, path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A suite with `extends = "PARENT"` is the parent's prompt kinds and tolerances with its own name,
+    description, images (and prompt seed). It may not set kinds or tolerances: a build gate derived from a
+    release suite then checks every prompt kind and stage of it with the same gates, by construction
+    (issue 22: a build gate that passes and a release gate that fails means the suites disagree)."""
+    if "extends" not in document:
+        return document
+    parent_name = document["extends"]
+    check = _Checker(path)
+    if not isinstance(parent_name, str) or not parent_name.strip():
+        raise check.fail("top level", "extends", f"expected a suite name or path, got {_describe(parent_name)}")
+    if "tolerances" in document:
+        raise check.fail("top level", "tolerances", f"a suite that extends {parent_name!r} inherits its tolerances; "
+                                                     "remove the table (or drop extends)")
+    suite = document.get("suite", {})
+    prompts = suite.get("prompts", {}) if isinstance(suite, dict) else {}
+    if isinstance(prompts, dict) and "kinds" in prompts:
+        raise check.fail("suite.prompts", "kinds", f"a suite that extends {parent_name!r} checks all of its prompt "
+                                                   "kinds; remove the key (or drop extends)")
+    parent_path = suite_path(parent_name, beside=path)
+    if parent_path.resolve() in chain or parent_path.resolve() == path.resolve():
+        raise check.fail("top level", "extends", f"{parent_name!r} extends back to this suite")
+    parent = _resolve_extends(_read_toml(parent_path), parent_path, chain + (path.resolve(),))
+    inherited = dict(parent["suite"])
+    if isinstance(suite, dict) and ("images" in suite or "annotations" in suite):
+        inherited.pop("images", None), inherited.pop("annotations", None)  # its own image sources replace the parent's
+    merged_suite = {**inherited, **{k: v for k, v in suite.items() if k != "prompts"}}
+    merged_suite["prompts"] = {**parent["suite"].get("prompts", {}), **prompts}
+    return {"suite": merged_suite, "tolerances": parent["tolerances"]}
+
+
+# A gate that is at least as strict as another: for "_min" gates a higher value, for "_max" gates a lower one.
+_AT_LEAST_AS_STRICT = {
+    "embedding_snr_db_min": ">=", "embedding_cosine_min": ">=", "mask_iou_mean_min": ">=", "mask_iou_p5_min": ">=",
+    "stable_mask_iou_mean_min": ">=", "iou_pred_max_abs": "<=", "decoder_logit_max_abs": "<=",
+}
+
+
+def gate_coverage_problems(gate: Suite, release: Suite, precisions: tuple[str, ...]) -> list[str]:
+    """What the build gate `gate` does not check that the release suite `release` does, for the artifact
+    `precisions`: a prompt kind it skips (every stage runs every kind), a precision it has no gates for, or
+    a gate looser than the release one. Empty when a candidate that passes `gate` can fail `release` only
+    on images `gate` did not see."""
+    problems = [f"prompt kind {kind!r}" for kind in release.prompt_kinds if kind not in gate.prompt_kinds]
+    for precision in precisions:
+        if precision not in release.tolerances:
+            continue
+        if precision not in gate.tolerances:
+            problems.append(f"[tolerances.{precision}]")
+            continue
+        ours, theirs = gate.tolerances[precision], release.tolerances[precision]
+        for name, op in _AT_LEAST_AS_STRICT.items():
+            mine, needed = getattr(ours, name), getattr(theirs, name)
+            if needed is None:
+                continue
+            if mine is None or (mine < needed if op == ">=" else mine > needed):
+                problems.append(f"{precision} {name} = {mine} (release gate: {needed})")
+        if ours.stable_margin != theirs.stable_margin and theirs.stable_margin is not None:
+            problems.append(f"{precision} stable_margin = {ours.stable_margin} (release gate: {theirs.stable_margin})")
+        if ours.allow_nonfinite and not theirs.allow_nonfinite:
+            problems.append(f"{precision} allow_nonfinite = true (release gate: false)")
+    return problems
+
+
+def check_gate_covers(gate_name: str | Path, release_name: str | Path, precisions: tuple[str, ...], where: str) -> None:
+    """Refuse a build gate that checks less than the release gate (RecipeError naming what it skips)."""
+    gate, release = load_suite(gate_name), load_suite(release_name)
+    problems = gate_coverage_problems(gate, release, precisions)
+    if problems:
+        raise RecipeError(
+            f"{where}: build gate suite {gate.name!r} checks less than the release suite {release.name!r}: "
+            + "; ".join(problems),
+            hint=f'derive the build gate from the release suite (extends = "{release.name}" with fewer images)',
+        )
 
 
 def _read_toml(path: Path) -> dict:
@@ -195,9 +306,19 @@ def _parse_image(check: _Checker, entry, index: int) -> ImageSpec:
     where = f"suite.images #{index + 1}"  # counted from 1, as a reader counts [[suite.images]] blocks
     if not isinstance(entry, dict):
         raise check.fail(where, "-", f"expected a table, got {_describe(entry)}")
-    check.keys(entry, where, ("synthetic", "size", "sample"))
-    if ("synthetic" in entry) == ("sample" in entry):
-        raise check.fail(where, "synthetic", "give exactly one of synthetic = SEED (with size) or sample = NAME")
+    check.keys(entry, where, ("synthetic", "size", "sample", "folder", "limit", "seed", "recursive"))
+    given = [key for key in ("synthetic", "sample", "folder") if key in entry]
+    if len(given) != 1:
+        raise check.fail(where, (given or ["synthetic"])[-1],
+                         "give exactly one of synthetic = SEED (with size), sample = NAME or folder = PATH")
+    if "folder" not in entry:
+        for key in ("limit", "seed", "recursive"):
+            if key in entry:
+                raise check.fail(where, key, "only a folder entry takes limit, seed and recursive")
+    if "folder" in entry:
+        if "size" in entry:
+            raise check.fail(where, "size", "images of a folder keep their own size")
+        return _parse_folder(check, entry, where)
     if "sample" in entry:
         if "size" in entry:
             raise check.fail(where, "size", "sample images keep their own size")
@@ -213,6 +334,42 @@ def _parse_image(check: _Checker, entry, index: int) -> ImageSpec:
     if not all(MIN_SCENE_SIDE <= side <= MAX_SCENE_SIDE for side in size):
         raise check.fail(where, "size", f"{size} sides must be within {MIN_SCENE_SIDE}..{MAX_SCENE_SIDE}")
     return SyntheticImageSpec(seed=seed, height=size[0], width=size[1])
+
+
+def _parse_folder(check: _Checker, entry: dict, where: str) -> ImageFolder:
+    """A folder entry; a relative path is read from the suite file's folder. A missing folder or one with no
+    image is refused now (UsageError, exit 2), before any model runs."""
+    folder = Path(check.string(entry, where, "folder")).expanduser()
+    spec = ImageFolder(
+        folder=folder if folder.is_absolute() else check.path.parent / folder,
+        limit=check.integer(entry, where, "limit", 1, 2**31 - 1) if "limit" in entry else None,
+        seed=check.integer(entry, where, "seed", 0, 2**32 - 1) if "seed" in entry else 0,
+        recursive=check.boolean(entry, where, "recursive") if "recursive" in entry else True,
+    )
+    spec.all_files()
+    return spec
+
+
+def _parse_annotations(check: _Checker, entry, index: int) -> AnnotationSet:
+    """A `[[suite.annotations]]` entry (file, images, limit, seed; paths relative to the suite file). The file is
+    loaded and checked now (data.coco.load_coco: UsageError, exit 2, naming the file), before any model runs."""
+    where = f"suite.annotations #{index + 1}"
+    if not isinstance(entry, dict):
+        raise check.fail(where, "-", f"expected a table, got {_describe(entry)}")
+    check.keys(entry, where, ("file", "images", "limit", "seed"), required=("file",))
+
+    def beside_suite(key: str) -> Path:
+        path = Path(check.string(entry, where, key)).expanduser()
+        return path if path.is_absolute() else check.path.parent / path
+
+    spec = AnnotationSet(
+        file=beside_suite("file"),
+        images=beside_suite("images") if "images" in entry else None,
+        limit=check.integer(entry, where, "limit", 1, 2**31 - 1) if "limit" in entry else None,
+        seed=check.integer(entry, where, "seed", 0, 2**32 - 1) if "seed" in entry else 0,
+    )
+    spec.load()
+    return spec
 
 
 def _parse_prompt_kinds(check: _Checker, table: dict) -> tuple[str, ...]:
@@ -231,26 +388,30 @@ def _parse_prompt_kinds(check: _Checker, table: dict) -> tuple[str, ...]:
 def parse_suite(document: dict, path: Path) -> Suite:
     """Validate a parsed TOML document (see validators/default.toml for the layout)."""
     check = _Checker(path)
-    check.keys(document, "top level", ("suite", "tolerances"), required=("suite", "tolerances"))
+    check.keys(document, "top level", ("suite", "tolerances", "extends"), required=("suite", "tolerances"))
     suite = check.subtable(document, "top level", "suite")
-    check.keys(suite, "suite", ("name", "description", "images", "prompts"),
-               required=("name", "description", "images", "prompts"))
-    images = suite["images"]
-    if not isinstance(images, list) or not images:
-        raise check.fail("suite", "images", f"expected a non-empty array of tables, got {_describe(images)}")
+    check.keys(suite, "suite", ("name", "description", "images", "annotations", "prompts"),
+               required=("name", "description", "prompts"))
+    images, annotations = suite.get("images", []), suite.get("annotations", [])
+    for key, value in (("images", images), ("annotations", annotations)):
+        if not isinstance(value, list) or (key in suite and not value):
+            raise check.fail("suite", key, f"expected a non-empty array of tables, got {_describe(value)}")
+    if not images and not annotations:
+        raise check.fail("suite", "images", "missing required key (give [[suite.images]] or [[suite.annotations]])")
     prompts = check.subtable(suite, "suite", "prompts")
     check.keys(prompts, "suite.prompts", ("kinds", "seed"), required=("kinds",))
     tolerance_tables = check.subtable(document, "top level", "tolerances")
-    check.keys(tolerance_tables, "tolerances", PRECISIONS)
+    check.keys(tolerance_tables, "tolerances", TOLERANCE_TABLES)
     if not tolerance_tables:
         raise check.fail("tolerances", "fp32", "define at least one precision table")
     return Suite(
         name=check.string(suite, "suite", "name"),
         description=check.string(suite, "suite", "description"),
         path=path,
-        images=tuple(_parse_image(check, entry, index) for index, entry in enumerate(images)),
+        images=tuple(_parse_image(check, entry, index) for index, entry in enumerate(images))
+        + tuple(_parse_annotations(check, entry, index) for index, entry in enumerate(annotations)),
         prompt_kinds=_parse_prompt_kinds(check, prompts),
         prompt_seed=check.integer(prompts, "suite.prompts", "seed", 0, 2**32 - 1) if "seed" in prompts else 0,
         tolerances={precision: _parse_tolerance(check, tolerance_tables, precision)
-                    for precision in PRECISIONS if precision in tolerance_tables},
+                    for precision in TOLERANCE_TABLES if precision in tolerance_tables},
     )

@@ -36,7 +36,7 @@ def validate_folder(
             raise ArtifactError(f"no artifact {unknown[0]!r} in {folder}", hint="known: " + ", ".join(a.id for a in manifest.artifacts))
     for artifact in chosen:
         verify_artifact_file(folder, artifact)
-    cases = build_cases(suite, manifest.encoder_size)
+    cases = build_cases(suite, manifest.encoder_size, reporter)
     if reference_path is not None:
         reference = saved_reference(reference_path, manifest, folder, suite, cases)
     else:

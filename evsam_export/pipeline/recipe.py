@@ -15,11 +15,12 @@ from pathlib import Path
 
 import tomllib
 
-from evsam_export.errors import RecipeError
+from evsam_export.apps import check_app_configs
+from evsam_export.errors import RecipeError, UsageError
 from evsam_export.pipeline.settings import SettingValueError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-SECTIONS = ("recipe", "export", "precision", "target", "validate")
+SECTIONS = ("recipe", "export", "precision", "target", "validate", "apps")
 
 
 def recipes_dir() -> Path:
@@ -41,6 +42,7 @@ class Recipe:
     target_settings: dict = field(default_factory=dict)
     validate: bool = True
     suite: str = "default"
+    apps: dict = field(default_factory=dict)  # app config files to write (evsam_export.apps), e.g. {"x_anylabeling": True}
     document: dict = field(default_factory=dict)  # the merged TOML, for --dry-run and the manifest
 
     def export_options(self):
@@ -180,6 +182,11 @@ class _ValidateSection:
     suite: str = "default"
 
 
+@dataclass(frozen=True)
+class _AppsSection:
+    x_anylabeling: bool = False  # write x-anylabeling.yaml (X-AnyLabeling custom model, type efficientvit_sam)
+
+
 def build_settings(settings_cls, values: dict, precision: str | None):
     """A step's Settings as the runner builds it: a step with a `precision` field is told which one."""
     names = {f.name for f in dataclasses.fields(settings_cls)}
@@ -213,6 +220,18 @@ def _build_step_settings(target, target_settings: dict, tables: dict, used: set,
             raise RecipeError(f"{source}: {error.message}", hint=error.hint) from error
 
 
+def _check_build_gates(tables: dict, used: set, release_suite: str, source: str) -> None:
+    """Refuse a recipe whose build-time gate (a precision step's gate_suite) checks less than its release
+    suite: a candidate that passes the build gate must fail the release gate only on images it did not see."""
+    from evsam_export.parity.suites import check_gate_covers
+    from evsam_export.pipeline.settings import GATE_SUITE
+
+    for precision in ("fp16", "int8"):
+        if precision in used and tables[precision].get("fallback", True):
+            check_gate_covers(tables[precision].get("gate_suite", GATE_SUITE), release_suite, (precision,),
+                              f"{source}: [precision.{precision}] gate_suite")
+
+
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     from evsam_export.api import ExportOptions
     from evsam_export.targets.registry import get_target
@@ -232,6 +251,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
         raise RecipeError(f"{source}: [export] decoder_profile: target {target.name} needs {target.decoder_profile!r}")
     if target.decoder_profile:
         export["decoder_profile"] = target.decoder_profile
+    try:
+        ExportOptions(**export)  # the values (profiles, single-mask rule...) are checked at load, not mid-build
+    except UsageError as exc:
+        raise RecipeError(f"{source}: [export] {exc.message}", hint=exc.hint) from None
     precision = check_table(document.get("precision", {}), _PrecisionSection, "precision", source)
     for component in ("encoder", "decoder"):
         value = precision.get(component, "fp32")
@@ -249,6 +272,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     target_settings = check_table(document.get("target", {}), _settings_class(target.target_step), "target", source)
     _build_step_settings(target, target_settings, tables, used, source)
     validate = check_table(document.get("validate", {}), _ValidateSection, "validate", source)
+    if validate.get("enabled", True):
+        _check_build_gates(tables, used, validate.get("suite", "default"), source)
+    apps = check_table(document.get("apps", {}), _AppsSection, "apps", source)
+    check_app_configs(apps, export, source)
     return Recipe(
         name=head["name"],
         description=head.get("description", ""),
@@ -262,5 +289,6 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
         target_settings=target_settings,
         validate=validate.get("enabled", True),
         suite=validate.get("suite", "default"),
+        apps=apps,
         document=document,
     )

@@ -10,7 +10,6 @@ result).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import time
 from dataclasses import dataclass, field
@@ -61,10 +60,32 @@ def plan_steps(recipe: Recipe) -> list[Step]:
     return steps
 
 
+def step_payload(step: Step, parent_sha: str | None, versions: dict, suite_hash: str, variant: str, weights_sha: str) -> dict:
+    """What a step's cache key is the hash of: its code, settings, tool versions, the suite, and its parent
+    artifact (the export step: the variant and weights instead)."""
+    payload = {"step": step.name, "module": step.module, "code": module_code_hash(step.module), "settings": step.settings,
+               "precision": step.precision, "tool": __version__, "versions": versions, "suite": suite_hash}
+    if step.settings.get("calibration_data"):
+        from evsam_export.data.coco import AnnotationSet
+        from evsam_export.data.images import ImageFolder
+
+        # the files, not only the name: editing the annotations, adding or rewriting an image must rebuild the step
+        source = Path(step.settings["calibration_data"]).expanduser()
+        payload["calibration_data"] = (AnnotationSet(source) if source.is_file() else ImageFolder(source)).fingerprint()
+    if step.module == "evsam_export.targets.tensorrt":
+        # an engine belongs to the GPU and TensorRT that built it; a kit to a machine that could not build
+        payload["device"] = _tensorrt_device()
+    if step.name == "export":
+        payload.update(variant=variant, weights=weights_sha)
+    else:
+        payload["parent"] = parent_sha
+    return payload
+
+
 def _suite_hash(suite: str) -> str:
     from evsam_export.parity.suites import load_suite
 
-    return hashlib.sha256(load_suite(suite).path.read_bytes()).hexdigest()
+    return load_suite(suite).fingerprint()
 
 
 @dataclass
@@ -93,7 +114,7 @@ def run_recipe(
     threads: int | None = None,
 ) -> RunResult:
     from evsam_export.api import export_components, model_contract
-    from evsam_export.model.checkpoint import load_model, parse_synthetic
+    from evsam_export.model.checkpoint import load_model, parse_synthetic, resolve_realistic
     from evsam_export.model.variants import get_variant
     from evsam_export.output import check_output_folder, staged_folder
     from evsam_export.pipeline.step import StepContext
@@ -104,6 +125,8 @@ def run_recipe(
     output = Path(output) if dry_run else check_output_folder(Path(output), force)
     if not dry_run:
         cache.check_writable()  # before any model work: an unwritable cache would fail only at the first store
+    if checkpoint is not None:  # `realistic`: our trained-decoder file (trained on first use, dry run included)
+        checkpoint = resolve_realistic(checkpoint, variant)
     weights_sha = _weights_sha(variant, checkpoint)
     versions = {name: version for name, version in package_versions(KEY_PACKAGES).items()}
     suite_hash = _suite_hash(recipe.suite)
@@ -111,18 +134,9 @@ def run_recipe(
     options = recipe.export_options()
 
     def key_for(step: Step, parent_sha: str | None) -> str | None:
-        payload = {"step": step.name, "module": step.module, "code": module_code_hash(step.module), "settings": step.settings,
-                   "precision": step.precision, "tool": __version__, "versions": versions, "suite": suite_hash}
-        if step.module == "evsam_export.targets.tensorrt":
-            # an engine belongs to the GPU and TensorRT that built it; a kit to a machine that could not build
-            payload["device"] = _tensorrt_device()
-        if step.name == "export":
-            payload.update(variant=variant.name, weights=weights_sha)
-        elif parent_sha is None:
+        if step.name != "export" and parent_sha is None:
             return None
-        else:
-            payload["parent"] = parent_sha
-        return step_key(payload)
+        return step_key(step_payload(step, parent_sha, versions, suite_hash, variant.name, weights_sha))
 
     if dry_run:
         return RunResult(None, _dry_run(steps, key_for, cache), None, None)
@@ -177,6 +191,11 @@ def run_recipe(
             step.seconds = time.perf_counter() - started
             if not artifacts:
                 step.status = "skipped" if step.status == "built" else step.status
+        if recipe.apps:
+            from evsam_export.apps import write_app_configs
+
+            written = write_app_configs(staging, manifest, recipe.apps, latest["encoder"], latest["decoder"], recipe.name)
+            manifest.model["app_configs"] = written
         manifest.history.append({"command": command, "recipe": recipe.name, "steps": [
             {"step": s.name, "status": s.status, "key": s.key, "outputs": s.outputs, "seconds": round(s.seconds, 2)} for s in steps]})
         manifest.write(staging)
@@ -284,7 +303,8 @@ def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_has
         reporter.line(_step_line(step))
     report = validate_folder(staging, load_suite(step.settings["suite"]), reporter=reporter, threads=ctx.threads)
     write_reports(report, staging)
-    files = ["parity.json", "parity.md", "junit.xml"] + [p.relative_to(staging).as_posix() for p in (staging / "parity").glob("*.png")]
+    pictures = [p.relative_to(staging).as_posix() for p in (staging / "parity").glob("*.png")]
+    files = ["parity.json", "parity.md", "junit.xml", "report.html"] + pictures
     if report.passed:  # a failing validation is not cached: it re-runs after the cause is fixed
         _store(cache, reporter, step.key, staging, files, {"step": "validate", "passed": True, "failed": []})
     step.status = "built"

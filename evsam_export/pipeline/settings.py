@@ -43,6 +43,21 @@ class StepSettings:
         if value < minimum:
             raise SettingValueError(name, f"{value!r} must be >= {minimum}")
 
+    def require_image_source(self, name: str) -> None:
+        """The field names a folder holding at least one image (data.images.ImageFolder) or a COCO-format
+        annotation file whose images are beside it (data.coco.AnnotationSet, checked like `evaluate` checks it)."""
+        from pathlib import Path
+
+        from evsam_export.data.coco import AnnotationSet
+        from evsam_export.data.images import ImageFolder
+        from evsam_export.errors import UsageError
+
+        path = Path(getattr(self, name)).expanduser()
+        try:
+            AnnotationSet(path).load() if path.is_file() else ImageFolder(path).all_files()
+        except UsageError as error:
+            raise SettingValueError(name, error.message, hint=error.hint) from error
+
     def require_between(self, name: str, low: float, high: float) -> None:
         value = getattr(self, name)
         if not low <= value <= high:
@@ -59,8 +74,14 @@ class PrecisionSettings(StepSettings):
 
     # Calibration images (deterministic synthetic scenes and offline photos, calibration.data).
     calibration_images: int = 16
-    # Seed of the calibration set (scene seeds, photo rotation, prompts).
+    # Seed of the calibration set (scene seeds, photo rotation, prompts; the sample of calibration_data).
     calibration_seed: int = 0
+    # A folder of your own images (PNG/JPEG/TIFF/BMP/WebP, recursive) to calibrate on instead of the synthetic
+    # set: calibration_images of them, sampled with calibration_seed. A relative path is read from the working
+    # directory. The step's cache key follows the folder's files (names, sizes, modification times).
+    # Or a COCO-format annotation file, its file_names relative to its folder: the annotated images, with
+    # decoder prompts from the ground truth; the cache key follows the file's bytes and its images.
+    calibration_data: str | None = None
     # Gate each candidate on `gate_suite` and put layer groups back to higher precision while it fails.
     fallback: bool = True
     # Most gate runs (1: gate once, no fallback); each step's default tries every group it has.
@@ -71,3 +92,5 @@ class PrecisionSettings(StepSettings):
     def check(self) -> None:
         self.require_at_least("calibration_images", 1)
         self.require_at_least("max_rounds", 1)
+        if self.calibration_data is not None:
+            self.require_image_source("calibration_data")

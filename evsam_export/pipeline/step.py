@@ -76,7 +76,7 @@ class StepContext:
             outputs=list(outputs if outputs is not None else parent.outputs),
             parent=parent.id,
             step=step,
-            settings=dict(settings, **({"single_mask": parent.settings["single_mask"]} if "single_mask" in parent.settings else {})),
+            settings=dict(settings, **{key: parent.settings[key] for key in ("single_mask", "single_mask_rule") if key in parent.settings}),
             facts=facts or {},
             wall_time_s=round(time.perf_counter() - started, 2) if started is not None else 0.0,
             extra_files=list(extra_files or []),
@@ -109,7 +109,7 @@ class StepContext:
         key = (self.suite, self.manifest.weights.get("sha256"))
         if key not in self.references:
             suite = load_suite(self.suite)
-            cases = build_cases(suite, self.manifest.encoder_size)
+            cases = build_cases(suite, self.manifest.encoder_size, reporter)
             reference = pytorch_reference(self.manifest, self.folder, cases, reporter)
             self.references[key] = SuiteReference(suite, cases, reference)
         return self.references[key]

@@ -204,13 +204,14 @@ def calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) ->
     from evsam_export.calibration.data import decoder_calibration_feeds, encoder_calibration_feeds
 
     if parent.component == "encoder":
-        return encoder_calibration_feeds(ctx.variant, settings.calibration_images, settings.calibration_seed)
+        return encoder_calibration_feeds(ctx.variant, settings.calibration_images, settings.calibration_seed,
+                                         folder=settings.calibration_data)
     from evsam_export.runners.ort_runner import OrtRunner
 
     encoder = ctx.manifest.artifact("encoder.onnx.fp32")
     with OrtRunner(ctx.path_of(encoder), encoder.inputs, encoder.outputs, threads=ctx.threads) as runner:
         return decoder_calibration_feeds(runner, ctx.variant, settings.calibration_images, settings.calibration_seed,
-                                         decoder_inputs=parent.inputs)
+                                         decoder_inputs=parent.inputs, folder=settings.calibration_data)
 
 
 @contextmanager
@@ -255,7 +256,7 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     except ImportError as exc:
         raise RuntimeUnavailable(f"openvino int8 needs nncf ({exc})", hint="pip install 'evsam-export[openvino]'") from exc
 
-    from evsam_export.calibration.data import as_nncf_dataset, calibration_fingerprint, describe_calibration
+    from evsam_export.calibration.data import as_nncf_dataset, calibration_fingerprint, describe_calibration, warn_skipped
     from evsam_export.manifest import cpu_flags
 
     check_parent(parent)
@@ -267,9 +268,10 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
         feeds = calibration_feeds(ctx, parent, settings)
     flags = cpu_flags()
     overflow_fix, overflow_why = resolve_overflow_fix(settings.overflow_fix, flags)
+    described = describe_calibration(settings.calibration_images, settings.calibration_seed, folder=settings.calibration_data)
+    warn_skipped(described, ctx.reporter)
     common = {
-        "calibration": {**describe_calibration(settings.calibration_images, settings.calibration_seed),
-                        "feeds": len(feeds), "fingerprint": calibration_fingerprint(feeds)},
+        "calibration": {**described, "feeds": len(feeds), "fingerprint": calibration_fingerprint(feeds)},
         "overflow_fix": {"setting": settings.overflow_fix, "resolved": overflow_fix, "why": overflow_why},
         "cpu_flags": flags,
         "nncf_version": nncf.__version__,
@@ -366,7 +368,7 @@ def validation_items(ctx: StepContext, parent: Artifact, settings: Settings):
     dec = OrtRunner(ctx.path_of(decoder), decoder.inputs, decoder.outputs, threads=ctx.threads).load()
     images = []
     prompt_feeds = decoder_calibration_feeds(lambda image: images.append(image) or enc.infer({"input_image": image})["image_embeddings"],
-                                             ctx.variant, count, seed, decoder_inputs=decoder.inputs)
+                                             ctx.variant, count, seed, decoder_inputs=decoder.inputs, folder=settings.calibration_data)
     per_image = len(prompt_feeds) // len(images)
     items = []
     for index, image in enumerate(images):

@@ -281,17 +281,19 @@ def _store_atomically(source: Path, target: Path) -> None:
 def _calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) -> tuple[list[dict], dict]:
     from evsam_export.calibration import data
 
-    count, seed, photos = settings.calibration_images, settings.calibration_seed, settings.calibration_photos
-    described = data.describe_calibration(count, seed, photos)
+    count, seed, photos, folder = (settings.calibration_images, settings.calibration_seed, settings.calibration_photos,
+                                   settings.calibration_data)
+    described = data.describe_calibration(count, seed, photos, folder)
+    data.warn_skipped(described, ctx.reporter)
     if parent.component == "encoder":
-        return data.encoder_calibration_feeds(ctx.variant, count, seed, photos), described
+        return data.encoder_calibration_feeds(ctx.variant, count, seed, photos, folder), described
     from evsam_export.runners.ort_runner import OrtRunner
 
     encoder = next((a for a in ctx.manifest.artifacts if a.id == "encoder.onnx.fp32"), None)
     if encoder is None:
         raise ExportError("decoder INT8 calibration needs encoder.onnx.fp32 in the folder (its real embeddings)")
     with OrtRunner(ctx.path_of(encoder), encoder.inputs, encoder.outputs, threads=ctx.threads) as runner:
-        feeds = data.decoder_calibration_feeds(runner, ctx.variant, count, seed, parent.inputs, photos=photos)
+        feeds = data.decoder_calibration_feeds(runner, ctx.variant, count, seed, parent.inputs, photos=photos, folder=folder)
     described["prompt_kinds"] = list(data.DECODER_PROMPT_KINDS)
     described["embeddings_from"] = encoder.id
     return feeds, described

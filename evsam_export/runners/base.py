@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evsam_export.contract import TensorSpec
+from evsam_export.contract import APP_IMAGE_SHAPE, TensorSpec
 from evsam_export.errors import UsageError
 
 
@@ -90,6 +90,12 @@ class Runner(ABC):
         pass
 
 
+def describe_layout(spec: TensorSpec) -> str:
+    """The spec's shape, with the layout named for a raw image input ("[image_height, image_width, 3] (HWC RGB, no batch)")."""
+    shape = str(list(spec.shape))
+    return shape + " (HWC RGB, no batch axis)" if tuple(spec.shape) == APP_IMAGE_SHAPE else shape
+
+
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
     """Feeds in spec order with the declared dtype; one UsageError line for the first mismatch."""
     names = [spec.name for spec in specs]
@@ -103,13 +109,19 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], label: st
     checked = {}
     for spec in specs:
         array = np.asarray(feeds[spec.name])
+        if spec.dtype == "uint8" and array.dtype != np.uint8:
+            # Casting would wrap or truncate: a preprocessed float image fed to an app encoder must be refused.
+            raise UsageError(
+                f"{label}: {spec.name} has dtype {array.dtype} {list(array.shape)}, expected uint8 {describe_layout(spec)}",
+                hint="feed the raw RGB pixels (HWC uint8); the graph resizes, normalises and pads itself",
+            )
         if array.ndim != len(spec.shape):
             raise UsageError(
-                f"{label}: {spec.name} has shape {list(array.shape)}, expected rank {len(spec.shape)} {list(spec.shape)}"
+                f"{label}: {spec.name} has shape {list(array.shape)}, expected rank {len(spec.shape)} {describe_layout(spec)}"
             )
         for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
             if isinstance(want, int) and want != got:
-                raise UsageError(f"{label}: {spec.name} has shape {list(array.shape)}, expected {list(spec.shape)} (axis {axis})")
+                raise UsageError(f"{label}: {spec.name} has shape {list(array.shape)}, expected {describe_layout(spec)} (axis {axis})")
         if array.dtype != np.dtype(spec.dtype):
             if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
                 raise UsageError(f"{label}: {spec.name} has dtype {array.dtype}, expected {spec.dtype}")

@@ -4,6 +4,7 @@ artifact something else."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,15 @@ from evsam_export.runners.base import Availability, Runner
 # artifact precision -> INFERENCE_PRECISION_HINT. INT8 IRs keep their non-quantized ops in f32; an fp16
 # IR is stored compressed but computes in f32 on CPU unless asked otherwise.
 PRECISION_HINTS = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
+
+
+@lru_cache(maxsize=1)
+def openvino_core():
+    """The process's one ov.Core. Each Core's CPU plugin registers a signal stack and puts back an older one
+    when destroyed; one Core that lives as long as the process never puts back a freed one (signal_stack.py)."""
+    import openvino as ov
+
+    return ov.Core()
 
 
 def openvino_availability() -> Availability:
@@ -56,9 +66,8 @@ class OpenVINORunner(Runner):
         return config
 
     def _load(self) -> None:
-        import openvino as ov
 
-        core = ov.Core()
+        core = openvino_core()
         self.compiled = core.compile_model(core.read_model(str(self.path)), self.device, self.compile_config())
         self.request = self.compiled.create_infer_request()
 
@@ -72,5 +81,8 @@ class OpenVINORunner(Runner):
         return {port.get_any_name(): np.asarray(value) for port, value in results.items()}
 
     def _close(self) -> None:
+        from evsam_export import signal_stack
+
         self.request = None
         self.compiled = None
+        signal_stack.repair()

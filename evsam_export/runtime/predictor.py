@@ -17,6 +17,7 @@ Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imp
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,8 +239,12 @@ def prompt_sets_per_chunk(memory_budget_mib: float, candidates: int) -> int:
 def postprocess_into(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int = POSTPROCESS_BAND_BYTES) -> None:
     """processing.postprocess_masks (then binarize when `out` is bool) written into `out` [n,C,H,W] band by band.
 
-    The same float32 operations on the same elements as postprocess_masks, so the result is bit-identical;
-    only the float temporaries of the final resize are limited to about `band_bytes` at a time."""
+    Without OpenCV: the same float32 operations on the same elements as postprocess_masks, so the result is
+    bit-identical. With OpenCV (processing.opencv), `_postprocess_into_opencv`. Only the float temporaries
+    of the final resize are limited to about `band_bytes` at a time."""
+    if processing.opencv() is not None:
+        _postprocess_into_opencv(low_res, geometry, out, band_bytes)
+        return
     frame = processing.resize_bilinear(low_res, PROMPT_FRAME, PROMPT_FRAME)
     frame = frame[..., : geometry.input_size[0], : geometry.input_size[1]]
     height, width = geometry.original_size
@@ -258,6 +263,31 @@ def postprocess_into(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarr
         right = blended_rows[..., cols1]
         logits = left + (right - left) * col_weight
         out[..., rows, :] = logits if out.dtype != bool else processing.binarize(logits)
+
+
+def _postprocess_into_opencv(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int) -> None:
+    """postprocess_into with OpenCV, one mask at a time: cv2.resize to the 1024 frame, crop, cv2.resize of the
+    crop's width only (its height kept, so OpenCV moves columns alone), then numpy's exact row blend in bands.
+    Within 4e-4 of the numpy reference (processing.resize_bilinear_fast); the band size never changes a value."""
+    new_h, new_w = geometry.input_size
+    height, width = geometry.original_size
+    rows0, rows1, row_weight = processing._bilinear_axis(new_h, height)
+    band = max(1, band_bytes // (2 * 4 * width))  # two float32 rows per output row
+    for index in np.ndindex(low_res.shape[:-2]):
+        frame = processing.resize_bilinear_fast(low_res[index], PROMPT_FRAME, PROMPT_FRAME)[:new_h, :new_w]
+        widened = processing.resize_bilinear_fast(frame, new_h, width)
+        if height == new_h:  # a bilinear resize to the same height moves no row (all row weights are 0)
+            out[index] = widened if out.dtype != bool else processing.binarize(widened)
+            continue
+        for start in range(0, height, band):
+            rows = slice(start, min(start + band, height))
+            logits = widened[rows1[rows]]
+            top = widened[rows0[rows]]
+            # top + (bottom - top) * weight, in place: the same float32 operations without temporaries
+            np.subtract(logits, top, out=logits)
+            np.multiply(logits, row_weight[rows, None], out=logits)
+            np.add(logits, top, out=logits)
+            out[index + (rows,)] = logits if out.dtype != bool else processing.binarize(logits)
 
 
 # ------------------------------------------------------------------------------------------ artifact choice
@@ -324,6 +354,15 @@ def _normalize_prefer(prefer) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------ predictor
 
 
+def _check_chunking(memory_budget_mib, max_prompt_batch) -> None:
+    if isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, (int, float)) or not memory_budget_mib > 0:
+        raise UsageError(f"memory_budget_mib must be a positive number, got {memory_budget_mib!r}"[:120])
+    if max_prompt_batch is not None and (
+        isinstance(max_prompt_batch, bool) or not isinstance(max_prompt_batch, int) or max_prompt_batch < 1
+    ):
+        raise UsageError(f"max_prompt_batch must be a positive integer, got {max_prompt_batch!r}"[:120])
+
+
 class Predictor:
     """SAM-style predictor over an evsam-export artifact folder (no torch).
 
@@ -352,28 +391,44 @@ class Predictor:
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
-        if isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, (int, float)) or not memory_budget_mib > 0:
-            raise UsageError(f"memory_budget_mib must be a positive number, got {memory_budget_mib!r}"[:120])
-        if max_prompt_batch is not None and (
-            isinstance(max_prompt_batch, bool) or not isinstance(max_prompt_batch, int) or max_prompt_batch < 1
-        ):
-            raise UsageError(f"max_prompt_batch must be a positive integer, got {max_prompt_batch!r}"[:120])
-        self.memory_budget_mib = float(memory_budget_mib)
-        self.max_prompt_batch = max_prompt_batch
+        _check_chunking(memory_budget_mib, max_prompt_batch)
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+        manifest = read_manifest(self.folder)
         prefer = _normalize_prefer(prefer)
         cache: dict = {}
-        self.encoder_artifact = choose_artifact(self.manifest, "encoder", encoder, prefer, cache)
-        self.decoder_artifact = choose_artifact(self.manifest, "decoder", decoder, prefer, cache)
-        for artifact in (self.encoder_artifact, self.decoder_artifact):
+        encoder_artifact = choose_artifact(manifest, "encoder", encoder, prefer, cache)
+        decoder_artifact = choose_artifact(manifest, "decoder", decoder, prefer, cache)
+        for artifact in (encoder_artifact, decoder_artifact):
             verify_artifact_file(self.folder, artifact)
             for extra in artifact.extra_files:
                 if not artifact_file(self.folder, extra, artifact.id).is_file():
                     raise ArtifactError(f"{artifact.id}: file {extra} is missing", hint="re-run the export")
+        self._attach(manifest, encoder_artifact, decoder_artifact, lambda artifact: runner_for_artifact(self.folder, artifact, threads),
+                     memory_budget_mib, max_prompt_batch)
+
+    @classmethod
+    def from_runners(cls, manifest: Manifest, encoder_artifact: Artifact, decoder_artifact: Artifact, encoder_runner, decoder_runner,
+                     memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB, max_prompt_batch: int | None = None) -> Predictor:
+        """A predictor over runners the caller made (evaluate's PyTorch reference), described by artifact entries
+        that carry their IO contract: the same contract checks, prompt chunking and post-processing as a folder's."""
+        _check_chunking(memory_budget_mib, max_prompt_batch)
+        predictor = cls.__new__(cls)
+        predictor.folder = None
+        runners = {encoder_artifact.id: encoder_runner, decoder_artifact.id: decoder_runner}
+        predictor._attach(manifest, encoder_artifact, decoder_artifact, lambda artifact: runners[artifact.id],
+                          memory_budget_mib, max_prompt_batch)
+        return predictor
+
+    def _attach(self, manifest: Manifest, encoder_artifact: Artifact, decoder_artifact: Artifact, make_runner,
+                memory_budget_mib: float, max_prompt_batch: int | None) -> None:
+        self.memory_budget_mib = float(memory_budget_mib)
+        self.max_prompt_batch = max_prompt_batch
+        self.manifest = manifest
+        self.encoder_artifact = encoder_artifact
+        self.decoder_artifact = decoder_artifact
         self._check_contract()
-        self.encoder = runner_for_artifact(self.folder, self.encoder_artifact, threads).load()
-        self.decoder = runner_for_artifact(self.folder, self.decoder_artifact, threads).load()
+        self.encoder = make_runner(encoder_artifact).load()
+        self.decoder = make_runner(decoder_artifact).load()
         self.geometry: ImageGeometry | None = None
         self.image_embeddings: np.ndarray | None = None
 
@@ -390,7 +445,9 @@ class Predictor:
                 hint=f"expected the {contract.INPUT_IMAGE} input and the {contract.IMAGE_EMBEDDINGS} output",
             )
         size = self.encoder_spec.input(contract.INPUT_IMAGE).shape[-1]
-        self.encoder_size = int(size) if isinstance(size, int) else int(self.manifest.encoder_size)
+        # An app encoder's input is a raw [H, W, 3] image: its size is the manifest's only.
+        fixed = isinstance(size, int) and self.encoder_spec.profile != "app"
+        self.encoder_size = int(size) if fixed else int(self.manifest.encoder_size)
         if self.encoder_size != int(self.manifest.encoder_size):
             raise ArtifactError(f"{enc.id}: input size {self.encoder_size} != manifest encoder_size {self.manifest.encoder_size}")
         if contract.missing_io(self.decoder_spec):
@@ -428,6 +485,8 @@ class Predictor:
             "decoder": self.decoder_artifact.id,
             "decoder_profile": self.decoder_profile,
             "mask_tokens": contract.ALL_TOKENS if self.num_tokens == NUM_MASK_TOKENS else contract.TOKEN0_ONLY,
+            # Host upscaling: OpenCV when installed (within 4e-4 of the numpy reference), else numpy, bit-exact.
+            "postprocess": "opencv" if processing.opencv() is not None else "numpy",
         }
 
     # -- image -------------------------------------------------------------------------------------
@@ -453,7 +512,7 @@ class Predictor:
             raise UsageError(" ".join(str(exc).split())[:160] or f"cannot use the image ({type(exc).__name__})") from None
         if image_format == "BGR":
             rgb = np.ascontiguousarray(rgb[:, :, ::-1])
-        input_image, geometry = processing.preprocess_image(rgb, self.encoder_size)
+        input_image, geometry = processing.encoder_input(rgb, self.encoder_spec.profile, self.encoder_size)
         out = self.encoder.infer(contract.encoder_feeds(self.encoder_spec, input_image))[contract.IMAGE_EMBEDDINGS]
         embeddings = np.ascontiguousarray(out[:1], dtype=np.float32)
         if embeddings.shape != contract.EMBEDDINGS_SHAPE:
@@ -482,17 +541,21 @@ class Predictor:
         mask_input=None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        best_only: bool = False,
     ) -> Prediction:
         """PyTorch SAM's predict() in original-image pixels.
 
         point_coords [N,2] (x, y) or [B,N,2] with point_labels [N] / [B,N] (1 foreground, 0 background);
         box [4] (x0, y0, x1, y1) or boxes [B,4] (one prompt set per box; points are shared or given per box);
         mask_input: low-res logits [1,256,256] or [B,1,256,256] from an earlier prediction.
-        multimask_output: 3 candidates (tokens 1..3) instead of 1 (token 0)."""
+        multimask_output: 3 candidates (tokens 1..3) instead of 1 (token 0).
+        best_only: keep only each prompt set's highest-scoring candidate (C = 1), so only it is upscaled to the
+        original size (the point protocol of `evsam-export evaluate`)."""
         if self.image_embeddings is None or self.geometry is None:
             raise UsageError("no image set: call set_image(image) before predict()")
         multimask_output = _as_flag(multimask_output, "multimask_output")
         return_logits = _as_flag(return_logits, "return_logits")
+        best_only = _as_flag(best_only, "best_only")
         if multimask_output and self.num_tokens == 1:
             raise UsageError(
                 f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask), so multimask_output=True is not available",
@@ -503,7 +566,7 @@ class Predictor:
         tokens = processing.build_prompt_tokens(geometry, points, labels, box_array)
         batch = tokens.point_coords.shape[0]
         mask, has_mask = _mask_feed(mask_input, batch)
-        candidates = 3 if multimask_output else 1
+        candidates = 3 if multimask_output and not best_only else 1
         height, width = geometry.original_size
         low = LOW_RES_MASK_SIZE
         # Only these grow with the whole batch; everything else lives for one chunk.
@@ -511,6 +574,7 @@ class Predictor:
         scores = np.empty((batch, candidates), np.float32)
         low_res = np.empty((batch, candidates, low, low), np.float32)
         chunk = self.prompt_chunk_size(multimask_output)
+        decoder_s = postprocess_s = 0.0
         for start in range(0, batch, chunk):
             prompt_sets = slice(start, min(start + chunk, batch))
             feeds = contract.decoder_feeds(
@@ -523,15 +587,24 @@ class Predictor:
                 # The "sam" graph's own upscaled `masks` output is never read (the host upscales the low-res logits).
                 original_size=UNREAD_MASKS_SIZE,
             )
+            started = time.perf_counter()
             out = self._run_decoder(feeds, prompt_sets.stop - prompt_sets.start)
+            decoder_s += time.perf_counter() - started
             chunk_low_res, chunk_scores = processing.select_masks(
                 out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output
             )
+            if best_only:
+                rows, best = np.arange(chunk_scores.shape[0]), np.argmax(chunk_scores, axis=1)
+                chunk_low_res, chunk_scores = chunk_low_res[rows, best][:, None], chunk_scores[rows, best][:, None]
             low_res[prompt_sets] = chunk_low_res
             scores[prompt_sets] = chunk_scores
             del out, chunk_low_res
+            started = time.perf_counter()
             postprocess_into(low_res[prompt_sets], geometry, masks[prompt_sets])
-        return Prediction(masks=masks, scores=scores, low_res_logits=low_res, multimask_output=multimask_output)
+            postprocess_s += time.perf_counter() - started
+        # Where the time went, so an app (and `bench`) can see the decoder / host split of each call.
+        meta = {"decoder_ms": decoder_s * 1000, "postprocess_ms": postprocess_s * 1000}
+        return Prediction(masks=masks, scores=scores, low_res_logits=low_res, multimask_output=multimask_output, meta=meta)
 
     def _run_decoder(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         wanted = (contract.LOW_RES_MASKS, contract.IOU_PREDICTIONS)
@@ -550,6 +623,39 @@ class Predictor:
             parts.append(self.decoder.infer(chunk, outputs=wanted))
         return {name: np.concatenate([p[name] for p in parts], axis=0) for name in wanted}
 
+    # -- low-res logits only (the automatic mask generator upscales just the candidates it keeps) ---
+    def predict_low_res(self, point_coords, point_labels, multimask_output: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(low-res logits [B,C,256,256], predicted IoU [B,C]) for B prompt sets of points, without the upscale
+        to the image size that predict() does for every candidate.
+
+        point_coords [B,N,2] / point_labels [B,N] in original-image pixels, as for predict(). Prompt sets go
+        through the decoder in chunks: the static graph's fixed count, max_prompt_batch, or as many as the
+        memory budget holds without host upscaling."""
+        if self.image_embeddings is None or self.geometry is None:
+            raise UsageError("no image set: call set_image(image) before predict_low_res()")
+        multimask_output = _as_flag(multimask_output, "multimask_output")
+        if multimask_output and self.num_tokens == 1:
+            raise UsageError(f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask): use multimask_output=False")
+        points, labels, _ = check_prompts(self.geometry.original_size, point_coords, point_labels)
+        tokens = processing.build_prompt_tokens(self.geometry, points, labels)
+        batch = tokens.point_coords.shape[0]
+        chunk = self._prompt_batch_limit or self.max_prompt_batch or prompt_sets_per_chunk(self.memory_budget_mib, 0)
+        low_res_parts, score_parts = [], []
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            feeds = contract.decoder_feeds(
+                self.decoder_spec,
+                image_embeddings=self.image_embeddings,
+                point_coords=tokens.point_coords[start:stop],
+                point_labels=tokens.point_labels[start:stop],
+                original_size=UNREAD_MASKS_SIZE,
+            )
+            out = self._run_decoder(feeds, stop - start)
+            low_res, scores = processing.select_masks(out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
+            low_res_parts.append(np.ascontiguousarray(low_res, dtype=np.float32))
+            score_parts.append(np.asarray(scores, dtype=np.float32))
+        return np.concatenate(low_res_parts), np.concatenate(score_parts)
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
         for runner in (getattr(self, "encoder", None), getattr(self, "decoder", None)):
@@ -564,3 +670,4 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"Predictor({str(self.folder)!r}, encoder={self.encoder_artifact.id!r}, decoder={self.decoder_artifact.id!r})"
+

@@ -31,7 +31,7 @@ from evsam_export.precision.nncf_int8 import (  # noqa: F401  (the target's INT8
     resolve_overflow_fix,
 )
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,18 @@ class Settings(nncf_int8.Settings):
     precision = "int8" (the recipe merges [precision.int8] into this step)."""
 
     # Artifact precision: "fp32" (IR weights stored fp32), "fp16" (IR weights stored fp16, computed in f32 on
-    # CPU: a storage format) or "int8" (NNCF PTQ: FakeQuantize IR).
+    # CPU: a storage format), "int8" (NNCF PTQ: FakeQuantize IR) or "bf16" (fp32 IR compiled with the bf16
+    # hint: the CPU plugin computes in bf16 where the CPU has AVX512_BF16/AMX, docs/precision.md "bf16").
     precision: str = "fp32"
     # Reshape the encoder to batch 1 before saving (latency builds; the manifest IO then says [1,...]).
     # False keeps the ONNX's dynamic batch. The decoder is never reshaped: its prompt axes are the API.
     static_batch: bool = False
     # INFERENCE_PRECISION_HINT the runner compiles this IR with. Must equal the runner's table
-    # (runners/openvino_runner.PRECISION_HINTS: f32 for fp32/fp16/int8): without an explicit f32 the CPU
-    # plugin runs bf16 on AVX512_BF16/AMX CPUs and an "fp32" artifact would not be fp32.
-    inference_precision: str = "f32"
+    # (runners/openvino_runner.PRECISION_HINTS: f32 for fp32/fp16/int8, bf16 for bf16): without an explicit
+    # f32 the CPU plugin runs bf16 on AVX512_BF16/AMX CPUs and an "fp32" artifact would not be fp32.
+    # "" (the default) takes the table's hint for the artifact's precision, so one [target] table serves a
+    # recipe whose encoder and decoder differ in precision.
+    inference_precision: str = ""
 
     def check(self) -> None:
         from evsam_export.runners.openvino_runner import PRECISION_HINTS
@@ -56,7 +59,7 @@ class Settings(nncf_int8.Settings):
         self.require_one_of("precision", PRECISIONS)
         super().check()
         expected = PRECISION_HINTS[self.precision]
-        if self.inference_precision != expected:
+        if self.inference_precision and self.inference_precision != expected:
             raise SettingValueError(
                 "inference_precision",
                 f"{self.inference_precision!r} but the OpenVINO runner compiles {self.precision} IRs with "
@@ -100,9 +103,9 @@ def _io_specs(parent: Artifact, static: bool) -> tuple[list[TensorSpec], list[Te
 
 def read_parent(ctx: StepContext, parent: Artifact, settings: Settings):
     """The fp32 ONNX as an ov.Model (the frontend keeps the dynamic batch)."""
-    import openvino as ov
+    from evsam_export.runners.openvino_runner import openvino_core
 
-    model = ov.Core().read_model(str(ctx.path_of(parent)))
+    model = openvino_core().read_model(str(ctx.path_of(parent)))
     if settings.static_batch and parent.component == "encoder":
         model.reshape({spec.name: [1, *spec.shape[1:]] for spec in parent.inputs})
     return model
@@ -115,7 +118,7 @@ def write_ir(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     """Save `model` as <component>.openvino.<precision>.xml/.bin and return its manifest entry."""
     import openvino as ov
 
-    from evsam_export.runners.openvino_runner import OpenVINORunner
+    from evsam_export.runners.openvino_runner import OpenVINORunner, openvino_core
 
     xml = ctx.folder / artifact_filename(parent.component, "openvino", settings.precision, "xml")
     binary = xml.with_suffix(".bin")
@@ -124,7 +127,7 @@ def write_ir(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     ov.save_model(model, str(xml), compress_to_fp16=settings.precision == "fp16")
     inputs, outputs = _io_specs(parent, settings.static_batch and parent.component == "encoder")
     runner = OpenVINORunner(xml, inputs, outputs, precision=settings.precision)
-    saved = ov.Core().read_model(str(xml))
+    saved = openvino_core().read_model(str(xml))
     with runner:
         actual = precision_name(runner.compiled.get_property("INFERENCE_PRECISION_HINT"))
     histogram = op_histogram(saved)

@@ -1,0 +1,151 @@
+"""An independent check of a lower-precision artifact pair on unseen synthetic scenes (issue 22, "done when").
+
+The parity gates score an artifact on the suites' images; this check scores it on scenes no gate, calibration
+or training ever saw (evsam_export.model.realistic.UNSEEN_SEED_BASE), through the torch-free runtime
+(Predictor) exactly as a user runs it, against the folder's fp32 ONNX pair:
+
+* embedding SNR (dB) of the encoder artifact vs the fp32 encoder, per scene;
+* mask IoU vs the fp32 pair, per prompt kind (one prompt per ground-truth object);
+* the task score: mIoU against the scenes' ground-truth shapes for both pairs, and the drop in points;
+* the encoder's speed against ORT fp32 as a ratio of medians in one alternated run (bench.alternate_calls).
+
+`check_folder` returns the numbers and the verdict against the issue's floors (DONE_WHEN); run it with
+`python -m evsam_export.parity.unseen FOLDER [--encoder ID] [--decoder ID]` (docs/benchmarks.md has runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evsam_export.calibration.images import prompts_for
+from evsam_export.parity import metrics
+
+# Issue 22's floors: embedding SNR >= 10 dB, mask IoU vs fp32 >= 0.9 (mean per kind), shape-mIoU drop
+# <= 2 points per kind, and an INT8 encoder at least 1.5x faster than ORT fp32.
+DONE_WHEN = {"embedding_snr_db_min": 10.0, "mask_iou_vs_fp32_min": 0.9, "miou_drop_points_max": 2.0,
+             "int8_encoder_speedup_min": 1.5}
+# The kinds an app sends one object at a time; multimask is the point prompt with SAM's best-of-3 selection.
+KINDS = ("point", "points_neg", "box", "box_point", "multimask")
+FP32_ENCODER, FP32_DECODER = "encoder.onnx.fp32", "decoder.onnx.fp32"
+
+
+@dataclass
+class _Tally:
+    iou_vs_fp32: list
+    iou_gt_fp32: list
+    iou_gt_test: list
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(metrics.mask_iou(a, b))
+
+
+def lowest_precision_pair(manifest) -> tuple[str, str]:
+    """The folder's reduced-precision encoder and decoder that a runtime here can run (the last one built,
+    e.g. the fp16 ONNX of a TensorRT build kit), or the fp32 ONNX where a component has none."""
+    from evsam_export.runners import RUNTIME_OF_TARGET, availability_of
+
+    def runnable(artifact) -> bool:
+        runtime = RUNTIME_OF_TARGET.get(artifact.target)
+        return runtime is not None and availability_of(runtime).available
+
+    def pick(component: str, fp32: str) -> str:
+        others = [a for a in manifest.artifacts if a.component == component and a.precision != "fp32" and runnable(a)]
+        return others[-1].id if others else fp32
+
+    return pick("encoder", FP32_ENCODER), pick("decoder", FP32_DECODER)
+
+
+def check_folder(folder: Path, encoder: str | None = None, decoder: str | None = None, scenes: int = 8,
+                 threads: int = 2, bench_runs: int = 6) -> dict:
+    """Score the (encoder, decoder) pair of `folder` against its fp32 ONNX pair on `scenes` unseen scenes."""
+    from evsam_export import contract
+    from evsam_export.bench import alternate_calls, latency_summary
+    from evsam_export.manifest import read_manifest
+    from evsam_export.model.processing import preprocess_image
+    from evsam_export.model.realistic import UNSEEN_SEED_BASE, scene_for
+    from evsam_export.runtime import Predictor
+
+    manifest = read_manifest(folder)
+    default_encoder, default_decoder = lowest_precision_pair(manifest)
+    encoder, decoder = encoder or default_encoder, decoder or default_decoder
+    reference = Predictor(folder, encoder=FP32_ENCODER, decoder=FP32_DECODER, threads=threads)
+    test = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads)
+    tallies = {kind: _Tally([], [], []) for kind in KINDS}
+    snrs = []
+    with reference, test:
+        for index in range(scenes):
+            scene = scene_for(UNSEEN_SEED_BASE + index, int(manifest.encoder_size))
+            reference.set_image(scene.rgb)
+            test.set_image(scene.rgb)
+            snrs.append(metrics.snr_db(reference.image_embeddings, test.image_embeddings))
+            for kind in KINDS:
+                for number, truth in enumerate(scene.masks):
+                    prompt = prompts_for(kind, scene.rgb, (truth,), seed=index * 64 + number)
+                    args = dict(point_coords=prompt.points, point_labels=prompt.labels,
+                                box=None if prompt.boxes is None else prompt.boxes[0], multimask_output=prompt.multimask)
+                    ours, theirs = reference.predict(**args).best(), test.predict(**args).best()
+                    tally = tallies[kind]
+                    tally.iou_vs_fp32.append(_iou(ours, theirs))
+                    tally.iou_gt_fp32.append(_iou(ours, truth))
+                    tally.iou_gt_test.append(_iou(theirs, truth))
+        image = preprocess_image(scene_for(UNSEEN_SEED_BASE, int(manifest.encoder_size)).rgb, int(manifest.encoder_size))[0]
+        feeds = {name: contract.encoder_feeds(p.encoder_spec, image) for name, p in (("fp32", reference), ("test", test))}
+        timings = alternate_calls({"fp32": lambda: reference.encoder.infer(feeds["fp32"]),
+                                   "test": lambda: test.encoder.infer(feeds["test"])}, runs=bench_runs, warmup=1)
+    per_kind = {}
+    for kind, tally in tallies.items():
+        fp32_miou, test_miou = 100 * np.mean(tally.iou_gt_fp32), 100 * np.mean(tally.iou_gt_test)
+        summary = metrics.summarize(tally.iou_vs_fp32)
+        per_kind[kind] = {"mask_iou_vs_fp32": {"mean": round(summary.mean, 4), "p5": round(summary.p5, 4),
+                                               "min": round(summary.min, 4)},
+                          "miou_fp32": round(fp32_miou, 2), "miou_test": round(test_miou, 2),
+                          "miou_drop_points": round(fp32_miou - test_miou, 2), "objects": len(tally.iou_vs_fp32)}
+    fp32_ms, test_ms = latency_summary(timings["fp32"])["median"], latency_summary(timings["test"])["median"]
+    result = {
+        "folder": str(folder), "encoder": encoder, "decoder": decoder, "scenes": scenes, "threads": threads,
+        "embedding_snr_db": {"min": round(min(snrs), 2), "median": round(float(np.median(snrs)), 2)},
+        "per_kind": per_kind,
+        "encoder_ms": {"fp32": round(fp32_ms, 1), "test": round(test_ms, 1), "speedup": round(fp32_ms / test_ms, 2)},
+    }
+    result["failures"] = failures(result, int8_encoder=encoder.endswith(".int8"))
+    return result
+
+
+def failures(result: dict, int8_encoder: bool) -> list[str]:
+    """The DONE_WHEN floors `result` misses, one line each (empty: it passes)."""
+    out = []
+    if result["embedding_snr_db"]["min"] < DONE_WHEN["embedding_snr_db_min"]:
+        out.append(f"embedding SNR min {result['embedding_snr_db']['min']} dB < {DONE_WHEN['embedding_snr_db_min']}")
+    for kind, entry in result["per_kind"].items():
+        if entry["mask_iou_vs_fp32"]["mean"] < DONE_WHEN["mask_iou_vs_fp32_min"]:
+            out.append(f"{kind}: mask IoU vs fp32 {entry['mask_iou_vs_fp32']['mean']} < {DONE_WHEN['mask_iou_vs_fp32_min']}")
+        if entry["miou_drop_points"] > DONE_WHEN["miou_drop_points_max"]:
+            out.append(f"{kind}: mIoU drop {entry['miou_drop_points']} points > {DONE_WHEN['miou_drop_points_max']}")
+    if int8_encoder and result["encoder_ms"]["speedup"] < DONE_WHEN["int8_encoder_speedup_min"]:
+        out.append(f"INT8 encoder {result['encoder_ms']['speedup']}x ORT fp32 < {DONE_WHEN['int8_encoder_speedup_min']}x")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--encoder", help="encoder artifact id (default: the folder's reduced-precision one)")
+    parser.add_argument("--decoder", help="decoder artifact id (default: the folder's reduced-precision one)")
+    parser.add_argument("--scenes", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bench-runs", type=int, default=6)
+    args = parser.parse_args(argv)
+    result = check_folder(args.folder, args.encoder, args.decoder, args.scenes, args.threads, args.bench_runs)
+    print(json.dumps(result, indent=2))
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The realistic test checkpoint (evsam_export.model.realistic): deterministic, cached by key, loadable as an
+official checkpoint, and (slow, trained once per cache) image-dependent masks with logits of several units."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evsam_export.model import realistic
+from evsam_export.model.checkpoint import load_model
+from evsam_export.model.variants import get_variant
+
+TINY = realistic.TrainSettings(train_scenes=2, held_out_scenes=1, steps=3, objects_per_step=1)
+
+
+def test_tiny_training_is_deterministic_cached_and_loads_as_a_checkpoint(tmp_path, monkeypatch):
+    path = realistic.ensure_checkpoint(TINY, root=tmp_path)
+    assert path.parent.name == realistic.checkpoint_key(TINY) and path.name == "efficientvit_sam_l0_realistic.pt"
+    stats = json.loads((path.parent / "stats.json").read_text())
+    assert stats["settings"]["steps"] == 3 and stats["held_out"]["objects"] >= 1
+    model, weights = load_model(get_variant("l0"), path)  # the official loader: keys and shapes of l0
+    assert weights.spec == str(path) and not weights.is_synthetic
+    # Trained again from scratch: the same bytes (fixed seeds, deterministic ops, one thread).
+    again, _ = realistic.train(TINY)
+    saved = torch.load(path, weights_only=True)
+    assert all(torch.equal(saved[key], value) for key, value in again.state_dict().items())
+    # Only the decoder side was trained: the encoder is still synthetic:0.
+    synthetic, _ = load_model(get_variant("l0"), "synthetic:0")
+    assert all(torch.equal(value, synthetic.state_dict()[key]) for key, value in saved.items() if key.startswith("image_encoder."))
+    assert not torch.equal(saved["mask_decoder.iou_token.weight"], synthetic.state_dict()["mask_decoder.iou_token.weight"])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached checkpoint was trained again")
+
+    monkeypatch.setattr(realistic, "train", no_training)
+    assert realistic.ensure_checkpoint(TINY, root=tmp_path) == path
+    assert realistic.checkpoint_key(TINY) != realistic.checkpoint_key(realistic.TrainSettings(steps=4))
+
+
+def test_realistic_spec_parses():
+    assert realistic.parse_realistic("realistic") == realistic.TrainSettings()
+    assert realistic.parse_realistic("realistic:50").steps == 50
+    assert realistic.parse_realistic("synthetic:0") is None and realistic.parse_realistic("realistic.pt") is None
+    from evsam_export.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="bad realistic weights spec"):
+        realistic.parse_realistic("realistic:many")
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_realistic_checkpoint_segments_objects_with_large_logits(realistic_checkpoint):
+    stats = realistic.read_stats(realistic_checkpoint)
+    # Synthetic weights: median |logit| 0.04-0.28. Trained: several units (issue 22 saw ~9).
+    assert stats["held_out"]["abs_logit"]["median"] >= 3.0
+    # Better than the untrained (synthetic) decoder on unseen scenes (mIoU 0.06-0.09 there), not yet good:
+    # 300 steps give image-dependent masks that do not yet depend on the prompt (docs/precision.md).
+    assert stats["held_out"]["miou"]["box"] >= 0.2 and stats["held_out"]["miou"]["point"] >= 0.2
+    # `--checkpoint realistic` resolves to the same cached file.
+    _, weights = load_model(get_variant("l0"), "realistic")
+    assert weights.spec == str(realistic_checkpoint)
