@@ -68,6 +68,9 @@ class Manifest:
     command: str = ""
     tool_version: str = __version__
     history: list[dict] = field(default_factory=list)  # one entry per command that changed this folder
+    # {"encoder": id, "decoder": id, "reason": ...}: the pair `run cpu-auto` measured fastest among those that
+    # passed their gates; the Predictor runs it unless told otherwise
+    recommended: dict = field(default_factory=dict)
 
     def artifact(self, artifact_id: str) -> Artifact:
         for artifact in self.artifacts:
@@ -94,6 +97,7 @@ class Manifest:
             "environment": self.environment,
             "command": self.command,
             "history": self.history,
+            **({"recommended": self.recommended} if self.recommended else {}),
         }
 
     def write(self, folder: Path) -> Path:
@@ -201,6 +205,11 @@ class _ManifestReader:
         for index, entry in enumerate(history):
             if not isinstance(entry, dict):
                 raise self.fail(f"history[{index}]", f"must be an object, got {_describe(entry)}")
+        recommended = self.get(data, "recommended", "recommended", "dict", required=False, default={})
+        for component in ("encoder", "decoder"):
+            chosen = recommended.get(component)
+            if chosen is not None and chosen not in seen:
+                raise self.fail(f"recommended.{component}", f"names {_describe(chosen)}, which is not an artifact of this folder")
         return Manifest(
             variant=variant,
             encoder_size=encoder_size,
@@ -211,6 +220,7 @@ class _ManifestReader:
             command=self.get(data, "command", "command", "str", required=False, default=""),
             tool_version=self.get(data, "tool_version", "tool_version", "str", required=False, default="?"),
             history=history,
+            recommended=recommended,
         )
 
     def check_model(self, model: dict) -> None:
@@ -357,16 +367,24 @@ def package_versions(
     return versions
 
 
+# Flags named here (comma-separated) are treated as absent: how a bf16-capable machine shows what a build
+# on an older CPU would do (the bf16 refusal, VNNI-dependent INT8 settings) without one.
+HIDE_CPU_FLAGS_ENV = "EVSAM_HIDE_CPU_FLAGS"
+
+
 def cpu_flags() -> list[str]:
     """The SIMD flags that decide INT8/bf16 speed and numerics (from /proc/cpuinfo on Linux)."""
+    import os
+
     interesting = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "f16c", "fma")
+    hidden = {flag.strip() for flag in os.environ.get(HIDE_CPU_FLAGS_ENV, "").split(",")}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
     for line in text.splitlines():
         if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
+            present = set(line.split(":", 1)[1].split()) - hidden
             return [flag for flag in interesting if flag in present]
     return []
 

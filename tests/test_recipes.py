@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from evsam_export.errors import RecipeError
+from evsam_export.pipeline.auto import is_auto_recipe
 from evsam_export.pipeline.recipe import load_recipe, recipes_dir
 from evsam_export.pipeline.runner import StepCache, run_recipe
 
@@ -23,6 +24,8 @@ def test_every_shipped_recipe_loads():
     names = sorted(p.stem for p in recipes_dir().glob("*.toml"))
     assert "cpu-ort-fp32" in names
     for name in names:
+        if is_auto_recipe(name):  # several candidates: tests/test_auto.py
+            continue
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.target in ("ort", "openvino", "tensorrt")
 

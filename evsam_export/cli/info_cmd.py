@@ -62,8 +62,10 @@ def doctor_command(
             )
         if {"avx512_bf16", "amx_bf16"} & flags:
             notes.append("bf16-capable CPU: OpenVINO would silently run bf16 without a precision hint (evsam-export always sets one)")
+        recipes = recipe_needs(flags, availability)
         data = {
             **env,
+            "recipes": recipes,
             "gpus": gpus,
             "gpu_note": gpu_reason,
             "runtimes": {k: {"available": v.available, "version": v.version, "reason": v.reason} for k, v in availability.items()},
@@ -83,6 +85,9 @@ def doctor_command(
         for target in TARGETS.values():
             state = availability[target.runtime]
             typer.echo(f"target {target.name:<9} {'ready' if state.available else 'missing: ' + state.reason}")
+        for name, entry in recipes.items():
+            needs = f"needs {entry['cpu_needs']}" if entry["cpu_needs"] else "no CPU flag needed"
+            typer.echo(f"recipe {name:<18} {'ready' if entry['ready'] else 'not here: ' + entry['why_not']}  ({needs})")
         for note in notes:
             typer.echo(f"note: {note}")
 
@@ -103,3 +108,34 @@ def register_engines_command(
             typer.echo(f"registered {artifact.id}: {artifact.path} ({artifact.facts.get('runs_on')})")
 
     run_guarded(debug, body)
+
+
+def recipe_needs(flags: set[str], availability: dict) -> dict[str, dict]:
+    """Each shipped recipe: the CPU flags its precisions need (any one of each group), and whether this machine
+    can build it (runtime installed, flags present). An auto recipe is ready when one candidate is."""
+    from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe
+    from evsam_export.pipeline.recipe import load_recipe, recipes_dir
+    from evsam_export.targets.registry import get_target, missing_cpu_features
+
+    table = {}
+    for path in sorted(recipes_dir().glob("*.toml")):
+        if is_auto_recipe(path):
+            continue
+        recipe = load_recipe(path)
+        target = get_target(recipe.target)
+        precisions = (recipe.encoder_precision, recipe.decoder_precision)
+        needs = [" or ".join(target.cpu_features[p]) for p in dict.fromkeys(precisions) if p in target.cpu_features]
+        missing = missing_cpu_features(target, precisions, flags)
+        runtime = availability[target.runtime]
+        kit = " (writes a trtexec build kit instead)" if target.runtime == "tensorrt" else ""
+        why_not = (f"{target.runtime} missing{kit}" if not runtime.available else
+                   f"{', '.join(missing)} needs {' or '.join(next(iter(missing.values())))}" if missing else "")
+        table[path.stem] = {"cpu_needs": ", ".join(needs), "ready": not why_not, "why_not": why_not}
+    for path in sorted(recipes_dir().glob("*.toml")):
+        if is_auto_recipe(path):
+            candidates = load_auto_recipe(path).candidates
+            ready = [c for c in candidates if table.get(c, {}).get("ready")]
+            table[path.stem] = {"cpu_needs": "", "ready": bool(ready),
+                                "why_not": "" if ready else "no candidate can be built here",
+                                "candidates_ready": ready}
+    return table

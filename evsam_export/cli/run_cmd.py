@@ -39,10 +39,14 @@ def run_command(
     def body() -> None:
         from evsam_export.errors import ParityFailure
         from evsam_export.parity.report import console_table
+        from evsam_export.pipeline.auto import is_auto_recipe
         from evsam_export.pipeline.recipe import load_recipe
         from evsam_export.pipeline.runner import StepCache, run_recipe
         from evsam_export.progress import Reporter
 
+        if is_auto_recipe(recipe):
+            _run_auto(recipe, variant.value, output, checkpoint, overrides or [], dry_run, no_cache, force, threads)
+            return
         loaded = load_recipe(recipe, overrides or [])
         folder = output or Path("out") / f"{loaded.name}-{variant.value}"
         reporter = Reporter()
@@ -63,3 +67,29 @@ def run_command(
             raise ParityFailure("the recipe's artifacts failed their parity gate", hint=f"see {folder / 'parity.md'}")
 
     run_guarded(debug, body)
+
+
+def _run_auto(recipe: str, variant: str, output: Path | None, checkpoint, overrides: list[str], dry_run: bool, no_cache: bool,
+              force: bool, threads: int | None) -> None:
+    """An auto recipe (recipes/cpu-auto.toml): every supported candidate built and gated, the fastest gated pair
+    recommended; the table it decided from is printed and kept as auto.md."""
+    from evsam_export.errors import ParityFailure
+    from evsam_export.pipeline.auto import AUTO_MD, load_auto_recipe, run_auto, support_of
+    from evsam_export.pipeline.recipe import load_recipe
+    from evsam_export.pipeline.runner import StepCache
+    from evsam_export.progress import Reporter
+
+    auto = load_auto_recipe(recipe, overrides)
+    folder = output or Path("out") / f"{auto.name}-{variant}"
+    if dry_run:
+        typer.echo(f"auto recipe {auto.name} ({auto.path}) for {variant} -> {folder} (dry run: nothing written)")
+        for name in auto.candidates:
+            reason = support_of(load_recipe(name, list(auto.candidate_overrides)))
+            typer.echo(f"  {name:<20} {'skip: ' + reason if reason else 'build, gate, time'}")
+        return
+    reporter = Reporter()
+    result = run_auto(auto, variant, folder, checkpoint, force, reporter, StepCache(enabled=not no_cache), command_line(), threads)
+    reporter.print_summary()
+    typer.echo((result.output / AUTO_MD).read_text())
+    if not result.passed:
+        raise ParityFailure(f"{auto.name}: no gated encoder/decoder pair passed end to end", hint=f"see {folder / AUTO_MD}")

@@ -239,6 +239,9 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     path = resolve_recipe_path(name_or_path)
     source = path.name
     document = apply_overrides(_read(path), overrides or [])
+    if "auto" in document:
+        raise RecipeError(f"{source} is an auto recipe: it builds several candidate recipes, not one",
+                          hint="run it with `evsam-export run`; pipeline.auto.load_auto_recipe reads it")
     for key in document:
         if key not in SECTIONS:
             raise RecipeError(f"{source}: [{key}]: unknown section", hint=f"allowed: {', '.join(SECTIONS)}")

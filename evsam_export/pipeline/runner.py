@@ -22,7 +22,7 @@ from evsam_export.pipeline.cache import StepCache, module_code_hash, step_key
 from evsam_export.pipeline.fallback import summary_outcome
 from evsam_export.pipeline.recipe import Recipe, build_settings
 from evsam_export.progress import Reporter
-from evsam_export.targets.registry import get_target
+from evsam_export.targets.registry import check_cpu_features, get_target
 
 KEY_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "onnx_graphsurgeon", "openvino", "nncf", "tensorrt", "numpy")
 
@@ -122,6 +122,7 @@ def run_recipe(
     reporter = reporter or Reporter()
     cache = cache or StepCache()
     variant = get_variant(variant_name)
+    check_cpu_features(get_target(recipe.target), (recipe.encoder_precision, recipe.decoder_precision), recipe.name)
     output = Path(output) if dry_run else check_output_folder(Path(output), force)
     if not dry_run:
         cache.check_writable()  # before any model work: an unwritable cache would fail only at the first store

@@ -312,14 +312,29 @@ def _runtime_available(target: str, cache: dict) -> tuple[bool, str]:
     return available, f"{runtime} unavailable: {reason}" if not available else ""
 
 
-def choose_artifact(manifest: Manifest, component: str, named: str | None, prefer: Sequence[str], cache: dict | None = None) -> Artifact:
-    """The artifact of `component` to run: `named` if given, else the best runnable one (see PRECISION_ORDER)."""
+def choose_artifact(manifest: Manifest, component: str, named: str | None, prefer: Sequence[str], cache: dict | None = None,
+                    why: dict | None = None) -> Artifact:
+    """The artifact of `component` to run: `named` if given, else the folder's recommended one (`run cpu-auto`)
+    when its runtime is usable and its target is in `prefer`, else the best runnable one (see PRECISION_ORDER).
+    `why[component]` says which of the three it was."""
     cache = {} if cache is None else cache
+    why = {} if why is None else why
     if named:
         artifact = manifest.artifact(named)
         if artifact.component != component:
             raise UsageError(f"{named} is a {artifact.component} artifact, not usable as the {component}", hint=f"pass a {component}.* id")
+        why[component] = "named"
         return artifact
+    recommended = manifest.recommended.get(component)
+    if recommended:
+        artifact = manifest.artifact(recommended)
+        available, reason = _runtime_available(artifact.target, cache) if artifact.target in prefer else (False, "target not in prefer")
+        if available:
+            why[component] = "recommended"
+            return artifact
+        why[component] = f"ranked (recommended {recommended} not usable: {reason})"
+    else:
+        why[component] = "ranked"
     all_of_component = [a for a in manifest.artifacts if a.component == component]
     if not all_of_component:
         raise ArtifactError(f"the manifest has no {component} artifact", hint="re-run `evsam-export export`")
@@ -369,8 +384,9 @@ class Predictor:
     Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None,
               memory_budget_mib=512, max_prompt_batch=None)
 
-    encoder / decoder: artifact ids from manifest.json (e.g. "encoder.ort.int8"); by default the fp32
-    artifacts, by target in `prefer` order, skipping targets whose runtime is not installed or usable.
+    encoder / decoder: artifact ids from manifest.json (e.g. "encoder.ort.int8"); by default the folder's
+    recommended pair (written by `run cpu-auto`), else the fp32 artifacts, by target in `prefer` order, skipping
+    targets whose runtime is not installed or usable. `info["choice"]` says which.
     threads: intra-op threads for ONNX Runtime / OpenVINO (None: the runtime's default).
     memory_budget_mib: working memory for one chunk of prompt sets (decoder call and post-processing); the
     chunk size follows from it (at least one prompt set). max_prompt_batch: a fixed chunk size instead.
@@ -396,8 +412,9 @@ class Predictor:
         manifest = read_manifest(self.folder)
         prefer = _normalize_prefer(prefer)
         cache: dict = {}
-        encoder_artifact = choose_artifact(manifest, "encoder", encoder, prefer, cache)
-        decoder_artifact = choose_artifact(manifest, "decoder", decoder, prefer, cache)
+        self.choice: dict[str, str] = {}  # component -> named | recommended | ranked (...)
+        encoder_artifact = choose_artifact(manifest, "encoder", encoder, prefer, cache, self.choice)
+        decoder_artifact = choose_artifact(manifest, "decoder", decoder, prefer, cache, self.choice)
         for artifact in (encoder_artifact, decoder_artifact):
             verify_artifact_file(self.folder, artifact)
             for extra in artifact.extra_files:
@@ -414,6 +431,7 @@ class Predictor:
         _check_chunking(memory_budget_mib, max_prompt_batch)
         predictor = cls.__new__(cls)
         predictor.folder = None
+        predictor.choice = {"encoder": "named", "decoder": "named"}
         runners = {encoder_artifact.id: encoder_runner, decoder_artifact.id: decoder_runner}
         predictor._attach(manifest, encoder_artifact, decoder_artifact, lambda artifact: runners[artifact.id],
                           memory_budget_mib, max_prompt_batch)
@@ -483,6 +501,7 @@ class Predictor:
             "variant": self.manifest.variant,
             "encoder": self.encoder_artifact.id,
             "decoder": self.decoder_artifact.id,
+            "choice": dict(self.choice),  # why these two: named, the folder's recommended pair, or the default ranking
             "decoder_profile": self.decoder_profile,
             "mask_tokens": contract.ALL_TOKENS if self.num_tokens == NUM_MASK_TOKENS else contract.TOKEN0_ONLY,
             # Host upscaling: OpenCV when installed (within 4e-4 of the numpy reference), else numpy, bit-exact.

@@ -4,7 +4,7 @@ and the runner all read one table, and impossible combinations are refused befor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from evsam_export.errors import RecipeError
 
@@ -20,6 +20,9 @@ class TargetInfo:
     precision_steps: dict
     target_step: str | None  # module whose build() makes the deployable artifact from the precision graph
     decoder_profile: str | None = None  # required export decoder profile, if any
+    # precision -> CPU flags of which at least one must be present to build and gate it honestly (a bf16
+    # artifact built where the CPU computes f32 would be an fp32 artifact labelled bf16)
+    cpu_features: dict = field(default_factory=dict)
 
 
 TARGETS: dict[str, TargetInfo] = {
@@ -40,6 +43,7 @@ TARGETS: dict[str, TargetInfo] = {
         description="OpenVINO IR (fp32, fp16-compressed, fp32 compiled for bf16) and NNCF post-training INT8",
         precision_steps={},
         target_step="evsam_export.targets.openvino",
+        cpu_features={"bf16": ("avx512_bf16", "amx_bf16")},
     ),
     "tensorrt": TargetInfo(
         name="tensorrt",
@@ -58,3 +62,25 @@ def get_target(name: str) -> TargetInfo:
     if name not in TARGETS:
         raise RecipeError(f"unknown target {name!r}", hint=f"choose one of {', '.join(TARGETS)}")
     return TARGETS[name]
+
+
+def missing_cpu_features(target: TargetInfo, precisions, flags) -> dict[str, tuple[str, ...]]:
+    """precision -> the CPU flags it needs (any one of them) when `flags` has none of them."""
+    present = set(flags)
+    return {p: target.cpu_features[p] for p in dict.fromkeys(precisions)
+            if p in target.cpu_features and not present & set(target.cpu_features[p])}
+
+
+def check_cpu_features(target: TargetInfo, precisions, recipe_name: str) -> None:
+    """Refuse, before any work, a recipe whose precision this CPU cannot compute."""
+    from evsam_export.manifest import cpu_flags
+
+    flags = cpu_flags()
+    missing = missing_cpu_features(target, precisions, flags)
+    if missing:
+        precision, needs = next(iter(missing.items()))
+        raise RecipeError(
+            f"{recipe_name}: {precision} needs a CPU with {' or '.join(needs)}; this CPU has none of them "
+            f"(flags: {' '.join(flags) or 'none read'})",
+            hint="use the fp32 or int8 recipe of the same target here, or build on a CPU with those flags",
+        )
