@@ -70,6 +70,7 @@ class Verdict:
     note: str = ""  # e.g. "no runner", "fp32 reference artifacts also failed"
     seconds: float = 0.0
     task_drop_points: dict | None = None  # prompt kind -> mIoU points below PyTorch (gate suites with ground truth)
+    advisory_misses: list[str] = field(default_factory=list)  # agreement gates missed without deciding (task gating)
 
 
 def graph_nodes(model_or_path) -> list[tuple[str, str]]:
@@ -121,6 +122,7 @@ def gate_candidate(ctx: StepContext, artifact: Artifact, suite: str = GATE_SUITE
         for s in own for g in s.gates if g.failed
     ]
     task = {kind: round(entry["drop_points"], 3) for s in own if s.stage == "task" for kind, entry in s.per_kind.items()}
+    advisory = [g.line() for s in own for g in s.gates if not g.decides and not g.passed]
     notes = []
     if view.id in report.unavailable:
         notes.append(f"no runner: {report.unavailable[view.id]}")
@@ -136,6 +138,7 @@ def gate_candidate(ctx: StepContext, artifact: Artifact, suite: str = GATE_SUITE
         note="; ".join(notes),
         seconds=round(time.perf_counter() - started, 1),
         task_drop_points=task or None,
+        advisory_misses=advisory,
     )
 
 
@@ -205,6 +208,7 @@ def build_with_fallback(
             "worst_gate": gate_line(verdict.worst) if verdict.worst else None,
             "note": verdict.note or None,
             "task_drop_points": verdict.task_drop_points,
+            "advisory_misses": len(verdict.advisory_misses) or None,
             "build_s": round(built_s, 1),
             "gate_s": verdict.seconds,
         })
