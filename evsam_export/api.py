@@ -338,21 +338,38 @@ def validate(
     images: str | Path | None = None,
     limit: int | None = None,
     seed: int = 0,
+    annotations: str | Path | None = None,
+    max_drop: float | dict | None = None,
 ):
     """Run the parity gate on an artifact folder; writes parity.json, parity.md, junit.xml, overlays and
     report.html.
 
     `images`: a folder of the user's images replacing the suite's own (its prompt kinds and gates are kept),
-    `limit` of them drawn with `seed` (all when None). Returns the ParityReport; `report.passed` is the gate
-    (the CLI exits non-zero when it is False)."""
+    `limit` of them drawn with `seed` (all when None). `annotations`: a COCO-format file replacing the
+    suite's images instead (`images` is then the folder of its file_names); the mIoU against it is measured
+    for PyTorch and every lower-precision artifact, and with `max_drop` (points, one number or {kind: points})
+    that drop decides for lower precisions (parity.task). Returns the ParityReport; `report.passed` is the
+    gate (the CLI exits non-zero when it is False)."""
+    from evsam_export.data.coco import AnnotationSet
     from evsam_export.data.images import ImageFolder
     from evsam_export.parity.report import write_reports
     from evsam_export.parity.suites import load_suite
+    from evsam_export.parity.task import parse_max_drop
     from evsam_export.parity.validate import validate_folder
 
     folder = Path(folder)
     loaded = load_suite(suite)
-    if images is not None:
+    if max_drop is not None and annotations is None:
+        raise UsageError("--max-drop gates on the mIoU against ground truth", hint="add --annotations FILE (COCO-format instances JSON)")
+    if annotations is not None:
+        try:
+            drop = parse_max_drop(max_drop) if max_drop is not None else None
+        except ValueError as exc:
+            raise UsageError(f"bad max_drop: {exc}", hint="give mIoU points: one number or {box: 1.0, point: 2.0}") from None
+        spec = AnnotationSet(Path(annotations).expanduser(), Path(images).expanduser() if images is not None else None, limit, seed)
+        spec.load()  # bad annotations are refused before any model runs
+        loaded = loaded.with_annotations(spec, drop)
+    elif images is not None:
         image_folder = ImageFolder(Path(images).expanduser(), limit=limit, seed=seed)
         image_folder.all_files()  # a missing or empty folder is refused before any model runs
         loaded = loaded.with_images(image_folder)

@@ -93,6 +93,10 @@ def _artifacts_section(folder: Path, manifest: dict) -> str:
 
 def _stage_headline(stage: dict) -> str:
     metrics = stage.get("metrics") or {}
+    if stage.get("stage") == "task":
+        drops = [f"{escape(str(kind))} {e['drop_points']:+.2f}" for kind, e in metrics.items()
+                 if isinstance(e.get("drop_points"), (int, float))]
+        return "mIoU drop vs PyTorch: " + (", ".join(drops) + " points" if drops else "not measured")
     if stage.get("stage") == "encoder":
         entry = metrics.get("all", {})
         snr = entry.get("snr_db_min")
@@ -119,6 +123,7 @@ def _parity_section(folder: Path, parity: dict) -> str:
              escape(str(s.get("precision"))), _verdict(s.get("passed")), _stage_headline(s)]
             for s in parity.get("stages", [])]
     parts.append(_table(["artifact", "stage", "precision", "result", "headline"], rows))
+    parts.append(_task_table(parity.get("task")))
     if parity.get("failed_gates"):
         parts.append("<h3>Failing gates</h3><ul>" + "".join(f"<li>{escape(str(g))}</li>" for g in parity["failed_gates"]) + "</ul>")
     if parity.get("unavailable"):
@@ -132,6 +137,26 @@ def _parity_section(folder: Path, parity: dict) -> str:
         parts.append("<h3>Worst cases</h3><p>Reference and artifact masks outlined and tinted, the prompt drawn; "
                      "the caption gives the mask IoU.</p>" + figures)
     return "".join(parts)
+
+
+def _task_table(task: dict | None) -> str:
+    """parity.json's ground-truth measurement: mIoU and its drop beside the agreement with fp32 (parity.task)."""
+    if not isinstance(task, dict):
+        return ""
+    drop = task.get("max_drop")
+    rule = ("max_drop " + ", ".join(f"{escape(str(k))} {v:g}" for k, v in drop.items()) + " points decides for lower precisions"
+            if isinstance(drop, dict) else "measured only; agreement with fp32 decides")
+    rows = []
+    for row in task.get("results") or []:
+        drop_points, iou = row.get("drop_points"), row.get("agreement_mask_iou_mean")
+        rows.append([escape(str(row.get("pipeline"))), escape(str(row.get("prompt"))), _percent(row.get("miou")),
+                     f"{drop_points:+.2f}" if isinstance(drop_points, (int, float)) else "-",
+                     f"{iou:.4f}" if isinstance(iou, (int, float)) else "-",
+                     "task" if row.get("task_decides") else "agreement",
+                     _verdict(row.get("passed")) if row.get("passed") is not None else "-"])
+    return ("<h3>Against ground truth (task gating)</h3>"
+            f"<p>{task.get('images', '?')} annotated images, {task.get('instances', '?')} instances; {rule}.</p>"
+            + _table(["pipeline", "prompt", "mIoU", "drop vs PyTorch (points)", "agreement: mask IoU vs fp32", "decides", "result"], rows))
 
 
 def _percent(value) -> str:

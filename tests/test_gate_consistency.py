@@ -125,3 +125,22 @@ def test_passing_a_covering_gate_implies_passing_the_release_gate():
 def test_every_shipped_suite_loads():
     for name in list_suites():
         load_suite(name)
+
+
+def test_a_covering_task_gate_implies_the_release_task_gate():
+    """With task gating (parity.task), a candidate whose drops and floors meet a covering build gate meets the
+    release gate's; a build gate with task gating under a release suite without it never covers."""
+    from evsam_export.parity.task import TaskCriterion
+
+    default = load_suite("default")
+    release = dataclasses.replace(default, task=TaskCriterion({"box": 1.0, "point": 2.0}))
+    assert gate_coverage_problems(dataclasses.replace(default, task=TaskCriterion({"box": 0.1})), default, PRECISIONS)
+    for box in (0.5, 1.0, 1.5):
+        for floor in (0.8, 0.9, 0.95):
+            gate = dataclasses.replace(default, task=TaskCriterion({"box": box, "point": 2.0}, mask_iou_floor=floor))
+            covers = gate_coverage_problems(gate, release, PRECISIONS) == []
+            for drop in (0.0, 0.9, 1.2, 1.6):
+                for iou in (0.85, 0.92, 0.97):
+                    if covers and drop <= box and iou >= floor:
+                        assert drop <= release.task.max_drop["box"] and iou >= release.task.mask_iou_floor, (box, floor, drop, iou)
+

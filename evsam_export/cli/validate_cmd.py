@@ -22,9 +22,17 @@ def validate_command(
     artifact: Annotated[list[str] | None, typer.Option("--artifact", "-a", help="Only these artifact ids (repeatable).")] = None,
     threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
     images: Annotated[Path | None, typer.Option(
-        help="Validate on a folder of your images (PNG/JPEG/TIFF/BMP/WebP, recursive) with the suite's prompt kinds and gates.")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="With --images: a deterministic sample of this many images.")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="With --images: seed of the --limit sample.")] = 0,
+        help="Validate on a folder of your images (PNG/JPEG/TIFF/BMP/WebP, recursive) with the suite's prompt kinds and gates; "
+             "with --annotations: the folder its file_names are in (default: the file's folder).")] = None,
+    annotations: Annotated[Path | None, typer.Option(
+        help="Validate on a COCO-format instances JSON: also measures mIoU against it (the evaluate protocol) for PyTorch "
+             "and every lower-precision artifact.")] = None,
+    max_drop: Annotated[str | None, typer.Option(
+        "--max-drop", metavar="PTS",
+        help="With --annotations: lower precisions pass on an mIoU drop vs PyTorch of at most PTS points "
+             "(one number or box=1,point=2) instead of agreement with fp32; NaN/Inf and gross-error floors still decide.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="With --images or --annotations: sample this many images.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="With --images or --annotations: seed of the --limit sample.")] = 0,
     debug: DebugOption = False,
 ) -> None:
     """Prove that every artifact segments like PyTorch: encoder, decoder and end-to-end stages."""
@@ -41,16 +49,21 @@ def validate_command(
         for path in [*written, junit, save_reference]:
             if path is not None:
                 check_writable_parent(path)
-        if images is None and (limit is not None or seed):
-            from evsam_export.errors import UsageError
+        from evsam_export.errors import UsageError
+        from evsam_export.parity.task import parse_max_drop_text
 
-            raise UsageError("--limit and --seed sample the --images folder", hint="add --images PATH")
+        if images is None and annotations is None and (limit is not None or seed):
+            raise UsageError("--limit and --seed sample the --images folder or the --annotations set", hint="add --images PATH")
+        drop = parse_max_drop_text(max_drop) if max_drop is not None else None
         reporter = Reporter()
         report = api.validate(folder, suite, checkpoint, reference, save_reference, junit, artifact or None, reporter, threads,
-                              images, limit, seed)
+                              images, limit, seed, annotations, drop)
         typer.echo(console_table(report))
         for gate in report.failed_gates:
             typer.echo(f"FAILED {gate.line()}", err=True)
+        if report.advisory_misses:
+            typer.echo(f"note: {len(report.advisory_misses)} agreement gate(s) missed but not deciding: the mIoU drop against "
+                       f"ground truth decides (see {folder / 'parity.md'})", err=True)
         if report.skipped_images:
             typer.echo(f"warning: {len(report.skipped_images)} unreadable image(s) skipped, listed in {folder / 'parity.md'}", err=True)
         typer.echo(f"report: {folder / 'parity.md'}, {folder / 'report.html'}")

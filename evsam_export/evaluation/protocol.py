@@ -153,11 +153,22 @@ def pairings(manifest: Manifest, chosen: list[Artifact]) -> list[tuple[Artifact,
     return pairs
 
 
-def _kinds_for(predictor, name: str, kinds: Sequence[str], unavailable: dict) -> tuple[str, ...]:
+def protocol_kinds(predictor, name: str, kinds: Sequence[str], unavailable: dict) -> tuple[str, ...]:
+    """The kinds of `kinds` the predictor can run by the protocol; why not the others goes into `unavailable`."""
     if "point" in kinds and predictor.num_tokens == 1:
         unavailable[f"{name} (point)"] = "single-mask decoder: no multimask output for the point protocol"
         return tuple(kind for kind in kinds if kind != "point")
     return tuple(kinds)
+
+
+def reference_predictor(manifest: Manifest, model, variant, threads: int | None = None):
+    """A Predictor over the PyTorch model's runners (the protocol's reference pipeline); the caller closes it."""
+    from evsam_export.runners.torch_runner import torch_reference_runners
+    from evsam_export.runtime.predictor import Predictor
+
+    encoder, decoder = torch_reference_runners(model, variant, decoder_profile="tensorrt")
+    encoder.threads = decoder.threads = threads
+    return Predictor.from_runners(manifest, torch_artifact(encoder, "encoder"), torch_artifact(decoder, "decoder"), encoder, decoder)
 
 
 @contextmanager
@@ -166,7 +177,6 @@ def open_pipelines(
 ) -> Iterator[tuple[Manifest, str, list[Pipeline], dict]]:
     """(manifest, reference source, [PyTorch pipeline, artifact pipelines...], {name: why not run}); all closed on exit."""
     from evsam_export.parity.reference import reference_model
-    from evsam_export.runners.torch_runner import torch_reference_runners
     from evsam_export.runtime.predictor import Predictor
 
     manifest = read_manifest(folder)
@@ -174,11 +184,7 @@ def open_pipelines(
     unavailable: dict[str, str] = {}
     with ExitStack() as stack:
         model, variant, _weights, source = reference_model(manifest, folder, reporter, checkpoint)
-        encoder, decoder = torch_reference_runners(model, variant, decoder_profile="tensorrt")
-        encoder.threads = decoder.threads = threads
-        reference = Predictor.from_runners(
-            manifest, torch_artifact(encoder, "encoder"), torch_artifact(decoder, "decoder"), encoder, decoder
-        )
+        reference = reference_predictor(manifest, model, variant, threads)
         stack.callback(reference.close)
         pipelines = [Pipeline(PYTORCH, reference, tuple(kinds))]
         for enc, dec in pairings(manifest, chosen):
@@ -190,7 +196,7 @@ def open_pipelines(
                 unavailable[name] = exc.message
                 continue
             stack.callback(predictor.close)
-            pipelines.append(Pipeline(name, predictor, _kinds_for(predictor, name, kinds, unavailable)))
+            pipelines.append(Pipeline(name, predictor, protocol_kinds(predictor, name, kinds, unavailable)))
         yield manifest, source, pipelines, unavailable
 
 

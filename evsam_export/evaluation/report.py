@@ -54,8 +54,13 @@ def results(evaluation: Evaluation) -> list[dict]:
     reference = {e["prompt"]: e["miou"] for e in entries if e["pipeline"] == PYTORCH}
     for entry in entries:
         if entry["pipeline"] != PYTORCH and entry["prompt"] in reference:
-            entry["drop_points"] = 100.0 * (reference[entry["prompt"]] - entry["miou"])
+            entry["drop_points"] = drop_points(reference[entry["prompt"]], entry["miou"])
     return entries
+
+
+def drop_points(reference_miou: float, miou: float) -> float:
+    """How many mIoU points (0..100 scale) a pipeline is below PyTorch's; negative when it is above."""
+    return 100.0 * (reference_miou - miou)
 
 
 def drop_failures(entries: Sequence[dict], max_drop: float | None) -> list[str]:

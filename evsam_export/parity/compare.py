@@ -44,6 +44,13 @@ class Gate:
     value: float
     threshold: float
     op: str  # ">=" or "<=" or "=="
+    # False: measured and reported, but not deciding (agreement gates under task gating, parity.task).
+    decides: bool = True
+
+    @property
+    def failed(self) -> bool:
+        """A deciding gate whose value misses its threshold."""
+        return self.decides and not self.passed
 
     @property
     def passed(self) -> bool:
@@ -56,14 +63,15 @@ class Gate:
         return self.value == self.threshold
 
     def line(self) -> str:
-        return f"{self.artifact} [{self.stage}/{self.kind}] {self.metric} = {self.value:.6g} (needs {self.op} {self.threshold:g})"
+        advisory = "" if self.decides else ", advisory: task gating decides"
+        return f"{self.artifact} [{self.stage}/{self.kind}] {self.metric} = {self.value:.6g} (needs {self.op} {self.threshold:g}{advisory})"
 
     def to_json(self) -> dict:
         value = None if isinstance(self.value, float) and not math.isfinite(self.value) and math.isnan(self.value) else self.value
         if isinstance(value, float) and math.isinf(value):
             value = "inf" if value > 0 else "-inf"
         return {"artifact": self.artifact, "stage": self.stage, "kind": self.kind, "metric": self.metric,
-                "value": value, "threshold": self.threshold, "op": self.op, "passed": self.passed}
+                "value": value, "threshold": self.threshold, "op": self.op, "passed": self.passed, "decides": self.decides}
 
 
 @dataclass
@@ -78,7 +86,7 @@ class StageReport:
 
     @property
     def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
+        return not any(g.failed for g in self.gates)
 
 
 @dataclass
@@ -91,6 +99,7 @@ class ParityReport:
     folder: Path | None = None  # the artifact folder, when the runners were made from one
     images: int = 0  # images the cases were made from
     skipped_images: list = field(default_factory=list)  # data.images.SkippedImage: unreadable files of a folder
+    task: dict | None = None  # ground-truth measurement summary (parity.task), None without a [task] suite
 
     @property
     def gates(self) -> list[Gate]:
@@ -98,7 +107,12 @@ class ParityReport:
 
     @property
     def failed_gates(self) -> list[Gate]:
-        return [g for g in self.gates if not g.passed]
+        return [g for g in self.gates if g.failed]
+
+    @property
+    def advisory_misses(self) -> list[Gate]:
+        """Agreement gates that miss their threshold but do not decide (task gating)."""
+        return [g for g in self.gates if not g.decides and not g.passed]
 
     @property
     def passed(self) -> bool:

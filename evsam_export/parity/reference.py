@@ -65,6 +65,7 @@ class Reference:
     low_res: dict[str, np.ndarray] = field(default_factory=dict)  # case key -> [B,4,256,256]
     iou: dict[str, np.ndarray] = field(default_factory=dict)  # case key -> [B,4]
     mask_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # refine cases: the fed-back mask
+    task: dict[str, np.ndarray] = field(default_factory=dict)  # prompt kind -> IoU per GT instance (parity.task)
     weights_sha256: str = ""
     source: str = ""  # where it came from, for the report: "PyTorch (synthetic:0)" or "file ref.npz"
     full_masks: dict = field(default_factory=dict)  # (case key, tokens) -> logits at original size (cache)
@@ -80,7 +81,7 @@ class Reference:
         arrays = {"__format__": np.array(REFERENCE_FORMAT), "__weights__": np.array(self.weights_sha256),
                   "__suite__": np.array(suite.name)}
         for prefix, table in (("image", self.input_images), ("emb", self.embeddings), ("low", self.low_res),
-                              ("iou", self.iou), ("maskin", self.mask_inputs)):
+                              ("iou", self.iou), ("maskin", self.mask_inputs), ("task", self.task)):
             for key, value in table.items():
                 arrays[f"{prefix}|{key}"] = value
         tmp = Path(path).with_suffix(".tmp.npz")
@@ -98,7 +99,8 @@ class Reference:
         if "__format__" not in data or str(data["__format__"]) != REFERENCE_FORMAT:
             raise ArtifactError(f"{path} is not an evsam-export parity reference", hint="create it with --save-reference")
         ref = cls(weights_sha256=str(data["__weights__"]), source=f"file {path}")
-        tables = {"image": ref.input_images, "emb": ref.embeddings, "low": ref.low_res, "iou": ref.iou, "maskin": ref.mask_inputs}
+        tables = {"image": ref.input_images, "emb": ref.embeddings, "low": ref.low_res, "iou": ref.iou, "maskin": ref.mask_inputs,
+                  "task": ref.task}
         for name in data.files:
             if "|" in name:
                 prefix, key = name.split("|", 1)
@@ -237,10 +239,16 @@ def reference_model(manifest: Manifest, folder: Path, reporter: Reporter, checkp
 
 
 def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter: Reporter,
-                      checkpoint: str | None = None) -> Reference:
-    """The reference computed by the PyTorch model of reference_model on every case."""
+                      checkpoint: str | None = None, suite: Suite | None = None) -> Reference:
+    """The reference computed by the PyTorch model of reference_model on every case, and on the ground truth
+    of `suite` when it has a [task] (parity.task)."""
     model, variant, weights, source = reference_model(manifest, folder, reporter, checkpoint)
-    return compute_reference(model, variant, cases, reporter, weights.sha256, source)
+    reference = compute_reference(model, variant, cases, reporter, weights.sha256, source)
+    if suite is not None and suite.task is not None:
+        from evsam_export.parity.task import reference_task_ious
+
+        reference.task = reference_task_ious(model, variant, manifest, suite, reporter)
+    return reference
 
 
 def saved_reference(path: Path, manifest: Manifest, folder: Path, suite: Suite, cases: CaseSet) -> Reference:
@@ -255,6 +263,9 @@ def saved_reference(path: Path, manifest: Manifest, folder: Path, suite: Suite, 
     missing = [c.key for c in cases.cases if c.key not in ref.low_res]
     if missing:
         raise ArtifactError(f"reference {path} lacks case {missing[0]}", hint=f"save it with --suite {suite.name}")
+    if suite.task is not None and any(kind not in ref.task for kind in suite.task.kinds):
+        raise ArtifactError(f"reference {path} lacks the PyTorch mIoU on the ground truth",
+                            hint="save it with the same --annotations (or the suite with [task])")
     for case in cases.cases:
         if case.key in ref.mask_inputs:
             apply_refine(case, ref.mask_inputs[case.key])

@@ -53,13 +53,55 @@ def report_json(report: ParityReport, overlays: list[dict] | None = None) -> dic
             ],
             "unavailable": report.unavailable,
             "failed_gates": [g.line() for g in report.failed_gates],
+            "advisory_misses": [g.line() for g in report.advisory_misses],
+            "task": task_summary(report),
             "overlays": overlays or [],
         }
     )
 
 
+def task_summary(report: ParityReport) -> dict | None:
+    """The ground-truth measurement with, per pipeline and prompt kind, both numbers side by side: mIoU and its
+    drop against PyTorch, and the agreement with fp32 (mask IoU mean) of the stage the pipeline judges."""
+    if report.task is None:
+        return None
+    rows = []
+    for stage in report.stages:
+        if stage.stage != "task":
+            continue
+        agreement = _agreement_stage(report, stage)
+        for kind, entry in stage.per_kind.items():
+            gate = next((g for g in stage.gates if g.kind == kind), None)
+            iou = (agreement.per_kind.get(kind, {}).get("mask_iou", {}) if agreement else {}).get("mean")
+            rows.append({"artifact": stage.artifact, "pipeline": stage.pairing, "precision": stage.precision, "prompt": kind,
+                         **entry, "max_drop": gate.threshold if gate else None, "agreement_stage": agreement.stage if agreement else None,
+                         "agreement_mask_iou_mean": iou, "agreement_passed": _agreement_passed(agreement),
+                         "task_decides": bool(agreement and any(not g.decides for g in agreement.gates)),
+                         "passed": None if gate is None else gate.passed})
+    return {**report.task, "results": rows}
+
+
+def _agreement_stage(report: ParityReport, task_stage: StageReport) -> StageReport | None:
+    """The stage whose agreement numbers stand beside a task pipeline's: its end-to-end stage, else (a decoder
+    after an fp32 encoder) the decoder stage of the judged artifact."""
+    for stage in report.stages:
+        if stage.stage == "end_to_end" and stage.pairing == task_stage.pairing:
+            return stage
+    return next((s for s in report.stages if s.stage == "decoder" and s.artifact == task_stage.artifact), None)
+
+
+def _agreement_passed(stage: StageReport | None) -> bool | None:
+    """Whether the stage's agreement gates (the suite's tolerances, deciding or not) all meet their thresholds."""
+    if stage is None:
+        return None
+    return all(g.passed for g in stage.gates if not g.metric.endswith(".floor"))
+
+
 def _headline(stage: StageReport) -> str:
     """The one number per stage a person looks at first."""
+    if stage.stage == "task":
+        drops = [f"{kind} {e['drop_points']:+.2f}" for kind, e in stage.per_kind.items()]
+        return "mIoU drop vs PyTorch (points): " + (", ".join(drops) if drops else "not measured")
     if stage.stage == "encoder":
         entry = stage.per_kind.get("all", {})
         return f"SNR {entry.get('snr_db_min', float('nan')):.1f} dB, cos {entry.get('cosine_min', float('nan')):.6f}"
@@ -84,9 +126,11 @@ def report_markdown(report: ParityReport) -> str:
     ]
     for s in report.stages:
         name = s.pairing or s.artifact
-        failed = sum(not g.passed for g in s.gates)
+        deciding = [g for g in s.gates if g.decides]
+        failed = sum(g.failed for g in deciding)
+        advisory = len(s.gates) - len(deciding)
         lines.append(f"| {name} | {s.stage} | {s.precision} | {'pass' if s.passed else 'FAIL'} | {_headline(s)} | "
-                     f"{len(s.gates) - failed}/{len(s.gates)} |")
+                     f"{len(deciding) - failed}/{len(deciding)}" + (f" (+{advisory} advisory)" if advisory else "") + " |")
     if report.unavailable:
         lines += ["", "## Not run (runtime unavailable)", ""]
         lines += [f"- `{artifact}`: {reason}" for artifact, reason in report.unavailable.items()]
@@ -96,6 +140,7 @@ def report_markdown(report: ParityReport) -> str:
     if report.failed_gates:
         lines += ["", "## Failing gates", ""]
         lines += [f"- {g.line()}" for g in report.failed_gates]
+    lines += _task_markdown(report)
     lines += [
         "",
         "## Per prompt kind",
@@ -104,7 +149,7 @@ def report_markdown(report: ParityReport) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in report.stages:
-        if s.stage == "encoder":
+        if s.stage in ("encoder", "task"):
             continue
         for kind, e in s.per_kind.items():
             m = e["mask_iou"]
@@ -116,11 +161,44 @@ def report_markdown(report: ParityReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _task_markdown(report: ParityReport) -> list[str]:
+    summary = task_summary(report)
+    if summary is None:
+        return []
+    drop = summary["max_drop"]
+    rule = (f"max_drop {', '.join(f'{k} {v:g}' for k, v in drop.items())} points; under it the agreement gates of a "
+            f"covered lower-precision artifact are advisory and only NaN/Inf, embedding SNR >= {summary['embedding_snr_db_floor']:g} dB "
+            f"and mask IoU mean >= {summary['mask_iou_floor']:g} still decide") if drop else "no max_drop: reported, agreement decides"
+    reference = ", ".join(f"{k} {_pct(v)}" for k, v in summary["reference_miou"].items())
+    lines = ["", "## Against ground truth (task gating)", "",
+             f"{summary['images']} annotated images, {summary['instances']} instances, the evaluate protocol; PyTorch mIoU: "
+             f"{reference}. Gate: {rule}.", "",
+             "| pipeline | precision | prompt | mIoU | drop vs PyTorch (points) | max_drop | agreement: mask IoU mean vs fp32 "
+             "| agreement gates | decides | result |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["results"]:
+        agreement = {True: "pass", False: "miss", None: "-"}[row["agreement_passed"]]
+        iou, limit = row["agreement_mask_iou_mean"], row["max_drop"]
+        lines.append(f"| {row['pipeline']} | {row['precision']} | {row['prompt']} | {_pct(row['miou'])} | {row['drop_points']:+.2f} | "
+                     f"{'-' if limit is None else f'{limit:g}'} | {'-' if iou is None else f'{iou:.4f}'} | "
+                     f"{agreement} ({row['agreement_stage'] or '-'}) | {'task' if row['task_decides'] else 'agreement'} | "
+                     f"{'-' if row['passed'] is None else 'pass' if row['passed'] else 'FAIL'} |")
+    lines += [f"- not measured: {name}: {why}" for name, why in summary["not_measured"].items()]
+    if report.advisory_misses:
+        lines += ["", "Agreement gates missed but not deciding (task gating):", ""]
+        lines += [f"- {g.line()}" for g in report.advisory_misses]
+    return lines
+
+
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.2f}"
+
+
 def report_junit(report: ParityReport) -> str:
     """One test case per artifact x stage x prompt kind, failing with its failed gates' lines."""
     from evsam_export.junit import junit_xml
 
-    cases = [(f"{s.artifact}.{s.stage}", kind, [g.line() for g in s.gates if g.kind == kind and not g.passed])
+    cases = [(f"{s.artifact}.{s.stage}", kind, [g.line() for g in s.gates if g.kind == kind and g.failed])
              for s in report.stages for kind in sorted({g.kind for g in s.gates})]
     return junit_xml(f"evsam-parity-{report.variant}-{report.suite}", cases, report.unavailable)
 

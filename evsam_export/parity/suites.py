@@ -28,6 +28,7 @@ from evsam_export.calibration.images import (
 from evsam_export.data.coco import AnnotationSet
 from evsam_export.data.images import ImageFolder
 from evsam_export.errors import RecipeError
+from evsam_export.parity.task import GroundTruth, TaskCriterion, parse_max_drop
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # Gates for an `app`-profile encoder (preprocessing in the graph) are their own tables, "app-<precision>":
@@ -62,6 +63,8 @@ class Suite:
     prompt_kinds: tuple[str, ...]
     prompt_seed: int
     tolerances: dict[str, Tolerance]
+    # [task]: gate lower precisions on the mIoU drop against PyTorch on the suite's annotations (parity.task).
+    task: TaskCriterion | None = None
 
     def with_images(self, folder: ImageFolder, description: str | None = None) -> Suite:
         """This suite's prompt kinds and gates on the images of `folder` instead of its own images
@@ -69,10 +72,21 @@ class Suite:
         return dataclasses.replace(self, name=f"{self.name}+{folder.name}", images=(folder,),
                                    description=description or f"{self.description}; images from {folder.folder}")
 
+    def with_annotations(self, annotations: AnnotationSet, max_drop: dict | None) -> Suite:
+        """This suite's prompt kinds and gates on an annotation set instead of its own images, the mIoU drop
+        measured and, with `max_drop`, deciding for lower precisions (`validate --annotations --max-drop`)."""
+        floors = self.task or TaskCriterion()
+        return dataclasses.replace(self, name=f"{self.name}+{annotations.name}", images=(annotations,),
+                                   description=f"{self.description}; ground truth from {annotations.file}",
+                                   task=dataclasses.replace(floors, max_drop=max_drop))
+
     def fingerprint(self) -> str:
         """sha256 of the suite file and of every image folder and annotation file it names (ImageFolder and
         AnnotationSet.fingerprint), so a cache key over it changes when the user's images or annotations change."""
         digest = hashlib.sha256(self.path.read_bytes() if self.path.is_file() else self.name.encode())
+        if self.task is not None:  # --annotations/--max-drop change the gate without changing the file
+            digest.update(f"|task|{sorted((self.task.max_drop or {}).items())}|{self.task.embedding_snr_db_floor}|"
+                          f"{self.task.mask_iou_floor}".encode())
         for spec in self.images:
             if isinstance(spec, ImageFolder):
                 digest.update(f"|{spec.folder.resolve()}|{spec.fingerprint()}".encode())
@@ -121,10 +135,12 @@ def suite_path(name_or_path: str | Path, beside: Path | None = None) -> Path:
     return path
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """Load a suite by bare name (validators/<name>.toml) or by path to a .toml file."""
+def load_suite(name_or_path: str | Path, ground_truth: GroundTruth | None = None) -> Suite:
+    """Load a suite by bare name (validators/<name>.toml) or by path to a .toml file; with `ground_truth` (a
+    recipe's [validate] annotations) on those annotations, the mIoU drop measured (parity.task)."""
     path = suite_path(name_or_path)
-    return parse_suite(_resolve_extends(_read_toml(path), path), path)
+    suite = parse_suite(_resolve_extends(_read_toml(path), path), path)
+    return ground_truth.apply(suite) if ground_truth is not None else suite
 
 
 def _resolve_extends(document: dict, path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -138,9 +154,10 @@ def _resolve_extends(document: dict, path: Path, chain: tuple[Path, ...] = ()) -
     check = _Checker(path)
     if not isinstance(parent_name, str) or not parent_name.strip():
         raise check.fail("top level", "extends", f"expected a suite name or path, got {_describe(parent_name)}")
-    if "tolerances" in document:
-        raise check.fail("top level", "tolerances", f"a suite that extends {parent_name!r} inherits its tolerances; "
-                                                     "remove the table (or drop extends)")
+    for table in ("tolerances", "task"):
+        if table in document:
+            raise check.fail("top level", table, f"a suite that extends {parent_name!r} inherits its {table}; "
+                                                 "remove the table (or drop extends)")
     suite = document.get("suite", {})
     prompts = suite.get("prompts", {}) if isinstance(suite, dict) else {}
     if isinstance(prompts, dict) and "kinds" in prompts:
@@ -155,7 +172,7 @@ def _resolve_extends(document: dict, path: Path, chain: tuple[Path, ...] = ()) -
         inherited.pop("images", None), inherited.pop("annotations", None)  # its own image sources replace the parent's
     merged_suite = {**inherited, **{k: v for k, v in suite.items() if k != "prompts"}}
     merged_suite["prompts"] = {**parent["suite"].get("prompts", {}), **prompts}
-    return {"suite": merged_suite, "tolerances": parent["tolerances"]}
+    return {"suite": merged_suite, "tolerances": parent["tolerances"], **({"task": parent["task"]} if "task" in parent else {})}
 
 
 # A gate that is at least as strict as another: for "_min" gates a higher value, for "_max" gates a lower one.
@@ -188,12 +205,31 @@ def gate_coverage_problems(gate: Suite, release: Suite, precisions: tuple[str, .
             problems.append(f"{precision} stable_margin = {ours.stable_margin} (release gate: {theirs.stable_margin})")
         if ours.allow_nonfinite and not theirs.allow_nonfinite:
             problems.append(f"{precision} allow_nonfinite = true (release gate: false)")
+    return problems + _task_coverage_problems(gate.task, release.task)
+
+
+def _task_coverage_problems(ours: TaskCriterion | None, theirs: TaskCriterion | None) -> list[str]:
+    """Task gating lets lower precisions pass on the mIoU drop instead of agreement, so a build gate may use it
+    only when the release gate does, with drops and floors at least as strict."""
+    deciding, needed = ours is not None and ours.decides, theirs is not None and theirs.decides
+    if deciding and not needed:
+        return ["[task] max_drop (the release suite has no task gating: agreement with fp32 decides there)"]
+    if not needed:
+        return []
+    if not deciding:
+        return ["[task] max_drop (the release suite gates on the mIoU drop; give the build gate annotations and [task])"]
+    problems = [f"[task] max_drop.{kind} = {ours.max_drop.get(kind)} (release gate: {points})"
+                for kind, points in theirs.max_drop.items() if ours.max_drop.get(kind, math.inf) > points]
+    for name in ("embedding_snr_db_floor", "mask_iou_floor"):
+        if getattr(ours, name) < getattr(theirs, name):
+            problems.append(f"[task] {name} = {getattr(ours, name)} (release gate: {getattr(theirs, name)})")
     return problems
 
 
-def check_gate_covers(gate_name: str | Path, release_name: str | Path, precisions: tuple[str, ...], where: str) -> None:
+def check_gate_covers(gate_name: str | Path, release_name: str | Path, precisions: tuple[str, ...], where: str,
+                      ground_truth: GroundTruth | None = None) -> None:
     """Refuse a build gate that checks less than the release gate (RecipeError naming what it skips)."""
-    gate, release = load_suite(gate_name), load_suite(release_name)
+    gate, release = load_suite(gate_name, ground_truth), load_suite(release_name, ground_truth)
     problems = gate_coverage_problems(gate, release, precisions)
     if problems:
         raise RecipeError(
@@ -284,6 +320,8 @@ _GATE_RANGES = {
     "decoder_logit_max_abs": (0.0, math.inf),
     "stable_mask_iou_mean_min": (0.0, 1.0),
     "stable_margin": (0.0, math.inf),
+    "embedding_snr_db_floor": (-math.inf, math.inf),
+    "mask_iou_floor": (0.0, 1.0),
 }
 _TOLERANCE_KEYS = tuple(field.name for field in fields(Tolerance) if field.name != "precision")
 _REQUIRED_GATES = ("embedding_snr_db_min", "embedding_cosine_min", "mask_iou_mean_min", "mask_iou_p5_min",
@@ -385,10 +423,27 @@ def _parse_prompt_kinds(check: _Checker, table: dict) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def _parse_task(check: _Checker, document: dict, images: tuple[ImageSpec, ...]) -> TaskCriterion | None:
+    """The `[task]` table: max_drop (mIoU points, one number or {box, point}) and the floors that still decide."""
+    if "task" not in document:
+        return None
+    table = check.subtable(document, "top level", "task")
+    check.keys(table, "task", ("max_drop", "embedding_snr_db_floor", "mask_iou_floor"), required=("max_drop",))
+    if not any(isinstance(spec, AnnotationSet) for spec in images):
+        raise check.fail("task", "max_drop", "the mIoU drop needs ground truth: add [[suite.annotations]]")
+    try:
+        max_drop = parse_max_drop(table["max_drop"])
+    except ValueError as exc:
+        raise check.fail("task", "max_drop", str(exc)) from None
+    floors = {key: check.number(table, "task", key, *_GATE_RANGES[key]) for key in ("embedding_snr_db_floor", "mask_iou_floor")
+              if key in table}
+    return TaskCriterion(max_drop=max_drop, **floors)
+
+
 def parse_suite(document: dict, path: Path) -> Suite:
     """Validate a parsed TOML document (see validators/default.toml for the layout)."""
     check = _Checker(path)
-    check.keys(document, "top level", ("suite", "tolerances", "extends"), required=("suite", "tolerances"))
+    check.keys(document, "top level", ("suite", "tolerances", "task", "extends"), required=("suite", "tolerances"))
     suite = check.subtable(document, "top level", "suite")
     check.keys(suite, "suite", ("name", "description", "images", "annotations", "prompts"),
                required=("name", "description", "prompts"))
@@ -404,12 +459,14 @@ def parse_suite(document: dict, path: Path) -> Suite:
     check.keys(tolerance_tables, "tolerances", TOLERANCE_TABLES)
     if not tolerance_tables:
         raise check.fail("tolerances", "fp32", "define at least one precision table")
+    sources = (tuple(_parse_image(check, entry, index) for index, entry in enumerate(images))
+               + tuple(_parse_annotations(check, entry, index) for index, entry in enumerate(annotations)))
     return Suite(
         name=check.string(suite, "suite", "name"),
         description=check.string(suite, "suite", "description"),
         path=path,
-        images=tuple(_parse_image(check, entry, index) for index, entry in enumerate(images))
-        + tuple(_parse_annotations(check, entry, index) for index, entry in enumerate(annotations)),
+        images=sources,
+        task=_parse_task(check, document, sources),
         prompt_kinds=_parse_prompt_kinds(check, prompts),
         prompt_seed=check.integer(prompts, "suite.prompts", "seed", 0, 2**32 - 1) if "seed" in prompts else 0,
         tolerances={precision: _parse_tolerance(check, tolerance_tables, precision)

@@ -69,6 +69,8 @@ class Verdict:
     worst: dict | None = None  # the failing gate furthest from its threshold (relative)
     note: str = ""  # e.g. "no runner", "fp32 reference artifacts also failed"
     seconds: float = 0.0
+    task_drop_points: dict | None = None  # prompt kind -> mIoU points below PyTorch (gate suites with ground truth)
+    advisory_misses: list[str] = field(default_factory=list)  # agreement gates missed without deciding (task gating)
 
 
 def graph_nodes(model_or_path) -> list[tuple[str, str]]:
@@ -112,11 +114,15 @@ def gate_candidate(ctx: StepContext, artifact: Artifact, suite: str = GATE_SUITE
     view = _gate_view(artifact)
     report = gate_context(ctx, suite).gate([view])
     own = [s for s in report.stages if s.artifact == view.id]
-    others_failed = [g for s in report.stages if s.artifact != view.id for g in s.gates if not g.passed]
+    # Only deciding gates count: with ground truth in the gate suite, the mIoU drop decides for the candidate
+    # and its agreement gates are advisory (parity.task).
+    others_failed = [g for s in report.stages if s.artifact != view.id for g in s.gates if g.failed]
     failed = [
         {"stage": g.stage, "kind": g.kind, "metric": g.metric, "value": g.value, "threshold": g.threshold, "op": g.op}
-        for s in own for g in s.gates if not g.passed
+        for s in own for g in s.gates if g.failed
     ]
+    task = {kind: round(entry["drop_points"], 3) for s in own if s.stage == "task" for kind, entry in s.per_kind.items()}
+    advisory = [g.line() for s in own for g in s.gates if not g.decides and not g.passed]
     notes = []
     if view.id in report.unavailable:
         notes.append(f"no runner: {report.unavailable[view.id]}")
@@ -131,6 +137,8 @@ def gate_candidate(ctx: StepContext, artifact: Artifact, suite: str = GATE_SUITE
         worst=worst,
         note="; ".join(notes),
         seconds=round(time.perf_counter() - started, 1),
+        task_drop_points=task or None,
+        advisory_misses=advisory,
     )
 
 
@@ -199,6 +207,8 @@ def build_with_fallback(
             "failed_gates": verdict.failed,
             "worst_gate": gate_line(verdict.worst) if verdict.worst else None,
             "note": verdict.note or None,
+            "task_drop_points": verdict.task_drop_points,
+            "advisory_misses": len(verdict.advisory_misses) or None,
             "build_s": round(built_s, 1),
             "gate_s": verdict.seconds,
         })

@@ -42,6 +42,7 @@ class Recipe:
     target_settings: dict = field(default_factory=dict)
     validate: bool = True
     suite: str = "default"
+    ground_truth: object = None  # parity.task.GroundTruth from [validate] annotations, or None
     apps: dict = field(default_factory=dict)  # app config files to write (evsam_export.apps), e.g. {"x_anylabeling": True}
     document: dict = field(default_factory=dict)  # the merged TOML, for --dry-run and the manifest
 
@@ -180,6 +181,33 @@ class _PrecisionSection:
 class _ValidateSection:
     enabled: bool = True
     suite: str = "default"
+    # COCO-format ground truth for the release suite and every build gate (parity.task.GroundTruth).
+    annotations: str | None = None
+    images: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    # mIoU points per prompt kind (one number or {box, point}): lower precisions pass on this drop.
+    max_drop: float | dict | None = None
+
+
+def _ground_truth(validate: dict, source: str):
+    """The [validate] annotations as a GroundTruth, checked now (file, images, max_drop), or None."""
+    from evsam_export.parity.task import GroundTruth, parse_max_drop
+
+    given = [key for key in ("images", "limit", "seed", "max_drop") if key in validate]
+    if validate.get("annotations") is None:
+        if given:
+            raise RecipeError(f"{source}: [validate] {given[0]}: needs annotations (a COCO-format instances JSON)")
+        return None
+    try:
+        max_drop = parse_max_drop(validate["max_drop"]) if validate.get("max_drop") is not None else None
+    except ValueError as exc:
+        raise RecipeError(f"{source}: [validate] max_drop: {exc}") from None
+    if validate.get("limit") is not None and validate["limit"] < 1:
+        raise RecipeError(f"{source}: [validate] limit: {validate['limit']} must be >= 1")
+    truth = GroundTruth(validate["annotations"], validate.get("images"), validate.get("limit"), validate.get("seed", 0), max_drop)
+    truth.source().load()  # a missing or malformed file is refused when the recipe loads
+    return truth
 
 
 @dataclass(frozen=True)
@@ -220,7 +248,7 @@ def _build_step_settings(target, target_settings: dict, tables: dict, used: set,
             raise RecipeError(f"{source}: {error.message}", hint=error.hint) from error
 
 
-def _check_build_gates(tables: dict, used: set, release_suite: str, source: str) -> None:
+def _check_build_gates(tables: dict, used: set, release_suite: str, source: str, ground_truth=None) -> None:
     """Refuse a recipe whose build-time gate (a precision step's gate_suite) checks less than its release
     suite: a candidate that passes the build gate must fail the release gate only on images it did not see."""
     from evsam_export.parity.suites import check_gate_covers
@@ -229,7 +257,7 @@ def _check_build_gates(tables: dict, used: set, release_suite: str, source: str)
     for precision in ("fp16", "int8"):
         if precision in used and tables[precision].get("fallback", True):
             check_gate_covers(tables[precision].get("gate_suite", GATE_SUITE), release_suite, (precision,),
-                              f"{source}: [precision.{precision}] gate_suite")
+                              f"{source}: [precision.{precision}] gate_suite", ground_truth)
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -275,8 +303,9 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     target_settings = check_table(document.get("target", {}), _settings_class(target.target_step), "target", source)
     _build_step_settings(target, target_settings, tables, used, source)
     validate = check_table(document.get("validate", {}), _ValidateSection, "validate", source)
+    ground_truth = _ground_truth(validate, source)
     if validate.get("enabled", True):
-        _check_build_gates(tables, used, validate.get("suite", "default"), source)
+        _check_build_gates(tables, used, validate.get("suite", "default"), source, ground_truth)
     apps = check_table(document.get("apps", {}), _AppsSection, "apps", source)
     check_app_configs(apps, export, source)
     return Recipe(
@@ -292,6 +321,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
         target_settings=target_settings,
         validate=validate.get("enabled", True),
         suite=validate.get("suite", "default"),
+        ground_truth=ground_truth,
         apps=apps,
         document=document,
     )

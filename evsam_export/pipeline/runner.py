@@ -56,7 +56,10 @@ def plan_steps(recipe: Recipe) -> list[Step]:
         settings = dict(recipe.target_settings, **table)
         steps.append(Step(f"{target.name}:{component}", target.target_step, component, parent, settings, precision))
     if recipe.validate:
-        steps.append(Step("validate", "evsam_export.parity.validate", settings={"suite": recipe.suite}))
+        settings = {"suite": recipe.suite}
+        if recipe.ground_truth is not None:
+            settings["ground_truth"] = recipe.ground_truth.to_json()
+        steps.append(Step("validate", "evsam_export.parity.validate", settings=settings))
     return steps
 
 
@@ -82,10 +85,10 @@ def step_payload(step: Step, parent_sha: str | None, versions: dict, suite_hash:
     return payload
 
 
-def _suite_hash(suite: str) -> str:
+def _suite_hash(suite: str, ground_truth=None) -> str:
     from evsam_export.parity.suites import load_suite
 
-    return load_suite(suite).fingerprint()
+    return load_suite(suite, ground_truth).fingerprint()
 
 
 @dataclass
@@ -130,7 +133,7 @@ def run_recipe(
         checkpoint = resolve_realistic(checkpoint, variant)
     weights_sha = _weights_sha(variant, checkpoint)
     versions = {name: version for name, version in package_versions(KEY_PACKAGES).items()}
-    suite_hash = _suite_hash(recipe.suite)
+    suite_hash = _suite_hash(recipe.suite, recipe.ground_truth)
     steps = plan_steps(recipe)
     options = recipe.export_options()
 
@@ -156,7 +159,8 @@ def run_recipe(
     )
     report = None
     with staged_folder(output, force) as staging:
-        ctx = StepContext(folder=staging, manifest=manifest, variant=variant, reporter=reporter, suite=recipe.suite, threads=threads)
+        ctx = StepContext(folder=staging, manifest=manifest, variant=variant, reporter=reporter, suite=recipe.suite, threads=threads,
+                          ground_truth=recipe.ground_truth)
         latest: dict[str, str] = {}  # component -> id of its newest artifact
         for step in steps:
             started = time.perf_counter()
@@ -302,7 +306,7 @@ def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_has
         cache.discard(step.key, staging)
     if step.cache_problem:
         reporter.line(_step_line(step))
-    report = validate_folder(staging, load_suite(step.settings["suite"]), reporter=reporter, threads=ctx.threads)
+    report = validate_folder(staging, load_suite(step.settings["suite"], ctx.ground_truth), reporter=reporter, threads=ctx.threads)
     write_reports(report, staging)
     pictures = [p.relative_to(staging).as_posix() for p in (staging / "parity").glob("*.png")]
     files = ["parity.json", "parity.md", "junit.xml", "report.html"] + pictures

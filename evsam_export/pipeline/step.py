@@ -45,6 +45,8 @@ class StepContext:
     # (suite, weights sha256) -> parity.reference.SuiteReference, filled by suite_reference(). replace()
     # shares this dict, so a copy that gates on another suite (fallback.gate_context) adds to the same one.
     references: dict = field(default_factory=dict)
+    # parity.task.GroundTruth of the recipe's [validate]: every gate suite runs on it (task gating).
+    ground_truth: object = None
 
     def path_of(self, artifact: Artifact) -> Path:
         return self.folder / artifact.path
@@ -88,6 +90,7 @@ class StepContext:
         In memory: runners on the files in `folder`, compared with the suite's reference held in
         `references`; nothing is written, and the folder's manifest.json is left as it was."""
         from evsam_export.parity.compare import compare, open_runners
+        from evsam_export.parity.task import measure_task
 
         chosen = [a for a in self.manifest.artifacts if a.target == "onnx" and a.precision == "fp32"]
         for candidate in candidates:  # a candidate replaces an artifact of its id, as Manifest.add does
@@ -98,6 +101,7 @@ class StepContext:
         held = self.suite_reference(quiet)
         with open_runners(self.folder, chosen, self.threads) as (runners, unavailable):
             report = compare(runners, held.cases, held.reference, held.suite, self.manifest.variant, unavailable, quiet)
+            measure_task(report, runners, self.manifest, held.suite, held.reference.task, quiet)
         report.folder = self.folder
         return report
 
@@ -108,8 +112,8 @@ class StepContext:
 
         key = (self.suite, self.manifest.weights.get("sha256"))
         if key not in self.references:
-            suite = load_suite(self.suite)
+            suite = load_suite(self.suite, self.ground_truth)
             cases = build_cases(suite, self.manifest.encoder_size, reporter)
-            reference = pytorch_reference(self.manifest, self.folder, cases, reporter)
+            reference = pytorch_reference(self.manifest, self.folder, cases, reporter, suite=suite)
             self.references[key] = SuiteReference(suite, cases, reference)
         return self.references[key]
