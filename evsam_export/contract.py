@@ -38,10 +38,10 @@ LOW_RES_MASKS = "low_res_masks"
 
 # The split decoder: its image half's outputs, which are its prompt half's first inputs (model.decoder.ImageSide).
 IMAGE_TOKENS = "image_tokens"
-IMAGE_TOKENS_WITH_PE = "image_tokens_with_pe"
+LAYER0_IMAGE_QUERIES = "layer0_image_queries"
 LAYER0_KEYS_T = "layer0_keys_t"
 LAYER0_VALUES = "layer0_values"
-IMAGE_SIDE = (IMAGE_TOKENS, IMAGE_TOKENS_WITH_PE, LAYER0_KEYS_T, LAYER0_VALUES)
+IMAGE_SIDE = (IMAGE_TOKENS, LAYER0_IMAGE_QUERIES, LAYER0_KEYS_T, LAYER0_VALUES)
 # Component names: the single-graph decoder, and the split decoder's image half (run once per image, or per
 # mask prompt) and prompt half (run per decoder call), which our runtime uses in its place when present.
 DECODER = "decoder"
@@ -253,7 +253,7 @@ def image_side_specs(mask_batch) -> tuple[TensorSpec, ...]:
     tokens, heads, depth = IMAGE_TOKEN_COUNT, IMAGE_SIDE_HEADS, IMAGE_SIDE_HEAD_DEPTH
     return (
         TensorSpec(IMAGE_TOKENS, "float32", (mask_batch, tokens, EMBEDDING_DIM)),
-        TensorSpec(IMAGE_TOKENS_WITH_PE, "float32", (mask_batch, tokens, EMBEDDING_DIM)),
+        TensorSpec(LAYER0_IMAGE_QUERIES, "float32", (mask_batch, heads, tokens, depth)),
         TensorSpec(LAYER0_KEYS_T, "float32", (mask_batch, heads, depth, tokens)),
         TensorSpec(LAYER0_VALUES, "float32", (mask_batch, heads, tokens, depth)),
     )

@@ -184,6 +184,10 @@ class Attention(nn.Module):
             return self.project_image(k, v)
         if reassociate == "projected":
             return self.attend_projected(q, k, v)
+        if reassociate == "project_image_queries":
+            return self.project_image_queries(q)
+        if reassociate == "projected_image_queries":
+            return self.attend_projected_image_queries(q, k, v)
         q, k, v = self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
         attn = torch.softmax((q @ k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1]), dim=-1)
         out = attn @ v
@@ -203,6 +207,27 @@ class Attention(nn.Module):
         out = attn @ values
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+    def project_image_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """The image side of attend_image_to_tokens for image queries [B|1, N, C]: q_proj with its bias, split into
+        heads and scaled by 1/sqrt(d) (a power of two here, so exact), [B|1, H, N, d]."""
+        q = self._split(self.q_proj(queries))
+        return q * (1.0 / math.sqrt(q.shape[-1]))
+
+    def attend_projected_image_queries(self, queries_scaled: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """attend_image_to_tokens with the image queries already projected (project_image_queries): the logits are
+        q·k over d = C/2/H channels per head (N·T·C/2 multiply-adds) instead of x·(W_qᵀ k) over C (N·H·T·C); the
+        values side stays folded into out_proj as there."""
+        b, t, _ = keys.shape
+        inner, dim = self.q_proj.weight.shape
+        depth = inner // self.heads
+        k = self._split(self.k_proj(keys))  # [B,H,T,d]
+        v = self._split(self.v_proj(values))
+        weights = torch.softmax(queries_scaled @ k.transpose(2, 3), dim=-1)  # [B,H,N,T]
+        n = weights.shape[2]
+        weights = weights.transpose(1, 2).reshape(b, n, self.heads * t)
+        v_out = (v @ self.out_proj.weight.reshape(dim, self.heads, depth).permute(1, 2, 0)).reshape(b, self.heads * t, dim)
+        return weights @ (v_out + self.out_proj.bias / self.heads)
 
     def attend_tokens_to_image(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """`forward` for a few queries (T tokens) over many keys (N image tokens), reassociated so the image
@@ -279,19 +304,24 @@ class TwoWayAttentionBlock(nn.Module):
             attended = self.cross_attn_token_to_image(queries + query_pe, keys + key_pe, keys, token_to_image)
         queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
-        image_to_token = "image_to_tokens" if reassociate_image_to_token else ""
-        keys_with_pe = keys + key_pe if image_side is None else image_side.image_tokens_with_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(keys_with_pe, queries + query_pe, queries, image_to_token))
+        if image_side is not None:
+            image_queries = image_side.layer0_image_queries
+            attended = self.cross_attn_image_to_token(image_queries, queries + query_pe, queries, "projected_image_queries")
+        else:
+            image_to_token = "image_to_tokens" if reassociate_image_to_token else ""
+            attended = self.cross_attn_image_to_token(keys + key_pe, queries + query_pe, queries, image_to_token)
+        keys = self.norm4(keys + attended)
         return queries, keys
 
 
 class ImageSide(NamedTuple):
     """What the decoder computes from the image alone (embeddings + dense prompt), [mask batch | 1, ...] each: the
-    image tokens, the tokens plus positional encoding, and the first token-to-image attention's projected keys
-    (transposed for q @ k) and values. A split decoder's image graph returns these once per image."""
+    image tokens, the first image-to-token attention's projected and scaled image queries, and the first
+    token-to-image attention's projected keys (transposed for q @ k) and values. A split decoder's image graph
+    returns these once per image."""
 
     image_tokens: torch.Tensor  # [mb, HW, C]
-    image_tokens_with_pe: torch.Tensor  # [mb, HW, C]
+    layer0_image_queries: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
     layer0_keys_t: torch.Tensor  # [mb, heads, C / 2 / heads, HW]
     layer0_values: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
 
@@ -306,8 +336,10 @@ class TwoWayTransformer(nn.Module):
     def image_side(self, image_tokens: torch.Tensor, key_pe: torch.Tensor) -> ImageSide:
         """The image-only part of the first layer (token layout: image_tokens [mb, HW, C], key_pe [1, HW, C])."""
         with_pe = image_tokens + key_pe
-        keys_t, values = self.layers[0].cross_attn_token_to_image(None, with_pe, image_tokens, "project_image")
-        return ImageSide(image_tokens, with_pe, keys_t, values)
+        first = self.layers[0]
+        image_queries = first.cross_attn_image_to_token(with_pe, None, None, "project_image_queries")
+        keys_t, values = first.cross_attn_token_to_image(None, with_pe, image_tokens, "project_image")
+        return ImageSide(image_tokens, image_queries, keys_t, values)
 
     def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, token_layout: bool = False,
                 image_side: ImageSide | None = None):

@@ -141,9 +141,9 @@ class DecoderPromptGraph(nn.Module):
         self.single_mask = single_mask
         self.single_mask_rule = single_mask_rule
 
-    def forward(self, image_tokens, image_tokens_with_pe, layer0_keys_t, layer0_values, point_coords, point_labels):
+    def forward(self, image_tokens, layer0_image_queries, layer0_keys_t, layer0_values, point_coords, point_labels):
         sparse = self.prompt_encoder.embed_point_tokens(point_coords, point_labels)
-        side = ImageSide(image_tokens, image_tokens_with_pe, layer0_keys_t, layer0_values)
+        side = ImageSide(image_tokens, layer0_image_queries, layer0_keys_t, layer0_values)
         low_res, iou = self.mask_decoder.prompt_side(side, self.prompt_encoder.dense_pe(), self.mask_decoder._tokens(sparse))
         low_res, iou = select_tokens(low_res, iou, point_coords.shape[1], self.single_mask, self.single_mask_rule)
         return iou, low_res

@@ -91,12 +91,18 @@ def split_pair_of(artifacts, decoder: Artifact) -> tuple[Artifact, Artifact] | N
 
 
 def split_artifact(image: Artifact, prompt: Artifact) -> Artifact:
-    """A manifest-style entry for the pair as one decoder (id `image+prompt`), as the parity gate reports it."""
+    """A manifest-style entry for the pair as one decoder (id `decoder_image+decoder_prompt.onnx.fp32`: the halves
+    share target and precision), as the parity gate reports it."""
     from dataclasses import replace
 
     spec = contract.split_decoder_spec(image, prompt)
-    return replace(prompt, id=f"{image.id}+{prompt.id}", component=contract.DECODER, inputs=list(spec.inputs),
-                   outputs=list(spec.outputs), path=prompt.path)
+    return replace(prompt, id=f"{image.component}+{prompt.id}", component=contract.DECODER, inputs=list(spec.inputs),
+                   outputs=list(spec.outputs), settings={**prompt.settings, "split_decoder": [image.id, prompt.id]})
+
+
+def is_split_decoder(artifact: Artifact) -> bool:
+    """Whether `artifact` is a split_artifact entry (the pair as one decoder)."""
+    return bool(artifact.settings.get("split_decoder"))
 
 
 def split_runner(folder: Path, image: Artifact, prompt: Artifact, threads: int | None = None) -> SplitDecoderRunner:
@@ -104,4 +110,4 @@ def split_runner(folder: Path, image: Artifact, prompt: Artifact, threads: int |
     from evsam_export.runners import runner_for_artifact
 
     return SplitDecoderRunner(runner_for_artifact(folder, image, threads), runner_for_artifact(folder, prompt, threads),
-                              f"{image.id}+{prompt.id}")
+                              f"{image.component}+{prompt.id}")

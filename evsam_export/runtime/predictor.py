@@ -494,7 +494,7 @@ class Predictor:
             )
         # "sam" profile: the graph also wants orig_im_size (its upscaled `masks` output is not used: the
         # host upscales low-res logits for both profiles, exactly as the parity validators do).
-        self.decoder_profile = self.decoder_spec.profile
+        self.decoder_profile = contract.artifact_spec(dec).profile
         tokens = self.decoder_spec.mask_tokens
         if not isinstance(tokens, int):
             selection = self.manifest.model.get("mask_selection", {})
