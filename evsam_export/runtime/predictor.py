@@ -473,9 +473,7 @@ class Predictor:
         if not enc.inputs or not enc.outputs:
             raise ArtifactError(f"{enc.id}: the manifest declares no inputs/outputs", hint="re-run the export")
         self.encoder_spec = contract.artifact_spec(enc)
-        # The split pair offers the single graph's `tensorrt` contract, and that is what the feeds are built for.
         split = self.split_artifacts
-        self.decoder_spec = contract.artifact_spec(dec) if split is None else contract.split_decoder_spec(*split)
         if contract.missing_io(self.encoder_spec):
             raise ArtifactError(
                 f"{enc.id}: not an evsam-export encoder (inputs {self.encoder_spec.input_names}, outputs {self.encoder_spec.output_names})",
@@ -487,11 +485,16 @@ class Predictor:
         self.encoder_size = int(size) if fixed else int(self.manifest.encoder_size)
         if self.encoder_size != int(self.manifest.encoder_size):
             raise ArtifactError(f"{enc.id}: input size {self.encoder_size} != manifest encoder_size {self.manifest.encoder_size}")
-        if contract.missing_io(self.decoder_spec):
-            raise ArtifactError(
-                f"{dec.id}: not an evsam-export decoder (inputs {sorted(self.decoder_spec.input_names)})",
-                hint="expected SAM's decoder contract with low_res_masks and iou_predictions outputs",
-            )
+        # The chosen decoder is checked even when its split pair runs in its place, and so is each half.
+        for artifact in (dec, *(split or ())):
+            spec = contract.artifact_spec(artifact)
+            if contract.missing_io(spec):
+                raise ArtifactError(
+                    f"{artifact.id}: not an evsam-export {artifact.component} (inputs {sorted(spec.input_names)})",
+                    hint="expected SAM's decoder contract with low_res_masks and iou_predictions outputs",
+                )
+        # The split pair offers the single graph's `tensorrt` contract, and that is what the feeds are built for.
+        self.decoder_spec = contract.artifact_spec(dec) if split is None else contract.split_decoder_spec(*split)
         # "sam" profile: the graph also wants orig_im_size (its upscaled `masks` output is not used: the
         # host upscales low-res logits for both profiles, exactly as the parity validators do).
         self.decoder_profile = contract.artifact_spec(dec).profile
