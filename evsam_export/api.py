@@ -42,6 +42,9 @@ class ExportOptions:
     simplify: str = "auto"  # auto | onnxsim | onnxslim | none
     # Portable graph passes run after simplification (evsam_export.export.graph_passes; [] for none).
     graph_passes: tuple[str, ...] = EXPORT_PASSES
+    # Also export the split decoder (decoder_image + decoder_prompt, checked against the single graph), which
+    # our runtime runs instead of the single graph: the image-only part once per image, not once per call.
+    split_decoder: bool = True
 
     def __post_init__(self) -> None:  # recipes give lists; keep the frozen object hashable
         object.__setattr__(self, "graph_passes", check_pass_names(self.graph_passes, ("portable",)))
@@ -178,7 +181,7 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
 
     from evsam_export.export.onnx_export import export_onnx, op_histogram
     from evsam_export.export.simplify import simplify_graph
-    from evsam_export.model.sam import DecoderGraph, EncoderGraph
+    from evsam_export.model.sam import DecoderGraph, DecoderImageGraph, DecoderPromptGraph, EncoderGraph
 
     app_encoder = options.encoder_profile == "app"
     # The app profile traces the host encoder with batch 1, then prepends the preprocessing graph to it.
@@ -190,7 +193,14 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
             contract.decoder_spec(options.decoder_profile, options.single_mask, options.dynamic_prompts),
         ),
     ]
-    jobs = [job for job in jobs if job[0] in components]
+    if options.split_decoder:
+        jobs += [
+            (contract.DECODER_IMAGE, DecoderImageGraph(model), contract.decoder_image_spec(options.dynamic_prompts)),
+            (contract.DECODER_PROMPT, DecoderPromptGraph(model, options.single_mask, options.single_mask_rule),
+             contract.decoder_prompt_spec(options.single_mask, options.dynamic_prompts)),
+        ]
+    # The split decoder's halves come with the decoder (they are checked against it).
+    jobs = [job for job in jobs if job[0] in components or (job[0] in contract.SPLIT_DECODER and "decoder" in components)]
     del model
     traced = []
     while jobs:
@@ -242,6 +252,16 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                 spec, app_facts = prepend_preprocessing(path, variant.encoder_size)
         import onnx
 
+        split_facts, parent = {}, None
+        if component in contract.SPLIT_DECODER:
+            parent = "decoder.onnx.fp32"
+            if component == contract.DECODER_PROMPT:
+                from evsam_export.export.split_decoder import check_split_pair
+
+                with reporter.step("check the split decoder against the single graph"):
+                    split_facts = {"split_check": check_split_pair(
+                        folder / "decoder.fp32.onnx", folder / "decoder_image.fp32.onnx",
+                        contract.decoder_image_spec(options.dynamic_prompts), path, spec)}
         graph = onnx.load(str(path), load_external_data=False)
         artifacts.append(
             _artifact_from_file(
@@ -253,16 +273,18 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                 "fp32",
                 spec,
                 step="export",
+                parent=parent,
                 settings={
                     "opset": component_opset(component, options),
                     "exporter": "torchscript",
                     "dynamic_axes": spec.dynamic_axes(),
                     **({"decoder_profile": spec.profile, "single_mask": spec.single_mask,
-                        "single_mask_rule": options.single_mask_rule} if component == "decoder" else {}),
+                        "single_mask_rule": options.single_mask_rule} if component in ("decoder", contract.DECODER_PROMPT) else {}),
                     **({"encoder_profile": spec.profile} if component == "encoder" else {}),
                 },
                 facts={
                     **app_facts,
+                    **split_facts,
                     "simplify": simplify_facts,
                     "graph_passes": pass_facts,
                     "max_abs_diff_vs_torch": torch_diff,
@@ -306,11 +328,12 @@ def export_decoder(
     handover = [model]
     del model
     with staged_folder(folder, force=False, keep=True) as staging:
-        old = [a for a in manifest.artifacts if a.component == "decoder"]
+        decoder_components = ("decoder", *contract.SPLIT_DECODER)
+        old = [a for a in manifest.artifacts if a.component in decoder_components]
         for artifact in old:
             for name in [artifact.path, *artifact.extra_files]:
                 (staging / name).unlink(missing_ok=True)
-        manifest.artifacts = [a for a in manifest.artifacts if a.component != "decoder"]
+        manifest.artifacts = [a for a in manifest.artifacts if a.component not in decoder_components]
         artifacts = export_components(handover.pop(), variant, staging, options, reporter, components=("decoder",))
         for artifact in artifacts:
             manifest.add(artifact)

@@ -273,6 +273,8 @@ PROMPT_IMAGE_SIZE = (768, 1024)
 PROMPT_WORKLOADS = ("app: 1 click", "app: 16 boxes")
 PLAIN_DECODER = "plain-decoder"
 PREDICTOR = "predictor"
+# The predictor forced onto the single-graph decoder (split_decoder=False), to time the split decoder's gain.
+PREDICTOR_SINGLE_GRAPH = "predictor-single-graph"
 
 
 def prompt_image(size: tuple[int, int] = PROMPT_IMAGE_SIZE) -> np.ndarray:
@@ -296,11 +298,14 @@ def prompt_requests(size: tuple[int, int] = PROMPT_IMAGE_SIZE) -> dict[str, dict
 
 
 def prompt_bench(folder: Path, plain_decoder: Path, threads: int, runs: int, warmup: int,
-                 reporter: Reporter | None = None, **predictor_options) -> list[Timing]:
+                 reporter: Reporter | None = None, predictors: dict[str, dict] | None = None) -> list[Timing]:
     """Prompt latency as an app sees it: `Predictor.predict` (decoder graph + host post-processing, masks at
     the original size) against the plain upstream decoder graph alone on the same embeddings and tokens,
-    alternated in one process. `predictor:decoder` and `predictor:postprocess` split the predictor's time
-    (from `Prediction.meta` of the timed calls)."""
+    alternated in one process. `predictors`: subject name -> Predictor options (default one `predictor` with
+    its own choices). `NAME:decoder` and `NAME:postprocess` split each predictor's time (from `Prediction.meta`
+    of the timed calls)."""
+    from contextlib import ExitStack
+
     from evsam_export.model import processing
     from evsam_export.runners.ort_runner import OrtRunner
     from evsam_export.runtime import Predictor
@@ -308,43 +313,53 @@ def prompt_bench(folder: Path, plain_decoder: Path, threads: int, runs: int, war
     reporter = reporter or Reporter()
     spec = contract.decoder_spec("tensorrt")
     timings = []
-    with Predictor(folder, threads=threads, **predictor_options) as predictor, \
-            OrtRunner(plain_decoder, list(spec.inputs), list(spec.outputs), PLAIN_DECODER, threads=threads) as plain:
-        started = time.perf_counter()
-        predictor.set_image(prompt_image())
-        set_image_ms = (time.perf_counter() - started) * 1000
+    with ExitStack() as stack:
+        plain = stack.enter_context(OrtRunner(plain_decoder, list(spec.inputs), list(spec.outputs), PLAIN_DECODER, threads=threads))
+        subjects = {name: stack.enter_context(Predictor(folder, threads=threads, **options))
+                    for name, options in (predictors or {PREDICTOR: {}}).items()}
+        for name, predictor in subjects.items():
+            started = time.perf_counter()
+            predictor.set_image(prompt_image())
+            set_image_ms = (time.perf_counter() - started) * 1000
+            decoder = "+".join(predictor.info["split_decoder"] or [predictor.decoder_artifact.id])
+            reporter.line(f"{name}: set_image (encoder + preprocessing, {PROMPT_IMAGE_SIZE[1]}x{PROMPT_IMAGE_SIZE[0]}) "
+                          f"{set_image_ms:.0f} ms; decoder {decoder}")
+        first = next(iter(subjects.values()))
         for workload, request in prompt_requests().items():
             points = request.get("point_coords")
             tokens = processing.build_prompt_tokens(
-                predictor.geometry, None if points is None else np.asarray(points), request.get("point_labels"), request.get("boxes"))
-            feeds = contract.decoder_feeds(plain, predictor.image_embeddings, tokens.point_coords, tokens.point_labels)
-            breakdown: list[dict] = []
-            calls = {
-                PLAIN_DECODER: lambda feeds=feeds: plain.infer(feeds),
-                PREDICTOR: lambda request=request, log=breakdown: log.append(predictor.predict(**request).meta),
-            }
-            with reporter.step(f"prompt latency, {workload}: predictor vs plain decoder graph, {runs} alternated runs"):
+                first.geometry, None if points is None else np.asarray(points), request.get("point_labels"), request.get("boxes"))
+            feeds = contract.decoder_feeds(plain, first.image_embeddings, tokens.point_coords, tokens.point_labels)
+            breakdowns: dict[str, list[dict]] = {name: [] for name in subjects}
+            calls = {PLAIN_DECODER: lambda feeds=feeds: plain.infer(feeds)}
+            for name, predictor in subjects.items():
+                calls[name] = lambda request=request, log=breakdowns[name], p=predictor: log.append(p.predict(**request).meta)
+            with reporter.step(f"prompt latency, {workload}: {', '.join(subjects)} vs plain decoder graph, {runs} alternated runs"):
                 times = alternate_calls(calls, runs, warmup)
             prompts = int(tokens.point_coords.shape[0])
             timings += [_timing(name, "prompt", workload, values, prompts, 0.0) for name, values in times.items()]
-            for part in ("decoder_ms", "postprocess_ms"):
-                values = [meta[part] for meta in breakdown[warmup:]]
-                timings.append(_timing(f"{PREDICTOR}:{part[:-3]}", "prompt", workload, values, prompts, 0.0))
-        reporter.line(f"set_image (encoder + preprocessing, {PROMPT_IMAGE_SIZE[1]}x{PROMPT_IMAGE_SIZE[0]}): {set_image_ms:.0f} ms; "
-                      f"predictor decoder {predictor.decoder_artifact.id}")
+            for name, breakdown in breakdowns.items():
+                for part in ("decoder_ms", "postprocess_ms"):
+                    values = [meta[part] for meta in breakdown[warmup:]]
+                    timings.append(_timing(f"{name}:{part[:-3]}", "prompt", workload, values, prompts, 0.0))
     return timings
 
 
 def prompt_ratios(timings: list[Timing]) -> dict[str, dict[str, float]]:
     """Per prompt workload: the predictor's speed-up over the plain decoder graph and the host share."""
     median = {(t.subject, t.workload): t.median_ms for t in timings if t.component == "prompt"}
+    predictors = [s for s in dict.fromkeys(subject for subject, _ in median) if s != PLAIN_DECODER and ":" not in s]
     ratios = {}
     for workload in PROMPT_WORKLOADS:
-        if (PREDICTOR, workload) in median and (PLAIN_DECODER, workload) in median:
-            ratios[workload] = {
-                "predictor_vs_plain": median[(PLAIN_DECODER, workload)] / median[(PREDICTOR, workload)],
-                "host_share": median.get((f"{PREDICTOR}:postprocess", workload), 0.0) / median[(PREDICTOR, workload)],
-            }
+        if (PLAIN_DECODER, workload) not in median:
+            continue
+        for name in predictors:
+            if (name, workload) in median:
+                # `predictor_vs_plain` / `host_share` for the default predictor, prefixed by the subject for others.
+                prefix = "" if name == PREDICTOR else f"{name}:"
+                entry = ratios.setdefault(workload, {})
+                entry[f"{prefix}predictor_vs_plain"] = median[(PLAIN_DECODER, workload)] / median[(name, workload)]
+                entry[f"{prefix}host_share"] = median.get((f"{name}:postprocess", workload), 0.0) / median[(name, workload)]
     return ratios
 
 

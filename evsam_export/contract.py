@@ -36,6 +36,19 @@ MASKS = "masks"
 IOU_PREDICTIONS = "iou_predictions"
 LOW_RES_MASKS = "low_res_masks"
 
+# The split decoder: its image half's outputs, which are its prompt half's first inputs (model.decoder.ImageSide).
+IMAGE_TOKENS = "image_tokens"
+LAYER0_IMAGE_QUERIES = "layer0_image_queries"
+LAYER0_KEYS_T = "layer0_keys_t"
+LAYER0_VALUES = "layer0_values"
+IMAGE_SIDE = (IMAGE_TOKENS, LAYER0_IMAGE_QUERIES, LAYER0_KEYS_T, LAYER0_VALUES)
+# Component names: the single-graph decoder, and the split decoder's image half (run once per image, or per
+# mask prompt) and prompt half (run per decoder call), which our runtime uses in its place when present.
+DECODER = "decoder"
+DECODER_IMAGE = "decoder_image"
+DECODER_PROMPT = "decoder_prompt"
+SPLIT_DECODER = (DECODER_IMAGE, DECODER_PROMPT)
+
 DECODER_PROFILES = ("sam", "tensorrt")
 # host: the caller resizes, normalises and pads (processing.preprocess_image) and feeds float32 NCHW;
 # app: the graph does it, from a raw uint8 RGB image, as annotation apps feed encoders.
@@ -118,7 +131,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    component: str  # encoder | decoder
+    component: str  # encoder | decoder | decoder_image | decoder_prompt (the split decoder's halves)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     profile: str | None = None
@@ -229,10 +242,60 @@ def decoder_spec(profile: str = "sam", single_mask: bool = False, dynamic_prompt
     return ComponentSpec("decoder", tuple(inputs), tuple(outputs), profile=profile, single_mask=single_mask)
 
 
+# Layer-0 attention heads and their depth in SAM's decoder (8 heads over C/2 = 128 channels).
+IMAGE_SIDE_HEADS = 8
+IMAGE_SIDE_HEAD_DEPTH = EMBEDDING_DIM // 2 // IMAGE_SIDE_HEADS
+IMAGE_TOKEN_COUNT = EMBEDDING_SIZE * EMBEDDING_SIZE
+
+
+def image_side_specs(mask_batch) -> tuple[TensorSpec, ...]:
+    """The image half's outputs (= the prompt half's image inputs), batch `mask_batch` (1 without a mask prompt)."""
+    tokens, heads, depth = IMAGE_TOKEN_COUNT, IMAGE_SIDE_HEADS, IMAGE_SIDE_HEAD_DEPTH
+    return (
+        TensorSpec(IMAGE_TOKENS, "float32", (mask_batch, tokens, EMBEDDING_DIM)),
+        TensorSpec(LAYER0_IMAGE_QUERIES, "float32", (mask_batch, heads, tokens, depth)),
+        TensorSpec(LAYER0_KEYS_T, "float32", (mask_batch, heads, depth, tokens)),
+        TensorSpec(LAYER0_VALUES, "float32", (mask_batch, heads, tokens, depth)),
+    )
+
+
+def decoder_image_spec(dynamic_prompts: bool = True) -> ComponentSpec:
+    """The split decoder's image half: the embeddings and the mask prompt (as the single graph takes them) in,
+    the image-only tensors of the decoder out, one per mask (mask_batch 1 when there is no mask prompt)."""
+    single = decoder_spec("tensorrt", dynamic_prompts=dynamic_prompts)
+    mask_batch = single.input(MASK_INPUT).shape[0]
+    inputs = (single.input(IMAGE_EMBEDDINGS), single.input(MASK_INPUT), single.input(HAS_MASK_INPUT))
+    return ComponentSpec(DECODER_IMAGE, inputs, image_side_specs(mask_batch))
+
+
+def decoder_prompt_spec(single_mask: bool = False, dynamic_prompts: bool = True) -> ComponentSpec:
+    """The split decoder's prompt half: the image half's outputs ([1] broadcast over the prompt sets, or one per
+    prompt set) and the point tokens in, the single graph's `tensorrt` outputs out (no in-graph upscale: our
+    runtime upscales on the host)."""
+    single = decoder_spec("tensorrt", single_mask, dynamic_prompts)
+    mask_batch = single.input(MASK_INPUT).shape[0]
+    inputs = image_side_specs(mask_batch) + (single.input(POINT_COORDS), single.input(POINT_LABELS))
+    return ComponentSpec(DECODER_PROMPT, inputs, single.outputs, profile="tensorrt", single_mask=single_mask)
+
+
+def split_decoder_spec(image_half, prompt_half) -> ComponentSpec:
+    """The contract the split decoder's halves (anything with .inputs / .outputs) offer together: the `tensorrt`
+    decoder's inputs, in its order, and the prompt half's outputs (runners.split_decoder.SplitDecoderRunner)."""
+    image_inputs = {t.name: t for t in image_half.inputs}
+    prompt_inputs = {t.name: t for t in prompt_half.inputs}
+    inputs = (image_inputs[IMAGE_EMBEDDINGS], prompt_inputs[POINT_COORDS], prompt_inputs[POINT_LABELS],
+              image_inputs[MASK_INPUT], image_inputs[HAS_MASK_INPUT])
+    outputs = tuple(prompt_half.outputs)
+    single_mask = next(t for t in outputs if t.name == LOW_RES_MASKS).shape[1] == 1
+    return ComponentSpec(DECODER, inputs, outputs, profile="tensorrt", single_mask=single_mask)
+
+
 # The names every graph of a component has, whatever its profile; the `sam` decoder profile adds SAM_PROFILE_INPUTS.
 REQUIRED_IO = {
     "encoder": (INPUT_IMAGE, IMAGE_EMBEDDINGS),
-    "decoder": tuple(decoder_spec("tensorrt").input_names + decoder_spec("tensorrt").output_names),
+    DECODER: tuple(decoder_spec("tensorrt").input_names + decoder_spec("tensorrt").output_names),
+    DECODER_IMAGE: tuple(decoder_image_spec().input_names + decoder_image_spec().output_names),
+    DECODER_PROMPT: tuple(decoder_prompt_spec().input_names + decoder_prompt_spec().output_names),
 }
 SAM_PROFILE_INPUTS = tuple(name for name in decoder_spec("sam").input_names if name not in decoder_spec("tensorrt").input_names)
 
@@ -253,6 +316,10 @@ def missing_io(spec: ComponentSpec) -> list[str]:
 def artifact_spec(artifact) -> ComponentSpec:
     """The ComponentSpec of an exported artifact (its manifest IO), for feeds and contract checks."""
     spec = ComponentSpec(artifact.component, tuple(artifact.inputs), tuple(artifact.outputs))
+    if artifact.component == DECODER_IMAGE:
+        return spec
+    if artifact.component == DECODER_PROMPT:
+        return ComponentSpec(spec.component, spec.inputs, spec.outputs, profile="tensorrt", single_mask=spec.mask_tokens == 1)
     if artifact.component == "encoder":
         image = spec.input(INPUT_IMAGE)
         return spec if image is None else ComponentSpec(spec.component, spec.inputs, spec.outputs, encoder_profile_of(image))
@@ -336,6 +403,9 @@ def trace_feeds(spec: ComponentSpec, seed: int = 0) -> dict[str, np.ndarray]:
     dim is specialised to 1 or to a coincidence, except where its contract fixes them (--static-prompts)."""
     if spec.component == "encoder":
         return sample_feeds(spec, batch=1, seed=seed)
+    if spec.component == DECODER_IMAGE:
+        masks = spec.input(MASK_INPUT).shape[0]
+        return sample_feeds(spec, batch=masks if isinstance(masks, int) else 2, seed=seed)
     prompts, points = spec.input(POINT_COORDS).shape[:2]
     return sample_feeds(spec, batch=prompts if isinstance(prompts, int) else 2,
                         num_points=points if isinstance(points, int) else 3, seed=seed)
@@ -352,6 +422,10 @@ def sample_feeds(spec: ComponentSpec, batch: int = 1, num_points: int = 2, seed:
         return encoder_feeds(spec, rng.standard_normal((batch, 3, size, size)).astype(np.float32))
     coords = rng.uniform(0, 1023, size=(batch, num_points, 2)).astype(np.float32)
     labels = np.tile(np.array(SAMPLE_LABEL_CYCLE, dtype=np.float32), num_points)[:num_points]
+    if spec.component == DECODER_PROMPT:
+        # Image-side tensors of the prompt sets' own masks ([batch]); values at the scale of real ones.
+        image_side = {t.name: rng.standard_normal((batch, *t.shape[1:])).astype(np.float32) for t in image_side_specs(batch)}
+        return _for_inputs(spec, {**image_side, POINT_COORDS: coords, POINT_LABELS: np.tile(labels, (batch, 1))})
     embeddings = rng.standard_normal(EMBEDDINGS_SHAPE).astype(np.float32)
     low = LOW_RES_MASK_SIZE
     mask = rng.standard_normal((batch, 1, low, low)).astype(np.float32)

@@ -17,7 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from evsam_export import __version__
-from evsam_export.contract import TensorSpec  # the contract's tensor spec, which artifacts record
+from evsam_export.contract import DECODER, SPLIT_DECODER, TensorSpec  # the contract's tensor spec, which artifacts record
 from evsam_export.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 @dataclass
 class Artifact:
     id: str  # <component>.<target>.<precision>, e.g. encoder.onnx.fp32
-    component: str  # encoder | decoder
+    component: str  # encoder | decoder | decoder_image | decoder_prompt (contract.SPLIT_DECODER)
     target: str  # onnx | ort | openvino | tensorrt
     precision: str  # fp32 | fp16 | int8 | bf16
     path: str  # relative to the manifest's folder
@@ -140,7 +140,7 @@ def read_manifest(folder: Path) -> Manifest:
 # Fields an artifact entry may have (those of Artifact), and which of them a manifest must give.
 _ARTIFACT_FIELDS = {f.name: f for f in fields(Artifact)}
 _REQUIRED_ARTIFACT_FIELDS = [name for name, f in _ARTIFACT_FIELDS.items() if f.default is MISSING and f.default_factory is MISSING]
-COMPONENTS = ("encoder", "decoder")
+COMPONENTS = ("encoder", DECODER, *SPLIT_DECODER)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 

@@ -49,8 +49,9 @@ def test_fresh_export_records_the_contract(l0_export):
     manifest = read_manifest(l0_export)
     variant = VARIANTS[manifest.variant]
     profile = manifest.model["decoder_profile"]
-    expected = {"encoder": contract.encoder_spec(variant), "decoder": contract.decoder_spec(profile)}
-    assert sorted(a.component for a in manifest.artifacts) == ["decoder", "encoder"]
+    expected = {"encoder": contract.encoder_spec(variant), "decoder": contract.decoder_spec(profile),
+                contract.DECODER_IMAGE: contract.decoder_image_spec(), contract.DECODER_PROMPT: contract.decoder_prompt_spec()}
+    assert sorted(a.component for a in manifest.artifacts) == ["decoder", "decoder_image", "decoder_prompt", "encoder"]
     for artifact in manifest.artifacts:
         spec = expected[artifact.component]
         assert artifact.inputs == list(spec.inputs), artifact.id

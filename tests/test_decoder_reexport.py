@@ -29,7 +29,11 @@ def test_decoder_only_reexport_keeps_the_encoder_and_updates_the_manifest(copy_e
     assert after.model["decoder_profile"] == "tensorrt"
     assert after.model["mask_selection"]["single_mask_rule"] == "sam-onnx"
     assert after.history[-1]["components"] == ["decoder"]
+    split = ["decoder_image.onnx.fp32", "decoder_prompt.onnx.fp32"]
+    assert sorted(after.history[-1]["replaced"]) == sorted(["decoder.onnx.fp32", *split])
+    assert contract.artifact_spec(after.artifact(split[1])).mask_tokens == 1  # the split pair follows the new options
     predictor = Predictor(folder, prefer=("onnx",))
+    assert predictor.info["split_decoder"] == split
     predictor.set_image(np.full((120, 160, 3), 90, np.uint8))
     assert predictor.predict(np.array([[80.0, 60.0]]), np.array([1]), multimask_output=False).masks.shape == (1, 1, 120, 160)
 

@@ -49,4 +49,5 @@ def test_export_frees_the_model_before_the_onnx_only_phases(tmp_path, monkeypatc
         assert reporter.alive_at[f"check {component} against PyTorch"] is False, reporter.alive_at
     for artifact in result.artifacts:
         assert artifact.facts["max_abs_diff_vs_torch"] <= 1e-4, artifact.facts  # the check still compares with PyTorch
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["decoder.fp32.onnx", "encoder.fp32.onnx", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "decoder.fp32.onnx", "decoder_image.fp32.onnx", "decoder_prompt.fp32.onnx", "encoder.fp32.onnx", "manifest.json"]

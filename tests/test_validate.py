@@ -61,13 +61,16 @@ def test_clean_export_passes_and_writes_reports(l0_copy, quick_suite):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((l0_copy / "parity.json").read_text())
     assert report["passed"] is True
-    stages = {(s["artifact"], s["stage"]) for s in report["stages"]}
-    assert stages == {("encoder.onnx.fp32", "encoder"), ("decoder.onnx.fp32", "decoder"), ("encoder.onnx.fp32", "end_to_end")}
-    decoder = next(s for s in report["stages"] if s["stage"] == "decoder")
-    for kind in ("point", "box", "boxes16"):
-        assert decoder["metrics"][kind]["mask_iou"]["min"] >= 0.9999  # a few |logit| < 1e-5 pixels may flip
+    stages = {(s["artifact"], s["stage"], s["pairing"]) for s in report["stages"]}
+    split = "decoder_image+decoder_prompt.onnx.fp32"  # the split decoder, gated as one decoder
+    assert stages == {("encoder.onnx.fp32", "encoder", ""), ("decoder.onnx.fp32", "decoder", ""), (split, "decoder", ""),
+                      ("encoder.onnx.fp32", "end_to_end", "encoder.onnx.fp32 -> decoder.onnx.fp32"),
+                      ("encoder.onnx.fp32", "end_to_end", f"encoder.onnx.fp32 -> {split}")}
+    for decoder in (s for s in report["stages"] if s["stage"] == "decoder"):
+        for kind in ("point", "box", "boxes16"):
+            assert decoder["metrics"][kind]["mask_iou"]["min"] >= 0.9999  # a few |logit| < 1e-5 pixels may flip
     junit = (l0_copy / "junit.xml").read_text()
-    assert junit.count("<testcase") == 1 + 3 + 3 and "<failure" not in junit
+    assert junit.count("<testcase") == 1 + 2 * 3 + 2 * 3 and "<failure" not in junit
     assert "| encoder.onnx.fp32 | encoder | fp32 | pass |" in (l0_copy / "parity.md").read_text()
     assert list((l0_copy / "parity").glob("*.png"))
 
@@ -85,10 +88,13 @@ def test_scaled_encoder_weight_fails_the_encoder_stage(l0_copy, quick_suite):
 def test_perturbed_decoder_weight_fails_the_decoder_stage(l0_copy, quick_suite):
     # the hypernetwork MLP's output layer decides every mask logit of token 0
     name = scale_initializer(l0_copy, "decoder.onnx.fp32", lambda i: list(i.dims) == [32, 256] or list(i.dims) == [256, 32], -1.0)
+    # and the split decoder's image half: the gate runs the halves chained, so a bad image half fails the pair
+    scale_initializer(l0_copy, "decoder_image.onnx.fp32", lambda i: len(i.dims) == 2 and i.dims[0] == i.dims[1] * 2, 1.5)
     proc = run_validate(l0_copy, "--suite", str(quick_suite))
     assert proc.returncode == 10, (name, proc.stdout + proc.stderr)
     failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED")]
     assert any("decoder.onnx.fp32 [decoder/" in line for line in failed), failed
+    assert any("decoder_image+decoder_prompt.onnx.fp32 [decoder/" in line for line in failed), failed
     assert not any("[encoder/all]" in line for line in failed), failed
     assert "FAIL" in (l0_copy / "parity.md").read_text()
 
@@ -188,7 +194,7 @@ def test_compare_gates_runners_in_memory_and_validate_folder_wraps_it(l0_export,
     assert broken.reference_source == "PyTorch (synthetic:0)"
     assert {path.name: path.stat().st_mtime_ns for path in l0_export.iterdir()} == files_before
 
-    from_folder = validate_folder(l0_export, suite, reporter=quiet)
+    from_folder = validate_folder(l0_export, suite, reporter=quiet, artifacts=[encoder.id, decoder.id])
     assert honest.passed and report_json(honest) == report_json(from_folder)
     assert from_folder.folder == l0_export
 

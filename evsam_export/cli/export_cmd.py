@@ -73,6 +73,11 @@ def export_command(
         bool,
         typer.Option("--no-graph-passes", help="Skip the portable graph passes (bicubic Resize as MatMul; see `evsam-export targets`)."),
     ] = False,
+    no_split_decoder: Annotated[
+        bool,
+        typer.Option("--no-split-decoder", help="Leave out the split decoder (decoder_image + decoder_prompt: the image-only "
+                                                "part once per image), which our runtime uses instead of the single graph."),
+    ] = False,
     components: Annotated[
         Components,
         typer.Option(help="all: a new folder; decoder: re-export only the decoder into the existing --output folder "
@@ -97,6 +102,7 @@ def export_command(
             single_mask_rule=single_mask_rule.value,
             simplify="none" if no_simplify else simplify.value,
             graph_passes=() if no_graph_passes else api.EXPORT_PASSES,
+            split_decoder=not no_split_decoder,
         )
         reporter = Reporter()
         if components == Components.decoder:

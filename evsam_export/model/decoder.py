@@ -8,6 +8,7 @@ for whatever tokens it is fed (see evsam_export.model.sam for the equivalence).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -179,12 +180,54 @@ class Attention(nn.Module):
             return self.attend_tokens_to_image(q, k, v)
         if reassociate == "image_to_tokens":
             return self.attend_image_to_tokens(q, k, v)
+        if reassociate == "project_image":
+            return self.project_image(k, v)
+        if reassociate == "projected":
+            return self.attend_projected(q, k, v)
+        if reassociate == "project_image_queries":
+            return self.project_image_queries(q)
+        if reassociate == "projected_image_queries":
+            return self.attend_projected_image_queries(q, k, v)
         q, k, v = self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
         attn = torch.softmax((q @ k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1]), dim=-1)
         out = attn @ v
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
+    def project_image(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image side of `forward` for image keys/values [B|1, N, C]: keys projected and laid out for q @ k
+        ([B|1, H, d, N]) and values projected ([B|1, H, N, d]); they depend on the image only, so a split decoder
+        computes them once per image (attend_projected takes them)."""
+        return self._split(self.k_proj(keys)).transpose(2, 3), self._split(self.v_proj(values))
+
+    def attend_projected(self, queries: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`forward` with the keys and values already projected by project_image (broadcast over prompt sets)."""
+        q = self._split(self.q_proj(queries))
+        attn = torch.softmax((q @ keys_t) / math.sqrt(q.shape[-1]), dim=-1)
+        out = attn @ values
+        b, h, n, c = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+    def project_image_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """The image side of attend_image_to_tokens for image queries [B|1, N, C]: q_proj with its bias, split into
+        heads and scaled by 1/sqrt(d) (a power of two here, so exact), [B|1, H, N, d]."""
+        q = self._split(self.q_proj(queries))
+        return q * (1.0 / math.sqrt(q.shape[-1]))
+
+    def attend_projected_image_queries(self, queries_scaled: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """attend_image_to_tokens with the image queries already projected (project_image_queries): the logits are
+        q·k over d = C/2/H channels per head (N·T·C/2 multiply-adds) instead of x·(W_qᵀ k) over C (N·H·T·C); the
+        values side stays folded into out_proj as there."""
+        b, t, _ = keys.shape
+        inner, dim = self.q_proj.weight.shape
+        depth = inner // self.heads
+        k = self._split(self.k_proj(keys))  # [B,H,T,d]
+        v = self._split(self.v_proj(values))
+        weights = torch.softmax(queries_scaled @ k.transpose(2, 3), dim=-1)  # [B,H,N,T]
+        n = weights.shape[2]
+        weights = weights.transpose(1, 2).reshape(b, n, self.heads * t)
+        v_out = (v @ self.out_proj.weight.reshape(dim, self.heads, depth).permute(1, 2, 0)).reshape(b, self.heads * t, dim)
+        return weights @ (v_out + self.out_proj.bias / self.heads)
 
     def attend_tokens_to_image(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """`forward` for a few queries (T tokens) over many keys (N image tokens), reassociated so the image
@@ -244,20 +287,43 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(dim, heads, downsample=2)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries, keys, query_pe, key_pe, reassociate_token_to_image: bool = False, reassociate_image_to_token: bool = False):
-        """reassociate_*: compute that cross attention as Attention.attend_tokens_to_image / attend_image_to_tokens."""
+    def forward(self, queries, keys, query_pe, key_pe, reassociate_token_to_image: bool = False, reassociate_image_to_token: bool = False,
+                image_side: ImageSide | None = None):
+        """reassociate_*: compute that cross attention as Attention.attend_tokens_to_image / attend_image_to_tokens.
+        image_side: the first layer's image-only tensors (TwoWayTransformer.image_side), used instead of recomputing them."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        token_to_image = "tokens_to_image" if reassociate_token_to_image else ""
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys + key_pe, keys, token_to_image))
+        if image_side is not None:
+            attended = self.cross_attn_token_to_image(queries + query_pe, image_side.layer0_keys_t, image_side.layer0_values, "projected")
+        else:
+            token_to_image = "tokens_to_image" if reassociate_token_to_image else ""
+            attended = self.cross_attn_token_to_image(queries + query_pe, keys + key_pe, keys, token_to_image)
+        queries = self.norm2(queries + attended)
         queries = self.norm3(queries + self.mlp(queries))
-        image_to_token = "image_to_tokens" if reassociate_image_to_token else ""
-        keys = self.norm4(keys + self.cross_attn_image_to_token(keys + key_pe, queries + query_pe, queries, image_to_token))
+        if image_side is not None:
+            image_queries = image_side.layer0_image_queries
+            attended = self.cross_attn_image_to_token(image_queries, queries + query_pe, queries, "projected_image_queries")
+        else:
+            image_to_token = "image_to_tokens" if reassociate_image_to_token else ""
+            attended = self.cross_attn_image_to_token(keys + key_pe, queries + query_pe, queries, image_to_token)
+        keys = self.norm4(keys + attended)
         return queries, keys
+
+
+class ImageSide(NamedTuple):
+    """What the decoder computes from the image alone (embeddings + dense prompt), [mask batch | 1, ...] each: the
+    image tokens, the first image-to-token attention's projected and scaled image queries, and the first
+    token-to-image attention's projected keys (transposed for q @ k) and values. A split decoder's image graph
+    returns these once per image."""
+
+    image_tokens: torch.Tensor  # [mb, HW, C]
+    layer0_image_queries: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
+    layer0_keys_t: torch.Tensor  # [mb, heads, C / 2 / heads, HW]
+    layer0_values: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
 
 
 class TwoWayTransformer(nn.Module):
@@ -267,16 +333,28 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(dim, heads, downsample=2)
         self.norm_final_attn = nn.LayerNorm(dim, eps=NORM_EPS)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, token_layout: bool = False):
+    def image_side(self, image_tokens: torch.Tensor, key_pe: torch.Tensor) -> ImageSide:
+        """The image-only part of the first layer (token layout: image_tokens [mb, HW, C], key_pe [1, HW, C])."""
+        with_pe = image_tokens + key_pe
+        first = self.layers[0]
+        image_queries = first.cross_attn_image_to_token(with_pe, None, None, "project_image_queries")
+        keys_t, values = first.cross_attn_token_to_image(None, with_pe, image_tokens, "project_image")
+        return ImageSide(image_tokens, image_queries, keys_t, values)
+
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, token_layout: bool = False,
+                image_side: ImageSide | None = None):
         """image, image_pe [B|1, C, H, W]; token_layout: both already image tokens [1|B, HW, C]. Keys of batch 1
         broadcast over the B prompt sets, so the first layer's image-side projections run once per call; and
         every cross attention whose image side is per prompt set runs reassociated (Attention.attend_*), which
         skips the image-sized projections (the first token-to-image attention keeps them: its image side is
-        shared by the whole call and projected once)."""
+        shared by the whole call and projected once, or given precomputed as `image_side`)."""
         keys, key_pe = (image, image_pe) if token_layout else (image.flatten(2).permute(0, 2, 1), image_pe.flatten(2).permute(0, 2, 1))
+        if token_layout and image_side is None:
+            image_side = self.image_side(keys, key_pe)
         queries = tokens
         for index, layer in enumerate(self.layers):
-            queries, keys = layer(queries, keys, tokens, key_pe, token_layout and index > 0, token_layout)
+            first_image_side = image_side if token_layout and index == 0 else None
+            queries, keys = layer(queries, keys, tokens, key_pe, token_layout and index > 0, token_layout, first_image_side)
         final = "tokens_to_image" if token_layout else ""
         queries = queries + self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys, final)
         return self.norm_final_attn(queries), keys
@@ -378,11 +456,18 @@ class MaskDecoder(nn.Module):
         becomes a LayerNormalization over the last axis and no NCHW transpose, col2im scatter or ReduceMean
         runs; the upscaled features stay in (pixel, i1, j1, i2, j2) order and only the 4-token masks are
         transposed to image order at the end."""
+        return self.prompt_side(self.image_side(image, image_pe), image_pe, tokens)
+
+    def image_side(self, image: torch.Tensor, image_pe: torch.Tensor) -> ImageSide:
+        """The image-only tensors of `_token_layout_masks` (image = embeddings + dense prompt, [1|B,C,H,W])."""
+        return self.transformer.image_side(image.flatten(2).permute(0, 2, 1), image_pe.flatten(2).permute(0, 2, 1))
+
+    def prompt_side(self, image_side: ImageSide, image_pe: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rest of `_token_layout_masks`, per prompt set, from the image side (computed once per image)."""
         batch = tokens.shape[0]
-        h, w = image.shape[-2:]
-        keys = image.flatten(2).permute(0, 2, 1)
+        h, w = image_pe.shape[-2:]
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
-        hs, keys = self.transformer(keys, key_pe, tokens, True)
+        hs, keys = self.transformer(image_side.image_tokens, key_pe, tokens, True, image_side)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + NUM_MASK_TOKENS, :]
         x = self.output_upscaling(keys, True)  # rows (pixel, i1, j1, i2, j2)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evsam_export.model.decoder import MaskDecoder, PromptEncoder
+from evsam_export.model.decoder import ImageSide, MaskDecoder, PromptEncoder
 from evsam_export.model.encoder import ImageEncoder
 from evsam_export.model.variants import PROMPT_FRAME, Variant
 
@@ -98,14 +98,55 @@ class DecoderGraph(nn.Module):
         sparse = self.prompt_encoder.embed_point_tokens(point_coords, point_labels)
         dense = self.prompt_encoder.embed_dense(mask_input, has_mask_input)
         low_res, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense, self.token_layout)
-        if self.single_mask and self.single_mask_rule == "sam-onnx":
-            low_res, iou = select_single_mask_sam_onnx(low_res, iou, point_coords.shape[1])
-        elif self.single_mask:
-            # PyTorch's multimask_output=False returns token 0: a static slice, no argmax.
-            low_res, iou = low_res[:, :1], iou[:, :1]
+        low_res, iou = select_tokens(low_res, iou, point_coords.shape[1], self.single_mask, self.single_mask_rule)
         if self.profile == "tensorrt":
             return iou, low_res
         return upscale_masks_traceable(low_res, orig_im_size, self.prompt_frame), iou, low_res
+
+
+def select_tokens(low_res: torch.Tensor, iou: torch.Tensor, num_points, single_mask: bool, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All four tokens, or the single mask the export options choose."""
+    if single_mask and rule == "sam-onnx":
+        return select_single_mask_sam_onnx(low_res, iou, num_points)
+    if single_mask:
+        # PyTorch's multimask_output=False returns token 0: a static slice, no argmax.
+        return low_res[:, :1], iou[:, :1]
+    return low_res, iou
+
+
+class DecoderImageGraph(nn.Module):
+    """The image half of the split decoder (contract.decoder_image_spec): everything of the token-layout decoder
+    that depends on the image and the mask prompt only, run once per image (or per mask prompt) instead of
+    once per decoder call. Outputs MaskDecoder.image_side's tensors."""
+
+    def __init__(self, model: EfficientViTSam) -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+
+    def forward(self, image_embeddings: torch.Tensor, mask_input: torch.Tensor, has_mask_input: torch.Tensor):
+        dense = self.prompt_encoder.embed_dense(mask_input, has_mask_input)
+        return tuple(self.mask_decoder.image_side(image_embeddings + dense, self.prompt_encoder.dense_pe()))
+
+
+class DecoderPromptGraph(nn.Module):
+    """The prompt half of the split decoder (contract.decoder_prompt_spec): the image half's tensors and the point
+    tokens in, iou_predictions and low_res_masks out (the tokens `DecoderGraph` with the same single-mask options
+    returns). Together the halves compute DecoderGraph(token_layout=True)'s low-res outputs with the same ops."""
+
+    def __init__(self, model: EfficientViTSam, single_mask: bool = False, single_mask_rule: str = "token0") -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.single_mask = single_mask
+        self.single_mask_rule = single_mask_rule
+
+    def forward(self, image_tokens, layer0_image_queries, layer0_keys_t, layer0_values, point_coords, point_labels):
+        sparse = self.prompt_encoder.embed_point_tokens(point_coords, point_labels)
+        side = ImageSide(image_tokens, layer0_image_queries, layer0_keys_t, layer0_values)
+        low_res, iou = self.mask_decoder.prompt_side(side, self.prompt_encoder.dense_pe(), self.mask_decoder._tokens(sparse))
+        low_res, iou = select_tokens(low_res, iou, point_coords.shape[1], self.single_mask, self.single_mask_rule)
+        return iou, low_res
 
 
 def select_single_mask_sam_onnx(low_res: torch.Tensor, iou: torch.Tensor, num_points) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from evsam_export.parity.suites import Suite, Tolerance
 from evsam_export.progress import Reporter
 from evsam_export.runners import runner_for_artifact
 from evsam_export.runners.base import Runner
+from evsam_export.runners.split_decoder import is_split_decoder, split_artifact, split_runner
 
 # ------------------------------------------------------------------------------------------ results
 
@@ -241,6 +242,21 @@ def pair_decoder(encoder: Artifact, decoders: list[Artifact]) -> Artifact | None
     return decoders[0] if decoders else None
 
 
+def end_to_end_pairings(encoders: list[Artifact], single: list[Artifact], split: list[Artifact]) -> list[tuple[Artifact, Artifact]]:
+    """(encoder, decoder) of every end-to-end stage: each encoder with its pair_decoder among the single graphs,
+    and with the split decoder exported beside that decoder (what our runtime runs in its place)."""
+    pairings = []
+    for encoder in encoders:
+        decoder = pair_decoder(encoder, single)
+        if decoder is None:
+            decoder = pair_decoder(encoder, split)
+            pairings += [(encoder, decoder)] if decoder is not None else []
+            continue
+        pairings.append((encoder, decoder))
+        pairings += [(encoder, d) for d in split if d.parent == decoder.id]
+    return pairings
+
+
 # ------------------------------------------------------------------------------------------ runners
 
 
@@ -252,12 +268,21 @@ def open_runners(folder: Path, artifacts: Sequence[Artifact], threads: int | Non
     runners, unavailable = [], {}
     try:
         for artifact in artifacts:
-            if artifact.component not in ("encoder", "decoder") or artifact.facts.get("kit_only"):
+            entry, make = artifact, lambda artifact=artifact: runner_for_artifact(folder, artifact, threads=threads)  # noqa: E731
+            if artifact.component == contract.DECODER_PROMPT:
+                # The split decoder is gated as one decoder: its halves chained behind the single graph's contract.
+                image = next((a for a in artifacts if a.component == contract.DECODER_IMAGE and a.parent == artifact.parent), None)
+                if image is None:
+                    unavailable[artifact.id] = f"{artifact.id} runs only with its image half (decoder_image, parent {artifact.parent})"
+                    continue
+                entry = split_artifact(image, artifact)
+                make = lambda image=image, prompt=artifact: split_runner(folder, image, prompt, threads)  # noqa: E731
+            elif artifact.component not in ("encoder", "decoder") or artifact.facts.get("kit_only"):
                 continue
             try:
-                runners.append((artifact, runner_for_artifact(folder, artifact, threads=threads).load()))
+                runners.append((entry, make().load()))
             except RuntimeUnavailable as exc:
-                unavailable[artifact.id] = exc.message
+                unavailable[entry.id] = exc.message
         yield runners, unavailable
     finally:
         for _artifact, runner in runners:
@@ -320,10 +345,9 @@ def compare(
         evaluate_decoder_outputs(stage, suite.tolerance(artifact.precision), cases.cases, outputs, reference, artifact)
         report.stages.append(stage)
 
-    for encoder in encoders:
-        decoder = pair_decoder(encoder, decoders)
-        if decoder is None:
-            continue
+    split = [d for d in decoders if is_split_decoder(d)]
+    single = [d for d in decoders if not is_split_decoder(d)]
+    for encoder, decoder in end_to_end_pairings(encoders, single, split):
         precision = encoder.precision if encoder.precision != "fp32" else decoder.precision
         stage = StageReport(encoder.id, "end_to_end", precision, pairing=f"{encoder.id} -> {decoder.id}")
         outputs = {}

@@ -358,6 +358,28 @@ def choose_artifact(manifest: Manifest, component: str, named: str | None, prefe
     return min(candidates, key=rank)
 
 
+def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | None, prefer: Sequence[str],
+                         cache: dict | None = None) -> tuple[Artifact, Artifact] | None:
+    """(image half, prompt half) of the split decoder exported beside `decoder`, when `wanted` is not False and
+    both are runnable here; `wanted=True` refuses in one line when they are not."""
+    from evsam_export.runners.split_decoder import split_pair_of
+
+    if wanted is not None and not isinstance(wanted, (bool, np.bool_)):
+        raise UsageError(f"split_decoder must be True, False or None, got {type(wanted).__name__}")
+    if wanted is False:
+        return None
+    pair = split_pair_of(manifest.artifacts, decoder)
+    reason = f"the folder has no split decoder exported beside {decoder.id}" if pair is None else ""
+    for artifact in pair or ():
+        available, why = _runtime_available(artifact.target, {} if cache is None else cache)
+        if artifact.target not in prefer or not available:
+            reason = f"{artifact.id}: {why or 'target not in prefer'}"
+    if reason and wanted:
+        raise UsageError(f"split_decoder=True, but {reason}",
+                         hint="re-export (the split decoder is on by default) or pass split_decoder=None")
+    return None if reason else pair
+
+
 def _normalize_prefer(prefer) -> tuple[str, ...]:
     prefer = (prefer,) if isinstance(prefer, str) else tuple(prefer)
     unknown = [t for t in prefer if t not in TARGETS]
@@ -391,6 +413,10 @@ class Predictor:
     memory_budget_mib: working memory for one chunk of prompt sets (decoder call and post-processing); the
     chunk size follows from it (at least one prompt set). max_prompt_batch: a fixed chunk size instead.
     Decoders exported with --static-prompts always run their fixed prompt-set count per call.
+    split_decoder: run the split decoder exported beside the chosen decoder (decoder_image once per image in
+    set_image, decoder_prompt per call; same outputs, checked at export and by the parity gate) instead of the
+    single graph. None (default): when the folder has it and its runtime is usable; False: never; True: required.
+    `info["split_decoder"]` says which ran.
     """
 
     def __init__(
@@ -402,6 +428,7 @@ class Predictor:
         threads: int | None = None,
         memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB,
         max_prompt_batch: int | None = None,
+        split_decoder: bool | None = None,
     ) -> None:
         from evsam_export.runners import runner_for_artifact
 
@@ -415,13 +442,15 @@ class Predictor:
         self.choice: dict[str, str] = {}  # component -> named | recommended | ranked (...)
         encoder_artifact = choose_artifact(manifest, "encoder", encoder, prefer, cache, self.choice)
         decoder_artifact = choose_artifact(manifest, "decoder", decoder, prefer, cache, self.choice)
-        for artifact in (encoder_artifact, decoder_artifact):
+        split = choose_split_decoder(manifest, decoder_artifact, split_decoder, prefer, cache)
+        # The single graph is not loaded (nor needed) when its split pair runs in its place.
+        for artifact in (encoder_artifact, *(split or (decoder_artifact,))):
             verify_artifact_file(self.folder, artifact)
             for extra in artifact.extra_files:
                 if not artifact_file(self.folder, extra, artifact.id).is_file():
                     raise ArtifactError(f"{artifact.id}: file {extra} is missing", hint="re-run the export")
         self._attach(manifest, encoder_artifact, decoder_artifact, lambda artifact: runner_for_artifact(self.folder, artifact, threads),
-                     memory_budget_mib, max_prompt_batch)
+                     memory_budget_mib, max_prompt_batch, split)
 
     @classmethod
     def from_runners(cls, manifest: Manifest, encoder_artifact: Artifact, decoder_artifact: Artifact, encoder_runner, decoder_runner,
@@ -438,15 +467,21 @@ class Predictor:
         return predictor
 
     def _attach(self, manifest: Manifest, encoder_artifact: Artifact, decoder_artifact: Artifact, make_runner,
-                memory_budget_mib: float, max_prompt_batch: int | None) -> None:
+                memory_budget_mib: float, max_prompt_batch: int | None, split: tuple[Artifact, Artifact] | None = None) -> None:
+        from evsam_export.runners.split_decoder import SplitDecoderRunner
+
         self.memory_budget_mib = float(memory_budget_mib)
         self.max_prompt_batch = max_prompt_batch
         self.manifest = manifest
         self.encoder_artifact = encoder_artifact
         self.decoder_artifact = decoder_artifact
+        self.split_artifacts = split
         self._check_contract()
         self.encoder = make_runner(encoder_artifact).load()
-        self.decoder = make_runner(decoder_artifact).load()
+        if split is None:
+            self.decoder = make_runner(decoder_artifact).load()
+        else:
+            self.decoder = SplitDecoderRunner(make_runner(split[0]), make_runner(split[1])).load()
         self.geometry: ImageGeometry | None = None
         self.image_embeddings: np.ndarray | None = None
 
@@ -456,7 +491,7 @@ class Predictor:
         if not enc.inputs or not enc.outputs:
             raise ArtifactError(f"{enc.id}: the manifest declares no inputs/outputs", hint="re-run the export")
         self.encoder_spec = contract.artifact_spec(enc)
-        self.decoder_spec = contract.artifact_spec(dec)
+        split = self.split_artifacts
         if contract.missing_io(self.encoder_spec):
             raise ArtifactError(
                 f"{enc.id}: not an evsam-export encoder (inputs {self.encoder_spec.input_names}, outputs {self.encoder_spec.output_names})",
@@ -468,14 +503,19 @@ class Predictor:
         self.encoder_size = int(size) if fixed else int(self.manifest.encoder_size)
         if self.encoder_size != int(self.manifest.encoder_size):
             raise ArtifactError(f"{enc.id}: input size {self.encoder_size} != manifest encoder_size {self.manifest.encoder_size}")
-        if contract.missing_io(self.decoder_spec):
-            raise ArtifactError(
-                f"{dec.id}: not an evsam-export decoder (inputs {sorted(self.decoder_spec.input_names)})",
-                hint="expected SAM's decoder contract with low_res_masks and iou_predictions outputs",
-            )
+        # The chosen decoder is checked even when its split pair runs in its place, and so is each half.
+        for artifact in (dec, *(split or ())):
+            spec = contract.artifact_spec(artifact)
+            if contract.missing_io(spec):
+                raise ArtifactError(
+                    f"{artifact.id}: not an evsam-export {artifact.component} (inputs {sorted(spec.input_names)})",
+                    hint="expected SAM's decoder contract with low_res_masks and iou_predictions outputs",
+                )
+        # The split pair offers the single graph's `tensorrt` contract, and that is what the feeds are built for.
+        self.decoder_spec = contract.artifact_spec(dec) if split is None else contract.split_decoder_spec(*split)
         # "sam" profile: the graph also wants orig_im_size (its upscaled `masks` output is not used: the
         # host upscales low-res logits for both profiles, exactly as the parity validators do).
-        self.decoder_profile = self.decoder_spec.profile
+        self.decoder_profile = contract.artifact_spec(dec).profile
         tokens = self.decoder_spec.mask_tokens
         if not isinstance(tokens, int):
             selection = self.manifest.model.get("mask_selection", {})
@@ -502,6 +542,8 @@ class Predictor:
             "encoder": self.encoder_artifact.id,
             "decoder": self.decoder_artifact.id,
             "choice": dict(self.choice),  # why these two: named, the folder's recommended pair, or the default ranking
+            # The split pair that runs in the decoder's place (image half once per image), or None: the single graph.
+            "split_decoder": None if self.split_artifacts is None else [a.id for a in self.split_artifacts],
             "decoder_profile": self.decoder_profile,
             "mask_tokens": contract.ALL_TOKENS if self.num_tokens == NUM_MASK_TOKENS else contract.TOKEN0_ONLY,
             # Host upscaling: OpenCV when installed (within 4e-4 of the numpy reference), else numpy, bit-exact.
@@ -539,6 +581,10 @@ class Predictor:
                 f"{self.encoder_artifact.id}: embeddings of shape {list(out.shape)}, "
                 f"expected [1,{EMBEDDING_DIM},{EMBEDDING_SIZE},{EMBEDDING_SIZE}]"
             )
+        # Read-only: the split decoder keeps the image half's outputs for exactly these embeddings.
+        embeddings.flags.writeable = False
+        if self.split_artifacts is not None:
+            self.decoder.prepare(embeddings)
         self.image_embeddings = embeddings
         self.geometry = geometry
 
