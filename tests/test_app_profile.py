@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +21,14 @@ from evsam_export.runtime.predictor import Predictor
 
 # Portrait, landscape, smaller than 512 on both sides, and larger than 512 (downscale) with odd sides.
 IMAGE_SHAPES = ((300, 200), (240, 320), (130, 170), (601, 777))
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def app_export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("app") / "l0-app"
-    api.export("l0", folder, options=api.ExportOptions(encoder_profile="app"), reporter=Reporter(quiet=True))
+    options = api.ExportOptions(encoder_profile="app", pad_points_in_graph=True)  # the app-annotation recipe's
+    api.export("l0", folder, options=options, reporter=Reporter(quiet=True))
     return folder
 
 
@@ -103,10 +108,10 @@ def test_app_encoder_refuses_other_layouts_in_one_line(app_export, feed, words):
     assert "\n" not in message and all(word in message for word in words), message
 
 
-def test_x_anylabeling_loads_the_folder_and_matches_the_predictor(app_export):
-    """What X-AnyLabeling's efficientvit_sam model does with its YAML, emulated: paths relative to the YAML,
-    the raw RGB image into the encoder's first input, clicks scaled by target_size, box corners as labels
-    2/3 without a padding point, orig_im_size, channel 0 of `masks`."""
+def test_x_anylabeling_emulated_loads_the_folder_and_matches_the_predictor(app_export):
+    """What X-AnyLabeling's efficientvit_sam model does with its YAML, emulated (the real app: the test
+    below): paths relative to the YAML, the raw RGB image into the encoder's first input, clicks scaled by
+    target_size, box corners as labels 2/3 without a padding point, orig_im_size, channel 0 of `masks`."""
     import onnxruntime as ort
     import yaml
 
@@ -134,6 +139,32 @@ def test_x_anylabeling_loads_the_folder_and_matches_the_predictor(app_export):
     ours = predictor.predict(box=box, multimask_output=False).masks
     assert masks.shape[2:] == ours.shape[2:] == image.shape[:2]
     assert float(metrics.mask_iou(ours[0, 0], masks[0, 0] > 0)) >= 0.999
+
+
+X_ANYLABELING_VENV = "EVSAM_X_ANYLABELING_VENV"
+
+
+@pytest.mark.skipif(not os.environ.get(X_ANYLABELING_VENV), reason=(
+    f"set {X_ANYLABELING_VENV} to a venv holding the app: python -m venv /work/venv-xal && "
+    "/work/venv-xal/bin/pip install x-anylabeling-cvhub onnxruntime"))
+def test_real_x_anylabeling_loads_the_folder_and_matches_the_predictor(app_export, tmp_path):
+    """scripts/check_x_anylabeling.py in the app's own venv: its ModelManager loads x-anylabeling.yaml,
+    its EfficientViT_SAM runs a click and a rectangle; masks must match our Predictor (IoU >= 0.999)."""
+    from PIL import Image
+
+    from evsam_export.apps import write_app_configs
+
+    manifest = read_manifest(app_export)
+    write_app_configs(app_export, manifest, {"x_anylabeling": True}, "encoder.onnx.fp32", "decoder.onnx.fp32", "test")
+    image = tmp_path / "portrait.png"
+    Image.fromarray(smooth_image(410, 300, 3)).save(image)
+    python = Path(os.environ[X_ANYLABELING_VENV]) / "bin" / "python"
+    report = tmp_path / "report.json"
+    done = subprocess.run([str(python), str(REPO / "scripts" / "check_x_anylabeling.py"), str(app_export), str(image),
+                           "--point", "120,205", "--json", str(report)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    results = {r["prompt"]: r for r in json.loads(report.read_text())["results"]}
+    assert set(results) == {"point", "box"} and all(r["iou"] >= 0.999 and r["app_pixels"] > 0 for r in results.values())
 
 
 def test_app_annotation_recipe_loads_and_refuses_a_host_encoder(tmp_path):
