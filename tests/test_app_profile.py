@@ -141,6 +141,37 @@ def test_x_anylabeling_emulated_loads_the_folder_and_matches_the_predictor(app_e
     assert float(metrics.mask_iou(ours[0, 0], masks[0, 0] > 0)) >= 0.999
 
 
+def test_bench_times_the_app_encoder_on_a_raw_image_against_its_own_host_graph(app_export):
+    """bench on an app folder: the app encoder on the raw photo, the same graph without its preprocessing on
+    a host-preprocessed tensor, and the host preprocessing; a batch > 1 skips the raw-image subjects."""
+    from evsam_export.bench import HOST_PREPROCESS, run_bench
+
+    result = run_bench(app_export, threads=1, runs=1, warmup=0, batches=(1, 2), compare=(), memory=False,
+                       reporter=Reporter(quiet=True))
+    encoder = {(t.subject, t.workload) for t in result.timings if t.component == "encoder"}
+    batch1 = {"encoder.onnx.fp32", "encoder.onnx.fp32 without preprocessing", HOST_PREPROCESS}
+    assert {(name, "batch 1") for name in batch1} <= encoder
+    assert not any(workload == "batch 2" for _, workload in encoder)
+    assert all(t.median_ms > 0 for t in result.timings)
+
+
+def test_stripped_app_encoder_is_the_host_encoder(app_export, tmp_path):
+    """bench's baseline is the app graph minus its preprocessing: on an image that needs no resize (the
+    in-graph preprocessing is bit-exact there) it gives the app encoder's embeddings."""
+    import onnxruntime as ort
+
+    from evsam_export.export.app_encoder import strip_preprocessing
+    from evsam_export.model.processing import preprocess_image
+
+    stripped = strip_preprocessing(app_export / "encoder.fp32.onnx", tmp_path / "host.onnx", 512)
+    image = smooth_image(512, 256, 5)
+    host = ort.InferenceSession(str(stripped), providers=["CPUExecutionProvider"])
+    app = ort.InferenceSession(str(app_export / "encoder.fp32.onnx"), providers=["CPUExecutionProvider"])
+    want = app.run(None, {contract.INPUT_IMAGE: image})[0]
+    got = host.run(None, {contract.INPUT_IMAGE: preprocess_image(image, 512)[0]})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 X_ANYLABELING_VENV = "EVSAM_X_ANYLABELING_VENV"
 
 
