@@ -172,6 +172,35 @@ def test_stripped_app_encoder_is_the_host_encoder(app_export, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_decoder_reexport_points_the_app_config_at_the_new_decoder(app_export, tmp_path):
+    """The recipe's YAML names the ORT-optimised decoder, which a decoder re-export removes: the YAML must
+    follow the new decoder (it still suits the app) instead of naming a file that is gone."""
+    import shutil
+
+    import yaml
+
+    from evsam_export.apps import X_ANYLABELING_FILE, write_app_configs
+    from evsam_export.model.variants import get_variant
+    from evsam_export.pipeline.step import StepContext
+    from evsam_export.targets import ort as ort_target
+
+    folder = tmp_path / "app"
+    shutil.copytree(app_export, folder)
+    manifest = read_manifest(folder)
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True))
+    (derived,) = ort_target.build(ctx, manifest.artifact("decoder.onnx.fp32"), ort_target.Settings())
+    manifest.add(derived)
+    manifest.write(folder)
+    write_app_configs(folder, manifest, {"x_anylabeling": True}, "encoder.onnx.fp32", derived.id, "test")
+    options = api.ExportOptions(encoder_profile="app", pad_points_in_graph=True, simplify="none")
+    api.export_decoder(folder, options=options, reporter=Reporter(quiet=True))
+    config = yaml.safe_load((folder / X_ANYLABELING_FILE).read_text())
+    after = read_manifest(folder)
+    assert config["decoder_model_path"] == after.artifact("decoder.onnx.fp32").path != derived.path
+    assert (folder / config["decoder_model_path"]).is_file() and config["name"].endswith("_test")
+    assert after.history[-1]["app_configs"][X_ANYLABELING_FILE].startswith("now loads")
+
+
 X_ANYLABELING_VENV = "EVSAM_X_ANYLABELING_VENV"
 
 
