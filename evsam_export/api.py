@@ -39,6 +39,8 @@ class ExportOptions:
     encoder_profile: str = "host"  # host | app (preprocessing in the graph, raw uint8 HWC input)
     single_mask: bool = False
     single_mask_rule: str = "token0"  # token0 | sam-onnx (contract.SINGLE_MASK_RULES), only with single_mask
+    # The decoder appends SAM's padding point to bare clicks (apps that never add it: X-AnyLabeling).
+    pad_points_in_graph: bool = False
     simplify: str = "auto"  # auto | onnxsim | onnxslim | none
     # Portable graph passes run after simplification (evsam_export.export.graph_passes; [] for none).
     graph_passes: tuple[str, ...] = EXPORT_PASSES
@@ -54,6 +56,9 @@ class ExportOptions:
         if self.single_mask_rule != "token0" and not self.single_mask:
             raise UsageError(f"single_mask_rule: {self.single_mask_rule!r} chooses the token of a single-mask decoder",
                              hint="add --single-mask (or single_mask = true in the recipe)")
+        if self.pad_points_in_graph and self.decoder_profile != "sam":
+            raise UsageError("pad_points_in_graph: the padding point changes the token count, which the "
+                             f"{self.decoder_profile!r} decoder profile keeps static", hint='use decoder_profile = "sam"')
 
 
 @dataclass
@@ -61,6 +66,11 @@ class ExportResult:
     output: Path
     manifest: Manifest
     artifacts: list[Artifact] = field(default_factory=list)
+
+
+PADDING_BY_CALLER = "append (0, 0) with label -1 when there is no box (PyTorch SAM); never after a box"
+PADDING_IN_GRAPH = ("the decoder graph appends (0, 0) with label -1 when no label is 2, 3 or -1, so bare clicks "
+                    "get PyTorch SAM's padding; prompts padded by the caller or with a box pass unchanged")
 
 
 def model_contract(variant: Variant, options: ExportOptions) -> dict:
@@ -72,7 +82,7 @@ def model_contract(variant: Variant, options: ExportOptions) -> dict:
         "prompt_rules": {
             "coords": f"pixel (x, y) scaled so the image's longest side is {PROMPT_FRAME}",
             "labels": {f"{label:g}": meaning for label, meaning in contract.POINT_LABEL_MEANINGS.items()},
-            "padding_point": "append (0, 0) with label -1 when there is no box (PyTorch SAM); never after a box",
+            "padding_point": PADDING_IN_GRAPH if options.pad_points_in_graph else PADDING_BY_CALLER,
             "boxes": "one prompt set per box: point_coords [B,2,2] (+ points) with labels [2,3]",
         },
         "decoder_profile": options.decoder_profile,
@@ -189,7 +199,8 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
         ("encoder", EncoderGraph(model), contract.encoder_spec(variant, options.dynamic_batch and not app_encoder)),
         (
             "decoder",
-            DecoderGraph(model, options.decoder_profile, options.single_mask, options.single_mask_rule, token_layout=True),
+            DecoderGraph(model, options.decoder_profile, options.single_mask, options.single_mask_rule, token_layout=True,
+                         pad_points=options.pad_points_in_graph),
             contract.decoder_spec(options.decoder_profile, options.single_mask, options.dynamic_prompts),
         ),
     ]
@@ -279,7 +290,9 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                     "exporter": "torchscript",
                     "dynamic_axes": spec.dynamic_axes(),
                     **({"decoder_profile": spec.profile, "single_mask": spec.single_mask,
-                        "single_mask_rule": options.single_mask_rule} if component in ("decoder", contract.DECODER_PROMPT) else {}),
+                        "single_mask_rule": options.single_mask_rule,
+                        **({"pad_points_in_graph": options.pad_points_in_graph} if component == "decoder" else {}),
+                        } if component in ("decoder", contract.DECODER_PROMPT) else {}),
                     **({"encoder_profile": spec.profile} if component == "encoder" else {}),
                 },
                 facts={
@@ -310,6 +323,8 @@ def export_decoder(
     artifacts are kept untouched; every decoder artifact (and file) is replaced by the new fp32 decoder, and the
     manifest's decoder contract is updated, all in one atomic swap of the folder. Later decoder steps (a target
     build, fp16...) and the parity gate are to be re-run on the new decoder."""
+    from evsam_export.apps import refresh_app_configs
+    from evsam_export.folder_report import write_folder_report
     from evsam_export.manifest import read_manifest
     from evsam_export.model.checkpoint import load_model
     from evsam_export.output import staged_folder
@@ -338,14 +353,49 @@ def export_decoder(
         for artifact in artifacts:
             manifest.add(artifact)
         manifest.model.update({key: value for key, value in model_contract(variant, options).items()
-                               if key in ("decoder_profile", "mask_selection")})
+                               if key in ("decoder_profile", "mask_selection", "prompt_rules")})
+        stale = _remove_decoder_results(staging)
+        app_configs = refresh_app_configs(staging, manifest, artifacts[0].id)
         manifest.history.append({"command": command or shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
                                  "step": "export", "components": ["decoder"], "replaced": [a.id for a in old],
-                                 "artifacts": [a.id for a in artifacts]})
+                                 "removed_derived": [a.id for a in old if a.parent], "stale_results_removed": stale,
+                                 "app_configs": app_configs, "artifacts": [a.id for a in artifacts]})
         manifest.write(staging)
+        if stale:
+            write_folder_report(staging)
     for artifact in artifacts:
         reporter.artifact("ok", artifact.wall_time_s, folder / artifact.path, note=artifact.id)
+    derived = [a.id for a in old if a.parent]
+    if derived:
+        reporter.line(f"removed the decoders built from the old one ({', '.join(derived)}): re-run the recipe "
+                      "or the precision/build step to rebuild them from the new decoder")
+    if stale:
+        reporter.line(f"removed results measured on the old decoder ({', '.join(stale)}): run validate again")
+    for name, action in app_configs.items():
+        reporter.line(f"{name}: {action}")
     return ExportResult(output=folder, manifest=manifest, artifacts=artifacts)
+
+
+# Files (and picture folders) whose numbers were measured on a folder's decoders: after a decoder re-export
+# they describe graphs that are gone, so they leave with them (validate / evaluate / bench write them anew).
+DECODER_RESULT_FILES = ("parity.json", "parity.md", "junit.xml", "parity", "eval.json", "eval.md", "eval-junit.xml",
+                        "eval", "bench.json", "bench.png")
+
+
+def _remove_decoder_results(folder: Path) -> list[str]:
+    import shutil
+
+    removed = []
+    for name in DECODER_RESULT_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def validate(

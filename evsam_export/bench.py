@@ -64,8 +64,16 @@ class BenchResult:
         }
 
 
-def _encoder_feed(size: int, batch: int) -> dict:
+def _encoder_feed(size: int, batch: int, raw_image: bool = False) -> dict:
+    """A host-preprocessed batch, or for an app-profile encoder (raw_image) the prompt workloads' photo."""
+    if raw_image:
+        return {contract.INPUT_IMAGE: prompt_image()}
     return {"input_image": np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)}
+
+
+def takes_raw_image(runner) -> bool:
+    """An app-profile encoder: one uint8 HWC image, no batch axis."""
+    return runner.inputs[0].dtype == "uint8"
 
 
 def _decoder_feed(runner_inputs, prompts: int, boxes: bool) -> dict:
@@ -166,7 +174,8 @@ folder, artifact_id, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 manifest = read_manifest(folder)
 artifact = manifest.artifact(artifact_id)
 runner = runner_for_artifact(folder, artifact, threads=threads).load()
-feed = _encoder_feed(manifest.encoder_size, 1) if artifact.component == "encoder" else _decoder_feed(runner.inputs, 1, False)
+feed = (_encoder_feed(manifest.encoder_size, 1, runner.inputs[0].dtype == "uint8") if artifact.component == "encoder"
+        else _decoder_feed(runner.inputs, 1, False))
 runner.infer(feed)
 # VmHWM is this process's own high-water mark. ru_maxrss is not: Linux carries it across fork+exec, so a
 # probe started from a bench holding every session reported the bench's peak for every artifact.
@@ -241,13 +250,34 @@ def run_bench(
             encoders["plain-onnx"] = runner.load()
             load_times["plain-onnx"] = time.perf_counter() - started
 
+    raw = {name for name, runner in encoders.items() if takes_raw_image(runner)}
+    single = set(raw)  # subjects that take one image per call
+    for name in sorted(raw & {a.id for a in manifest.artifacts if a.target == "onnx"}):
+        # The app graph's own host encoder (its preprocessing cut off) and the host preprocessing it replaces,
+        # so the app encoder's time splits into graph preprocessing vs encoder within one run.
+        from evsam_export.export.app_encoder import strip_preprocessing
+        from evsam_export.model.processing import preprocess_image
+
+        stripped = strip_preprocessing(folder / manifest.artifact(name).path, scratch / f"{name}.host.onnx", variant.encoder_size)
+        spec = contract.encoder_spec(variant, dynamic_batch=False)
+        started = time.perf_counter()
+        encoders[f"{name} without preprocessing"] = OrtRunner(stripped, list(spec.inputs), list(spec.outputs), threads=threads).load()
+        load_times[f"{name} without preprocessing"] = time.perf_counter() - started
+        single.add(f"{name} without preprocessing")  # traced with batch 1, like the app graph
+        image = prompt_image()
+        encoders[HOST_PREPROCESS] = _Call(lambda image=image: preprocess_image(image, variant.encoder_size))
+        single.add(HOST_PREPROCESS)
+
     def load_of(name, table):
         return load_times.get(name, load_times.get((name, id(table)), 0.0))
 
     for batch in batches:
-        with reporter.step(f"encoder latency, batch {batch}, {runs} alternated runs over {len(encoders)} subjects"):
-            feeds = {name: _encoder_feed(variant.encoder_size, batch) for name in encoders}
-            times = alternate(encoders, feeds, runs, warmup)
+        subjects = {name: runner for name, runner in encoders.items() if batch == 1 or name not in single}
+        if len(subjects) < len(encoders):
+            reporter.line(f"batch {batch}: {', '.join(sorted(single))} take one image per call: timed at batch 1 only")
+        with reporter.step(f"encoder latency, batch {batch}, {runs} alternated runs over {len(subjects)} subjects"):
+            feeds = {name: _encoder_feed(variant.encoder_size, batch, name in raw) for name in subjects}
+            times = alternate(subjects, feeds, runs, warmup)
         result.timings += [_timing(n, "encoder", f"batch {batch}", t, batch, load_of(n, encoders)) for n, t in times.items()]
     for workload, prompts, boxes in (("1 point", 1, False), ("16 boxes", 16, True)):
         with reporter.step(f"decoder latency, {workload}"):
@@ -263,7 +293,8 @@ def run_bench(
             if timing.subject in {a.id for a in manifest.artifacts}:
                 timing.peak_rss_mb = peak_rss_mb(folder, timing.subject, threads)
     for runner in list(encoders.values()) + list(decoders.values()):
-        runner.close()
+        if not isinstance(runner, _Call):
+            runner.close()
     return result
 
 
@@ -272,6 +303,7 @@ def run_bench(
 PROMPT_IMAGE_SIZE = (768, 1024)
 PROMPT_WORKLOADS = ("app: 1 click", "app: 16 boxes")
 PLAIN_DECODER = "plain-decoder"
+HOST_PREPROCESS = "host preprocess"  # processing.preprocess_image on the app workload's photo (app folders)
 PREDICTOR = "predictor"
 # The predictor forced onto the single-graph decoder (split_decoder=False), to time the split decoder's gain.
 PREDICTOR_SINGLE_GRAPH = "predictor-single-graph"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +21,14 @@ from evsam_export.runtime.predictor import Predictor
 
 # Portrait, landscape, smaller than 512 on both sides, and larger than 512 (downscale) with odd sides.
 IMAGE_SHAPES = ((300, 200), (240, 320), (130, 170), (601, 777))
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def app_export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("app") / "l0-app"
-    api.export("l0", folder, options=api.ExportOptions(encoder_profile="app"), reporter=Reporter(quiet=True))
+    options = api.ExportOptions(encoder_profile="app", pad_points_in_graph=True)  # the app-annotation recipe's
+    api.export("l0", folder, options=options, reporter=Reporter(quiet=True))
     return folder
 
 
@@ -103,10 +108,10 @@ def test_app_encoder_refuses_other_layouts_in_one_line(app_export, feed, words):
     assert "\n" not in message and all(word in message for word in words), message
 
 
-def test_x_anylabeling_loads_the_folder_and_matches_the_predictor(app_export):
-    """What X-AnyLabeling's efficientvit_sam model does with its YAML, emulated: paths relative to the YAML,
-    the raw RGB image into the encoder's first input, clicks scaled by target_size, box corners as labels
-    2/3 without a padding point, orig_im_size, channel 0 of `masks`."""
+def test_x_anylabeling_emulated_loads_the_folder_and_matches_the_predictor(app_export):
+    """What X-AnyLabeling's efficientvit_sam model does with its YAML, emulated (the real app: the test
+    below): paths relative to the YAML, the raw RGB image into the encoder's first input, clicks scaled by
+    target_size, box corners as labels 2/3 without a padding point, orig_im_size, channel 0 of `masks`."""
     import onnxruntime as ort
     import yaml
 
@@ -134,6 +139,92 @@ def test_x_anylabeling_loads_the_folder_and_matches_the_predictor(app_export):
     ours = predictor.predict(box=box, multimask_output=False).masks
     assert masks.shape[2:] == ours.shape[2:] == image.shape[:2]
     assert float(metrics.mask_iou(ours[0, 0], masks[0, 0] > 0)) >= 0.999
+
+
+def test_bench_times_the_app_encoder_on_a_raw_image_against_its_own_host_graph(app_export):
+    """bench on an app folder: the app encoder on the raw photo, the same graph without its preprocessing on
+    a host-preprocessed tensor, and the host preprocessing; a batch > 1 skips the raw-image subjects."""
+    from evsam_export.bench import HOST_PREPROCESS, run_bench
+
+    result = run_bench(app_export, threads=1, runs=1, warmup=0, batches=(1, 2), compare=(), memory=False,
+                       reporter=Reporter(quiet=True))
+    encoder = {(t.subject, t.workload) for t in result.timings if t.component == "encoder"}
+    batch1 = {"encoder.onnx.fp32", "encoder.onnx.fp32 without preprocessing", HOST_PREPROCESS}
+    assert {(name, "batch 1") for name in batch1} <= encoder
+    assert not any(workload == "batch 2" for _, workload in encoder)
+    assert all(t.median_ms > 0 for t in result.timings)
+
+
+def test_stripped_app_encoder_is_the_host_encoder(app_export, tmp_path):
+    """bench's baseline is the app graph minus its preprocessing: on an image that needs no resize (the
+    in-graph preprocessing is bit-exact there) it gives the app encoder's embeddings."""
+    import onnxruntime as ort
+
+    from evsam_export.export.app_encoder import strip_preprocessing
+    from evsam_export.model.processing import preprocess_image
+
+    stripped = strip_preprocessing(app_export / "encoder.fp32.onnx", tmp_path / "host.onnx", 512)
+    image = smooth_image(512, 256, 5)
+    host = ort.InferenceSession(str(stripped), providers=["CPUExecutionProvider"])
+    app = ort.InferenceSession(str(app_export / "encoder.fp32.onnx"), providers=["CPUExecutionProvider"])
+    want = app.run(None, {contract.INPUT_IMAGE: image})[0]
+    got = host.run(None, {contract.INPUT_IMAGE: preprocess_image(image, 512)[0]})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_decoder_reexport_points_the_app_config_at_the_new_decoder(app_export, tmp_path):
+    """The recipe's YAML names the ORT-optimised decoder, which a decoder re-export removes: the YAML must
+    follow the new decoder (it still suits the app) instead of naming a file that is gone."""
+    import shutil
+
+    import yaml
+
+    from evsam_export.apps import X_ANYLABELING_FILE, write_app_configs
+    from evsam_export.model.variants import get_variant
+    from evsam_export.pipeline.step import StepContext
+    from evsam_export.targets import ort as ort_target
+
+    folder = tmp_path / "app"
+    shutil.copytree(app_export, folder)
+    manifest = read_manifest(folder)
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True))
+    (derived,) = ort_target.build(ctx, manifest.artifact("decoder.onnx.fp32"), ort_target.Settings())
+    manifest.add(derived)
+    manifest.write(folder)
+    write_app_configs(folder, manifest, {"x_anylabeling": True}, "encoder.onnx.fp32", derived.id, "test")
+    options = api.ExportOptions(encoder_profile="app", pad_points_in_graph=True, simplify="none")
+    api.export_decoder(folder, options=options, reporter=Reporter(quiet=True))
+    config = yaml.safe_load((folder / X_ANYLABELING_FILE).read_text())
+    after = read_manifest(folder)
+    assert config["decoder_model_path"] == after.artifact("decoder.onnx.fp32").path != derived.path
+    assert (folder / config["decoder_model_path"]).is_file() and config["name"].endswith("_test")
+    assert after.history[-1]["app_configs"][X_ANYLABELING_FILE].startswith("now loads")
+
+
+X_ANYLABELING_VENV = "EVSAM_X_ANYLABELING_VENV"
+
+
+@pytest.mark.skipif(not os.environ.get(X_ANYLABELING_VENV), reason=(
+    f"set {X_ANYLABELING_VENV} to a venv holding the app: python -m venv /work/venv-xal && "
+    "/work/venv-xal/bin/pip install x-anylabeling-cvhub onnxruntime"))
+def test_real_x_anylabeling_loads_the_folder_and_matches_the_predictor(app_export, tmp_path):
+    """scripts/check_x_anylabeling.py in the app's own venv: its ModelManager loads x-anylabeling.yaml,
+    its EfficientViT_SAM runs a click and a rectangle; masks must match our Predictor (IoU >= 0.999)."""
+    from PIL import Image
+
+    from evsam_export.apps import write_app_configs
+
+    manifest = read_manifest(app_export)
+    write_app_configs(app_export, manifest, {"x_anylabeling": True}, "encoder.onnx.fp32", "decoder.onnx.fp32", "test")
+    image = tmp_path / "portrait.png"
+    Image.fromarray(smooth_image(410, 300, 3)).save(image)
+    python = Path(os.environ[X_ANYLABELING_VENV]) / "bin" / "python"
+    report = tmp_path / "report.json"
+    done = subprocess.run([str(python), str(REPO / "scripts" / "check_x_anylabeling.py"), str(app_export), str(image),
+                           "--point", "120,205", "--json", str(report)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    results = {r["prompt"]: r for r in json.loads(report.read_text())["results"]}
+    assert set(results) == {"point", "box"} and all(r["iou"] >= 0.999 and r["app_pixels"] > 0 for r in results.values())
 
 
 def test_app_annotation_recipe_loads_and_refuses_a_host_encoder(tmp_path):

@@ -43,3 +43,42 @@ def test_decoder_reexport_refuses_other_weights(copy_export):
     with pytest.raises(UsageError, match="not the weights"):
         api.export_decoder(folder, checkpoint="synthetic:1", reporter=Reporter(quiet=True))
     assert read_manifest(folder).model["decoder_profile"] == "sam"  # nothing changed
+
+
+def test_decoder_reexport_removes_what_was_built_from_the_old_decoder(copy_export):
+    """Derived decoders, results measured on the old decoder and an app config pointing at a derived decoder
+    must not outlive it: after the swap no artifact names a missing parent and nothing names a missing file."""
+    import json
+
+    from evsam_export.apps import X_ANYLABELING_FILE
+    from evsam_export.model.variants import get_variant
+    from evsam_export.pipeline.step import StepContext
+    from evsam_export.targets import ort as ort_target
+
+    folder = copy_export("derived")
+    manifest = read_manifest(folder)
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True))
+    for component in ("encoder", "decoder"):
+        (derived,) = ort_target.build(ctx, manifest.artifact(f"{component}.onnx.fp32"), ort_target.Settings())
+        manifest.add(derived)
+    manifest.write(folder)
+    derived_decoder = manifest.artifact("decoder.ort.fp32")
+    (folder / "parity.json").write_text(json.dumps({"artifacts": ["decoder.ort.fp32"]}))
+    (folder / "parity").mkdir()
+    (folder / "parity" / "worst.png").write_bytes(b"png")
+    # A host-profile folder: the config cannot be pointed at the new decoder, so it must go.
+    (folder / X_ANYLABELING_FILE).write_text(f"type: efficientvit_sam\nencoder_model_path: encoder.ort.fp32.onnx\n"
+                                             f"decoder_model_path: {derived_decoder.path}\n")
+
+    api.export_decoder(folder, options=api.ExportOptions(simplify="none"), reporter=Reporter(quiet=True))
+    after = read_manifest(folder)
+    ids = {a.id for a in after.artifacts}
+    assert ids == {"encoder.onnx.fp32", "encoder.ort.fp32", "decoder.onnx.fp32"}
+    assert all(a.parent is None or a.parent in ids for a in after.artifacts)
+    assert all((folder / a.path).is_file() for a in after.artifacts)
+    assert not (folder / derived_decoder.path).exists()
+    assert not any((folder / name).exists() for name in ("parity.json", "parity", X_ANYLABELING_FILE))
+    assert "Not validated yet" in (folder / "report.html").read_text()
+    entry = after.history[-1]
+    assert entry["removed_derived"] == ["decoder.ort.fp32"] and set(entry["stale_results_removed"]) == {"parity.json", "parity"}
+    assert entry["app_configs"][X_ANYLABELING_FILE].startswith("removed")

@@ -67,6 +67,12 @@ def export_command(
                           "wrapper (token 0 with more than 2 points incl. padding, else the best of tokens 1-3 by IoU), "
                           "what apps built on SAM's ONNX export show."),
     ] = SingleMaskRule.token0,
+    pad_points_in_graph: Annotated[
+        bool,
+        typer.Option("--pad-points-in-graph", help="The decoder appends SAM's padding point (0,0,-1) to prompts without a box "
+                                                   "or padding point, so apps that send bare clicks (X-AnyLabeling) get "
+                                                   "PyTorch SAM's masks (sam decoder profile)."),
+    ] = False,
     simplify: Annotated[Simplifier, typer.Option(help="Graph simplifier.")] = Simplifier.auto,
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip graph simplification.")] = False,
     no_graph_passes: Annotated[
@@ -100,6 +106,7 @@ def export_command(
             encoder_profile=encoder_profile.value,
             single_mask=single_mask,
             single_mask_rule=single_mask_rule.value,
+            pad_points_in_graph=pad_points_in_graph,
             simplify="none" if no_simplify else simplify.value,
             graph_passes=() if no_graph_passes else api.EXPORT_PASSES,
             split_decoder=not no_split_decoder,

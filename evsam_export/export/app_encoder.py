@@ -113,6 +113,30 @@ def preprocessing_difference(encoder_size: int, shapes=CHECK_SHAPES, seed: int =
     return {"max_abs_diff_normalized": worst, "max_abs_diff_levels": round(worst_levels, 3), "per_shape": per_shape}
 
 
+def strip_preprocessing(path: Path, output: Path, encoder_size: int) -> Path:
+    """The app encoder at `path` without its preprocessing nodes (prepend_preprocessing undone): the host
+    encoder graph it was built from, float32 [1,3,S,S] in, written to `output` (bench's same-graph baseline)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    if not any(PREPROCESSED in node.output for node in graph.node):
+        raise ValueError(f"{path} has no {PREPROCESSED} tensor: not an app-profile encoder as exported")
+    kept = [node for node in graph.node if not node.name.startswith(PREFIX)]
+    for node in kept:
+        node.input[:] = [contract.INPUT_IMAGE if name == PREPROCESSED else name for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [init for init in graph.initializer if not init.name.startswith(PREFIX)]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.input[:]
+    graph.input.append(onnx.helper.make_tensor_value_info(contract.INPUT_IMAGE, onnx.TensorProto.FLOAT,
+                                                          [1, 3, encoder_size, encoder_size]))
+    onnx.save(model, str(output))
+    return output
+
+
 def prepend_preprocessing(path: Path, encoder_size: int) -> tuple[contract.ComponentSpec, dict]:
     """Rewrite the traced host encoder at `path` (batch 1, opset >= 18) into the app profile; returns its spec
     and the facts manifest.json records (what the graph does, measured difference to the host pipeline)."""

@@ -63,7 +63,9 @@ class DecoderGraph(nn.Module):
     Inputs: image_embeddings [1,256,64,64], point_coords [B,N,2] (1024 frame), point_labels [B,N]
     (1 fg, 0 bg, 2/3 box corners, -1 padding), mask_input [B|1,1,256,256], has_mask_input [B|1], and for
     the `sam` profile orig_im_size [2] (H, W, float). The caller lays tokens out like PyTorch SAM (padding
-    point only when there is no box); the graph then equals PyTorch for whatever tokens it is fed.
+    point only when there is no box); the graph then equals PyTorch for whatever tokens it is fed. With
+    pad_points=True the graph appends SAM's padding point itself when the tokens have neither a box nor a
+    padding point, for apps that send bare clicks (X-AnyLabeling); padded or boxed prompts pass unchanged.
 
     Outputs: all four mask tokens in upstream order (token 0 = PyTorch's multimask_output=False mask,
     tokens 1..3 = multimask_output=True), or with single_mask=True only token 0.
@@ -72,7 +74,7 @@ class DecoderGraph(nn.Module):
     """
 
     def __init__(self, model: EfficientViTSam, profile: str = "sam", single_mask: bool = False,
-                 single_mask_rule: str = "token0", token_layout: bool = False) -> None:
+                 single_mask_rule: str = "token0", token_layout: bool = False, pad_points: bool = False) -> None:
         super().__init__()
         # token_layout: trace MaskDecoder._token_layout_masks (what the export ships: same values, faster
         # on CPU); False keeps upstream's formulation (the PyTorch reference and the plain baseline).
@@ -84,6 +86,7 @@ class DecoderGraph(nn.Module):
         self.profile = profile
         self.single_mask = single_mask
         self.single_mask_rule = single_mask_rule
+        self.pad_points = pad_points
         self.prompt_frame = PROMPT_FRAME
 
     def forward(
@@ -95,6 +98,8 @@ class DecoderGraph(nn.Module):
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor | None = None,
     ):
+        if self.pad_points:
+            point_coords, point_labels = pad_points_like_sam(point_coords, point_labels)
         sparse = self.prompt_encoder.embed_point_tokens(point_coords, point_labels)
         dense = self.prompt_encoder.embed_dense(mask_input, has_mask_input)
         low_res, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense, self.token_layout)
@@ -147,6 +152,14 @@ class DecoderPromptGraph(nn.Module):
         low_res, iou = self.mask_decoder.prompt_side(side, self.prompt_encoder.dense_pe(), self.mask_decoder._tokens(sparse))
         low_res, iou = select_tokens(low_res, iou, point_coords.shape[1], self.single_mask, self.single_mask_rule)
         return iou, low_res
+def pad_points_like_sam(point_coords: torch.Tensor, point_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SamPredictor's padding point, (0, 0) with label -1, appended when no token is a box corner (2, 3) or
+    already padding (-1); branch-free: always concatenated, then sliced to N + 1 or N with a tensor length."""
+    special = ((point_labels < 0) | (point_labels > 1)).any()
+    keep = point_labels.shape[1] + 1 - special.to(torch.int64)
+    coords = torch.cat([point_coords, torch.zeros_like(point_coords[:, :1])], dim=1)
+    labels = torch.cat([point_labels, torch.full_like(point_labels[:, :1], -1.0)], dim=1)
+    return coords[:, :keep], labels[:, :keep]
 
 
 def select_single_mask_sam_onnx(low_res: torch.Tensor, iou: torch.Tensor, num_points) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # the parity modules load numpy and images; a step that never
     from evsam_export.parity.compare import ParityReport
     from evsam_export.parity.reference import SuiteReference
 
+# What a derived decoder (optimised, fp16, INT8...) computes the same way as its parent graph.
+INHERITED_DECODER_SETTINGS = ("single_mask", "single_mask_rule", "pad_points_in_graph")
+
 
 def artifact_id(component: str, target: str, precision: str) -> str:
     return f"{component}.{target}.{precision}"
@@ -78,7 +81,7 @@ class StepContext:
             outputs=list(outputs if outputs is not None else parent.outputs),
             parent=parent.id,
             step=step,
-            settings=dict(settings, **{key: parent.settings[key] for key in ("single_mask", "single_mask_rule") if key in parent.settings}),
+            settings=dict(settings, **{key: parent.settings[key] for key in INHERITED_DECODER_SETTINGS if key in parent.settings}),
             facts=facts or {},
             wall_time_s=round(time.perf_counter() - started, 2) if started is not None else 0.0,
             extra_files=list(extra_files or []),
