@@ -85,25 +85,41 @@ class BrowserRunner(Runner):
         return self._infer_outputs(feeds, [o.name for o in self.outputs])
 
     def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        token = f"run{next(self._runs)}"
+        answer = self._run_in_page(feeds, names, token)
+        numpy_of = {value: key for key, value in ORT_WEB_TYPES.items()}
+        blobs = self._page.blobs
+        return {name: np.frombuffer(blobs.pop(f"{token}/{name}"), dtype=numpy_of[kind]).reshape(dims)
+                for name, (kind, dims) in answer["outputs"].items()}
+
+    def timed_run_ms(self, feeds: dict[str, np.ndarray]) -> float:
+        """Milliseconds of one `session.run` in the page (every output computed, none sent back): what a web
+        app waits for, without this harness's transfers. `bench` times browser runners with it."""
+        if not self.loaded:
+            self.load()
+        from evsam_export.runners.base import check_feeds
+
+        self._run_in_page(check_feeds(self.inputs, feeds, self.label), [o.name for o in self.outputs], None)
+        return self.last_run_ms
+
+    def _run_in_page(self, feeds: dict[str, np.ndarray], names: list[str], token: str | None) -> dict:
         from evsam_export.web.browser import BrowserError
 
-        token = f"run{next(self._runs)}"
+        feed_token = f"feeds{next(self._runs)}"
         blobs = self._page.blobs
         payload = {}
         for name, array in feeds.items():
-            blobs[f"{token}/in/{name}"] = array.tobytes()
-            payload[name] = [ORT_WEB_TYPES[array.dtype.name], list(array.shape), f"{token}/in/{name}"]
+            blobs[f"{feed_token}/{name}"] = array.tobytes()
+            payload[name] = [ORT_WEB_TYPES[array.dtype.name], list(array.shape), f"{feed_token}/{name}"]
         try:
             answer = self._page.call("([feeds, names, token]) => evsam.run('model', feeds, names, token)", [payload, list(names), token])
         except BrowserError as error:
             raise RuntimeError(f"{self.label}: onnxruntime-web failed: {error}") from error
         finally:
             for name in feeds:
-                blobs.pop(f"{token}/in/{name}", None)
+                blobs.pop(f"{feed_token}/{name}", None)
         self.last_run_ms = float(answer["ms"])
-        numpy_of = {value: key for key, value in ORT_WEB_TYPES.items()}
-        return {name: np.frombuffer(blobs.pop(f"{token}/{name}"), dtype=numpy_of[kind]).reshape(dims)
-                for name, (kind, dims) in answer["outputs"].items()}
+        return answer
 
     def _close(self) -> None:
         if self._page is not None:

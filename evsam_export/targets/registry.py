@@ -20,6 +20,9 @@ class TargetInfo:
     precision_steps: dict
     target_step: str | None  # module whose build() makes the deployable artifact from the precision graph
     decoder_profile: str | None = None  # required export decoder profile, if any
+    # The target module defines preflight(target_settings) (checked before any export) and finish(folder,
+    # manifest) (called once all artifacts are built).
+    hooks: bool = False
 
 
 TARGETS: dict[str, TargetInfo] = {
@@ -50,6 +53,17 @@ TARGETS: dict[str, TargetInfo] = {
         precision_steps={"fp16": "evsam_export.precision.fp16", "int8": "evsam_export.precision.ort_int8"},
         target_step="evsam_export.targets.tensorrt",
         decoder_profile="tensorrt",
+    ),
+    "web": TargetInfo(
+        name="web",
+        runtime="onnxruntime-web",
+        device="cpu",
+        precisions=("fp32", "fp16", "int8"),
+        description="onnxruntime-web in the browser (WASM, or WebGPU): standard-ONNX graphs (fp32, fp16 storage, QDQ INT8) "
+                    "and the runtime's files, gated in headless Chromium",
+        precision_steps={"int8": "evsam_export.precision.ort_int8"},
+        target_step="evsam_export.targets.web",
+        hooks=True,
     ),
 }
 

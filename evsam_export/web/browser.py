@@ -127,7 +127,8 @@ class BrowserPage:
             return self.page.evaluate(expression, argument)
         except PlaywrightError as error:
             lines = str(error.message).strip().splitlines()
-            raise BrowserError(lines[0].removeprefix("Error: ") if lines else "unknown error in the page") from error
+            first = lines[0].removeprefix("Page.evaluate: ").removeprefix("Error: ") if lines else "unknown error in the page"
+            raise BrowserError(first) from error
 
     def close(self) -> None:
         if self._browser is not None:

@@ -1,7 +1,7 @@
 """Where onnxruntime-web's files are: the npm package's `dist/` folder, found without touching the network.
 
-Looked up in order: `$EVSAM_ORT_WEB` (a `dist/` folder, or a folder holding node_modules/onnxruntime-web),
-then the cache prefix `~/.cache/evsam-export/onnxruntime-web` that INSTALL_COMMAND fills.
+`$EVSAM_ORT_WEB` when set (a `dist/` folder, an npm prefix holding node_modules/onnxruntime-web, or the
+package folder), else the cache prefix `~/.cache/evsam-export/onnxruntime-web` that INSTALL_COMMAND fills.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ BUNDLES: dict[str, tuple[str, ...]] = {
 
 
 def _candidates() -> list[Path]:
-    found = []
-    if os.environ.get(ENV_VAR):
+    if os.environ.get(ENV_VAR):  # an explicit choice: never silently replaced by another copy
         given = Path(os.environ[ENV_VAR]).expanduser()
-        found += [given, given / "node_modules" / "onnxruntime-web" / "dist", given / "dist"]
-    found.append(CACHE_PREFIX.expanduser() / "node_modules" / "onnxruntime-web" / "dist")
-    return found
+        return [given, given / "node_modules" / "onnxruntime-web" / "dist", given / "dist"]
+    return [CACHE_PREFIX.expanduser() / "node_modules" / "onnxruntime-web" / "dist"]
 
 
 def find_dist() -> Path | None:
