@@ -96,7 +96,7 @@ def test_contrib_ops_are_refused_in_one_line(copy_export):
 
 
 @needs_browser
-def test_web_folder_gates_in_the_browser(copy_export, quick_suite):
+def test_web_folder_gates_in_the_browser(copy_export, gate_suite):
     """fp16-stored encoder and fp32 decoder, run by onnxruntime-web (WASM) in Chromium, pass the shipped gates."""
     from evsam_export.parity.suites import load_suite
     from evsam_export.parity.validate import validate_folder
@@ -105,7 +105,7 @@ def test_web_folder_gates_in_the_browser(copy_export, quick_suite):
     encoder, decoder = web_build(folder, "encoder", "fp16"), web_build(folder, "decoder", "fp32")
     runner = runner_for_artifact(folder, decoder)
     assert runner.runtime == "onnxruntime-web" and runner.execution_provider == "wasm"
-    report = validate_folder(folder, load_suite(quick_suite), artifacts=[encoder.id, decoder.id], reporter=Reporter(quiet=True))
+    report = validate_folder(folder, load_suite(gate_suite), artifacts=[encoder.id, decoder.id], reporter=Reporter(quiet=True))
     assert report.passed, [g.line() for g in report.failed_gates]
     assert {s.artifact for s in report.stages} == {encoder.id, decoder.id} and not report.unavailable
 
