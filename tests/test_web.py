@@ -137,3 +137,21 @@ def test_web_wasm_recipe_passes_its_gate_in_the_browser(tmp_path, quick_suite):
     manifest = read_manifest(out)
     assert manifest.model["web"]["encoder"] == "encoder.web.fp16" and manifest.model["web"]["decoder"] == "decoder.web.int8"
     assert "download" in proc.stdout
+
+
+def test_bench_times_a_subject_by_its_own_clock():
+    """Browser subjects report onnxruntime-web's in-page time, not this process's wall time around the transfer."""
+    from evsam_export.bench import alternate
+
+    class InPage:
+        calls = 0
+
+        def timed_run_ms(self, feeds):
+            InPage.calls += 1
+            return 7.0 + InPage.calls
+
+        def infer(self, feeds):
+            raise AssertionError("a subject with its own clock is not timed around infer()")
+
+    times = alternate({"web": InPage()}, {"web": {}}, runs=3, warmup=1)
+    assert times == {"web": [9.0, 10.0, 11.0]}

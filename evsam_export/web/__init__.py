@@ -18,9 +18,9 @@ A folder built by the `web` target (`run web-wasm -v l0 -o X`) holds everything 
 serve the folder with `Cross-Origin-Opener-Policy: same-origin` and `Cross-Origin-Embedder-Policy:
 require-corp` (CROSS_ORIGIN_ISOLATION_HEADERS); without them onnxruntime-web silently runs one thread.
 
-Modules: `dist` finds the onnxruntime-web npm package, `browser` drives Debian's Chromium with Playwright and
-serves files to the page by request interception (no port is opened), `assets/runner.html` is the page the
-browser runner loads.
+Modules: `dist` finds the onnxruntime-web npm package, `browser` drives Debian's Chromium with Playwright,
+`server` is the small 127.0.0.1 file server with those headers (a page's files and the runner's tensors go
+through it), `assets/runner.html` is the page the browser runner loads.
 """
 
 WEB_RUNTIME_DIR = "ort-web"
