@@ -213,12 +213,11 @@ def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_
     stage.worst = sorted(worst, key=lambda w: w["iou"])[:2]
 
 
-# Precisions from the tightest tolerances to the loosest; a pairing is gated at the looser of its two.
-PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
-
-
 def looser_precision(first: str, second: str) -> str:
-    """The precision whose tolerances an encoder -> decoder pairing is gated with (fp16 encoder + INT8 decoder: int8)."""
+    """The precision whose tolerances an encoder -> decoder pairing is gated with (fp16 encoder + INT8 decoder:
+    int8), by PRECISION_ORDER (exact first, loosest last)."""
+    from evsam_export.runtime.predictor import PRECISION_ORDER
+
     rank = {name: index for index, name in enumerate(PRECISION_ORDER)}
     return max(first, second, key=lambda name: rank.get(name, 0))
 
