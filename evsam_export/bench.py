@@ -7,6 +7,8 @@ median, p90 and min, and compare subjects as ratios. Baselines in the same run: 
 Prompt latency as an app waits for it (`Predictor.predict`: decoder and host post-processing) is timed
 against the plain export of upstream's decoder alone, on the same embeddings and prompts (`prompt_bench`).
 Peak resident memory is measured in a separate process per subject (load + one inference).
+A subject with `timed_run_ms(feeds)` (the browser runner) reports its own time, measured where it runs (in
+the page: onnxruntime-web's `session.run`, no transfer to Python), with its threads in the Timing's note.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Timing:
     items: int  # images or prompt sets per call (throughput = items / median)
     load_s: float = 0.0
     peak_rss_mb: float | None = None
+    note: str = ""  # how it was timed when not wall time in this process (browser subjects)
 
     @property
     def per_second(self) -> float:
@@ -124,16 +127,23 @@ def plain_decoder_export(model, folder: Path) -> Path:
 
 def alternate(subjects: dict, feeds: dict, runs: int, warmup: int) -> dict[str, list[float]]:
     """Warm up every subject, then time `runs` rounds of one call per subject, in alternating order."""
-    for name, runner in subjects.items():
+
+    def timed(name: str) -> float:
+        own_clock = getattr(subjects[name], "timed_run_ms", None)
+        if own_clock is not None:
+            return own_clock(feeds[name])
+        started = time.perf_counter()
+        subjects[name].infer(feeds[name])
+        return (time.perf_counter() - started) * 1000.0
+
+    for name in subjects:
         for _ in range(warmup):
-            runner.infer(feeds[name])
+            timed(name)
     times = {name: [] for name in subjects}
     order = list(subjects)
     for round_index in range(runs):
         for name in order if round_index % 2 == 0 else reversed(order):
-            started = time.perf_counter()
-            subjects[name].infer(feeds[name])
-            times[name].append((time.perf_counter() - started) * 1000.0)
+            times[name].append(timed(name))
     return times
 
 
@@ -159,9 +169,19 @@ def latency_summary(values_ms: list[float]) -> dict[str, float]:
             "p90": float(np.percentile(array, 90)), "min": float(array.min())}
 
 
-def _timing(subject, component, workload, values, items, load_s) -> Timing:
+def _timing(subject, component, workload, values, items, load_s, note: str = "") -> Timing:
     summary = latency_summary(values)
-    return Timing(subject, component, workload, summary["median"], summary["p90"], summary["min"], len(values), items, round(load_s, 3))
+    return Timing(subject, component, workload, summary["median"], summary["p90"], summary["min"], len(values), items, round(load_s, 3),
+                  note=note)
+
+
+def timing_note(runner) -> str:
+    """How a browser runner's times were taken ("onnxruntime-web 1.30.0 wasm, 2 threads, in-page session.run")."""
+    if getattr(runner, "runtime", "") != "onnxruntime-web":
+        return ""
+    threads = f", {runner.threads} thread{'s' if runner.threads != 1 else ''}" if runner.threads else ""
+    isolated = "" if runner.info.get("crossOriginIsolated") else " (page not cross-origin isolated)"
+    return f"{runner.runtime} {runner.info.get('version')} {runner.execution_provider}{threads}, in-page session.run{isolated}"
 
 
 MEMORY_PROBE = r"""
@@ -278,19 +298,22 @@ def run_bench(
         with reporter.step(f"encoder latency, batch {batch}, {runs} alternated runs over {len(subjects)} subjects"):
             feeds = {name: _encoder_feed(variant.encoder_size, batch, name in raw) for name in subjects}
             times = alternate(subjects, feeds, runs, warmup)
-        result.timings += [_timing(n, "encoder", f"batch {batch}", t, batch, load_of(n, encoders)) for n, t in times.items()]
+        result.timings += [_timing(n, "encoder", f"batch {batch}", t, batch, load_of(n, encoders), timing_note(encoders[n]))
+                           for n, t in times.items()]
     for workload, prompts, boxes in (("1 point", 1, False), ("16 boxes", 16, True)):
         with reporter.step(f"decoder latency, {workload}"):
             feeds = {name: _decoder_feed(runner.inputs, prompts, boxes) for name, runner in decoders.items()}
             times = alternate(decoders, feeds, runs * 2, warmup)
-        result.timings += [_timing(n, "decoder", workload, t, prompts, load_of(n, decoders)) for n, t in times.items()]
+        result.timings += [_timing(n, "decoder", workload, t, prompts, load_of(n, decoders), timing_note(decoders[n]))
+                           for n, t in times.items()]
     if "plain-onnx" in compare:
         with reporter.step("plain decoder export (upstream's decoder traced as it is, no graph work)"):
             plain_decoder = plain_decoder_export(model, scratch)
         result.timings += prompt_bench(folder, plain_decoder, threads, runs, warmup, reporter)
-    if memory:
+    if memory:  # a browser subject's memory is the browser's, not the probe process's
+        in_process = {a.id for a in manifest.artifacts if a.target != "web"}
         for timing in result.timings:
-            if timing.subject in {a.id for a in manifest.artifacts}:
+            if timing.subject in in_process:
                 timing.peak_rss_mb = peak_rss_mb(folder, timing.subject, threads)
     for runner in list(encoders.values()) + list(decoders.values()):
         if not isinstance(runner, _Call):
@@ -403,6 +426,8 @@ def table(result: BenchResult) -> str:
         speedup = f"{baseline[t.workload] / t.median_ms:.2f}x" if t.workload in baseline else "-"
         rows.append(f"{t.subject:<24} {t.component:<8} {t.workload:<14} {t.median_ms:>10.1f} {t.p90_ms:>8.1f} {t.min_ms:>8.1f} "
                     f"{t.per_second:>8.2f} {speedup:>8} {t.load_s:>7.2f} {t.peak_rss_mb or '-':>8}")
+    notes = {t.subject: t.note for t in result.timings if t.note}
+    rows += [f"{subject}: {note}" for subject, note in notes.items()]
     return "\n".join(rows)
 
 

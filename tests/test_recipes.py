@@ -27,7 +27,7 @@ def test_every_shipped_recipe_loads():
         if is_auto_recipe(name):  # several candidates: tests/test_auto.py
             continue
         recipe = load_recipe(name)
-        assert recipe.name == name and recipe.target in ("ort", "openvino", "tensorrt")
+        assert recipe.name == name and recipe.target in ("ort", "openvino", "tensorrt", "web")
 
 
 @pytest.mark.parametrize(
@@ -93,9 +93,11 @@ BAD_STEP_VALUES = [
     ("orin-trt-fp16", 'target.device_name=" "', "[target] device_name:"),
     ("cpu-openvino-int8", "precision.int8.preset=bogus", "[precision.int8] preset:"),
     ("cpu-ort-int8", "precision.int8.calibrate_method=bogus", "[precision.int8] calibrate_method:"),
+    ("web-wasm", "target.execution_provider=webgl", "[target] execution_provider:"),
+    ("web-wasm", "target.fp16_min_elements=0", "[target] fp16_min_elements:"),
 ]
 # Settings fields of the targets above whose every value of the right type is usable (booleans).
-NO_VALUE_CHECK = {"ort": set(), "tensorrt": {"tf32", "version_compatible"}}
+NO_VALUE_CHECK = {"ort": set(), "tensorrt": {"tf32", "version_compatible"}, "web": {"require_webgpu", "precision"}}
 
 
 @pytest.mark.parametrize("recipe, override, field_path", BAD_STEP_VALUES, ids=[case[1].split("=")[0] for case in BAD_STEP_VALUES])

@@ -1,5 +1,6 @@
 """One contract, every runner: the same tests run against each runtime that is available here
-(PyTorch, ONNX Runtime, OpenVINO; TensorRT where it and a GPU exist), on the same exported l0 graphs."""
+(PyTorch, ONNX Runtime, OpenVINO, onnxruntime-web in headless Chromium; TensorRT where it and a GPU exist), on the
+same exported l0 graphs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from evsam_export.model.variants import VARIANTS
 from evsam_export.runners import availability_of, runner_for_artifact
 from evsam_export.runners.torch_runner import torch_reference_runners
 
-RUNTIMES = ["torch", "onnxruntime", "openvino", "tensorrt"]
+RUNTIMES = ["torch", "onnxruntime", "openvino", "tensorrt", "onnxruntime-web"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,10 @@ def make_runner(runtime: str, component: str, folder, torch_runners):
         from evsam_export.runners.openvino_runner import OpenVINORunner
 
         return OpenVINORunner(folder / artifact.path, artifact.inputs, artifact.outputs, artifact.id)
+    if runtime == "onnxruntime-web":
+        from evsam_export.runners.browser_runner import BrowserRunner
+
+        return BrowserRunner(folder / artifact.path, artifact.inputs, artifact.outputs, artifact.id)
     if runtime == "tensorrt":
         pytest.skip("TensorRT runs engines, which need the GPU that builds them (see tests/test_tensorrt_target.py)")
     return runner_for_artifact(folder, artifact)

@@ -228,6 +228,15 @@ def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_
     stage.worst = sorted(worst, key=lambda w: w["iou"])[:2]
 
 
+def looser_precision(first: str, second: str) -> str:
+    """The precision whose tolerances an encoder -> decoder pairing is gated with (fp16 encoder + INT8 decoder:
+    int8), by PRECISION_ORDER (exact first, loosest last)."""
+    from evsam_export.runtime.predictor import PRECISION_ORDER
+
+    rank = {name: index for index, name in enumerate(PRECISION_ORDER)}
+    return max(first, second, key=lambda name: rank.get(name, 0))
+
+
 def pair_decoder(encoder: Artifact, decoders: list[Artifact]) -> Artifact | None:
     """The decoder an end-to-end deployment would use with this encoder: same target and precision, else
     same target, else the fp32 ONNX decoder."""
@@ -348,7 +357,7 @@ def compare(
     split = [d for d in decoders if is_split_decoder(d)]
     single = [d for d in decoders if not is_split_decoder(d)]
     for encoder, decoder in end_to_end_pairings(encoders, single, split):
-        precision = encoder.precision if encoder.precision != "fp32" else decoder.precision
+        precision = looser_precision(encoder.precision, decoder.precision)
         stage = StageReport(encoder.id, "end_to_end", precision, pairing=f"{encoder.id} -> {decoder.id}")
         outputs = {}
         for case in reporter.track(cases.cases, f"{encoder.id} -> {decoder.id}: end to end"):

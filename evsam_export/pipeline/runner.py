@@ -145,6 +145,10 @@ def run_recipe(
     if dry_run:
         return RunResult(None, _dry_run(steps, key_for, cache), None, None)
 
+    target = get_target(recipe.target)
+    target_module = importlib.import_module(target.target_step) if target.hooks else None
+    if target_module is not None:
+        target_module.preflight(recipe.target_settings)
     manifest = Manifest(
         variant=variant.name,
         encoder_size=variant.encoder_size,
@@ -196,6 +200,8 @@ def run_recipe(
             step.seconds = time.perf_counter() - started
             if not artifacts:
                 step.status = "skipped" if step.status == "built" else step.status
+        if target_module is not None:
+            target_module.finish(staging, manifest)
         if recipe.apps:
             from evsam_export.apps import write_app_configs
 
@@ -211,6 +217,11 @@ def run_recipe(
             if step.status == "reused" and status == "ok":
                 status = "reused"
             note = f"{artifact_id} · {outcome}" if outcome else artifact_id
+            if "download_bytes" in artifact.facts:
+                from evsam_export.progress import human_size
+
+                download, runtime = human_size(artifact.facts["download_bytes"]), human_size(artifact.facts["runtime_bytes"])
+                note += f" · download {download} + runtime {runtime} (shared)"
             if step.cache_problem:
                 note += " · rebuilt: its cache entry was bad"
             reporter.artifact(status, step.seconds, output / artifact.path, size_bytes=artifact.size_bytes,  # incl. .bin

@@ -294,19 +294,13 @@ def _postprocess_into_opencv(low_res: np.ndarray, geometry: ImageGeometry, out: 
 
 
 def _runtime_available(target: str, cache: dict) -> tuple[bool, str]:
-    from evsam_export.runners import RUNTIME_OF_TARGET
+    from evsam_export.runners import RUNTIME_OF_TARGET, availability_of
 
     runtime = RUNTIME_OF_TARGET.get(target)
     if runtime is None:
         return False, f"no runner for target {target!r}"
     if runtime not in cache:
-        if runtime == "onnxruntime":
-            from evsam_export.runners.ort_runner import ort_availability as check
-        elif runtime == "openvino":
-            from evsam_export.runners.openvino_runner import openvino_availability as check
-        else:
-            from evsam_export.runners.tensorrt_runner import tensorrt_availability as check
-        availability = check()
+        availability = availability_of(runtime)
         cache[runtime] = (availability.available, availability.reason)
     available, reason = cache[runtime]
     return available, f"{runtime} unavailable: {reason}" if not available else ""

@@ -23,6 +23,9 @@ class TargetInfo:
     # precision -> CPU flags of which at least one must be present to build and gate it honestly (a bf16
     # artifact built where the CPU computes f32 would be an fp32 artifact labelled bf16)
     cpu_features: dict = field(default_factory=dict)
+    # The target module defines preflight(target_settings) (checked before any export) and finish(folder,
+    # manifest) (called once all artifacts are built).
+    hooks: bool = False
 
 
 TARGETS: dict[str, TargetInfo] = {
@@ -54,6 +57,17 @@ TARGETS: dict[str, TargetInfo] = {
         precision_steps={"fp16": "evsam_export.precision.fp16", "int8": "evsam_export.precision.ort_int8"},
         target_step="evsam_export.targets.tensorrt",
         decoder_profile="tensorrt",
+    ),
+    "web": TargetInfo(
+        name="web",
+        runtime="onnxruntime-web",
+        device="cpu",
+        precisions=("fp32", "fp16", "int8"),
+        description="onnxruntime-web in the browser (WASM, or WebGPU): standard-ONNX graphs (fp32, fp16 storage, QDQ INT8) "
+                    "and the runtime's files, gated in headless Chromium",
+        precision_steps={"int8": "evsam_export.precision.ort_int8"},
+        target_step="evsam_export.targets.web",
+        hooks=True,
     ),
 }
 
