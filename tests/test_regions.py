@@ -19,13 +19,14 @@ from evsam_export.progress import Reporter
 
 _ATTENTION = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)"
 
-# The regex lists and fallback groups the precision steps used before the region table, verbatim: the
-# regions must select the same nodes. Groups: (patterns, stages), in fallback order.
+# The regex lists and fallback groups the precision steps used before the region table, verbatim except the
+# attention products (MatMul..MatMul_3 since the token layout, issue 22): the regions must select the same
+# nodes. Groups: (patterns, stages), in fallback order.
 LEGACY_FP16_PATTERNS = (
     r"context_module/main/[^/]+$",
     r"/bicubic_(rows|cols)$",
     r"(^|/)image_encoder/norm/|^/norm/",
-    rf"{_ATTENTION}/(MatMul|MatMul_1|Div_\d+|Softmax)$",
+    rf"{_ATTENTION}/(MatMul(_\d+)?|Div_\d+|Softmax)$",
     r"output_upscaling\.1/",
     r"mask_downscaling\.[14]/",
 )
@@ -40,7 +41,7 @@ LEGACY_FP16_GROUPS = (
 LEGACY_INT8_PATTERNS = (
     r"context_module/main/[^/]+$",
     r"(^|/)image_encoder/norm/",
-    rf"{_ATTENTION}/(MatMul|MatMul_1)$",
+    rf"{_ATTENTION}/MatMul(_\d+)?$",
     r"^/MatMul$",
     r"^/MatMul_2$",
     r"mask_downscaling",
@@ -200,3 +201,59 @@ def test_nncf_scope_selects_the_nodes_of_its_former_patterns_and_groups(openvino
         assert len(groups) == len(LEGACY_NNCF_GROUPS[component])
         for group, (patterns, stages) in zip(groups, LEGACY_NNCF_GROUPS[component]):
             assert group.select(nodes) == legacy_select(nodes, patterns, stages), (component, group.name)
+
+
+# ------------------------------------------------------------------------------------------ attention products
+
+# Ops between an attention product and its Softmax that carry the scores/weights along (scaling, bias, layout).
+_ATTENTION_PASS_THROUGH = {"Reshape", "Transpose", "Div", "Mul", "Add", "Squeeze", "Unsqueeze", "Cast"}
+_SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Constant", "ConstantOfShape"}
+
+
+def attention_products(model) -> set[str]:
+    """The MatMuls that make a Softmax's scores (q@k^T) or consume its weights (attn@v), found by the graph's
+    edges rather than names: walk back from each Softmax's input and forward from its output through
+    pass-through ops to the first MatMul on every path (a Gemm there is a projection, not a product)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: set[str] = set()
+    for softmax in (node for node in model.graph.node if node.op_type == "Softmax"):
+        stack = [softmax.input[0]]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.op_type in _SHAPE_OPS or node.op_type == "Gemm":
+                continue
+            if node.op_type == "MatMul":
+                found.add(node.name)
+            elif node.op_type in _ATTENTION_PASS_THROUGH:
+                stack.extend(node.input[:1] if node.op_type in ("Reshape", "Transpose") else node.input)
+        stack = list(consumers.get(softmax.output[0], ()))
+        while stack:
+            node = stack.pop()
+            if node.op_type == "MatMul":
+                found.add(node.name)
+            elif node.op_type in _ATTENTION_PASS_THROUGH:
+                stack.extend(consumer for out in node.output for consumer in consumers.get(out, ()))
+    return found
+
+
+def test_attention_product_regions_cover_every_product_of_the_exported_decoder(l0_export):
+    """A region that silently misses an attention product (the token layout renamed them once) fails here:
+    the products are found by the graph's edges, and every step that protects them must select them all."""
+    import onnx
+
+    model = onnx.load(str(l0_export / "decoder.fp32.onnx"), load_external_data=False)
+    nodes = graph_nodes(model)
+    products = attention_products(model)
+    softmaxes = sum(op == "Softmax" for _, op in nodes)
+    assert softmaxes == 7 and len(products) >= 2 * softmaxes  # 2 layers x 3 attentions + the final one
+    assert products <= set(regions.region("decoder-attention-products").select(nodes))
+    assert products <= set(regions.protected_nodes(nodes, "decoder", fp16.FP32_REGIONS))  # fp16 islands
+    assert products <= set(regions.protected_nodes(nodes, "decoder", ort_int8.FP32_REGIONS))  # nodes_to_exclude
+    assert "MatMul" in nncf_int8.IGNORED_TYPES  # NNCF's ignored scope keeps every MatMul out of INT8
+    # The region's widening stays inside the attention scopes: no projection and no mask product.
+    widened = regions.region("decoder-attention-products").select(nodes)
+    assert not [name for name in widened if "_proj/" in name or name.startswith("/MatMul")]

@@ -99,8 +99,10 @@ REGIONS: tuple[Region, ...] = (
     # ---------------------------------------------------------------------------------------- decoder
     Region("decoder-attention", "decoder", "whole attention blocks, q/k/v/out projections included: SAM decoder "
            "activations have extreme outliers", patterns=(rf"{_ATTENTION}/",)),
-    Region("decoder-attention-products", "decoder", "the attention products q@k^T and attn@v, where the outliers meet",
-           patterns=(rf"{_ATTENTION}/(MatMul|MatMul_1)$",)),
+    Region("decoder-attention-products", "decoder", "the attention products q@k^T and attn@v, where the outliers meet "
+           "(every MatMul of an attention's own scope: the token layout reassociates them into (q W_k) @ image^T and "
+           "attn @ image then @ W_v^T, so they are MatMul..MatMul_3 there, the projections live in subscopes)",
+           patterns=(rf"{_ATTENTION}/MatMul(_\d+)?$",)),
     Region("decoder-attention-softmax", "decoder", "the 1/sqrt(d) scaling and Softmax of the attention scores: exp() "
            "saturates fp16", patterns=(rf"{_ATTENTION}/(Div_\d+|Softmax)$",)),
     Region("decoder-transformer", "decoder", "the two-way transformer (its MLPs, norms and attention)",
