@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evsam_export.errors import RuntimeUnavailable
+from evsam_export.errors import ArtifactError, RuntimeUnavailable
 from evsam_export.manifest import TensorSpec
 from evsam_export.runners.base import Availability, Runner
 
@@ -114,7 +114,8 @@ class BrowserRunner(Runner):
         try:
             answer = self._page.call("([feeds, names, token]) => evsam.run('model', feeds, names, token)", [payload, list(names), token])
         except BrowserError as error:
-            raise RuntimeError(f"{self.label}: onnxruntime-web failed: {error}") from error
+            raise ArtifactError(f"{self.label}: onnxruntime-web failed to run it: {error}",
+                                hint="docs/runtimes.md 'onnxruntime-web' lists what its kernels refuse") from error
         finally:
             for name in feeds:
                 blobs.pop(f"{feed_token}/{name}", None)
