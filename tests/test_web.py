@@ -155,3 +155,35 @@ def test_bench_times_a_subject_by_its_own_clock():
 
     times = alternate({"web": InPage()}, {"web": {}}, runs=3, warmup=1)
     assert times == {"web": [9.0, 10.0, 11.0]}
+
+
+@needs_browser
+def test_a_graph_the_browser_cannot_run_fails_in_one_line(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from evsam_export.errors import ArtifactError
+    from evsam_export.manifest import TensorSpec
+    from evsam_export.runners.browser_runner import BrowserRunner
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [3])
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    specs = [TensorSpec("x", "float32", ("n",))], [TensorSpec("y", "float32", (3,))]
+    onnx.save(model, str(tmp_path / "ir-too-new.onnx"))  # onnx writes IR 14 today; onnxruntime-web 1.30 reads up to 13
+    if model.ir_version > 13:
+        with pytest.raises(ArtifactError, match="cannot load ir-too-new.onnx: .*IR version"):
+            BrowserRunner(tmp_path / "ir-too-new.onnx", *specs).load()
+    model.ir_version = 8  # what our exports carry
+    onnx.save(model, str(tmp_path / "reshape.onnx"))
+    runner = BrowserRunner(tmp_path / "reshape.onnx", *specs)
+    with runner:
+        assert runner.info["crossOriginIsolated"] and runner.threads >= 1
+        assert runner.infer({"x": np.arange(3, dtype=np.float32)})["y"].tolist() == [0.0, 1.0, 2.0]
+        with pytest.raises(ArtifactError) as info:
+            runner.infer({"x": np.arange(4, dtype=np.float32)})
+        assert "onnxruntime-web failed to run it" in info.value.one_line()
+        assert "\n" not in info.value.one_line()
+    assert not runner.loaded

@@ -125,7 +125,11 @@ def run_recipe(
     reporter = reporter or Reporter()
     cache = cache or StepCache()
     variant = get_variant(variant_name)
-    check_cpu_features(get_target(recipe.target), (recipe.encoder_precision, recipe.decoder_precision), recipe.name)
+    target = get_target(recipe.target)
+    check_cpu_features(target, (recipe.encoder_precision, recipe.decoder_precision), recipe.name)
+    target_module = importlib.import_module(target.target_step) if target.hooks else None
+    if target_module is not None and not dry_run:  # before any work: a refusal costs nothing
+        target_module.preflight(recipe.target_settings)
     output = Path(output) if dry_run else check_output_folder(Path(output), force)
     if not dry_run:
         cache.check_writable()  # before any model work: an unwritable cache would fail only at the first store
@@ -145,10 +149,6 @@ def run_recipe(
     if dry_run:
         return RunResult(None, _dry_run(steps, key_for, cache), None, None)
 
-    target = get_target(recipe.target)
-    target_module = importlib.import_module(target.target_step) if target.hooks else None
-    if target_module is not None:
-        target_module.preflight(recipe.target_settings)
     manifest = Manifest(
         variant=variant.name,
         encoder_size=variant.encoder_size,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evsam_export.errors import RuntimeUnavailable
+from evsam_export.errors import ArtifactError, RuntimeUnavailable
 from evsam_export.manifest import TensorSpec
 from evsam_export.runners.base import Availability, Runner
 
@@ -65,16 +65,20 @@ class BrowserRunner(Runner):
         page = BrowserPage({"/ort-web/": find_dist(), "/model/": self.path.parent},
                            {"entry": BUNDLES[self.execution_provider][0], "threads": self.requested_threads or 0})
         try:
-            page.open()
+            try:
+                page.open()
+            except BrowserError as error:
+                raise RuntimeUnavailable(f"{self.label}: onnxruntime-web did not start in Chromium: {error}") from error
             if self.execution_provider == "webgpu":
                 missing = page.call("evsam.webgpuMissing()")
                 if missing:
                     raise RuntimeUnavailable(f"{self.label}: this browser has no WebGPU ({missing})", hint=WEBGPU_HINT)
-            page.call("([url, provider]) => evsam.load('model', url, provider)", [f"/model/{self.path.name}", self.execution_provider])
+            try:
+                page.call("([url, provider]) => evsam.load('model', url, provider)", [f"/model/{self.path.name}", self.execution_provider])
+            except BrowserError as error:  # the runtime is here and refuses the file: a fault of the artifact, not a skip
+                raise ArtifactError(f"{self.label}: onnxruntime-web cannot load {self.path.name}: {error}",
+                                    hint="docs/runtimes.md 'onnxruntime-web' lists what it refuses") from error
             self.info = page.call("evsam.info()")
-        except BrowserError as error:
-            page.close()
-            raise RuntimeUnavailable(f"{self.label}: onnxruntime-web could not load {self.path.name}: {error}") from error
         except BaseException:
             page.close()
             raise
@@ -114,7 +118,8 @@ class BrowserRunner(Runner):
         try:
             answer = self._page.call("([feeds, names, token]) => evsam.run('model', feeds, names, token)", [payload, list(names), token])
         except BrowserError as error:
-            raise RuntimeError(f"{self.label}: onnxruntime-web failed: {error}") from error
+            raise ArtifactError(f"{self.label}: onnxruntime-web failed to run it: {error}",
+                                hint="docs/runtimes.md 'onnxruntime-web' lists what it refuses") from error
         finally:
             for name in feeds:
                 blobs.pop(f"{feed_token}/{name}", None)

@@ -33,6 +33,9 @@ EXECUTION_PROVIDERS = ("wasm", "webgpu")
 STANDARD_DOMAINS = ("", "ai.onnx")
 MAX_GRAPH_BYTES = 2 * 1024**3 - 1  # protobuf's limit, and far past what a page should download
 FP16_MAX = 65504.0
+# onnxruntime-web 1.30 refuses a file whose IR version is newer ("max supported IR version: 13"); the onnx
+# package writes 14 for models it builds, our exports carry 8.
+MAX_IR_VERSION = 13
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         raise ExportError(
             f"{parent.id}: {', '.join(foreign)} are ONNX Runtime contrib ops onnxruntime-web does not run on every EP",
             hint="build the web target from the plain export; for INT8 set [precision.int8] graph_passes = []")
+    if model.ir_version > MAX_IR_VERSION:
+        raise ExportError(f"{parent.id}: ONNX IR version {model.ir_version}; onnxruntime-web reads up to {MAX_IR_VERSION}",
+                          hint="re-export with evsam-export (IR 8), or save the graph with an older onnx package")
     facts: dict = {}
     if settings.precision == "fp16":
         facts["fp16_storage"] = store_weights_fp16(model, settings.fp16_min_elements)
