@@ -9,9 +9,11 @@ decoder side gives image-dependent masks and logits of several units in minutes 
    backgrounds, with ground-truth masks), disjoint from the parity suites' and the calibration seeds;
 2. run the frozen encoder once per scene and keep the embeddings;
 3. train prompt_encoder + mask_decoder (AdamW, BCE + dice on the low-res logits against the ground truth,
-   min-over-tokens for the multimask tokens as SAM does, MSE for the IoU head) on the prompts the parity
-   suites use (calibration.images.prompts_for, one object at a time), a quarter of the steps as a mask
-   refinement (the first pass's low-res mask fed back as mask_input);
+   min-over-tokens for the multimask tokens as SAM does plus a smaller share for every token, MSE for the IoU
+   head) on the prompts the parity suites use (calibration.images.prompts_for), up to four objects of one
+   window of the embedding grid per step (a window costs a fraction of the full grid, and several objects
+   of one image make a prompt-independent mask expensive), a quarter of the steps as a mask refinement
+   (the first pass's low-res mask fed back as mask_input);
 4. save the whole model's state dict in the official format (the encoder keeps its synthetic weights), so
    `--checkpoint` loads it like an efficientvit_sam_*.pt, and report train / held-out mIoU against the
    ground truth and the logit statistics.
@@ -54,6 +56,9 @@ SCENE_SHAPES = ((0.75, 1.0), (1.0, 0.625), (1.0, 1.0), (0.5, 1.0), (1.0, 0.75), 
 # every object gets its own prompt set, and the multimask tokens are trained on every prompt).
 TRAIN_KINDS = ("point", "points_neg", "box", "box_point")
 REFINE_FRACTION = 0.25
+# Loss weights: every multimask token's share (beside the best one's), and the IoU head's MSE.
+MULTIMASK_SHARE = 0.25
+IOU_HEAD_WEIGHT = 4.0
 
 
 @dataclass(frozen=True)
@@ -65,16 +70,20 @@ class TrainSettings:
     encoder_seed: int = 0
     train_scenes: int = 32
     held_out_scenes: int = 8
-    # Optimizer steps; each step is `objects_per_step` objects of one scene under one prompt kind.
-    steps: int = 300
-    objects_per_step: int = 2
-    # Low enough to keep the synthetic decoder's prompt-following start: at 1e-3 (300 steps) the decoder
-    # collapsed to one prompt-independent mask (held-out mIoU 0.22, identical masks for every object).
-    learning_rate: float = 2e-4
+    # Optimizer steps; each step is up to `objects_per_step` objects of one window of a scene, one prompt kind.
+    steps: int = 200
+    objects_per_step: int = 4
+    # Each step decodes a window of this many embedding cells square (of 64) around its objects: a 40-cell
+    # window costs ~40 % of the full grid, so the same minutes buy 2.5x the steps (every op of the decoder
+    # is per position or attention, and the window keeps its own positional encoding).
+    window_cells: int = 40
+    # With several objects of one window per step a prompt-independent mask costs more, so the higher rate no
+    # longer collapses to one (it did with 2 full-grid objects per step, docs/precision.md).
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
     # Intra-op threads for the whole run: the result depends on it (reduction order), so it is in the key.
-    threads: int = 1
+    threads: int = 2
 
 
 def scene_for(seed: int, encoder_size: int):
@@ -135,15 +144,23 @@ def _prompt_batch(scene: _Scene, kind: str, seed: int, objects=None):
     return torch.from_numpy(np.concatenate(coords)), torch.from_numpy(np.concatenate(labels))
 
 
-def _decode(model, scene: _Scene, coords, labels, mask_input=None):
+def _decode(model, scene: _Scene, coords, labels, mask_input=None, window=None):
+    """Low-res logits and IoU predictions of every prompt set; `window` (top, left, cells) decodes only that
+    square of the embedding grid (with its positional encoding), whose masks cover the same square."""
     import torch
 
+    embedding, image_pe = scene.embedding, model.prompt_encoder.dense_pe()
+    if window is not None:
+        top, left, cells = window
+        embedding = embedding[..., top:top + cells, left:left + cells]
+        image_pe = image_pe[..., top:top + cells, left:left + cells]
+    side = 4 * embedding.shape[-1]
     sparse = model.prompt_encoder.embed_point_tokens(coords, labels)
     if mask_input is None:
-        dense = model.prompt_encoder.embed_dense(torch.zeros(1, 1, 256, 256), torch.zeros(1))
+        dense = model.prompt_encoder.embed_dense(torch.zeros(1, 1, side, side), torch.zeros(1))
     else:
         dense = model.prompt_encoder.embed_dense(mask_input, torch.ones(mask_input.shape[0]))
-    return model.mask_decoder.predict_masks(scene.embedding, model.prompt_encoder.dense_pe(), sparse, dense)
+    return model.mask_decoder.predict_masks(embedding, image_pe, sparse, dense, token_layout=True)
 
 
 def _mask_losses(logits, target):
@@ -167,50 +184,80 @@ def _hard_iou(logits, target):
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def _train_step(model, scene: _Scene, kind: str, refine: bool, seed: int, objects: list[int]):
+def _window_for(scene: _Scene, anchor: int, cells: int, rng) -> tuple[tuple[int, int, int], list[int]]:
+    """A random `cells`-square of the 64x64 embedding grid around object `anchor`, and the objects with at
+    least 80 % of their low-res area inside it (the anchor always: an object larger than the window is cut)."""
+    grid = scene.targets.shape[-1] // 4
+    if cells >= grid:
+        return (0, 0, grid), list(range(len(scene.masks)))
+    rows, cols = np.nonzero(scene.targets[anchor, 0].numpy() > 0.5)
+    origin = []
+    for low, high in ((rows.min() // 4, rows.max() // 4), (cols.min() // 4, cols.max() // 4)):
+        first, last = max(0, high - cells + 1), min(low, grid - cells)
+        origin.append(int(rng.integers(min(first, last), max(first, last) + 1)))
+    top, left = origin
+    inside = scene.targets[:, 0, 4 * top:4 * (top + cells), 4 * left:4 * (left + cells)].sum(dim=(1, 2))
+    objects = [i for i in range(len(scene.masks)) if i == anchor or inside[i] >= 0.8 * scene.targets[i].sum()]
+    return (top, left, cells), objects
+
+
+def _train_step(model, scene: _Scene, kind: str, refine: bool, seed: int, objects: list[int], window):
     import torch
 
     coords, labels = _prompt_batch(scene, kind, seed, objects)
-    targets = scene.targets[objects]
+    top, left, cells = window
+    targets = scene.targets[objects][..., 4 * top:4 * (top + cells), 4 * left:4 * (left + cells)]
     mask_input = None
     if refine:
         with torch.no_grad():
-            first, _ = _decode(model, scene, coords, labels)
+            first, _ = _decode(model, scene, coords, labels, window=window)
         mask_input = first[:, :1].detach()
-    logits, iou_pred = _decode(model, scene, coords, labels, mask_input)
+    logits, iou_pred = _decode(model, scene, coords, labels, mask_input, window)
     losses = _mask_losses(logits, targets)
-    # token 0 answers every prompt; tokens 1..3 are SAM's ambiguity-aware multimask: only the best one learns.
-    loss = losses[:, 0].mean() + losses[:, 1:].min(dim=1).values.mean()
+    # token 0 answers every prompt; tokens 1..3 are SAM's ambiguity-aware multimask: the best one learns
+    # most, and a smaller share for every token keeps the ones SAM would not select reasonable masks too.
+    multimask = losses[:, 1:]
+    loss = losses[:, 0].mean() + multimask.min(dim=1).values.mean() + MULTIMASK_SHARE * multimask.mean()
     iou_true = _hard_iou(logits.detach(), targets)
-    return loss + torch.nn.functional.mse_loss(iou_pred, iou_true)
+    return loss + IOU_HEAD_WEIGHT * torch.nn.functional.mse_loss(iou_pred, iou_true)
 
 
-def evaluate(model, scenes: list[_Scene], kinds=("point", "box"), seed: int = 1) -> dict:
-    """mIoU of token 0 against the ground truth at the original size (shared post-processing), and the
-    |logit| statistics of the low-res masks, over every object of `scenes` under each prompt kind."""
+def evaluate(model, scenes: list[_Scene], kinds=TRAIN_KINDS, seed: int = 1) -> dict:
+    """Against the ground truth at the original size (shared post-processing), over every object of `scenes`
+    under each prompt kind: mIoU of token 0 and of each token, and how much the token-0 masks of two objects
+    of one scene overlap (mean IoU between them: near 1 when the masks ignore the prompt); plus the |logit|
+    statistics of the token-0 low-res masks."""
     import torch
 
-    ious: dict[str, list[float]] = {kind: [] for kind in kinds}
+    ious: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
+    cross: dict[str, list[float]] = {kind: [] for kind in kinds}
     magnitudes = []
     with torch.inference_mode():
         for scene in scenes:
             for kind in kinds:
                 coords, labels = _prompt_batch(scene, kind, seed)
                 logits, _ = _decode(model, scene, coords, labels)
-                low_res = logits[:, :1].numpy()
-                magnitudes.append(np.abs(low_res).ravel()[::7])
-                masks = processing.binarize(processing.postprocess_masks(low_res, scene.geometry))[:, 0]
-                for mask, truth in zip(masks, scene.masks):
-                    union = np.count_nonzero(mask | truth)
-                    ious[kind].append(np.count_nonzero(mask & truth) / union if union else 1.0)
+                magnitudes.append(np.abs(logits[:, 0].numpy()).ravel()[::7])
+                masks = processing.binarize(processing.postprocess_masks(logits.numpy(), scene.geometry))
+                for tokens, truth in zip(masks, scene.masks):
+                    ious[kind].append(np.array([_iou(mask, truth) for mask in tokens]))
+                cross[kind] += [_iou(masks[i, 0], masks[j, 0]) for i in range(len(masks)) for j in range(i)]
     everything = np.concatenate(magnitudes)
     return {
-        "miou": {kind: round(float(np.mean(values)), 4) for kind, values in ious.items()},
+        "miou": {kind: round(float(np.mean([v[0] for v in values])), 4) for kind, values in ious.items()},
+        "miou_per_token": {kind: [round(float(x), 4) for x in np.mean(values, axis=0)] for kind, values in ious.items()},
+        "miou_best_token": {kind: round(float(np.mean([v.max() for v in values])), 4) for kind, values in ious.items()},
+        "same_mask_iou": {kind: round(float(np.mean(values)), 4) if values else None for kind, values in cross.items()},
         "objects": len(ious[kinds[0]]),
         "abs_logit": {"median": round(float(np.median(everything)), 3),
                       "p99": round(float(np.percentile(everything, 99)), 3),
                       "max": round(float(everything.max()), 3)},
     }
+
+
+def _iou(mask: np.ndarray, truth: np.ndarray) -> float:
+    union = np.count_nonzero(mask | truth)
+    return np.count_nonzero(mask & truth) / union if union else 1.0
 
 
 def _seed_torch(seed: int, threads: int) -> None:
@@ -255,9 +302,12 @@ def train(settings: TrainSettings, log: Callable[[str], None] = lambda line: Non
             scene = train_scenes[int(rng.integers(len(train_scenes)))]
             kind = TRAIN_KINDS[int(rng.integers(len(TRAIN_KINDS)))]
             refine = bool(rng.random() < REFINE_FRACTION)
-            count = min(settings.objects_per_step, len(scene.masks))
-            objects = sorted(int(i) for i in rng.choice(len(scene.masks), size=count, replace=False))
-            loss = _train_step(model, scene, kind, refine, step, objects)
+            anchor = int(rng.integers(len(scene.masks)))
+            window, candidates = _window_for(scene, anchor, settings.window_cells, rng)
+            others = [i for i in candidates if i != anchor]
+            extra = rng.choice(others, size=min(settings.objects_per_step - 1, len(others)), replace=False)
+            objects = sorted([anchor, *(int(i) for i in extra)])
+            loss = _train_step(model, scene, kind, refine, step, objects, window)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, max_norm=1.0)
