@@ -158,6 +158,11 @@ def test_task_gating_needs_ground_truth_and_is_inherited_not_overridden(ground_t
                      f'[[suite.annotations]]\nfile = "{ground_truth}"\nimages = "{ground_truth.parent / "images"}"\nlimit = 1\n')
     inherited = load_suite(child)
     assert inherited.task.max_drop == {"box": 0.5, "point": 1.0} and gate_coverage_problems(inherited, load_suite(parent), ("int8",)) == []
+    # validate --annotations keeps a suite's own max_drop unless --max-drop is given
+    spec = inherited.images[0]
+    assert inherited.with_annotations(spec, None).task.max_drop == {"box": 0.5, "point": 1.0}
+    assert inherited.with_annotations(spec, {"box": 3.0}).task.max_drop == {"box": 3.0}
+    assert load_suite("default").with_annotations(spec, None).task.decides is False
     child.write_text(child.read_text() + "[task]\nmax_drop = 5.0\n")
     with pytest.raises(RecipeError, match="inherits its task"):
         load_suite(child)

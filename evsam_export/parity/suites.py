@@ -74,11 +74,12 @@ class Suite:
 
     def with_annotations(self, annotations: AnnotationSet, max_drop: dict | None) -> Suite:
         """This suite's prompt kinds and gates on an annotation set instead of its own images, the mIoU drop
-        measured and, with `max_drop`, deciding for lower precisions (`validate --annotations --max-drop`)."""
-        floors = self.task or TaskCriterion()
+        measured and, with `max_drop` (else the suite's own [task] max_drop, if any), deciding for lower
+        precisions (`validate --annotations --max-drop`)."""
+        task = self.task or TaskCriterion()
         return dataclasses.replace(self, name=f"{self.name}+{annotations.name}", images=(annotations,),
                                    description=f"{self.description}; ground truth from {annotations.file}",
-                                   task=dataclasses.replace(floors, max_drop=max_drop))
+                                   task=dataclasses.replace(task, max_drop=max_drop if max_drop is not None else task.max_drop))
 
     def fingerprint(self) -> str:
         """sha256 of the suite file and of every image folder and annotation file it names (ImageFolder and
