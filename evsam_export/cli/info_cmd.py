@@ -32,6 +32,11 @@ def targets_command(debug: DebugOption = False) -> None:
         for graph_pass in PASSES.values():
             typer.echo(f"{graph_pass.name:<26} {graph_pass.runtime:<11} {graph_pass.measured}")
             typer.echo(f"{'':<26} {graph_pass.reason}")
+        from evsam_export.runners.split_decoder import SPLIT_DECODER_SUMMARY
+
+        typer.echo("\nsplit decoder (every export unless --no-split-decoder; our Predictor runs it in the decoder's place)")
+        for line in SPLIT_DECODER_SUMMARY:
+            typer.echo(line)
 
     run_guarded(debug, body)
 

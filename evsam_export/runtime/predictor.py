@@ -275,7 +275,8 @@ def _postprocess_into_opencv(low_res: np.ndarray, geometry: ImageGeometry, out: 
     band = max(1, band_bytes // (2 * 4 * width))  # two float32 rows per output row
     for index in np.ndindex(low_res.shape[:-2]):
         frame = processing.resize_bilinear_fast(low_res[index], PROMPT_FRAME, PROMPT_FRAME)[:new_h, :new_w]
-        widened = processing.resize_bilinear_fast(frame, new_h, width)
+        # A bilinear resize to the same width moves no column (all weights 0): skip the copy.
+        widened = frame if width == new_w else processing.resize_bilinear_fast(frame, new_h, width)
         if height == new_h:  # a bilinear resize to the same height moves no row (all row weights are 0)
             out[index] = widened if out.dtype != bool else processing.binarize(widened)
             continue
