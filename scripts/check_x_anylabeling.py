@@ -35,7 +35,8 @@ LOAD_TIMEOUT_MS = 120_000
 def parse_pair(text: str, count: int, what: str) -> list[int]:
     values = text.split(",")
     if len(values) != count or not all(v.strip().lstrip("-").isdigit() for v in values):
-        raise SystemExit(f"error: {what} must be {count} comma-separated integers (got {text!r})")
+        print(f"error: {what} must be {count} comma-separated integers (got {text!r})", file=sys.stderr)
+        raise SystemExit(2)
     return [int(v) for v in values]
 
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from evsam_export.runtime import Predictor
 
     app = QApplication.instance() or QApplication([])  # noqa: F841  Qt objects need one
-    _manager, model = load_app_model(config.resolve())
+    _manager, model = load_app_model(config.resolve())  # the manager owns the model's Qt objects: keep it alive
     if type(model).__name__ != "EfficientViT_SAM":
         print(f"error: {config} loaded as {type(model).__name__}, not EfficientViT_SAM", file=sys.stderr)
         return 1
