@@ -427,7 +427,7 @@ def validate(
     from evsam_export.data.images import ImageFolder
     from evsam_export.parity.report import write_reports
     from evsam_export.parity.suites import load_suite
-    from evsam_export.parity.task import parse_max_drop
+    from evsam_export.parity.task_settings import parse_max_drop
     from evsam_export.parity.validate import validate_folder
 
     folder = Path(folder)

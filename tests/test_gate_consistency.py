@@ -130,7 +130,7 @@ def test_every_shipped_suite_loads():
 def test_a_covering_task_gate_implies_the_release_task_gate():
     """With task gating (parity.task), a candidate whose drops and floors meet a covering build gate meets the
     release gate's; a build gate with task gating under a release suite without it never covers."""
-    from evsam_export.parity.task import TaskCriterion
+    from evsam_export.parity.task_settings import TaskCriterion
 
     default = load_suite("default")
     release = dataclasses.replace(default, task=TaskCriterion({"box": 1.0, "point": 2.0}))

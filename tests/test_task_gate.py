@@ -24,7 +24,7 @@ from evsam_export.errors import RecipeError, UsageError
 from evsam_export.manifest import read_manifest, sha256_file
 from evsam_export.model.variants import get_variant
 from evsam_export.parity.suites import gate_coverage_problems, load_suite
-from evsam_export.parity.task import GroundTruth, parse_max_drop, parse_max_drop_text
+from evsam_export.parity.task_settings import GroundTruth, parse_max_drop, parse_max_drop_text
 from evsam_export.pipeline.fallback import gate_candidate
 from evsam_export.pipeline.recipe import load_recipe
 from evsam_export.pipeline.step import StepContext

@@ -50,7 +50,7 @@ def validate_command(
             if path is not None:
                 check_writable_parent(path)
         from evsam_export.errors import UsageError
-        from evsam_export.parity.task import parse_max_drop_text
+        from evsam_export.parity.task_settings import parse_max_drop_text
 
         if images is None and annotations is None and (limit is not None or seed):
             raise UsageError("--limit and --seed sample the --images folder or the --annotations set", hint="add --images PATH")

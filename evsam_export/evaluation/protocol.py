@@ -141,7 +141,7 @@ def chosen_artifacts(folder: Path, manifest: Manifest, artifact_ids: Sequence[st
 def pairings(manifest: Manifest, chosen: list[Artifact]) -> list[tuple[Artifact, Artifact]]:
     """Each chosen encoder with the decoder a deployment would use (parity's end-to-end pairing rule); when
     only encoders or only decoders are chosen, the other side comes from the whole folder."""
-    from evsam_export.parity.compare import pair_decoder
+    from evsam_export.parity.pairing import pair_decoder
 
     encoders = [a for a in chosen if a.component == "encoder"] or [a for a in manifest.artifacts if a.component == "encoder"]
     decoders = [a for a in chosen if a.component == "decoder"] or [a for a in manifest.artifacts if a.component == "decoder"]
@@ -176,14 +176,14 @@ def open_pipelines(
     folder: Path, artifact_ids: Sequence[str] | None, kinds: Sequence[str], checkpoint: str | None, threads: int | None, reporter: Reporter
 ) -> Iterator[tuple[Manifest, str, list[Pipeline], dict]]:
     """(manifest, reference source, [PyTorch pipeline, artifact pipelines...], {name: why not run}); all closed on exit."""
-    from evsam_export.parity.reference import reference_model
+    from evsam_export.model.checkpoint import exported_model
     from evsam_export.runtime.predictor import Predictor
 
     manifest = read_manifest(folder)
     chosen = chosen_artifacts(folder, manifest, artifact_ids)
     unavailable: dict[str, str] = {}
     with ExitStack() as stack:
-        model, variant, _weights, source = reference_model(manifest, folder, reporter, checkpoint)
+        model, variant, _weights, source = exported_model(manifest, folder, reporter, checkpoint)
         reference = reference_predictor(manifest, model, variant, threads)
         stack.callback(reference.close)
         pipelines = [Pipeline(PYTORCH, reference, tuple(kinds))]

@@ -172,3 +172,21 @@ def load_model(variant: Variant, source: str | Path | None = None):
                            for key, value in state_dict.items()})
     model.eval()
     return model, weights
+
+
+def exported_model(manifest, folder: Path, reporter, checkpoint: str | None = None):
+    """(model, variant, weights, source) of the PyTorch model rebuilt from the weights `folder` (a manifest's
+    artifact folder) was exported from, or `checkpoint`; refused when those weights are not the exported ones.
+    The reference of the parity gate and of `evaluate`."""
+    from evsam_export.model.variants import get_variant
+
+    spec = checkpoint or manifest.weights["spec"]
+    variant = get_variant(manifest.variant)
+    with reporter.step(f"rebuild the PyTorch reference ({spec})"):
+        model, weights = load_model(variant, spec)
+    if weights.sha256 != manifest.weights["sha256"]:
+        raise CheckpointError(
+            f"weights {spec} differ from the ones {folder} was exported from (sha256 mismatch)",
+            hint="pass --checkpoint with the exported checkpoint",
+        )
+    return model, variant, weights, f"PyTorch ({spec})"

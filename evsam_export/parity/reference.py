@@ -18,10 +18,11 @@ from evsam_export import contract
 from evsam_export.calibration.images import PromptSet, ValidationImage, annotated_validation_images, load_image_spec, prompts_for
 from evsam_export.data.coco import AnnotationSet
 from evsam_export.data.images import FolderImage, ImageFolder, SkippedImage, read_folder
-from evsam_export.errors import ArtifactError, CheckpointError, UsageError
+from evsam_export.errors import ArtifactError, UsageError
 from evsam_export.manifest import Manifest
 from evsam_export.model import processing
-from evsam_export.model.variants import LOW_RES_MASK_SIZE, get_variant
+from evsam_export.model.checkpoint import exported_model
+from evsam_export.model.variants import LOW_RES_MASK_SIZE
 from evsam_export.parity.suites import Suite
 from evsam_export.progress import Reporter
 
@@ -221,33 +222,15 @@ def compute_reference(model, variant, cases: CaseSet, reporter: Reporter, weight
     return ref
 
 
-def reference_model(manifest: Manifest, folder: Path, reporter: Reporter, checkpoint: str | None = None):
-    """(model, variant, weights, source) of the PyTorch model rebuilt from the weights `folder` was exported
-    from (or `checkpoint`), refused when those weights are not the exported ones."""
-    from evsam_export.model.checkpoint import load_model
-
-    spec = checkpoint or manifest.weights["spec"]
-    variant = get_variant(manifest.variant)
-    with reporter.step(f"rebuild the PyTorch reference ({spec})"):
-        model, weights = load_model(variant, spec)
-    if weights.sha256 != manifest.weights["sha256"]:
-        raise CheckpointError(
-            f"weights {spec} differ from the ones {folder} was exported from (sha256 mismatch)",
-            hint="pass --checkpoint with the exported checkpoint",
-        )
-    return model, variant, weights, f"PyTorch ({spec})"
-
-
 def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter: Reporter,
-                      checkpoint: str | None = None, suite: Suite | None = None) -> Reference:
-    """The reference computed by the PyTorch model of reference_model on every case, and on the ground truth
-    of `suite` when it has a [task] (parity.task)."""
-    model, variant, weights, source = reference_model(manifest, folder, reporter, checkpoint)
+                      checkpoint: str | None = None, with_model=None) -> Reference:
+    """The reference computed by the PyTorch model of model.checkpoint.exported_model on every case.
+    `with_model(model, variant, reference)` runs before the model is freed: parity.task.task_reference adds
+    the ground-truth IoUs of a suite with a [task] that way (this module stays below the evaluate protocol)."""
+    model, variant, weights, source = exported_model(manifest, folder, reporter, checkpoint)
     reference = compute_reference(model, variant, cases, reporter, weights.sha256, source)
-    if suite is not None and suite.task is not None:
-        from evsam_export.parity.task import reference_task_ious
-
-        reference.task = reference_task_ious(model, variant, manifest, suite, reporter)
+    if with_model is not None:
+        with_model(model, variant, reference)
     return reference
 
 

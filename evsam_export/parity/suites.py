@@ -28,7 +28,7 @@ from evsam_export.calibration.images import (
 from evsam_export.data.coco import AnnotationSet
 from evsam_export.data.images import ImageFolder
 from evsam_export.errors import RecipeError
-from evsam_export.parity.task import GroundTruth, TaskCriterion, parse_max_drop
+from evsam_export.parity.task_settings import GroundTruth, TaskCriterion, parse_max_drop
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # Gates for an `app`-profile encoder (preprocessing in the graph) are their own tables, "app-<precision>":

@@ -13,7 +13,7 @@ from evsam_export.manifest import read_manifest, verify_artifact_file
 from evsam_export.parity.compare import ParityReport, compare, open_runners
 from evsam_export.parity.reference import build_cases, pytorch_reference, saved_reference
 from evsam_export.parity.suites import Suite
-from evsam_export.parity.task import measure_task
+from evsam_export.parity.task import measure_task, task_reference
 from evsam_export.progress import Reporter
 
 
@@ -41,7 +41,7 @@ def validate_folder(
     if reference_path is not None:
         reference = saved_reference(reference_path, manifest, folder, suite, cases)
     else:
-        reference = pytorch_reference(manifest, folder, cases, reporter, checkpoint, suite)
+        reference = pytorch_reference(manifest, folder, cases, reporter, checkpoint, task_reference(manifest, suite, reporter))
     if save_reference is not None:
         reference.save(save_reference, suite)
     with open_runners(folder, chosen, threads) as (runners, unavailable):

@@ -192,7 +192,7 @@ class _ValidateSection:
 
 def _ground_truth(validate: dict, source: str):
     """The [validate] annotations as a GroundTruth, checked now (file, images, max_drop), or None."""
-    from evsam_export.parity.task import GroundTruth, parse_max_drop
+    from evsam_export.parity.task_settings import GroundTruth, parse_max_drop
 
     given = [key for key in ("images", "limit", "seed", "max_drop") if key in validate]
     if validate.get("annotations") is None:

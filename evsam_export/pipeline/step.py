@@ -112,11 +112,13 @@ class StepContext:
         """The suite's cases and PyTorch reference, computed on first use and kept in `references`."""
         from evsam_export.parity.reference import SuiteReference, build_cases, pytorch_reference
         from evsam_export.parity.suites import load_suite
+        from evsam_export.parity.task import task_reference
 
         key = (self.suite, self.manifest.weights.get("sha256"))
         if key not in self.references:
             suite = load_suite(self.suite, self.ground_truth)
             cases = build_cases(suite, self.manifest.encoder_size, reporter)
-            reference = pytorch_reference(self.manifest, self.folder, cases, reporter, suite=suite)
+            reference = pytorch_reference(self.manifest, self.folder, cases, reporter,
+                                          with_model=task_reference(self.manifest, suite, reporter))
             self.references[key] = SuiteReference(suite, cases, reference)
         return self.references[key]
