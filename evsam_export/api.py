@@ -477,6 +477,11 @@ def record_validation(folder: Path, report) -> None:
         "stages": {f"{s.pairing or s.artifact}/{s.stage}": s.passed for s in report.stages},
         "failed_gates": [g.line() for g in report.failed_gates],
         "unavailable": report.unavailable,
+        # With ground truth (parity.task): the drops that decided, and how many agreement gates did not.
+        "task_drop_points": None if report.task is None else {
+            f"{s.pairing} [{kind}]": round(entry["drop_points"], 3) for s in report.stages if s.stage == "task"
+            for kind, entry in s.per_kind.items()},
+        "advisory_misses": len(report.advisory_misses),
     })
     manifest.write(folder)
 

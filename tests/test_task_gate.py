@@ -118,6 +118,8 @@ def test_validate_with_annotations_gates_lower_precisions_on_the_miou_drop(noisy
     junit = (noisy_export / "junit.xml").read_text()
     assert junit.count("<failure") == 1 and "miou_drop_points" in junit
     assert "Against ground truth" in (noisy_export / "report.html").read_text()
+    history = read_manifest(noisy_export).history[-1]
+    assert history["task_drop_points"]["encoder.onnx.int8 -> decoder.onnx.fp32 [box]"] > MAX_DROP and history["advisory_misses"] > 0
 
 
 def test_the_fallback_gate_uses_the_drop_when_its_suite_has_ground_truth(noisy_export, ground_truth, tmp_path):
