@@ -181,7 +181,8 @@ def test_a_graph_the_browser_cannot_run_fails_in_one_line(tmp_path):
     runner = BrowserRunner(tmp_path / "reshape.onnx", *specs)
     with runner:
         assert runner.info["crossOriginIsolated"] and runner.threads >= 1
-        assert runner.infer({"x": np.arange(3, dtype=np.float32)})["y"].tolist() == [0.0, 1.0, 2.0]
+        output = runner.infer({"x": np.arange(3, dtype=np.float32)})["y"]
+        assert output.tolist() == [0.0, 1.0, 2.0] and output.flags.writeable  # like every runtime's outputs
         with pytest.raises(ArtifactError) as info:
             runner.infer({"x": np.arange(4, dtype=np.float32)})
         assert "onnxruntime-web failed to run it" in info.value.one_line()

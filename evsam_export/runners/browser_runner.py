@@ -118,6 +118,11 @@ class BrowserRunner(Runner):
         try:
             answer = self._page.call("([feeds, names, token]) => evsam.run('model', feeds, names, token)", [payload, list(names), token])
         except BrowserError as error:
+            if "Target crashed" in str(error) or "has been closed" in str(error):
+                # The renderer process died (measured: the kernel's OOM killer picks Chromium's renderers first,
+                # oom_score_adj 300, when the machine runs out of memory); the graph is not at fault.
+                raise RuntimeUnavailable(f"{self.label}: the browser process died while running it ({error})",
+                                         hint="out of memory? `dmesg | grep -i killed`; free memory or use fewer threads") from error
             raise ArtifactError(f"{self.label}: onnxruntime-web failed to run it: {error}",
                                 hint="docs/runtimes.md 'onnxruntime-web' lists what it refuses") from error
         finally:

@@ -59,6 +59,12 @@ class BrowserError(RuntimeError):
     """onnxruntime-web or the page failed; the message is the page's own error line."""
 
 
+def _first_line(message) -> str:
+    """The first line of a Playwright error without its "Page.evaluate: Error: " prefixes."""
+    lines = str(message or "").strip().splitlines()
+    return lines[0].removeprefix("Page.evaluate: ").removeprefix("Error: ") if lines else "unknown error in the browser"
+
+
 _driver_lock = threading.Lock()
 _drivers: dict[int, list] = {}  # thread id -> [playwright, pages using it]
 
@@ -100,6 +106,8 @@ class BrowserPage:
         return self._server.blobs
 
     def open(self) -> BrowserPage:
+        from playwright.sync_api import Error as PlaywrightError
+
         from evsam_export.web.server import FolderServer
 
         try:
@@ -114,6 +122,9 @@ class BrowserPage:
             failure = self.page.evaluate("window.evsamError || ''")
             if failure:
                 raise BrowserError(f"onnxruntime-web did not start in the page: {failure}")
+        except PlaywrightError as error:  # Chromium did not launch, or the page timed out
+            self.close()
+            raise BrowserError(_first_line(error.message)) from error
         except BaseException:
             self.close()
             raise
@@ -126,9 +137,7 @@ class BrowserPage:
         try:
             return self.page.evaluate(expression, argument)
         except PlaywrightError as error:
-            lines = str(error.message).strip().splitlines()
-            first = lines[0].removeprefix("Page.evaluate: ").removeprefix("Error: ") if lines else "unknown error in the page"
-            raise BrowserError(first) from error
+            raise BrowserError(_first_line(error.message)) from error
 
     def close(self) -> None:
         if self._browser is not None:

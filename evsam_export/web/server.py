@@ -22,7 +22,7 @@ CONTENT_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "
 
 class _Handler(SimpleHTTPRequestHandler):
     mounts: dict[str, Path] = {}
-    blobs: dict[str, bytes] = {}
+    blobs: dict[str, bytes | bytearray] = {}
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **CONTENT_TYPES}
 
     def translate_path(self, path: str) -> str:
@@ -49,7 +49,15 @@ class _Handler(SimpleHTTPRequestHandler):
     def do_POST(self) -> None:
         if not self.path.startswith(BLOB_PREFIX):
             return self.send_error(405)
-        self.blobs[self.path[len(BLOB_PREFIX):]] = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        # A bytearray, so the arrays a runner builds on it are writable like any runtime's outputs.
+        body = bytearray(int(self.headers.get("Content-Length", 0)))
+        view, filled = memoryview(body), 0
+        while filled < len(body):
+            count = self.rfile.readinto(view[filled:])
+            if not count:
+                return self.send_error(400, "body shorter than Content-Length")
+            filled += count
+        self.blobs[self.path[len(BLOB_PREFIX):]] = body
         self.send_response(204)
         self.end_headers()
 
@@ -71,7 +79,7 @@ class FolderServer:
     """Serve `mounts` (URL prefix "/ort-web/" -> folder) on 127.0.0.1:`port` (0: any free port) until close()."""
 
     def __init__(self, mounts: dict[str, Path], port: int = 0, host: str = "127.0.0.1") -> None:
-        self.blobs: dict[str, bytes] = {}
+        self.blobs: dict[str, bytes | bytearray] = {}
         handler = type("MountedHandler", (_Handler,), {"mounts": {p: Path(f).resolve() for p, f in mounts.items()}, "blobs": self.blobs})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
