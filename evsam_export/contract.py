@@ -166,6 +166,15 @@ class ComponentSpec:
         return None if low_res is None or len(low_res.shape) < 2 else low_res.shape[1]
 
     @property
+    def static_prompts(self) -> bool:
+        """Whether the prompt-side batch is fixed (--static-prompts): prompt sets, or masks for a graph without
+        points (the split decoder's image half)."""
+        coords, mask = self.input(POINT_COORDS), self.input(MASK_INPUT)
+        if coords is not None:
+            return isinstance(coords.shape[0], int)
+        return mask is not None and isinstance(mask.shape[0], int)
+
+    @property
     def prompt_batch(self) -> int | str | None:
         """Prompt sets per call (dim 0 of point_coords): an int for --static-prompts graphs, else its axis name."""
         coords = self.input(POINT_COORDS)

@@ -220,6 +220,7 @@ def test_static_prompts_export_is_traced_at_its_declared_shape_and_predicts(tmp_
     dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["point_coords"] == [1, 2, 2] and dims["point_labels"] == [1, 2]
     predictor = Predictor(out)
+    assert predictor.info["split_decoder"] and predictor.prompt_chunk_size() == 1  # the split pair is static too
     predictor.set_image(np.full((96, 128, 3), 127, np.uint8))
     boxes = predictor.predict(boxes=np.array([[10, 10, 60, 50], [20, 30, 90, 80]], np.float32))
     assert boxes.masks.shape[-2:] == (96, 128) and boxes.masks.shape[0] == 2

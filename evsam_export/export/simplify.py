@@ -46,7 +46,7 @@ def ort_outputs(model_or_path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]
 
 def equivalence_feeds(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
     """Feeds at more than one dynamic shape, so a simplifier that baked a traced shape is caught."""
-    if spec.component == "encoder" or isinstance(spec.prompt_batch, int):  # --static-prompts: its one shape
+    if spec.component == "encoder" or spec.static_prompts:  # --static-prompts: its one shape
         return [trace_feeds(spec, seed=11)]
     return [sample_feeds(spec, batch=1, num_points=2, seed=11), sample_feeds(spec, batch=3, num_points=5, seed=12)]
 

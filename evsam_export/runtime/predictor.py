@@ -369,6 +369,10 @@ def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | N
         available, why = _runtime_available(artifact.target, {} if cache is None else cache)
         if artifact.target not in prefer or not available:
             reason = f"{artifact.id}: {why or 'target not in prefer'}"
+    # A pair must return what its parent returns (a manifest edited on one side only is not followed).
+    tokens = contract.artifact_spec(decoder).mask_tokens
+    if pair is not None and contract.artifact_spec(pair[1]).mask_tokens != tokens:
+        reason = f"{pair[1].id} returns {contract.artifact_spec(pair[1]).mask_tokens} mask tokens, {decoder.id} {tokens}"
     if reason and wanted:
         raise UsageError(f"split_decoder=True, but {reason}",
                          hint="re-export (the split decoder is on by default) or pass split_decoder=None")
