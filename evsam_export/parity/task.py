@@ -19,11 +19,12 @@ fp32 artifacts, stages no task pipeline covers, and suites without `max_drop` ke
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from evsam_export.parity.task_settings import DROP_METRIC, TASK_STAGE, TaskCriterion
+from evsam_export.runners.split_decoder import is_split_decoder
 
 
 def task_datasets(suite) -> list:
@@ -77,6 +78,7 @@ class TaskPipeline:
     encoder: object  # manifest Artifact
     decoder: object
     subject: object
+    same_as: list = field(default_factory=list)  # pairings this measurement stands for (a split decoder's, with its parent)
 
     @property
     def name(self) -> str:
@@ -97,6 +99,12 @@ def task_pipelines(report, runners) -> tuple[list[TaskPipeline], dict[str, str]]
         if stage.stage == "end_to_end" and stage.precision != "fp32":
             encoder_id, decoder_id = stage.pairing.split(" -> ")
             encoder, decoder = artifacts[encoder_id], artifacts[decoder_id]
+            # A split decoder computes its parent's values (checked at export), so with its parent's pairing
+            # measured, measuring it again would judge the same artifact twice.
+            parent = next((p for p in pipelines if p.encoder.id == encoder_id and p.decoder.id == decoder.parent), None)
+            if is_split_decoder(decoder) and parent is not None:
+                parent.same_as.append(stage.pairing)
+                continue
             pipelines.append(TaskPipeline(encoder, decoder, encoder if encoder.precision != "fp32" else decoder))
     fp32_encoders = [a for a, _ in runners if a.component == "encoder" and a.precision == "fp32"]
     for artifact, _runner in runners:
@@ -148,7 +156,7 @@ def measure_task(report, runners, manifest, suite, reference_ious: dict, reporte
         report.stages.append(stage)
         if criterion.decides and all(kind in stage.per_kind for kind in criterion.max_drop):
             covered_artifacts.add(pipeline.subject.id)
-            covered_pairings.add(pipeline.name)
+            covered_pairings.update([pipeline.name, *pipeline.same_as])
     for stage in report.stages:
         if stage.stage == TASK_STAGE or stage.precision == "fp32":
             continue
