@@ -355,17 +355,18 @@ def export_decoder(
         manifest.model.update({key: value for key, value in model_contract(variant, options).items()
                                if key in ("decoder_profile", "mask_selection", "prompt_rules")})
         stale = _remove_decoder_results(staging)
+        # built from the old decoder and not re-exported with it (the split halves are exported again)
+        derived = [a.id for a in old if a.parent and a.id not in {new.id for new in artifacts}]
         app_configs = refresh_app_configs(staging, manifest, artifacts[0].id)
         manifest.history.append({"command": command or shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
                                  "step": "export", "components": ["decoder"], "replaced": [a.id for a in old],
-                                 "removed_derived": [a.id for a in old if a.parent], "stale_results_removed": stale,
+                                 "removed_derived": derived, "stale_results_removed": stale,
                                  "app_configs": app_configs, "artifacts": [a.id for a in artifacts]})
         manifest.write(staging)
         if stale:
             write_folder_report(staging)
     for artifact in artifacts:
         reporter.artifact("ok", artifact.wall_time_s, folder / artifact.path, note=artifact.id)
-    derived = [a.id for a in old if a.parent]
     if derived:
         reporter.line(f"removed the decoders built from the old one ({', '.join(derived)}): re-run the recipe "
                       "or the precision/build step to rebuild them from the new decoder")
