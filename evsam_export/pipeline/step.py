@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evsam_export import contract
 from evsam_export.manifest import Artifact, Manifest, sha256_file, verify_artifact_file
 from evsam_export.model.variants import Variant
 from evsam_export.progress import Reporter
@@ -95,7 +96,10 @@ class StepContext:
         from evsam_export.parity.compare import compare, open_runners
         from evsam_export.parity.task import measure_task
 
-        chosen = [a for a in self.manifest.artifacts if a.target == "onnx" and a.precision == "fp32"]
+        # The split decoder's halves compute the fp32 decoder's values (checked at export): gating a candidate
+        # with them too would repeat the decoder and end-to-end stages of every fallback round.
+        chosen = [a for a in self.manifest.artifacts
+                  if a.target == "onnx" and a.precision == "fp32" and a.component not in contract.SPLIT_DECODER]
         for candidate in candidates:  # a candidate replaces an artifact of its id, as Manifest.add does
             chosen = [a for a in chosen if a.id != candidate.id] + [candidate]
         for artifact in chosen:
