@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +243,7 @@ def write_overlays(report: ParityReport, folder: Path) -> list[dict]:
                 boxes=None if prompts.boxes is None else prompts.boxes[b : b + 1],
             )
             name = f"{s.stage}-{(s.pairing or s.artifact).replace(' -> ', '__')}-{rank}-{case.image.name}-{case.kind}.png"
-            path = out_dir / name.replace("/", "_")
+            path = out_dir / re.sub(r"[^\w.-]", "_", name)  # a plain file name, the same in a link and on disk
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
             write_atomic(path, buffer.getvalue())
