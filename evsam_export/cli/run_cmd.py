@@ -75,7 +75,6 @@ def _run_auto(recipe: str, variant: str, output: Path | None, checkpoint, overri
     recommended; the table it decided from is printed and kept as auto.md."""
     from evsam_export.errors import ParityFailure
     from evsam_export.pipeline.auto import AUTO_MD, load_auto_recipe, run_auto, support_of
-    from evsam_export.pipeline.recipe import load_recipe
     from evsam_export.pipeline.runner import StepCache
     from evsam_export.progress import Reporter
 
@@ -83,8 +82,8 @@ def _run_auto(recipe: str, variant: str, output: Path | None, checkpoint, overri
     folder = output or Path("out") / f"{auto.name}-{variant}"
     if dry_run:
         typer.echo(f"auto recipe {auto.name} ({auto.path}) for {variant} -> {folder} (dry run: nothing written)")
-        for name in auto.candidates:
-            reason = support_of(load_recipe(name, list(auto.candidate_overrides)))
+        for name, candidate in zip(auto.candidates, auto.recipes):
+            reason = support_of(candidate)
             typer.echo(f"  {name:<20} {'skip: ' + reason if reason else 'build, gate, time'}")
         return
     reporter = Reporter()

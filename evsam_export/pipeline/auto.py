@@ -60,6 +60,7 @@ class AutoRecipe:
     warmup: int
     suite: str
     candidate_overrides: tuple[str, ...]  # --set values handed to every candidate (export, precision, target, validate)
+    recipes: tuple = ()  # the candidates' Recipes, loaded (and checked) with those overrides
 
 
 def is_auto_recipe(name_or_path: str | Path) -> bool:
@@ -102,8 +103,10 @@ def load_auto_recipe(name_or_path: str | Path, overrides: list[str] | None = Non
         passed_on += (f"validate.suite={suite}",)
     from evsam_export.targets.registry import get_target
 
+    loaded = []
     for candidate in candidates:
         recipe = load_recipe(candidate, list(passed_on))
+        loaded.append(recipe)
         if AUTO_SECTION in recipe.document:
             raise RecipeError(f"{source}: [auto] candidates: {candidate} is itself an auto recipe")
         if get_target(recipe.target).device != "cpu":
@@ -113,7 +116,7 @@ def load_auto_recipe(name_or_path: str | Path, overrides: list[str] | None = Non
             raise RecipeError(f"{source}: [auto] candidates: {candidate} has validation off",
                               hint="only gated artifacts can be recommended")
     return AutoRecipe(head["name"], head.get("description", ""), path, tuple(candidates), auto.get("runs", 10),
-                      auto.get("warmup", 2), suite, passed_on)
+                      auto.get("warmup", 2), suite, passed_on, tuple(loaded))
 
 
 @dataclass
@@ -227,8 +230,7 @@ def run_auto(auto: AutoRecipe, variant_name: str, output: Path, checkpoint: str 
     output = check_output_folder(Path(output), force)
     candidates = [Candidate(name) for name in auto.candidates]
     recipes = {}
-    for candidate in candidates:
-        recipe = load_recipe(candidate.recipe, list(auto.candidate_overrides))
+    for candidate, recipe in zip(candidates, auto.recipes):
         candidate.reason = support_of(recipe)
         if candidate.reason:
             candidate.status = "skipped"
