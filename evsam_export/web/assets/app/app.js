@@ -63,10 +63,11 @@ async function openImage(blob, name) {
   const {bitmap, rgba} = await pixelsOf(blob, name);
   for (const canvas of [imageCanvas, overlay]) { canvas.width = bitmap.width; canvas.height = bitmap.height; }
   imageCanvas.getContext("2d").drawImage(bitmap, 0, 0);
-  picture = {width: bitmap.width, height: bitmap.height, name};
+  picture = {width: bitmap.width, height: bitmap.height, name, encoded: false};
   clearPrompts();
   showProgress(`encoding ${name}...`, "busy");
   const timing = await call("encode", {rgba, width: bitmap.width, height: bitmap.height}, [rgba.buffer]);
+  picture.encoded = true;
   showProgress(`${name} encoded in ${(timing.encodeMs / 1000).toFixed(1)} s: click on it`);
   return timing;
 }
@@ -127,7 +128,7 @@ const imagePoint = (event) => {
   return [(event.clientX - rect.left) * picture.width / rect.width, (event.clientY - rect.top) * picture.height / rect.height];
 };
 imageCanvas.addEventListener("pointerdown", (event) => {
-  if (picture) press = {clientX: event.clientX, clientY: event.clientY, at: imagePoint(event), shift: event.shiftKey};
+  if (picture && picture.encoded) press = {clientX: event.clientX, clientY: event.clientY, at: imagePoint(event), shift: event.shiftKey};
 });
 imageCanvas.addEventListener("pointerup", (event) => {
   if (!press) return;

@@ -72,6 +72,7 @@ function feedsFor(entry, values) {
 }
 
 async function encode({rgba, width, height}) {
+  image = null;  // a prompt that arrives while this image encodes must not use the previous image's embeddings
   const started = performance.now();
   const encoder = sessions.encoder;
   const rgb = sam.rgbOf(rgba, width, height);
@@ -110,6 +111,11 @@ async function decode({points, labels, box}) {
     orig_im_size: new ort.Tensor("float32", new Float32Array(UNREAD_MASKS_SIZE), [2]),
   };
   const decoder = sessions.decoder_prompt || sessions.decoder;
+  const fixed = decoder.artifact.inputs.find((t) => t.name === "point_coords").shape[1];
+  if (Number.isInteger(fixed) && fixed !== tokens.count) {
+    throw new Error(`${decoder.artifact.id} takes exactly ${fixed} prompt tokens per call (exported with --static-prompts) and this ` +
+                    `prompt has ${tokens.count}; build the web folder from a decoder with dynamic prompts`);
+  }
   const out = await decoder.session.run(feedsFor(decoder, values), ["iou_predictions", "low_res_masks"]);
   const decodeMs = performance.now() - started;
   const scores = out.iou_predictions.data, count = out.low_res_masks.dims[1], low = sam.LOW_RES;
