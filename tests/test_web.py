@@ -136,6 +136,7 @@ def test_web_wasm_recipe_passes_its_gate_in_the_browser(tmp_path, quick_suite):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     manifest = read_manifest(out)
     assert manifest.model["web"]["encoder"] == "encoder.web.fp16" and manifest.model["web"]["decoder"] == "decoder.web.int8"
+    assert (out / "index.html").is_file() and all((out / name).is_file() for name in manifest.model["web"]["app"])
     assert "download" in proc.stdout
 
 

@@ -18,6 +18,7 @@ def _register() -> None:
         run_cmd,
         segment_cmd,
         sensitivity_cmd,
+        serve_cmd,
         validate_cmd,
     )
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evsam_export.contract import DECODER, SPLIT_DECODER
 from evsam_export.errors import ExportError, RuntimeUnavailable
 from evsam_export.manifest import Artifact, Manifest
 from evsam_export.pipeline.settings import SettingValueError, StepSettings
@@ -202,9 +203,24 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
     return [dataclasses.replace(artifact, size_bytes=path.stat().st_size)]
 
 
+def write_app(folder: Path) -> list[str]:
+    """Copy the static demo app (evsam_export/web/assets/app: index.html at the folder's root, its scripts
+    under app/) into `folder`; returns the paths written, relative to `folder`."""
+    from evsam_export.web import APP_ASSETS, APP_DIR
+
+    (folder / APP_DIR).mkdir(exist_ok=True)
+    written = []
+    for source in sorted(APP_ASSETS.iterdir()):
+        relative = source.name if source.name == "index.html" else f"{APP_DIR}/{source.name}"
+        shutil.copyfile(source, folder / relative)
+        written.append(relative)
+    return written
+
+
 def finish(folder: Path, manifest: Manifest) -> None:
-    """Record what a page needs to know in manifest.model["web"]: where the runtime is, which entry file and EP,
-    the onnxruntime-web version and the download size of each graph and of the runtime."""
+    """Write the demo app and record what a page needs to know in manifest.model["web"]: where the runtime is,
+    which entry file and EP, the graphs to load, the onnxruntime-web version and the download size of each
+    graph and of the runtime."""
     from evsam_export.web import CROSS_ORIGIN_ISOLATION_HEADERS, WEB_RUNTIME_DIR
     from evsam_export.web.dist import BUNDLES
 
@@ -214,7 +230,10 @@ def finish(folder: Path, manifest: Manifest) -> None:
     provider = web[0].settings["execution_provider"]
     runtime_bytes = sum((Path(folder) / WEB_RUNTIME_DIR / name).stat().st_size for name in BUNDLES[provider])
     graphs = {a.id: a.facts["download_bytes"] for a in web}
-    latest = {a.component: a.id for a in web}  # what a page loads: the newest graph of each component
+    latest = {a.component: a.id for a in web}  # the newest graph of each component
+    # What a page loads: the split decoder's halves in place of the single graph when both are here.
+    split = all(half in latest for half in SPLIT_DECODER)
+    loaded = [c for c in latest if c not in ((DECODER,) if split else SPLIT_DECODER)]
     manifest.model["web"] = {
         "runtime": "onnxruntime-web",
         "ort_web_version": web[0].facts["ort_web_version"],
@@ -223,7 +242,10 @@ def finish(folder: Path, manifest: Manifest) -> None:
         "execution_provider": provider,
         "encoder": latest.get("encoder"),
         "decoder": latest.get("decoder"),
+        # The split decoder's halves, which the demo app loads instead of the single graph when both are here.
+        **({c: latest[c] for c in SPLIT_DECODER} if split else {}),
+        "app": write_app(Path(folder)),
         "download_bytes": {"runtime": runtime_bytes, **graphs,
-                           "total": runtime_bytes + sum(graphs[latest[c]] for c in latest)},
+                           "total": runtime_bytes + sum(graphs[latest[c]] for c in loaded)},
         "headers_for_threads": CROSS_ORIGIN_ISOLATION_HEADERS,
     }

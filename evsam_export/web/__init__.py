@@ -6,6 +6,8 @@ A folder built by the `web` target (`run web-wasm -v l0 -o X`) holds everything 
       manifest.json                  artifacts (target "web"), runtime onnxruntime-web, its version, download sizes
       encoder.web.fp32.onnx          the graphs a page fetches (standard ONNX ops only; no com.microsoft fusions)
       decoder.web.int8.onnx
+      index.html                     the demo app (open it through `evsam-export serve X`): image, clicks, mask
+      app/app.js, worker.js, sam.js  its page script, its Web Worker (onnxruntime-web) and the IO contract in JS
       ort-web/                       onnxruntime-web's files copied from the npm package (WEB_RUNTIME_DIR):
         ort.wasm.min.mjs             the JS entry (ort.webgpu.min.mjs for the WebGPU recipe)
         ort-wasm-simd-threaded.mjs   the WASM module's loader and binary the entry imports
@@ -20,10 +22,15 @@ require-corp` (CROSS_ORIGIN_ISOLATION_HEADERS); without them onnxruntime-web sil
 
 Modules: `dist` finds the onnxruntime-web npm package, `browser` drives Debian's Chromium with Playwright,
 `server` is the small 127.0.0.1 file server with those headers (a page's files and the runner's tensors go
-through it), `assets/runner.html` is the page the browser runner loads.
+through it; `evsam-export serve` uses it too), `assets/runner.html` is the page the browser runner loads.
 """
 
+from pathlib import Path
+
 WEB_RUNTIME_DIR = "ort-web"
+# The demo app: index.html goes to the folder's root, its scripts into APP_DIR.
+APP_DIR = "app"
+APP_ASSETS = Path(__file__).parent / "assets" / "app"
 
 # Response headers that make a page cross-origin isolated (SharedArrayBuffer, so WASM threads).
 CROSS_ORIGIN_ISOLATION_HEADERS = {

@@ -23,10 +23,13 @@ CONTENT_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "
 class _Handler(SimpleHTTPRequestHandler):
     mounts: dict[str, Path] = {}
     blobs: dict[str, bytes | bytearray] = {}
+    accept_blobs = True
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **CONTENT_TYPES}
 
     def translate_path(self, path: str) -> str:
         path = unquote(urlsplit(path).path)
+        if path.endswith("/"):
+            path += "index.html"
         for prefix, folder in sorted(self.mounts.items(), key=lambda item: -len(item[0])):
             if path.startswith(prefix):
                 file = (folder / path[len(prefix):]).resolve()
@@ -47,7 +50,7 @@ class _Handler(SimpleHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:
-        if not self.path.startswith(BLOB_PREFIX):
+        if not self.accept_blobs or not self.path.startswith(BLOB_PREFIX):
             return self.send_error(405)
         # A bytearray, so the arrays a runner builds on it are writable like any runtime's outputs.
         body = bytearray(int(self.headers.get("Content-Length", 0)))
@@ -76,11 +79,14 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class FolderServer:
-    """Serve `mounts` (URL prefix "/ort-web/" -> folder) on 127.0.0.1:`port` (0: any free port) until close()."""
+    """Serve `mounts` (URL prefix "/ort-web/" -> folder; a URL ending in "/" serves its index.html) on
+    `host`:`port` (0: any free port) until close(). accept_blobs=False refuses POSTs: `serve` holds no tensors.
+    A port in use raises OSError (errno EADDRINUSE) from the constructor."""
 
-    def __init__(self, mounts: dict[str, Path], port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, mounts: dict[str, Path], port: int = 0, host: str = "127.0.0.1", accept_blobs: bool = True) -> None:
         self.blobs: dict[str, bytes | bytearray] = {}
-        handler = type("MountedHandler", (_Handler,), {"mounts": {p: Path(f).resolve() for p, f in mounts.items()}, "blobs": self.blobs})
+        handler = type("MountedHandler", (_Handler,), {"mounts": {p: Path(f).resolve() for p, f in mounts.items()}, "blobs": self.blobs,
+                                                       "accept_blobs": accept_blobs})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="evsam-web-server", daemon=True)

@@ -1,0 +1,84 @@
+"""`evsam-export serve DIR`: the web folder's demo app on localhost, with the headers WASM threads need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evsam_export.cli.common import DebugOption, run_guarded
+from evsam_export.cli.root import app
+
+WEB_RECIPE_HINT = "build one with `evsam-export run web-wasm -v l0 -o DIR`"
+
+
+def check_web_folder(folder: Path) -> None:
+    """Refuse, in one line with the fix, a folder `serve` cannot show: missing, no manifest, no web artifacts."""
+    import json
+
+    from evsam_export.errors import ArtifactError, UsageError
+    from evsam_export.manifest import MANIFEST_NAME
+
+    if not folder.is_dir():
+        raise UsageError(f"no folder {folder}", hint=f"give a web artifact folder; {WEB_RECIPE_HINT}")
+    try:
+        web = json.loads((folder / MANIFEST_NAME).read_text()).get("model", {}).get("web")
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder} has no {MANIFEST_NAME}, so no web artifacts", hint=WEB_RECIPE_HINT) from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {folder / MANIFEST_NAME}: {exc}", hint="re-run the recipe that made the folder") from None
+    if not web:
+        raise ArtifactError(f"{folder} has no web artifacts (its manifest has no onnxruntime-web graphs)", hint=WEB_RECIPE_HINT)
+    if not (folder / "index.html").is_file():
+        raise ArtifactError(f"{folder} has web artifacts but no index.html (built before the demo app existed)",
+                            hint=f"rebuild it: {WEB_RECIPE_HINT}")
+
+
+def start_server(folder: Path, host: str, port: int):
+    """A FolderServer for the folder (no tensor POSTs); a port in use is a one-line UsageError."""
+    import errno
+    import socket
+
+    from evsam_export.errors import UsageError
+    from evsam_export.web.server import FolderServer
+
+    try:
+        return FolderServer({"/": folder}, port=port, host=host, accept_blobs=False)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use", hint="pick another with --port N, or --port 0 for any free port") from None
+        if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+            raise UsageError(f"cannot listen on {host}: {exc.strerror or exc}", hint="use --host 127.0.0.1") from None
+        raise
+
+
+@app.command("serve")
+def serve_command(
+    folder: Annotated[Path, typer.Argument(help="A web artifact folder (from `run web-wasm` or `run web-webgpu`).")],
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in the default browser.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Serve the folder's demo app (index.html) with the cross-origin isolation headers multi-threaded WASM
+    needs, print its URL and run until Ctrl-C."""
+
+    def body() -> None:
+        import threading
+
+        check_web_folder(folder)
+        server = start_server(folder, host, port)
+        try:
+            typer.echo(f"serving {folder} at {server.origin}/ (Ctrl-C to stop)")
+            if open_browser:
+                import webbrowser
+
+                webbrowser.open(f"{server.origin}/")
+            threading.Event().wait()  # until Ctrl-C or a stop signal
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) is how serving ends: not an error
+            typer.echo("stopped")
+        finally:
+            server.close()
+
+    run_guarded(debug, body)
