@@ -38,12 +38,14 @@ DEFAULT_PREFER = TARGETS
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
 
 # Memory per prompt-set chunk (docs/benchmarks.md, "predict: peak memory per prompt batch"): the default
-# budget keeps a chunk to a few prompt sets, enough to amortise each decoder call, far from a small machine's RAM.
-DEFAULT_MEMORY_BUDGET_MIB = 512
+# budget runs an app's batch of 16 boxes as one decoder call (1.12x faster than two calls of 8, docs/benchmarks.md
+# "Session 9: prompt speed"), far from a small machine's RAM.
+DEFAULT_MEMORY_BUDGET_MIB = 1024
 # The decoder's own working memory per prompt set (two-way transformer over the 64x64 image tokens and the
 # upscaling convolutions), measured with ONNX Runtime on CPU; the same for every variant (one decoder design).
 DECODER_MIB_PER_PROMPT_SET = 48
 # Host post-processing per candidate mask: the 1024x1024 float32 upscale and its interpolation temporaries.
+# The numpy path holds them for every candidate of a chunk, the OpenCV path for one mask at a time.
 HOST_MIB_PER_CANDIDATE = 16
 # The final resize to the original size runs in row bands of about this many bytes of float temporaries,
 # so a 12000x12000 photo costs its boolean masks plus one band, not several float copies of the image.
@@ -231,7 +233,10 @@ def _mask_feed(mask_input, batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prompt_sets_per_chunk(memory_budget_mib: float, candidates: int) -> int:
-    """How many prompt sets one decoder call plus its host post-processing may take within the budget (>= 1)."""
+    """How many prompt sets one decoder call plus its host post-processing of `candidates` masks each may take
+    within the budget (>= 1)."""
+    if candidates and processing.opencv() is not None:  # one mask's temporaries whatever the chunk size
+        return max(1, int((memory_budget_mib - HOST_MIB_PER_CANDIDATE) // DECODER_MIB_PER_PROMPT_SET))
     per_prompt_set = DECODER_MIB_PER_PROMPT_SET + HOST_MIB_PER_CANDIDATE * candidates
     return max(1, int(memory_budget_mib // per_prompt_set))
 
@@ -265,20 +270,37 @@ def postprocess_into(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarr
         out[..., rows, :] = logits if out.dtype != bool else processing.binarize(logits)
 
 
+def frame_crop_source(input_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the 256x256 low-res logits that the 1024 frame's crop [:h, :w] reads: bilinear x4 with
+    half-pixel centres maps output n to source (n + 0.5) / 4 - 0.5, so the crop needs rows below ceil(h / 4) + 1."""
+    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
+    return tuple(min(LOW_RES_MASK_SIZE, -(-int(n) // scale) + 1) for n in input_size)
+
+
 def _postprocess_into_opencv(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int) -> None:
-    """postprocess_into with OpenCV, one mask at a time: cv2.resize to the 1024 frame, crop, cv2.resize of the
-    crop's width only (its height kept, so OpenCV moves columns alone), then numpy's exact row blend in bands.
-    Within 4e-4 of the numpy reference (processing.resize_bilinear_fast); the band size never changes a value."""
+    """postprocess_into with OpenCV, one mask at a time: cv2.resize of only the low-res rows and columns the
+    crop reads (frame_crop_source) by the frame's factor of 4, so the crop comes out without the rest of the
+    1024 frame, then cv2.resize of the crop's width only (its height kept, so OpenCV moves columns alone),
+    then numpy's exact row blend in bands. Within 4e-4 of the numpy reference (processing.resize_bilinear_fast);
+    the band size never changes a value."""
+    cv2 = processing.opencv()
     new_h, new_w = geometry.input_size
     height, width = geometry.original_size
+    source_h, source_w = frame_crop_source(geometry.input_size)
+    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
     rows0, rows1, row_weight = processing._bilinear_axis(new_h, height)
     band = max(1, band_bytes // (2 * 4 * width))  # two float32 rows per output row
+    low_res = np.asarray(low_res, dtype=np.float32)
     for index in np.ndindex(low_res.shape[:-2]):
-        frame = processing.resize_bilinear_fast(low_res[index], PROMPT_FRAME, PROMPT_FRAME)[:new_h, :new_w]
+        source = low_res[index][:source_h, :source_w]
+        frame = cv2.resize(source, (source_w * scale, source_h * scale), interpolation=cv2.INTER_LINEAR)[:new_h, :new_w]
         # A bilinear resize to the same width moves no column (all weights 0): skip the copy.
-        widened = frame if width == new_w else processing.resize_bilinear_fast(frame, new_h, width)
+        widened = frame if width == new_w else cv2.resize(frame, (width, new_h), interpolation=cv2.INTER_LINEAR)
         if height == new_h:  # a bilinear resize to the same height moves no row (all row weights are 0)
-            out[index] = widened if out.dtype != bool else processing.binarize(widened)
+            if out.dtype == bool:
+                np.greater(widened, processing.MASK_THRESHOLD, out=out[index])
+            else:
+                out[index] = widened
             continue
         for start in range(0, height, band):
             rows = slice(start, min(start + band, height))
@@ -403,7 +425,7 @@ class Predictor:
     """SAM-style predictor over an evsam-export artifact folder (no torch).
 
     Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None,
-              memory_budget_mib=512, max_prompt_batch=None)
+              memory_budget_mib=1024, max_prompt_batch=None)
 
     encoder / decoder: artifact ids from manifest.json (e.g. "encoder.ort.int8"); by default the folder's
     recommended pair (written by `run cpu-auto`), else the fp32 artifacts, by target in `prefer` order, skipping
