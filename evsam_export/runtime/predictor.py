@@ -375,11 +375,30 @@ def choose_artifact(manifest: Manifest, component: str, named: str | None, prefe
     return min(candidates, key=rank)
 
 
+def gated_decoder_stages(folder: Path | None) -> dict[str, bool]:
+    """Decoder artifact id -> whether its decoder stage passed, from the folder's parity.json (written by
+    `evsam-export validate DIR` and by a recipe's validate step); {} when there is none."""
+    import json
+
+    path = None if folder is None else Path(folder) / "parity.json"
+    if path is None or not path.is_file():
+        return {}
+    try:
+        stages = json.loads(path.read_text()).get("stages", [])
+        return {s["artifact"]: bool(s["passed"]) for s in stages if s.get("stage") == "decoder"}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | None, prefer: Sequence[str],
-                         cache: dict | None = None) -> tuple[Artifact, Artifact] | None:
-    """(image half, prompt half) of the split decoder exported beside `decoder`, when `wanted` is not False and
-    both are runnable here; `wanted=True` refuses in one line when they are not."""
-    from evsam_export.runners.split_decoder import split_pair_of
+                         cache: dict | None = None, folder: Path | None = None,
+                         chosen: dict | None = None) -> tuple[Artifact, Artifact] | None:
+    """(image half, prompt half) of the split decoder beside `decoder`, when `wanted` is not False and both are
+    runnable here; `wanted=True` refuses in one line when they are not. The export's own pair is exact by its
+    export check; a pair a recipe step built (pipeline/split_lowering.py) runs only once the folder's
+    parity.json says it passed its decoder stage, else the decoder runs as one graph. `chosen["split_decoder"]`
+    says which pair ran, or why none did."""
+    from evsam_export.runners.split_decoder import split_artifact, split_pair_of
 
     if wanted is not None and not isinstance(wanted, (bool, np.bool_)):
         raise UsageError(f"split_decoder must be True, False or None, got {type(wanted).__name__}")
@@ -395,9 +414,15 @@ def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | N
     tokens = contract.artifact_spec(decoder).mask_tokens
     if pair is not None and contract.artifact_spec(pair[1]).mask_tokens != tokens:
         reason = f"{pair[1].id} returns {contract.artifact_spec(pair[1]).mask_tokens} mask tokens, {decoder.id} {tokens}"
+    if pair is not None and not reason and pair[1].step != "export":
+        pair_id = split_artifact(*pair).id
+        if not gated_decoder_stages(folder).get(pair_id, False):
+            reason = f"{pair_id} has no passing decoder stage in {'parity.json' if folder is None else Path(folder) / 'parity.json'}"
     if reason and wanted:
         raise UsageError(f"split_decoder=True, but {reason}",
                          hint="re-export (the split decoder is on by default) or pass split_decoder=None")
+    if chosen is not None:
+        chosen["split_decoder"] = reason or "beside the decoder" + ("" if pair[1].step == "export" else ", gated in parity.json")
     return None if reason else pair
 
 
@@ -463,7 +488,9 @@ class Predictor:
         self.choice: dict[str, str] = {}  # component -> named | recommended | ranked (...)
         encoder_artifact = choose_artifact(manifest, "encoder", encoder, prefer, cache, self.choice)
         decoder_artifact = choose_artifact(manifest, "decoder", decoder, prefer, cache, self.choice)
-        split = choose_split_decoder(manifest, decoder_artifact, split_decoder, prefer, cache)
+        split_why: dict[str, str] = {}
+        split = choose_split_decoder(manifest, decoder_artifact, split_decoder, prefer, cache, self.folder, split_why)
+        self.split_choice = split_why.get("split_decoder", "not wanted (split_decoder=False)")
         # The single graph is not loaded (nor needed) when its split pair runs in its place.
         for artifact in (encoder_artifact, *(split or (decoder_artifact,))):
             verify_artifact_file(self.folder, artifact)
@@ -482,6 +509,7 @@ class Predictor:
         predictor = cls.__new__(cls)
         predictor.folder = None
         predictor.choice = {"encoder": "named", "decoder": "named"}
+        predictor.split_choice = "the caller's decoder runner"
         runners = {encoder_artifact.id: encoder_runner, decoder_artifact.id: decoder_runner}
         predictor._attach(manifest, encoder_artifact, decoder_artifact, lambda artifact: runners[artifact.id],
                           memory_budget_mib, max_prompt_batch)
@@ -565,6 +593,7 @@ class Predictor:
             "choice": dict(self.choice),  # why these two: named, the folder's recommended pair, or the default ranking
             # The split pair that runs in the decoder's place (image half once per image), or None: the single graph.
             "split_decoder": None if self.split_artifacts is None else [a.id for a in self.split_artifacts],
+            "split_decoder_choice": self.split_choice,  # why that pair ran, or why none did
             "decoder_profile": self.decoder_profile,
             "mask_tokens": contract.ALL_TOKENS if self.num_tokens == NUM_MASK_TOKENS else contract.TOKEN0_ONLY,
             # Host upscaling: OpenCV when installed (within 4e-4 of the numpy reference), else numpy, bit-exact.
