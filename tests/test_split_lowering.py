@@ -100,3 +100,23 @@ def test_a_step_that_cannot_lower_the_halves_says_so_and_builds_none(copy_export
     assert lower_split_pair(ctx, ort_target, None, lowered, [shipped]) == []
     assert shipped.facts["split_decoder"] == lowered.facts["split_decoder"]
     assert {a.component for a in read_manifest(folder).artifacts} >= set(contract.SPLIT_DECODER)
+
+
+@pytest.mark.slow
+def test_the_openvino_fp16_step_builds_the_halves_and_they_match(copy_export):
+    """OpenVINO IRs of the halves (fp16 storage), reported by their contract names (decoder_image's
+    layer0_image_queries port also carries an internal tensor name) and equal to the fp16 single graph."""
+    pytest.importorskip("openvino")
+    from evsam_export.targets import openvino as openvino_target
+
+    folder = copy_export("openvino-fp16")
+    manifest = read_manifest(folder)
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), threads=2)
+    settings = build_settings(openvino_target.Settings, {"precision": "fp16"}, "fp16")
+    parent = manifest.artifact("decoder.onnx.fp32")
+    built = list(openvino_target.build(ctx, parent, settings))
+    halves = lower_split_pair(ctx, openvino_target, settings, parent, built)
+    assert [a.id for a in halves] == ["decoder_image.openvino.fp16", "decoder_prompt.openvino.fp16"]
+    assert all(a.parent == "decoder.openvino.fp16" and (folder / a.extra_files[0]).is_file() for a in halves)
+    check = halves[1].facts["split_check"]
+    assert check["low_res_masks_max_abs"] <= check["tolerance"]["low_res_masks"]
