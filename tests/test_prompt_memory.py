@@ -101,10 +101,25 @@ def test_default_chunk_follows_the_budget(l0_export):
         multi = predictor_module.prompt_sets_per_chunk(predictor_module.DEFAULT_MEMORY_BUDGET_MIB, 3)
         assert default.prompt_chunk_size(False) == single
         assert default.prompt_chunk_size(True) == multi
-        assert single > multi >= 1  # three candidates per prompt set cost more host memory than one
+        assert single >= 16  # an app's batch of 16 boxes is one decoder call
+        assert single >= multi >= 1
 
 
-def test_prompt_sets_per_chunk_scales_with_budget():
+def test_host_memory_per_chunk_follows_the_upscale_path(monkeypatch):
+    budget = predictor_module.DEFAULT_MEMORY_BUDGET_MIB
+    per_set = predictor_module.DECODER_MIB_PER_PROMPT_SET
+    host = predictor_module.HOST_MIB_PER_CANDIDATE
+    monkeypatch.setattr(processing, "opencv", lambda: object())  # one mask's temporaries at a time
+    assert predictor_module.prompt_sets_per_chunk(budget, 1) == predictor_module.prompt_sets_per_chunk(budget, 3)
+    assert predictor_module.prompt_sets_per_chunk(budget, 3) == (budget - host) // per_set
+    monkeypatch.setattr(processing, "opencv", lambda: None)  # numpy upscales every candidate of the chunk
+    assert predictor_module.prompt_sets_per_chunk(budget, 1) > predictor_module.prompt_sets_per_chunk(budget, 3)
+    assert predictor_module.prompt_sets_per_chunk(budget, 3) == budget // (per_set + 3 * host)
+    assert predictor_module.prompt_sets_per_chunk(budget, 0) == budget // per_set
+
+
+def test_prompt_sets_per_chunk_scales_with_budget(monkeypatch):
+    monkeypatch.setattr(processing, "opencv", lambda: None)
     per_set = predictor_module.DECODER_MIB_PER_PROMPT_SET + predictor_module.HOST_MIB_PER_CANDIDATE
     assert predictor_module.prompt_sets_per_chunk(per_set * 10, 1) == 10
     assert predictor_module.prompt_sets_per_chunk(per_set * 10 - 1, 1) == 9
@@ -198,6 +213,29 @@ def test_postprocess_into_with_opencv_is_within_the_logit_tolerance_and_bands_jo
     for band_bytes in (1, 200_000):
         assert np.array_equal(_banded(low_res, geometry, band_bytes), whole)
     assert np.abs(whole - processing.postprocess_masks(low_res, geometry)).max() < 1e-3
+
+
+@pytest.mark.parametrize("original_size", [(768, 1024), (301, 467), (1, 900), (1023, 1), (1024, 1024)])
+def test_opencv_crop_of_the_frame_equals_the_whole_frame_cropped(original_size):
+    """Resizing only the low-res rows and columns the crop reads gives the cropped 1024 frame bit for bit."""
+    pytest.importorskip("cv2")
+    low_res = (3 * np.random.default_rng(2).standard_normal((2, 1, 256, 256))).astype(np.float32)
+    geometry = _geometry(original_size)
+    new_h, new_w = geometry.input_size
+    frame = processing.resize_bilinear_fast(low_res, 1024, 1024)[..., :new_h, :new_w]
+    expected = processing.resize_bilinear_fast(frame, *original_size) if original_size != (new_h, new_w) else frame
+    got = np.empty(low_res.shape[:-2] + original_size, np.float32)
+    predictor_module.postprocess_into(low_res, geometry, got)
+    if original_size[0] == new_h:  # no row blend: OpenCV's own values throughout
+        assert np.array_equal(got, expected)
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_frame_crop_source_reads_only_what_the_crop_needs():
+    # Output row 767 of the x4 frame reads source rows 191 and 192: 193 rows, all 256 columns.
+    assert predictor_module.frame_crop_source((768, 1024)) == (193, 256)
+    assert predictor_module.frame_crop_source((1, 1024)) == (2, 256)
+    assert predictor_module.frame_crop_source((1024, 1024)) == (256, 256)
 
 
 # ---------------------------------------------------------------------------------- runner output selection

@@ -148,7 +148,9 @@ def test_shipped_recipes_and_suites_are_package_data_behind_the_top_level_folder
     assert validators_dir() == (root / "evsam_export" / "validators").resolve() == (root / "validators").resolve()
 
 
-UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[validate]\nenabled = false\n'
+# Without the split decoder: these tests are about the cache, and its halves through the ORT step are
+# tests/test_split_lowering.py's.
+UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[export]\nsplit_decoder = false\n[validate]\nenabled = false\n'
 
 
 def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):

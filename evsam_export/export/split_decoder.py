@@ -5,6 +5,7 @@ half's manifest facts (`split_check`); a pair that misses is an export error, ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,46 +34,89 @@ def split_check_cases(prompt_spec: ComponentSpec) -> dict[str, dict[str, np.ndar
     return cases
 
 
-def check_split_pair(decoder_path: Path, image_path: Path, image_spec: ComponentSpec, prompt_path: Path,
-                     prompt_spec: ComponentSpec) -> dict:
-    """Max abs differences of the split pair against the single graph on split_check_cases; raises ExportError
-    beyond the fp32 decoder-stage gates of the default parity suite."""
-    from evsam_export.parity.suites import load_suite
-    from evsam_export.runners.ort_runner import OrtRunner
-    from evsam_export.runners.split_decoder import SplitDecoderRunner
+SPLIT_CHECK_OUTPUTS = (contract.LOW_RES_MASKS, contract.IOU_PREDICTIONS)
 
-    tolerance = load_suite("default").tolerance("fp32")
-    limits = {contract.LOW_RES_MASKS: tolerance.decoder_logit_max_abs, contract.IOU_PREDICTIONS: tolerance.iou_pred_max_abs}
-    wanted = list(limits)
-    image = OrtRunner(image_path, list(image_spec.inputs), list(image_spec.outputs), image_path.name)
-    prompt = OrtRunner(prompt_path, list(prompt_spec.inputs), list(prompt_spec.outputs), prompt_path.name)
+
+def single_graph_outputs(runner) -> Callable[[dict], dict[str, np.ndarray]]:
+    """SPLIT_CHECK_OUTPUTS of a loaded single-graph decoder runner for one split_check_cases entry."""
+    return lambda semantic: runner.infer(contract.decoder_feeds(runner, original_size=contract.SAMPLE_ORIGINAL_SIZE, **semantic),
+                                         outputs=list(SPLIT_CHECK_OUTPUTS))
+
+
+def split_pair_differences(run_single: Callable[[dict], dict[str, np.ndarray]], split, prompt_spec: ComponentSpec) -> dict[str, float]:
+    """Max abs differences of the loaded split-pair runner `split` against the single graph (`run_single` of a
+    split_check_cases entry) on split_check_cases (low_res_masks, iou_predictions)."""
+    wanted = list(SPLIT_CHECK_OUTPUTS)
     worst = dict.fromkeys(wanted, 0.0)
-    import onnxruntime as ort
+    for semantic in split_check_cases(prompt_spec).values():
+        # The case keys are the contract's tensor names, which are also decoder_feeds' argument names.
+        expected = run_single(semantic)
+        got = split.infer(contract.decoder_feeds(split, **semantic), outputs=wanted)
+        for name in wanted:
+            if got[name].shape != expected[name].shape:
+                raise ExportError(f"split decoder: {name} shape {list(got[name].shape)} "
+                                  f"!= the single graph's {list(expected[name].shape)}")
+            difference = np.abs(got[name].astype(np.float32) - expected[name].astype(np.float32))
+            worst[name] = max(worst[name], float(np.max(difference)))
+    return worst
 
-    with SplitDecoderRunner(image, prompt) as split:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        single = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
-        single_inputs = [i.name for i in single.get_inputs()]
-        for semantic in split_check_cases(prompt_spec).values():
-            # The case keys are the contract's tensor names, which are also decoder_feeds' argument names.
-            expected = dict(zip(wanted, single.run(wanted, contract.decoder_feeds(
-                single_inputs, original_size=contract.SAMPLE_ORIGINAL_SIZE, **semantic))))
-            got = split.infer(contract.decoder_feeds(split, **semantic), outputs=wanted)
-            for name in wanted:
-                if got[name].shape != expected[name].shape:
-                    raise ExportError(f"split decoder: {name} shape {list(got[name].shape)} "
-                                      f"!= the single graph's {list(expected[name].shape)}")
-                worst[name] = max(worst[name], float(np.max(np.abs(got[name] - expected[name]))))
-    failed = [f"{name} differs by {worst[name]:.2e} (> {limits[name]:g})" for name in wanted if not worst[name] <= limits[name]]
-    if failed:
-        raise ExportError("split decoder does not match the single-graph decoder: " + "; ".join(failed),
-                          hint="export with --no-split-decoder and report the difference")
+
+def split_check_limits(precision: str) -> tuple[dict[str, float], str]:
+    """The default parity suite's decoder-stage limits for `precision` (logit and IoU-score max abs diff), and
+    the table they come from: fp32's where that precision's table has none (it gates masks by IoU only), so
+    a pair must match its own single graph as closely as an fp32 decoder matches PyTorch."""
+    from evsam_export.parity.suites import load_suite
+
+    suite = load_suite("default")
+    for table in (precision, "fp32"):
+        tolerance = suite.tolerance(table)
+        limits = {contract.LOW_RES_MASKS: tolerance.decoder_logit_max_abs, contract.IOU_PREDICTIONS: tolerance.iou_pred_max_abs}
+        if None not in limits.values():
+            return limits, table
+    raise ExportError("validators/default.toml has no fp32 decoder-stage logit and IoU-score limits")
+
+
+def split_check_facts(against: str, prompt_spec: ComponentSpec, worst: dict[str, float], limits: dict[str, float], table: str) -> dict:
     return {
-        "against": Path(decoder_path).name,
+        "against": against,
         "cases": list(split_check_cases(prompt_spec)),
         "low_res_masks_max_abs": worst[contract.LOW_RES_MASKS],
         "iou_predictions_max_abs": worst[contract.IOU_PREDICTIONS],
         "tolerance": {"low_res_masks": limits[contract.LOW_RES_MASKS], "iou_predictions": limits[contract.IOU_PREDICTIONS],
-                      "source": "validators/default.toml [tolerances.fp32] decoder stage"},
+                      "source": f"validators/default.toml [tolerances.{table}] decoder stage"},
     }
+
+
+def split_check_misses(worst: dict[str, float], limits: dict[str, float]) -> list[str]:
+    return [f"{name} differs by {worst[name]:.2e} (> {limits[name]:g})" for name in limits if not worst[name] <= limits[name]]
+
+
+def check_split_pair(decoder_path: Path, image_path: Path, image_spec: ComponentSpec, prompt_path: Path,
+                     prompt_spec: ComponentSpec) -> dict:
+    """Max abs differences of the split pair against the single graph on split_check_cases; raises ExportError
+    beyond the fp32 decoder-stage gates of the default parity suite."""
+    import onnxruntime as ort
+
+    from evsam_export.runners.ort_runner import OrtRunner
+    from evsam_export.runners.split_decoder import SplitDecoderRunner
+
+    limits, table = split_check_limits("fp32")
+    image = OrtRunner(image_path, list(image_spec.inputs), list(image_spec.outputs), image_path.name)
+    prompt = OrtRunner(prompt_path, list(prompt_spec.inputs), list(prompt_spec.outputs), prompt_path.name)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    single = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
+    single_inputs = [i.name for i in single.get_inputs()]
+    wanted = list(SPLIT_CHECK_OUTPUTS)
+
+    def run_single(semantic: dict) -> dict[str, np.ndarray]:
+        feeds = contract.decoder_feeds(single_inputs, original_size=contract.SAMPLE_ORIGINAL_SIZE, **semantic)
+        return dict(zip(wanted, single.run(wanted, feeds)))
+
+    with SplitDecoderRunner(image, prompt) as split:
+        worst = split_pair_differences(run_single, split, prompt_spec)
+    failed = split_check_misses(worst, limits)
+    if failed:
+        raise ExportError("split decoder does not match the single-graph decoder: " + "; ".join(failed),
+                          hint="export with --no-split-decoder and report the difference")
+    return split_check_facts(Path(decoder_path).name, prompt_spec, worst, limits, table)

@@ -75,6 +75,8 @@ def step_payload(step: Step, parent_sha: str | None, versions: dict, suite_hash:
         # the files, not only the name: editing the annotations, adding or rewriting an image must rebuild the step
         source = Path(step.settings["calibration_data"]).expanduser()
         payload["calibration_data"] = (AnnotationSet(source) if source.is_file() else ImageFolder(source)).fingerprint()
+    if step.component == "decoder":  # the step also builds the split decoder's halves (pipeline/split_lowering.py)
+        payload["split_lowering"] = module_code_hash("evsam_export.pipeline.split_lowering")
     if step.module == "evsam_export.targets.tensorrt":
         # an engine belongs to the GPU and TensorRT that built it; a kit to a machine that could not build
         payload["device"] = _tensorrt_device()
@@ -295,9 +297,12 @@ def _run_step(step: Step, ctx, parent, variant, checkpoint, options, load_model,
     if step.name == "export":
         # no local name for the model: export_components frees it before simplifying (export memory)
         return export_components(load_model(variant, checkpoint)[0], variant, ctx.folder, options, ctx.reporter)
+    from evsam_export.pipeline.split_lowering import lower_split_pair
+
     module = importlib.import_module(step.module)
     settings = build_settings(importlib.import_module(step.module).Settings, step.settings, step.precision)
-    return list(module.build(ctx, parent, settings))
+    built = list(module.build(ctx, parent, settings))
+    return built + lower_split_pair(ctx, module, settings, parent, built) if step.component == "decoder" else built
 
 
 def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_hash: str, cache: StepCache, reporter, versions):

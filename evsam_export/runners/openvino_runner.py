@@ -78,7 +78,11 @@ class OpenVINORunner(Runner):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(feeds)
-        return {port.get_any_name(): np.asarray(value) for port, value in results.items()}
+        # A port can carry several tensor names (decoder_image's layer0_image_queries is also an internal
+        # Transpose's output), and get_any_name() may return either: report it by its contract name.
+        declared = {spec.name for spec in self.outputs}
+        return {next((n for n in sorted(port.get_names()) if n in declared), port.get_any_name()): np.asarray(value)
+                for port, value in results.items()}
 
     def _close(self) -> None:
         from evsam_export import signal_stack

@@ -38,12 +38,14 @@ DEFAULT_PREFER = TARGETS
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
 
 # Memory per prompt-set chunk (docs/benchmarks.md, "predict: peak memory per prompt batch"): the default
-# budget keeps a chunk to a few prompt sets, enough to amortise each decoder call, far from a small machine's RAM.
-DEFAULT_MEMORY_BUDGET_MIB = 512
+# budget runs an app's batch of 16 boxes as one decoder call (1.12x faster than two calls of 8, docs/benchmarks.md
+# "Session 9: prompt speed"), far from a small machine's RAM.
+DEFAULT_MEMORY_BUDGET_MIB = 1024
 # The decoder's own working memory per prompt set (two-way transformer over the 64x64 image tokens and the
 # upscaling convolutions), measured with ONNX Runtime on CPU; the same for every variant (one decoder design).
 DECODER_MIB_PER_PROMPT_SET = 48
 # Host post-processing per candidate mask: the 1024x1024 float32 upscale and its interpolation temporaries.
+# The numpy path holds them for every candidate of a chunk, the OpenCV path for one mask at a time.
 HOST_MIB_PER_CANDIDATE = 16
 # The final resize to the original size runs in row bands of about this many bytes of float temporaries,
 # so a 12000x12000 photo costs its boolean masks plus one band, not several float copies of the image.
@@ -231,7 +233,10 @@ def _mask_feed(mask_input, batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prompt_sets_per_chunk(memory_budget_mib: float, candidates: int) -> int:
-    """How many prompt sets one decoder call plus its host post-processing may take within the budget (>= 1)."""
+    """How many prompt sets one decoder call plus its host post-processing of `candidates` masks each may take
+    within the budget (>= 1)."""
+    if candidates and processing.opencv() is not None:  # one mask's temporaries whatever the chunk size
+        return max(1, int((memory_budget_mib - HOST_MIB_PER_CANDIDATE) // DECODER_MIB_PER_PROMPT_SET))
     per_prompt_set = DECODER_MIB_PER_PROMPT_SET + HOST_MIB_PER_CANDIDATE * candidates
     return max(1, int(memory_budget_mib // per_prompt_set))
 
@@ -265,20 +270,37 @@ def postprocess_into(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarr
         out[..., rows, :] = logits if out.dtype != bool else processing.binarize(logits)
 
 
+def frame_crop_source(input_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the 256x256 low-res logits that the 1024 frame's crop [:h, :w] reads: bilinear x4 with
+    half-pixel centres maps output n to source (n + 0.5) / 4 - 0.5, so the crop needs rows below ceil(h / 4) + 1."""
+    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
+    return tuple(min(LOW_RES_MASK_SIZE, -(-int(n) // scale) + 1) for n in input_size)
+
+
 def _postprocess_into_opencv(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int) -> None:
-    """postprocess_into with OpenCV, one mask at a time: cv2.resize to the 1024 frame, crop, cv2.resize of the
-    crop's width only (its height kept, so OpenCV moves columns alone), then numpy's exact row blend in bands.
-    Within 4e-4 of the numpy reference (processing.resize_bilinear_fast); the band size never changes a value."""
+    """postprocess_into with OpenCV, one mask at a time: cv2.resize of only the low-res rows and columns the
+    crop reads (frame_crop_source) by the frame's factor of 4, so the crop comes out without the rest of the
+    1024 frame, then cv2.resize of the crop's width only (its height kept, so OpenCV moves columns alone),
+    then numpy's exact row blend in bands. Within 4e-4 of the numpy reference (processing.resize_bilinear_fast);
+    the band size never changes a value."""
+    cv2 = processing.opencv()
     new_h, new_w = geometry.input_size
     height, width = geometry.original_size
+    source_h, source_w = frame_crop_source(geometry.input_size)
+    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
     rows0, rows1, row_weight = processing._bilinear_axis(new_h, height)
     band = max(1, band_bytes // (2 * 4 * width))  # two float32 rows per output row
+    low_res = np.asarray(low_res, dtype=np.float32)
     for index in np.ndindex(low_res.shape[:-2]):
-        frame = processing.resize_bilinear_fast(low_res[index], PROMPT_FRAME, PROMPT_FRAME)[:new_h, :new_w]
+        source = low_res[index][:source_h, :source_w]
+        frame = cv2.resize(source, (source_w * scale, source_h * scale), interpolation=cv2.INTER_LINEAR)[:new_h, :new_w]
         # A bilinear resize to the same width moves no column (all weights 0): skip the copy.
-        widened = frame if width == new_w else processing.resize_bilinear_fast(frame, new_h, width)
+        widened = frame if width == new_w else cv2.resize(frame, (width, new_h), interpolation=cv2.INTER_LINEAR)
         if height == new_h:  # a bilinear resize to the same height moves no row (all row weights are 0)
-            out[index] = widened if out.dtype != bool else processing.binarize(widened)
+            if out.dtype == bool:
+                np.greater(widened, processing.MASK_THRESHOLD, out=out[index])
+            else:
+                out[index] = widened
             continue
         for start in range(0, height, band):
             rows = slice(start, min(start + band, height))
@@ -353,11 +375,30 @@ def choose_artifact(manifest: Manifest, component: str, named: str | None, prefe
     return min(candidates, key=rank)
 
 
+def gated_decoder_stages(folder: Path | None) -> dict[str, bool]:
+    """Decoder artifact id -> whether its decoder stage passed, from the folder's parity.json (written by
+    `evsam-export validate DIR` and by a recipe's validate step); {} when there is none."""
+    import json
+
+    path = None if folder is None else Path(folder) / "parity.json"
+    if path is None or not path.is_file():
+        return {}
+    try:
+        stages = json.loads(path.read_text()).get("stages", [])
+        return {s["artifact"]: bool(s["passed"]) for s in stages if s.get("stage") == "decoder"}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | None, prefer: Sequence[str],
-                         cache: dict | None = None) -> tuple[Artifact, Artifact] | None:
-    """(image half, prompt half) of the split decoder exported beside `decoder`, when `wanted` is not False and
-    both are runnable here; `wanted=True` refuses in one line when they are not."""
-    from evsam_export.runners.split_decoder import split_pair_of
+                         cache: dict | None = None, folder: Path | None = None,
+                         chosen: dict | None = None) -> tuple[Artifact, Artifact] | None:
+    """(image half, prompt half) of the split decoder beside `decoder`, when `wanted` is not False and both are
+    runnable here; `wanted=True` refuses in one line when they are not. The export's own pair is exact by its
+    export check; a pair a recipe step built (pipeline/split_lowering.py) runs only once the folder's
+    parity.json says it passed its decoder stage, else the decoder runs as one graph. `chosen["split_decoder"]`
+    says which pair ran, or why none did."""
+    from evsam_export.runners.split_decoder import split_artifact, split_pair_of
 
     if wanted is not None and not isinstance(wanted, (bool, np.bool_)):
         raise UsageError(f"split_decoder must be True, False or None, got {type(wanted).__name__}")
@@ -373,9 +414,15 @@ def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | N
     tokens = contract.artifact_spec(decoder).mask_tokens
     if pair is not None and contract.artifact_spec(pair[1]).mask_tokens != tokens:
         reason = f"{pair[1].id} returns {contract.artifact_spec(pair[1]).mask_tokens} mask tokens, {decoder.id} {tokens}"
+    if pair is not None and not reason and pair[1].step != "export":
+        pair_id = split_artifact(*pair).id
+        if not gated_decoder_stages(folder).get(pair_id, False):
+            reason = f"{pair_id} has no passing decoder stage in {'parity.json' if folder is None else Path(folder) / 'parity.json'}"
     if reason and wanted:
         raise UsageError(f"split_decoder=True, but {reason}",
                          hint="re-export (the split decoder is on by default) or pass split_decoder=None")
+    if chosen is not None:
+        chosen["split_decoder"] = reason or "beside the decoder" + ("" if pair[1].step == "export" else ", gated in parity.json")
     return None if reason else pair
 
 
@@ -403,7 +450,7 @@ class Predictor:
     """SAM-style predictor over an evsam-export artifact folder (no torch).
 
     Predictor(folder, encoder=None, decoder=None, prefer=("ort", "onnx", "openvino", "tensorrt"), threads=None,
-              memory_budget_mib=512, max_prompt_batch=None)
+              memory_budget_mib=1024, max_prompt_batch=None)
 
     encoder / decoder: artifact ids from manifest.json (e.g. "encoder.ort.int8"); by default the folder's
     recommended pair (written by `run cpu-auto`), else the fp32 artifacts, by target in `prefer` order, skipping
@@ -441,7 +488,9 @@ class Predictor:
         self.choice: dict[str, str] = {}  # component -> named | recommended | ranked (...)
         encoder_artifact = choose_artifact(manifest, "encoder", encoder, prefer, cache, self.choice)
         decoder_artifact = choose_artifact(manifest, "decoder", decoder, prefer, cache, self.choice)
-        split = choose_split_decoder(manifest, decoder_artifact, split_decoder, prefer, cache)
+        split_why: dict[str, str] = {}
+        split = choose_split_decoder(manifest, decoder_artifact, split_decoder, prefer, cache, self.folder, split_why)
+        self.split_choice = split_why.get("split_decoder", "not wanted (split_decoder=False)")
         # The single graph is not loaded (nor needed) when its split pair runs in its place.
         for artifact in (encoder_artifact, *(split or (decoder_artifact,))):
             verify_artifact_file(self.folder, artifact)
@@ -460,6 +509,7 @@ class Predictor:
         predictor = cls.__new__(cls)
         predictor.folder = None
         predictor.choice = {"encoder": "named", "decoder": "named"}
+        predictor.split_choice = "the caller's decoder runner"
         runners = {encoder_artifact.id: encoder_runner, decoder_artifact.id: decoder_runner}
         predictor._attach(manifest, encoder_artifact, decoder_artifact, lambda artifact: runners[artifact.id],
                           memory_budget_mib, max_prompt_batch)
@@ -543,6 +593,7 @@ class Predictor:
             "choice": dict(self.choice),  # why these two: named, the folder's recommended pair, or the default ranking
             # The split pair that runs in the decoder's place (image half once per image), or None: the single graph.
             "split_decoder": None if self.split_artifacts is None else [a.id for a in self.split_artifacts],
+            "split_decoder_choice": self.split_choice,  # why that pair ran, or why none did
             "decoder_profile": self.decoder_profile,
             "mask_tokens": contract.ALL_TOKENS if self.num_tokens == NUM_MASK_TOKENS else contract.TOKEN0_ONLY,
             # Host upscaling: OpenCV when installed (within 4e-4 of the numpy reference), else numpy, bit-exact.

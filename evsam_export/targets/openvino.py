@@ -32,6 +32,9 @@ from evsam_export.precision.nncf_int8 import (  # noqa: F401  (the target's INT8
 )
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+# The decoder precisions at which this step also converts the split decoder's halves (pipeline/split_lowering.py):
+# an IR of the same ONNX at fp32, fp16 storage or the bf16 hint; INT8 goes through NNCF's decoder-specific scopes.
+SPLIT_DECODER_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from evsam_export.pipeline.settings import SettingValueError, StepSettings
 from evsam_export.pipeline.step import StepContext, artifact_filename
 
 OPTIMIZATION_LEVELS = ("basic", "extended")
+# The decoder precisions at which this step also builds the split decoder's halves (pipeline/split_lowering.py):
+# the export writes them at fp32 only, and no precision step lowers them.
+SPLIT_DECODER_PRECISIONS = ("fp32",)
 
 
 @dataclass(frozen=True)
