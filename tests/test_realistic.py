@@ -55,6 +55,31 @@ def test_training_windows_hold_their_objects():
     assert realistic._window_for(prepared, 0, 64, rng) == ((0, 0, 64), list(range(len(scene.masks))))
 
 
+def test_aligned_start_ties_keys_to_queries_in_the_cross_attentions_only():
+    from types import SimpleNamespace
+
+    from evsam_export.model.decoder import MaskDecoder
+
+    model = SimpleNamespace(mask_decoder=MaskDecoder())  # only the decoder is touched; a full model costs seconds
+    before = {key: value.clone() for key, value in model.mask_decoder.state_dict().items()}
+    realistic.align_attention(model, "cross", 1.5)
+    after = model.mask_decoder.state_dict()
+    aligned = [f"transformer.{name}" for name in realistic.ALIGNED_LAYERS["cross"]]
+    assert len(aligned) == 5  # 2 layers x (token->image, image->token) + the final token->image
+    for name in aligned:
+        for part in ("weight", "bias"):
+            assert torch.equal(after[f"{name}.k_proj.{part}"], after[f"{name}.q_proj.{part}"])
+            assert torch.allclose(after[f"{name}.q_proj.{part}"], 1.5 * before[f"{name}.q_proj.{part}"])
+    changed = {key for key in after if not torch.equal(after[key], before[key])}
+    assert changed == {f"{name}.{proj}.{part}" for name in aligned for proj in ("q_proj", "k_proj") for part in ("weight", "bias")}
+    assert set(realistic.ALIGNED_LAYERS["all"]) - set(realistic.ALIGNED_LAYERS["cross"]) == {
+        "layers.0.self_attn", "layers.1.self_attn"}
+    from evsam_export.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="unknown aligned-attention choice"):
+        realistic.align_attention(model, "some", 1.5)
+
+
 def test_realistic_spec_parses():
     assert realistic.parse_realistic("realistic") == realistic.TrainSettings()
     assert realistic.parse_realistic("realistic:50").steps == 50
