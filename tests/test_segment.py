@@ -8,7 +8,16 @@ Synthetic weights give prompt-independent, noisy masks (about half the image, pr
 stability near 0 at the default logit offset of 1.0): upstream's default filters leave nothing and box NMS
 merges everything into one mask. The parity cases therefore lower the thresholds (SYNTHETIC_SETTINGS) and
 check that every stage keeps masks, and that our per-stage counts equal upstream's. Any checkpoint can be
-added to PARITY_CHECKPOINTS with its own settings (a trained one with upstream's defaults).
+added to PARITY_CHECKPOINTS with its own settings.
+
+The trained weights are our realistic checkpoint (evsam_export.model.realistic, `--checkpoint realistic`):
+its masks follow the prompt and the image, but its briefly trained IoU head predicts low IoUs. Measured on
+l0 at 16x16 points on astronaut 256x256, coffee 256x192 and chelsea 256x192, predicted IoU over all 768
+candidates spans 0.05..0.56 (median 0.25..0.41) and stability at upstream's offset 1.0 reaches 0.82 at most
+(median 0.28), so upstream's defaults (0.88, 0.95) keep nothing on any photo. REALISTIC_SETTINGS therefore
+lowers only those two thresholds, to the median of the measured distributions (0.4, 0.4): about half the
+candidates pass the IoU filter, half of those the stability filter, and upstream's default box NMS (0.7)
+then merges them to 24..46 masks. The heavy realistic cases check those per-stage counts against upstream's.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ from evsam_export.runtime import mask_generator as amg
 # Settings under which synthetic weights keep masks at every stage (see the module docstring): predicted
 # IoU of the synthetic decoder is -0.5..0.6 and stability at offset 0.1 is 0.3..0.9 on the test photos.
 SYNTHETIC_SETTINGS = {"pred_iou_thresh": 0.2, "stability_score_offset": 0.1, "stability_score_thresh": 0.6, "box_nms_thresh": 1.0}
+# Upstream's defaults with the two thresholds the realistic checkpoint's scores never reach lowered to the
+# median of their measured distributions (see the module docstring).
+REALISTIC_SETTINGS = {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.4}
 # checkpoint -> settings for the parity cases; "synthetic:0" is the session's l0 export (conftest.l0_export).
 PARITY_CHECKPOINTS = {"synthetic:0": SYNTHETIC_SETTINGS}
 # The issue's acceptance: >= 95 % of upstream's masks matched at IoU >= 0.95, counts equal within 2 %.
@@ -136,9 +148,10 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else np.count_nonzero(a & b) / union
 
 
-def assert_same_masks(reference: list[dict], ours: list[dict]) -> None:
+def assert_same_masks(reference: list[dict], ours: list[dict]) -> int:
     """Counts within 2 %, >= 95 % of upstream's masks matched at IoU >= 0.95 by a different mask of ours each,
-    and every matched pair with the same prompt point, crop box and scores within tolerance."""
+    and every matched pair with the same prompt point, crop box and scores within tolerance. Returns the
+    number matched."""
     from evsam_export.parity.suites import load_suite
 
     score_tolerance = load_suite("default").tolerance("fp32").iou_pred_max_abs
@@ -160,6 +173,7 @@ def assert_same_masks(reference: list[dict], ours: list[dict]) -> None:
         assert mine["crop_box"] == [int(v) for v in record["crop_box"]]
         assert mine["area"] == int(ours_masks[best].sum())
     assert matched >= MATCHED_FRACTION * len(reference), f"{matched} of {len(reference)} masks matched"
+    return matched
 
 
 # ------------------------------------------------------------------------------- building blocks vs upstream
@@ -235,8 +249,7 @@ def test_generate_matches_upstream(predictor_for, upstream_stages, checkpoint, c
     generator = MaskGenerator(runtime, **settings)
     ours = generator.generate(image)
     counts = generator.last_stats["counts"]
-    for stage in ("predicted_iou", "stability", "crop_edge"):
-        assert abs(counts[stage] - upstream_counts[stage]) <= COUNT_TOLERANCE * upstream_counts[stage], (stage, counts, upstream_counts)
+    assert_same_stage_counts(counts, upstream_counts)
     assert counts["candidates"] > counts["predicted_iou"] > 0, counts  # the thresholds filter, and keep masks
     assert counts["masks"] == len(ours) > 0
     assert_same_masks(reference, ours)
@@ -248,6 +261,61 @@ def test_generate_matches_upstream(predictor_for, upstream_stages, checkpoint, c
         for record in ours:  # no island under the area is left (unless it is the mask's only one)
             count, _, stats, _ = cv2.connectedComponentsWithStats(as_mask(record["segmentation"]).astype(np.uint8), connectivity=8)
             assert count == 2 or stats[1:, cv2.CC_STAT_AREA].min() >= area
+
+
+def assert_same_stage_counts(ours: dict, upstream: Counter) -> None:
+    """Our generator's per-stage counts within COUNT_TOLERANCE of upstream's."""
+    for stage in ("predicted_iou", "stability", "crop_edge"):
+        assert abs(ours[stage] - upstream[stage]) <= COUNT_TOLERANCE * upstream[stage], (stage, ours, upstream)
+
+
+# variant -> [(photo, size (W, H), points per side)] on the realistic checkpoint
+REALISTIC_CASES = {
+    "l0": [("astronaut", (256, 256), 16), ("coffee", (256, 192), 16), ("astronaut", (256, 256), 32), ("coffee", (256, 192), 32)],
+    "xl0": [("coffee", (256, 192), 16)],
+}
+
+
+@pytest.fixture(scope="module")
+def realistic_export(tmp_path_factory):
+    """realistic_export(variant) -> the folder of that variant's export of the realistic checkpoint (trained
+    on first use, exported once per module)."""
+    from evsam_export import api
+    from evsam_export.progress import Reporter
+
+    folders = {}
+
+    def get(variant: str) -> Path:
+        if variant not in folders:
+            folders[variant] = tmp_path_factory.mktemp("realistic") / variant
+            api.export(variant, folders[variant], checkpoint="realistic", reporter=Reporter(quiet=True))
+        return folders[variant]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.parametrize(("variant", "case"), [(v, c) for v, cases in REALISTIC_CASES.items() for c in cases],
+                         ids=lambda value: value if isinstance(value, str) else f"{value[0]}-{value[2]}x{value[2]}")
+def test_realistic_checkpoint_matches_upstream(realistic_export, upstream_stages, variant, case):
+    """Trained weights (image-dependent masks) on real photographs: the issue's acceptance with
+    REALISTIC_SETTINGS, per-stage counts included."""
+    _, upstream_counts = upstream_stages
+    name, size, per_side = case
+    image = photo(name, size)
+    settings = {**REALISTIC_SETTINGS, "points_per_side": per_side}
+    reference = upstream_generate("realistic", image, upstream_counts, variant=variant, **settings)
+    with Predictor(realistic_export(variant), threads=2) as runtime:
+        generator = MaskGenerator(runtime, **settings)
+        ours = generator.generate(image)
+    counts = generator.last_stats["counts"]
+    assert_same_stage_counts(counts, upstream_counts)
+    assert counts["candidates"] > counts["predicted_iou"] > counts["stability"] > 0, counts  # both thresholds filter
+    assert len(ours) > 1, counts
+    matched = assert_same_masks(reference, ours)
+    print(f"\n{variant} {name} {size} {per_side}x{per_side}: {matched}/{len(reference)} matched, {len(ours)} masks ours,"
+          f" stages ours {counts} upstream {dict(upstream_counts)}, ours {generator.last_stats['seconds']}")  # for docs/benchmarks.md
 
 
 @pytest.mark.slow

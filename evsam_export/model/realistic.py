@@ -8,7 +8,9 @@ decoder side gives image-dependent masks and logits of several units in minutes 
 1. draw seeded scenes (calibration.images.synthetic_scene: shapes of varied form and colour on textured
    backgrounds, with ground-truth masks), disjoint from the parity suites' and the calibration seeds;
 2. run the frozen encoder once per scene and keep the embeddings;
-3. train prompt_encoder + mask_decoder (AdamW, BCE + dice on the low-res logits against the ground truth,
+3. start the decoder's cross attentions "aligned" (k_proj := q_proj, so the prompt token and the image
+   positions near it attend to each other from step 0; with random q/k the decoder never learned to follow
+   the prompt in this budget), then train prompt_encoder + mask_decoder (AdamW, BCE + dice on the low-res logits against the ground truth,
    min-over-tokens for the multimask tokens as SAM does plus a smaller share for every token, MSE for the IoU
    head) on the prompts the parity suites use (calibration.images.prompts_for), up to four objects of one
    window of the embedding grid per step (a window costs a fraction of the full grid, and several objects
@@ -61,6 +63,16 @@ MULTIMASK_SHARE = 0.25
 IOU_HEAD_WEIGHT = 4.0
 
 
+# Attention layers of the decoder's two-way transformer (module paths under mask_decoder.transformer) per
+# `TrainSettings.aligned` choice: "cross" is every token<->image attention, "all" adds the token self-attention.
+ALIGNED_LAYERS = {
+    "none": (),
+    "cross": ("layers.0.cross_attn_token_to_image", "layers.0.cross_attn_image_to_token",
+              "layers.1.cross_attn_token_to_image", "layers.1.cross_attn_image_to_token", "final_attn_token_to_image"),
+}
+ALIGNED_LAYERS["all"] = ("layers.0.self_attn", "layers.1.self_attn", *ALIGNED_LAYERS["cross"])
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything that changes the checkpoint's bytes (with the code and the torch version)."""
@@ -71,7 +83,7 @@ class TrainSettings:
     train_scenes: int = 32
     held_out_scenes: int = 8
     # Optimizer steps; each step is up to `objects_per_step` objects of one window of a scene, one prompt kind.
-    steps: int = 200
+    steps: int = 300
     objects_per_step: int = 4
     # Each step decodes a window of this many embedding cells square (of 64) around its objects: a 40-cell
     # window costs ~40 % of the full grid, so the same minutes buy 2.5x the steps (every op of the decoder
@@ -84,6 +96,10 @@ class TrainSettings:
     seed: int = 0
     # Intra-op threads for the whole run: the result depends on it (reduction order), so it is in the key.
     threads: int = 2
+    # The decoder's attention layers that start "aligned" (k_proj := q_proj, both scaled by `aligned_gain`), see
+    # ALIGNED_LAYERS; "none" keeps the random synthetic start, under which the masks ignore the prompt.
+    aligned: str = "cross"
+    aligned_gain: float = 1.5
 
 
 def scene_for(seed: int, encoder_size: int):
@@ -260,6 +276,28 @@ def _iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return np.count_nonzero(mask & truth) / union if union else 1.0
 
 
+def align_attention(model, aligned: str, gain: float) -> None:
+    """Set k_proj := q_proj (weights and biases, both times `gain`) in the attention layers named by `aligned`.
+
+    With random q/k projections the prompt token's Fourier encoding and the image's dense positional encoding
+    do not meet, and the decoder settles on one image-dependent blob for every prompt; with k = q, q.k is a
+    positive similarity of the token and image features, peaking at the prompt from step 0 (docs/precision.md)."""
+    import torch
+
+    if aligned not in ALIGNED_LAYERS:
+        from evsam_export.errors import CheckpointError
+
+        raise CheckpointError(f"unknown aligned-attention choice {aligned!r}", hint=f"use one of {', '.join(ALIGNED_LAYERS)}")
+    transformer = model.mask_decoder.transformer
+    with torch.no_grad():
+        for name in ALIGNED_LAYERS[aligned]:
+            attention = transformer.get_submodule(name)
+            attention.q_proj.weight.mul_(gain)
+            attention.q_proj.bias.mul_(gain)
+            attention.k_proj.weight.copy_(attention.q_proj.weight)
+            attention.k_proj.bias.copy_(attention.q_proj.bias)
+
+
 def _seed_torch(seed: int, threads: int) -> None:
     import torch
 
@@ -284,6 +322,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = lambda line: Non
         # What load_model(variant, "synthetic:SEED") builds (that module resolves `realistic` specs through this one).
         model = EfficientViTSam(variant)
         model.load_state_dict(synthetic_state_dict(variant, settings.encoder_seed))
+        align_attention(model, settings.aligned, settings.aligned_gain)
         model.eval()
         model.image_encoder.requires_grad_(False)
         train_scenes = _prepare_scenes(model, [TRAIN_SEED_BASE + i for i in range(settings.train_scenes)], variant.encoder_size)
