@@ -209,23 +209,25 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
     def project_image_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        """The image side of attend_image_to_tokens for image queries [B|1, N, C]: q_proj with its bias, split into
-        heads and scaled by 1/sqrt(d) (a power of two here, so exact), [B|1, H, N, d]."""
-        q = self._split(self.q_proj(queries))
-        return q * (1.0 / math.sqrt(q.shape[-1]))
+        """The image side of attend_image_to_tokens for image queries [B|1, N, C]: q_proj with its bias, scaled by
+        1/sqrt(d) (a power of two here, so exact), heads side by side: [B|1, N, H*d]."""
+        return self.q_proj(queries) * (1.0 / math.sqrt(self.q_proj.weight.shape[0] // self.heads))
 
     def attend_projected_image_queries(self, queries_scaled: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """attend_image_to_tokens with the image queries already projected (project_image_queries): the logits are
-        q·k over d = C/2/H channels per head (N·T·C/2 multiply-adds) instead of x·(W_qᵀ k) over C (N·H·T·C); the
-        values side stays folded into out_proj as there."""
+        q·k over d = C/2/H channels per head instead of x·(W_qᵀ k) over C; the keys go in as one block-diagonal
+        [H*d, H*T] matrix (head h's keys in rows h*d.., columns h*T..), so all heads are one plain MatMul with
+        [B, N, H*T] logits in the layout the weights need (a per-head batched MatMul with T = 7 columns ran
+        several times slower, then needed a Transpose); the values side stays folded into out_proj as there."""
         b, t, _ = keys.shape
         inner, dim = self.q_proj.weight.shape
         depth = inner // self.heads
         k = self._split(self.k_proj(keys))  # [B,H,T,d]
         v = self._split(self.v_proj(values))
-        weights = torch.softmax(queries_scaled @ k.transpose(2, 3), dim=-1)  # [B,H,N,T]
-        n = weights.shape[2]
-        weights = weights.transpose(1, 2).reshape(b, n, self.heads * t)
+        block_diagonal = (k.transpose(2, 3).unsqueeze(3) * torch.eye(self.heads, dtype=k.dtype).reshape(self.heads, 1, self.heads, 1))
+        logits = queries_scaled @ block_diagonal.reshape(b, inner, self.heads * t)  # [B,N,HT]
+        n = logits.shape[1]
+        weights = torch.softmax(logits.reshape(b, n, self.heads, t), dim=-1).reshape(b, n, self.heads * t)
         v_out = (v @ self.out_proj.weight.reshape(dim, self.heads, depth).permute(1, 2, 0)).reshape(b, self.heads * t, dim)
         return weights @ (v_out + self.out_proj.bias / self.heads)
 
@@ -321,7 +323,7 @@ class ImageSide(NamedTuple):
     returns these once per image."""
 
     image_tokens: torch.Tensor  # [mb, HW, C]
-    layer0_image_queries: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
+    layer0_image_queries: torch.Tensor  # [mb, HW, C / 2] (heads side by side, scaled)
     layer0_keys_t: torch.Tensor  # [mb, heads, C / 2 / heads, HW]
     layer0_values: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
 
