@@ -262,7 +262,7 @@ def image_side_specs(mask_batch) -> tuple[TensorSpec, ...]:
     tokens, heads, depth = IMAGE_TOKEN_COUNT, IMAGE_SIDE_HEADS, IMAGE_SIDE_HEAD_DEPTH
     return (
         TensorSpec(IMAGE_TOKENS, "float32", (mask_batch, tokens, EMBEDDING_DIM)),
-        TensorSpec(LAYER0_IMAGE_QUERIES, "float32", (mask_batch, heads, tokens, depth)),
+        TensorSpec(LAYER0_IMAGE_QUERIES, "float32", (mask_batch, tokens, heads * depth)),
         TensorSpec(LAYER0_KEYS_T, "float32", (mask_batch, heads, depth, tokens)),
         TensorSpec(LAYER0_VALUES, "float32", (mask_batch, heads, tokens, depth)),
     )

@@ -209,23 +209,25 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
     def project_image_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        """The image side of attend_image_to_tokens for image queries [B|1, N, C]: q_proj with its bias, split into
-        heads and scaled by 1/sqrt(d) (a power of two here, so exact), [B|1, H, N, d]."""
-        q = self._split(self.q_proj(queries))
-        return q * (1.0 / math.sqrt(q.shape[-1]))
+        """The image side of attend_image_to_tokens for image queries [B|1, N, C]: q_proj with its bias, scaled by
+        1/sqrt(d) (a power of two here, so exact), heads side by side: [B|1, N, H*d]."""
+        return self.q_proj(queries) * (1.0 / math.sqrt(self.q_proj.weight.shape[0] // self.heads))
 
     def attend_projected_image_queries(self, queries_scaled: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """attend_image_to_tokens with the image queries already projected (project_image_queries): the logits are
-        q·k over d = C/2/H channels per head (N·T·C/2 multiply-adds) instead of x·(W_qᵀ k) over C (N·H·T·C); the
-        values side stays folded into out_proj as there."""
+        q·k over d = C/2/H channels per head instead of x·(W_qᵀ k) over C; the keys go in as one block-diagonal
+        [H*d, H*T] matrix (head h's keys in rows h*d.., columns h*T..), so all heads are one plain MatMul with
+        [B, N, H*T] logits in the layout the weights need (a per-head batched MatMul with T = 7 columns ran
+        several times slower, then needed a Transpose); the values side stays folded into out_proj as there."""
         b, t, _ = keys.shape
         inner, dim = self.q_proj.weight.shape
         depth = inner // self.heads
         k = self._split(self.k_proj(keys))  # [B,H,T,d]
         v = self._split(self.v_proj(values))
-        weights = torch.softmax(queries_scaled @ k.transpose(2, 3), dim=-1)  # [B,H,N,T]
-        n = weights.shape[2]
-        weights = weights.transpose(1, 2).reshape(b, n, self.heads * t)
+        block_diagonal = (k.transpose(2, 3).unsqueeze(3) * torch.eye(self.heads, dtype=k.dtype).reshape(self.heads, 1, self.heads, 1))
+        logits = queries_scaled @ block_diagonal.reshape(b, inner, self.heads * t)  # [B,N,HT]
+        n = logits.shape[1]
+        weights = torch.softmax(logits.reshape(b, n, self.heads, t), dim=-1).reshape(b, n, self.heads * t)
         v_out = (v @ self.out_proj.weight.reshape(dim, self.heads, depth).permute(1, 2, 0)).reshape(b, self.heads * t, dim)
         return weights @ (v_out + self.out_proj.bias / self.heads)
 
@@ -321,7 +323,7 @@ class ImageSide(NamedTuple):
     returns these once per image."""
 
     image_tokens: torch.Tensor  # [mb, HW, C]
-    layer0_image_queries: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
+    layer0_image_queries: torch.Tensor  # [mb, HW, C / 2] (heads side by side, scaled)
     layer0_keys_t: torch.Tensor  # [mb, heads, C / 2 / heads, HW]
     layer0_values: torch.Tensor  # [mb, heads, HW, C / 2 / heads]
 
@@ -367,21 +369,22 @@ class StrideTwoConvTranspose(nn.ConvTranspose2d):
         super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor, token_layout: bool = False) -> torch.Tensor:
-        """token_layout: x is feature rows [B, N, Cin], one per pixel. Each input pixel feeds exactly its own
-        2x2 output block, so the result [B, N*4, Cout] with rows (pixel, i, j) is one Gemm with the weight
-        [Cin, Cout, 2, 2] laid out as [Cin, (i, j, Cout)] and the bias repeated per (i, j); the rows are
-        flattened to 2-D so the bias add is part of the Gemm."""
+        """token_layout: x is channels-last [B, H, W, Cin]; returns [B, 2H, 2W, Cout], also in image order. Each input
+        pixel feeds exactly its own 2x2 output block, so output row 2y + i is row y times the weight's slice i laid
+        out as [Cin, (j, Cout)]: one MatMul broadcast over i writes [B*H, i, W, (j, Cout)], which is already the
+        image-order layout, so no Transpose (nor col2im scatter) runs."""
         if not token_layout:
             return super().forward(x)
-        cin, cout = self.weight.shape[:2]
-        weight = self.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)
-        out = F.linear(x.reshape(-1, cin), weight.t(), self.bias.repeat(4))
-        return out.reshape(x.shape[0], -1, cout)
+        b, h, w, cin = x.shape
+        cout = self.weight.shape[1]
+        weight = self.weight.permute(2, 0, 3, 1).reshape(2, cin, 2 * cout)
+        out = x.reshape(b * h, 1, w, cin) @ weight + self.bias.repeat(2)
+        return out.reshape(b, 2 * h, 2 * w, cout)
 
 
 class OutputUpscaling(nn.Sequential):
-    """SAM's output_upscaling (same children and keys); forward(x, token_layout=True) takes the image tokens
-    [B, HW, C] and returns the features [B, HW*16, C/8] with rows (pixel, i1, j1, i2, j2), never NCHW."""
+    """SAM's output_upscaling (same children and keys); forward(x, token_layout=True) takes the image channels-last
+    [B, H, W, C] and returns the features [B, 4H, 4W, C/8] in image order, never NCHW."""
 
     def forward(self, x: torch.Tensor, token_layout: bool = False) -> torch.Tensor:
         for layer in self:
@@ -452,10 +455,10 @@ class MaskDecoder(nn.Module):
 
         Measured on ONNX Runtime CPU (docs/benchmarks.md, "Prompt speed"): the image stays [1|mask batch, HW, C]
         until the first layer's image-to-token update, so its projections run once per call, not per prompt
-        set; each stride-2 ConvTranspose is a per-pixel MatMul to (i, j, channel) columns, so LayerNorm2d
+        set; each stride-2 ConvTranspose is a per-pixel MatMul to (j, channel) columns per i, so LayerNorm2d
         becomes a LayerNormalization over the last axis and no NCHW transpose, col2im scatter or ReduceMean
-        runs; the upscaled features stay in (pixel, i1, j1, i2, j2) order and only the 4-token masks are
-        transposed to image order at the end."""
+        runs; each ConvTranspose writes its output rows in image order (StrideTwoConvTranspose), so neither the
+        features nor the masks are transposed."""
         return self.prompt_side(self.image_side(image, image_pe), image_pe, tokens)
 
     def image_side(self, image: torch.Tensor, image_pe: torch.Tensor) -> ImageSide:
@@ -470,9 +473,7 @@ class MaskDecoder(nn.Module):
         hs, keys = self.transformer(image_side.image_tokens, key_pe, tokens, True, image_side)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + NUM_MASK_TOKENS, :]
-        x = self.output_upscaling(keys, True)  # rows (pixel, i1, j1, i2, j2)
+        x = self.output_upscaling(keys.reshape(batch, h, w, -1), True)  # [B, 4h, 4w, C/8], image order
         hyper_in = self._hypernetworks(mask_tokens_out)
-        tokens_out = hyper_in.shape[1]
-        masks = hyper_in @ x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)  # [B, T, pixels in (h, w, i1, j1, i2, j2) order]
-        masks = masks.reshape(batch, tokens_out, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        return masks.reshape(batch, tokens_out, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
+        masks = hyper_in @ x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)
+        return masks.reshape(batch, hyper_in.shape[1], 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
