@@ -28,3 +28,11 @@ def test_failures_name_every_missed_floor():
     assert lines == ["embedding SNR min 9.5 dB < 10.0", "box: mask IoU vs fp32 0.89 < 0.9",
                      "box: mIoU drop 2.5 points > 2.0", "INT8 encoder 1.4x ORT fp32 < 1.5x"]
     assert unseen.failures(result, int8_encoder=False)[-1] == "box: mIoU drop 2.5 points > 2.0"
+
+
+def test_a_missing_folder_is_one_line_and_exit_6(tmp_path, capsys):
+    from evsam_export.parity.unseen import main
+
+    assert main([str(tmp_path / "nowhere")]) == 6
+    err = capsys.readouterr().err
+    assert err.startswith("error: artifact folder not found") and "Traceback" not in err and err.count("\n") == 1

@@ -141,8 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bench-runs", type=int, default=6)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
-    result = check_folder(args.folder, args.encoder, args.decoder, args.scenes, args.threads, args.bench_runs)
+    import typer
+
+    # The same one-line errors and exit codes as the evsam-export commands (a missing folder is not a traceback).
+    from evsam_export.cli.common import run_guarded
+
+    try:
+        result = run_guarded(args.debug, lambda: check_folder(args.folder, args.encoder, args.decoder, args.scenes,
+                                                              args.threads, args.bench_runs))
+    except typer.Exit as stop:
+        return stop.exit_code
     print(json.dumps(result, indent=2))
     return 1 if result["failures"] else 0
 
