@@ -270,8 +270,9 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
                 from evsam_export.export.split_decoder import check_split_pair
 
                 with reporter.step("check the split decoder against the single graph"):
+                    single = next(a for a in artifacts if a.id == parent)
                     split_facts = {"split_check": check_split_pair(
-                        folder / "decoder.fp32.onnx", folder / "decoder_image.fp32.onnx",
+                        folder / "decoder.fp32.onnx", contract.artifact_spec(single), folder / "decoder_image.fp32.onnx",
                         contract.decoder_image_spec(options.dynamic_prompts), path, spec)}
         graph = onnx.load(str(path), load_external_data=False)
         artifacts.append(

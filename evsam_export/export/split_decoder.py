@@ -91,30 +91,18 @@ def split_check_misses(worst: dict[str, float], limits: dict[str, float]) -> lis
     return [f"{name} differs by {worst[name]:.2e} (> {limits[name]:g})" for name in limits if not worst[name] <= limits[name]]
 
 
-def check_split_pair(decoder_path: Path, image_path: Path, image_spec: ComponentSpec, prompt_path: Path,
-                     prompt_spec: ComponentSpec) -> dict:
+def check_split_pair(decoder_path: Path, decoder_spec: ComponentSpec, image_path: Path, image_spec: ComponentSpec,
+                     prompt_path: Path, prompt_spec: ComponentSpec) -> dict:
     """Max abs differences of the split pair against the single graph on split_check_cases; raises ExportError
     beyond the fp32 decoder-stage gates of the default parity suite."""
-    import onnxruntime as ort
-
     from evsam_export.runners.ort_runner import OrtRunner
     from evsam_export.runners.split_decoder import SplitDecoderRunner
 
     limits, table = split_check_limits("fp32")
-    image = OrtRunner(image_path, list(image_spec.inputs), list(image_spec.outputs), image_path.name)
-    prompt = OrtRunner(prompt_path, list(prompt_spec.inputs), list(prompt_spec.outputs), prompt_path.name)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    single = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
-    single_inputs = [i.name for i in single.get_inputs()]
-    wanted = list(SPLIT_CHECK_OUTPUTS)
-
-    def run_single(semantic: dict) -> dict[str, np.ndarray]:
-        feeds = contract.decoder_feeds(single_inputs, original_size=contract.SAMPLE_ORIGINAL_SIZE, **semantic)
-        return dict(zip(wanted, single.run(wanted, feeds)))
-
-    with SplitDecoderRunner(image, prompt) as split:
-        worst = split_pair_differences(run_single, split, prompt_spec)
+    image, prompt, single = (OrtRunner(path, list(spec.inputs), list(spec.outputs), Path(path).name) for path, spec in
+                             ((image_path, image_spec), (prompt_path, prompt_spec), (decoder_path, decoder_spec)))
+    with single, SplitDecoderRunner(image, prompt) as split:
+        worst = split_pair_differences(single_graph_outputs(single), split, prompt_spec)
     failed = split_check_misses(worst, limits)
     if failed:
         raise ExportError("split decoder does not match the single-graph decoder: " + "; ".join(failed),

@@ -70,6 +70,11 @@ class OpenVINORunner(Runner):
         core = openvino_core()
         self.compiled = core.compile_model(core.read_model(str(self.path)), self.device, self.compile_config())
         self.request = self.compiled.create_infer_request()
+        # A port can carry several tensor names (decoder_image's layer0_image_queries is also an internal
+        # Transpose's output), and get_any_name() may return either: results are reported by the contract name.
+        declared = {spec.name for spec in self.outputs}
+        self.output_names = {port.get_any_name(): next((n for n in sorted(port.get_names()) if n in declared), port.get_any_name())
+                             for port in self.compiled.outputs}
 
     def actual_precision(self) -> str:
         """What the compiled model really runs (checked by tests: an fp32 artifact must say f32)."""
@@ -78,11 +83,7 @@ class OpenVINORunner(Runner):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(feeds)
-        # A port can carry several tensor names (decoder_image's layer0_image_queries is also an internal
-        # Transpose's output), and get_any_name() may return either: report it by its contract name.
-        declared = {spec.name for spec in self.outputs}
-        return {next((n for n in sorted(port.get_names()) if n in declared), port.get_any_name()): np.asarray(value)
-                for port, value in results.items()}
+        return {self.output_names[port.get_any_name()]: np.asarray(value) for port, value in results.items()}
 
     def _close(self) -> None:
         from evsam_export import signal_stack
