@@ -260,11 +260,23 @@ def test_settings_refused(ctx):
         target.build(ctx, parent, target.Settings(precision="int8", overflow_fix="first"))
     # every value is refused when the settings are built, before any step runs
     for bad in ({"preset": "bogus"}, {"model_type": "cnn"}, {"fallback_method": "bisect"}, {"calibration_images": 0},
-                {"max_rounds": 0}, {"accuracy_control_max_iterations": 0}, {"fp32_regions": ["layernorms"]}):
+                {"max_rounds": 0}, {"accuracy_control_max_iterations": 0}, {"fp32_regions": ["layernorms"]},
+                {"fallback_groups": ["stme"]}, {"fallback_groups": ["stem+decoder-output-upscaling"]}):
         with pytest.raises(RecipeError, match=next(iter(bad))):
             target.Settings(precision="int8", **bad)
     with pytest.raises(RecipeError, match="fp32 ONNX"):
         target.build(ctx, replace(parent, precision="fp16", id="encoder.onnx.fp16"), target.Settings())
+
+
+def test_fallback_groups_set_the_order_of_the_rounds_per_component():
+    """A measured order replaces the table's for its component only; table groups keep their reasons."""
+    table = {g.name: g for g in target.ENCODER_GROUPS}
+    assert nncf_int8.fallback_order(target.Settings(), "encoder") == target.ENCODER_GROUPS
+    settings = target.Settings(precision="int8", fallback_groups=["litemla-qkv", "stem", "neck-pointwise+neck-inputs"])
+    order = nncf_int8.fallback_order(settings, "encoder")
+    assert [g.name for g in order] == ["litemla-qkv", "stem", "neck-pointwise+neck-inputs"]
+    assert order[1] is table["stem"] and "measured" in order[2].reason
+    assert nncf_int8.fallback_order(settings, "decoder") == target.DECODER_GROUPS
 
 
 def test_static_batch_encoder(ctx, tmp_path):

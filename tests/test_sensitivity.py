@@ -110,3 +110,61 @@ def test_sensitivity_errors_are_one_line_with_exit_codes(l0_export, tmp_path):
     assert not (tmp_path / "never.json").exists()
     proc = cli(tmp_path)
     assert proc.returncode == 6 and "manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ OpenVINO / NNCF
+
+
+def test_openvino_rows_are_groups_or_regions_kept_fp32_and_refuse_unknown_names():
+    from evsam_export.precision.nncf_int8 import ENCODER_GROUPS
+
+    rows = sensitivity.openvino_rows([])
+    assert list(rows) == ["none"] + [g.name for g in ENCODER_GROUPS] and rows["none"] is None
+    rows = sensitivity.openvino_rows(["stem+litemla-qkv", "none"])
+    assert [r.name for r in rows["stem+litemla-qkv"].regions] == ["stem", "litemla-qkv"]
+    with pytest.raises(UsageError, match="unknown graph region 'stme'"):
+        sensitivity.openvino_rows(["stme"])
+    with pytest.raises(UsageError, match="'decoder-output-upscaling' is not in the encoder"):
+        sensitivity.openvino_rows(["neck+decoder-output-upscaling"])
+
+
+def test_openvino_sensitivity_scores_a_row_end_to_end(copy_export, tmp_path):
+    """One NNCF row on synthetic l0: LiteMLA's q/k/v convs fp32, the rest INT8 (the row that passes the
+    synthetic-weight gate), scored per prompt kind against the fp32 pair."""
+    folder = copy_export("ovsens")  # the runtime refuses symlinked artifact files, and the report lands in the folder
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = cli(folder, "--backend", "openvino", "--groups", "litemla-qkv", "--calibration-images", "2", "--scenes", "1",
+               "--bench-runs", "1", env={"TMPDIR": str(scratch)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((folder / "sensitivity.json").read_text())
+    assert data["format"] == "evsam-export/sensitivity" and data["backend"] == "openvino" and data["settings_from"] == "defaults"
+    assert data["settings"]["calibration_images"] == 2 and data["settings"]["fallback"] is False
+    (row,) = data["results"]
+    assert row["group"] == "litemla-qkv" and row["fake_quantize"] > 0
+    assert set(row["mask_iou"]) == {"point", "points_neg", "box", "box_point", "multimask"} == set(row["miou_drop_points"])
+    assert row["snr_min_db"] >= 10.0 and all(0.0 <= v <= 1.0 for v in row["mask_iou"].values()) and row["speedup"] > 0
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("l0 NNCF INT8 (mixed preset") and lines[1].split()[:3] == ["litemla-qkv", str(row["fake_quantize"]), "FQ"]
+    assert not list(scratch.iterdir())  # the IR work folder is gone
+
+
+@pytest.mark.slow
+def test_openvino_sensitivity_ranks_litemla_qkv_above_the_base_scope(copy_export):
+    """On synthetic l0 keeping LiteMLA's q/k/v fp32 lifts the embedding ~20 dB (docs/benchmarks.md): the rows see it."""
+    folder = copy_export("ovsens")
+    proc = cli(folder, "--backend", "openvino", "--groups", "none,litemla-qkv", "--calibration-images", "2", "--scenes", "1",
+               "--bench-runs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    none, qkv = json.loads((folder / "sensitivity.json").read_text())["results"]
+    assert qkv["snr_min_db"] > none["snr_min_db"] + 10 and qkv["ignored_nodes"] > none["ignored_nodes"]
+
+
+def test_openvino_sensitivity_refuses_ort_only_options(l0_export, tmp_path):
+    proc = cli(l0_export, "--backend", "openvino", "--percentile", "99.9", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "ONNX Runtime settings" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli(l0_export, "--preset", "performance", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "NNCF settings" in proc.stderr
+    proc = cli(l0_export, "--backend", "openvino", "--groups", "stme", "--report", tmp_path / "never.json")
+    assert proc.returncode == 2 and "unknown graph region 'stme'" in proc.stderr
+    assert not (tmp_path / "never.json").exists()

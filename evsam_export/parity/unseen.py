@@ -65,11 +65,8 @@ def lowest_precision_pair(manifest) -> tuple[str, str]:
 def check_folder(folder: Path, encoder: str | None = None, decoder: str | None = None, scenes: int = 8,
                  threads: int = 2, bench_runs: int = 6) -> dict:
     """Score the (encoder, decoder) pair of `folder` against its fp32 ONNX pair on `scenes` unseen scenes."""
-    from evsam_export import contract
-    from evsam_export.bench import alternate_calls, latency_summary
     from evsam_export.manifest import read_manifest
-    from evsam_export.model.processing import preprocess_image
-    from evsam_export.model.realistic import UNSEEN_SEED_BASE, scene_for
+    from evsam_export.model.realistic import UNSEEN_SEED_BASE
     from evsam_export.runtime import Predictor
 
     manifest = read_manifest(folder)
@@ -77,28 +74,73 @@ def check_folder(folder: Path, encoder: str | None = None, decoder: str | None =
     encoder, decoder = encoder or default_encoder, decoder or default_decoder
     reference = Predictor(folder, encoder=FP32_ENCODER, decoder=FP32_DECODER, threads=threads)
     test = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads)
+    with reference, test:
+        scored = score_pair(reference, test, [UNSEEN_SEED_BASE + i for i in range(scenes)], int(manifest.encoder_size),
+                            bench_runs)
+    result = {"folder": str(folder), "encoder": encoder, "decoder": decoder, "scenes": scenes, "threads": threads, **scored}
+    result["failures"] = failures(result, int8_encoder=encoder.endswith(".int8"))
+    return result
+
+
+@dataclass
+class SceneReference:
+    """What the fp32 pair produced on one scene: its embeddings and best mask per (kind, object)."""
+
+    seed: int
+    embeddings: np.ndarray
+    masks: dict  # (kind, object index) -> best mask of the fp32 pair
+
+
+def reference_scenes(reference, seeds: list[int], encoder_size: int) -> list[SceneReference]:
+    """The fp32 pair's outputs on the scenes of `seeds`, to score several test pairs against one reference run."""
+    from evsam_export.model.realistic import scene_for
+
+    out = []
+    for index, seed in enumerate(seeds):
+        scene = scene_for(seed, encoder_size)
+        reference.set_image(scene.rgb)
+        masks = {(kind, number): reference.predict(**_prompt_args(kind, scene, truth, index * 64 + number)).best()
+                 for kind in KINDS for number, truth in enumerate(scene.masks)}
+        out.append(SceneReference(seed, reference.image_embeddings.copy(), masks))
+    return out
+
+
+def _prompt_args(kind: str, scene, truth: np.ndarray, seed: int) -> dict:
+    prompt = prompts_for(kind, scene.rgb, (truth,), seed=seed)
+    return dict(point_coords=prompt.points, point_labels=prompt.labels,
+                box=None if prompt.boxes is None else prompt.boxes[0], multimask_output=prompt.multimask)
+
+
+def score_pair(reference, test, seeds: list[int], encoder_size: int, bench_runs: int = 6,
+               references: list[SceneReference] | None = None) -> dict:
+    """Embedding SNR, mask IoU vs the fp32 pair and shape mIoU per prompt kind, and the encoder speed ratio, of
+    the `test` Predictor against the `reference` one on the synthetic scenes of `seeds` (one prompt per
+    ground-truth object). `references`: reference_scenes() already run for these seeds (then the reference
+    Predictor only runs the speed comparison)."""
+    from evsam_export import contract
+    from evsam_export.bench import alternate_calls, latency_summary
+    from evsam_export.model.processing import preprocess_image
+    from evsam_export.model.realistic import scene_for
+
+    references = references or reference_scenes(reference, seeds, encoder_size)
     tallies = {kind: _Tally([], [], []) for kind in KINDS}
     snrs = []
-    with reference, test:
-        for index in range(scenes):
-            scene = scene_for(UNSEEN_SEED_BASE + index, int(manifest.encoder_size))
-            reference.set_image(scene.rgb)
-            test.set_image(scene.rgb)
-            snrs.append(metrics.snr_db(reference.image_embeddings, test.image_embeddings))
-            for kind in KINDS:
-                for number, truth in enumerate(scene.masks):
-                    prompt = prompts_for(kind, scene.rgb, (truth,), seed=index * 64 + number)
-                    args = dict(point_coords=prompt.points, point_labels=prompt.labels,
-                                box=None if prompt.boxes is None else prompt.boxes[0], multimask_output=prompt.multimask)
-                    ours, theirs = reference.predict(**args).best(), test.predict(**args).best()
-                    tally = tallies[kind]
-                    tally.iou_vs_fp32.append(_iou(ours, theirs))
-                    tally.iou_gt_fp32.append(_iou(ours, truth))
-                    tally.iou_gt_test.append(_iou(theirs, truth))
-        image = preprocess_image(scene_for(UNSEEN_SEED_BASE, int(manifest.encoder_size)).rgb, int(manifest.encoder_size))[0]
-        feeds = {name: contract.encoder_feeds(p.encoder_spec, image) for name, p in (("fp32", reference), ("test", test))}
-        timings = alternate_calls({"fp32": lambda: reference.encoder.infer(feeds["fp32"]),
-                                   "test": lambda: test.encoder.infer(feeds["test"])}, runs=bench_runs, warmup=1)
+    for index, known in enumerate(references):
+        scene = scene_for(known.seed, encoder_size)
+        test.set_image(scene.rgb)
+        snrs.append(metrics.snr_db(known.embeddings, test.image_embeddings))
+        for kind in KINDS:
+            for number, truth in enumerate(scene.masks):
+                ours = known.masks[(kind, number)]
+                theirs = test.predict(**_prompt_args(kind, scene, truth, index * 64 + number)).best()
+                tally = tallies[kind]
+                tally.iou_vs_fp32.append(_iou(ours, theirs))
+                tally.iou_gt_fp32.append(_iou(ours, truth))
+                tally.iou_gt_test.append(_iou(theirs, truth))
+    image = preprocess_image(scene_for(references[0].seed, encoder_size).rgb, encoder_size)[0]
+    feeds = {name: contract.encoder_feeds(p.encoder_spec, image) for name, p in (("fp32", reference), ("test", test))}
+    timings = alternate_calls({"fp32": lambda: reference.encoder.infer(feeds["fp32"]),
+                               "test": lambda: test.encoder.infer(feeds["test"])}, runs=bench_runs, warmup=1)
     per_kind = {}
     for kind, tally in tallies.items():
         fp32_miou, test_miou = 100 * np.mean(tally.iou_gt_fp32), 100 * np.mean(tally.iou_gt_test)
@@ -108,14 +150,11 @@ def check_folder(folder: Path, encoder: str | None = None, decoder: str | None =
                           "miou_fp32": round(fp32_miou, 2), "miou_test": round(test_miou, 2),
                           "miou_drop_points": round(fp32_miou - test_miou, 2), "objects": len(tally.iou_vs_fp32)}
     fp32_ms, test_ms = latency_summary(timings["fp32"])["median"], latency_summary(timings["test"])["median"]
-    result = {
-        "folder": str(folder), "encoder": encoder, "decoder": decoder, "scenes": scenes, "threads": threads,
+    return {
         "embedding_snr_db": {"min": round(min(snrs), 2), "median": round(float(np.median(snrs)), 2)},
         "per_kind": per_kind,
         "encoder_ms": {"fp32": round(fp32_ms, 1), "test": round(test_ms, 1), "speedup": round(fp32_ms / test_ms, 2)},
     }
-    result["failures"] = failures(result, int8_encoder=encoder.endswith(".int8"))
-    return result
 
 
 def failures(result: dict, int8_encoder: bool) -> list[str]:

@@ -26,6 +26,8 @@ PRESETS = ("mixed", "performance")
 MODEL_TYPES = ("transformer", None)
 OVERFLOW_FIXES = ("auto", "first_layer", "enable", "disable")
 FALLBACK_METHODS = ("widen", "accuracy_control")
+# nncf RangeEstimatorParametersSet members for the activation quantizers (weights stay MINMAX).
+ACTIVATION_RANGES = ("mean_minmax", "minmax", "mean_quantile", "mean_no_outliers_minmax", "median_minmax", "histogram")
 
 # Regions kept out of INT8 in every round: the LayerNorms. The hand-written LayerNorm2d is
 # ReduceMean/Sub/Sqrt/Div and must stay fp32; nn.LayerNorm arrives as MVN + affine, whose affine Add keeps
@@ -86,6 +88,9 @@ class Settings(PrecisionSettings):
     fp32_regions: tuple[str, ...] = FP32_REGIONS
     # Extra node-name regexes never quantized (searched in friendly names), for experiments outside the table.
     fp32_patterns: tuple[str, ...] = ()
+    # Activation ranges over the calibration feeds: "mean_minmax" (NNCF's default: the mean of each feed's min and
+    # max, clipping what only some images reach) or "minmax" (the extremes of all feeds, as ORT's MinMax), etc.
+    activations_range: str = "mean_minmax"
     # NNCF FastBiasCorrection (True) or the slower full BiasCorrection (False).
     fast_bias_correction: bool = True
     # NNCF OverflowFix: "first_layer" (NNCF's default: 7-bit weights for the first convs, the AVX2/AVX-512
@@ -97,6 +102,10 @@ class Settings(PrecisionSettings):
     # one nncf.quantize_with_accuracy_control round whose validation_fn is mask IoU vs the fp32 ONNX.
     # "widen" is the default: it passed where accuracy control did not (docs/benchmarks.md).
     fallback_method: str = "widen"
+    # The groups the rounds revert, in order: names of ENCODER_GROUPS / DECODER_GROUPS or regions joined by "+"
+    # (reverted together), e.g. an order measured on your checkpoint with `evsam-export sensitivity --backend
+    # openvino`. A component none of them belongs to keeps its table order; () = the tables' order.
+    fallback_groups: tuple[str, ...] = ()
     # The default lets every encoder group be tried (round 0 = base scope).
     max_rounds: int = len(ENCODER_GROUPS) + 1
     # accuracy_control: NNCF's limit on quantizer-reverting iterations (each one re-validates).
@@ -105,11 +114,29 @@ class Settings(PrecisionSettings):
     def check(self) -> None:
         super().check()
         for name, allowed in (("preset", PRESETS), ("model_type", MODEL_TYPES), ("overflow_fix", OVERFLOW_FIXES),
-                              ("fallback_method", FALLBACK_METHODS)):
+                              ("fallback_method", FALLBACK_METHODS), ("activations_range", ACTIVATION_RANGES)):
             self.require_one_of(name, allowed)
         self.require_at_least("accuracy_control_max_iterations", 1)
         regions.check_region_names("fp32_regions", self.fp32_regions)
         regions.check_patterns("fp32_patterns", self.fp32_patterns)
+        for name in self.fallback_groups:
+            regions.check_region_names("fallback_groups", name.split("+"))
+            if len({regions.region(part).component for part in name.split("+")}) > 1:
+                from evsam_export.pipeline.settings import SettingValueError
+
+                raise SettingValueError("fallback_groups", f"{name!r} mixes encoder and decoder regions",
+                                        hint="a group reverts regions of one component")
+
+
+def fallback_order(settings: Settings, component: str) -> tuple[FallbackGroup, ...]:
+    """The groups the rounds of `component` revert, in order: the settings' fallback_groups of that component
+    (a table group keeps its reason), else the component's table."""
+    table = {g.name: g for g in FALLBACK_GROUPS[component]}
+    named = [name for name in settings.fallback_groups if regions.region(name.split("+")[0]).component == component]
+    if not named:
+        return FALLBACK_GROUPS[component]
+    return tuple(table.get(name) or FallbackGroup(tuple(name.split("+")), "placed here by the settings' fallback_groups "
+                                                  "(a measured order)") for name in named)
 
 
 def check_parent(parent: Artifact) -> None:
@@ -216,15 +243,19 @@ def calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) ->
 
 @contextmanager
 def quiet_nncf():
-    """NNCF logs every ignored node at INFO on stdout; keep warnings only, for this call only."""
+    """NNCF logs every ignored node at INFO on stdout; keep warnings only, for this call only. Its progress bars
+    go to stderr, the progress stream, so a command's stdout stays its result."""
     import logging
+    import sys
+    from contextlib import redirect_stdout
 
     from nncf.common.logging import nncf_logger
 
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)
     try:
-        yield
+        with redirect_stdout(sys.stderr):
+            yield
     finally:
         nncf_logger.setLevel(level)
 
@@ -232,6 +263,7 @@ def quiet_nncf():
 def quantize_kwargs(settings: Settings, overflow_fix: str, feeds: int) -> dict:
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     fixes = {"first_layer": OverflowFix.FIRST_LAYER, "enable": OverflowFix.ENABLE, "disable": OverflowFix.DISABLE}
     return {
@@ -239,7 +271,9 @@ def quantize_kwargs(settings: Settings, overflow_fix: str, feeds: int) -> dict:
         "model_type": nncf.ModelType.TRANSFORMER if settings.model_type == "transformer" else None,
         "subset_size": feeds,  # every feed built (the decoder has two per calibration image)
         "fast_bias_correction": settings.fast_bias_correction,
-        "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=fixes[overflow_fix]),
+        "advanced_parameters": AdvancedQuantizationParameters(
+            overflow_fix=fixes[overflow_fix],
+            activations_range_estimator_params=getattr(RangeEstimatorParametersSet, settings.activations_range.upper())),
     }
 
 
@@ -261,7 +295,7 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
 
     check_parent(parent)
     nodes = model_nodes(model)
-    groups = FALLBACK_GROUPS[parent.component] if settings.fallback and settings.fallback_method == "widen" else ()
+    groups = fallback_order(settings, parent.component) if settings.fallback and settings.fallback_method == "widen" else ()
     base = regions.protected_nodes(nodes, parent.component, settings.fp32_regions, settings.fp32_patterns,
                                    [r for g in groups for r in g.regions], where="nncf")
     with ctx.reporter.step(f"{parent.component}: calibration feeds ({settings.calibration_images})"):

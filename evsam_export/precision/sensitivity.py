@@ -210,12 +210,16 @@ def measure_sensitivity(
                 seconds=round(time.perf_counter() - started, 1),
                 ranges_reused=bool(artifact.facts["calibration"]["ranges_reused"]),
             )
-            report.results.append(row)
-            if on_result is not None:
-                on_result(row)
+            _add_row(report, row, on_result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _add_row(report, row, on_result: Callable | None) -> None:
+    report.results.append(row)
+    if on_result is not None:
+        on_result(row)  # rows take minutes: the caller shows each as soon as it is measured
 
 
 def write_report(report: SensitivityReport, path: Path) -> Path:
@@ -226,3 +230,181 @@ def write_report(report: SensitivityReport, path: Path) -> Path:
     tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------ OpenVINO / NNCF
+
+# The NNCF INT8 artifact whose settings a cpu-openvino-int8 folder carries.
+OPENVINO_INT8_ARTIFACT = "encoder.openvino.int8"
+NONE = "none"  # the row with no group kept fp32: NNCF's round 0 (the base ignored scope only)
+# Settings of the openvino step that describe the IR, not the quantization: never taken from a folder's entry.
+_IR_FIELDS = ("precision", "static_batch", "inference_precision")
+
+
+@dataclass
+class OpenVINOGroupRow:
+    """One row: `group` (regions joined by "+") kept fp32 on top of the base scope, every other node NNCF INT8,
+    scored end to end against the fp32 ONNX pair (parity.unseen.score_pair)."""
+
+    group: str
+    ignored_nodes: int  # nodes of the ignored scope (base scope + the group), as NNCF matched them
+    fake_quantize: int
+    snr_min_db: float
+    mask_iou: dict  # prompt kind -> mean mask IoU vs the fp32 pair
+    mask_iou_p5: dict  # prompt kind -> 5th percentile
+    miou_drop_points: dict  # prompt kind -> shape-mIoU points lost against the fp32 pair
+    speedup: float  # encoder: ORT fp32 median / this IR's median, one alternated run
+    seconds: float
+
+    @property
+    def worst_kind(self) -> str:
+        return min(self.mask_iou, key=self.mask_iou.get)
+
+    def line(self) -> str:
+        worst = self.worst_kind
+        return (f"{self.group:<28} {self.fake_quantize:4d} FQ   SNR {self.snr_min_db:6.2f} dB   mask IoU worst {worst} "
+                f"{self.mask_iou[worst]:.4f} (p5 {self.mask_iou_p5[worst]:.3f})   mIoU drop max "
+                f"{max(self.miou_drop_points.values()):+.2f}   {self.speedup:.2f}x ORT fp32   ({self.seconds:.0f} s)")
+
+
+@dataclass
+class OpenVINOSensitivityReport:
+    folder: Path
+    variant: str
+    settings_from: str
+    settings: dict
+    scenes: list[int]
+    results: list[OpenVINOGroupRow] = field(default_factory=list)
+
+    def header(self) -> str:
+        return (f"{self.variant} NNCF INT8 ({self.settings['preset']} preset, model_type {self.settings['model_type']}, "
+                f"{self.settings['calibration_images']} calibration images, settings from {self.settings_from}): each row "
+                f"keeps the named group fp32 and quantizes the rest; scored against the fp32 ONNX pair on "
+                f"{len(self.scenes)} held-out scenes (SNR min, worst prompt kind's mean mask IoU, mIoU drop, encoder speed)")
+
+    def to_json(self) -> dict:
+        return {
+            "format": REPORT_FORMAT,
+            "backend": "openvino",
+            "folder": str(self.folder),
+            "variant": self.variant,
+            "settings_from": self.settings_from,
+            "settings": self.settings,
+            "scene_seeds": self.scenes,
+            "results": [{k: _json_number(v) for k, v in dataclasses.asdict(r).items()} for r in self.results],
+        }
+
+
+def openvino_int8_settings(manifest, overrides: dict):
+    """The folder's NNCF INT8 settings (or the step's defaults) with `overrides` applied, precision int8 and the
+    fallback off."""
+    from evsam_export.targets import openvino
+
+    known = {f.name for f in dataclasses.fields(openvino.Settings)} - set(_IR_FIELDS)
+    source = next((a for a in manifest.artifacts if a.id == OPENVINO_INT8_ARTIFACT), None)
+    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (source.settings if source else {}).items() if k in known}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = openvino.Settings(**{**recorded, **given, "precision": "int8", "fallback": False})
+    except RecipeError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
+    return settings, (OPENVINO_INT8_ARTIFACT if source else "defaults")
+
+
+def openvino_rows(wanted: Sequence[str]):
+    """{row name: FallbackGroup or None (the base scope)}: "none" and every encoder fallback group by default, or
+    the asked-for rows, each a fallback group name or encoder regions joined by "+" (kept fp32 together)."""
+    from evsam_export.errors import ExportError
+    from evsam_export.export import regions
+    from evsam_export.pipeline.fallback import FallbackGroup
+    from evsam_export.precision.nncf_int8 import ENCODER_GROUPS
+
+    if not wanted:
+        return {NONE: None, **{g.name: g for g in ENCODER_GROUPS}}
+    rows = {}
+    for name in wanted:
+        if name == NONE:
+            rows[name] = None
+            continue
+        try:
+            chosen = tuple(regions.region(part) for part in name.split("+"))
+        except ExportError as exc:
+            raise UsageError(exc.message, hint=f"a row is {NONE!r} or encoder regions joined by '+'; {exc.hint}") from None
+        decoder = [r.name for r in chosen if r.component != "encoder"]
+        if decoder:
+            raise UsageError(f"region {decoder[0]!r} is not in the encoder", hint="name encoder regions only")
+        rows[name] = FallbackGroup(chosen, "measured row")
+    return rows
+
+
+def measure_openvino_sensitivity(
+    folder: Path,
+    groups: Sequence[str] = (),
+    overrides: dict | None = None,
+    scenes: int = 4,
+    threads: int | None = 2,
+    bench_runs: int = 3,
+    reporter: Reporter | None = None,
+    on_result: Callable[[OpenVINOGroupRow], None] | None = None,
+) -> OpenVINOSensitivityReport:
+    """NNCF-quantize the folder's fp32 encoder once per row with that row's group kept fp32, and score each IR end
+    to end (fp32 ONNX decoder) against the fp32 ONNX pair on held-out synthetic scenes with ground truth.
+
+    Unlike the ORT rows (only a group INT8), a row here is what one fallback round would ship with only that group
+    reverted, so the rows rank the groups by what reverting each alone buys on this checkpoint."""
+    from evsam_export.manifest import read_manifest
+    from evsam_export.model.realistic import HELD_OUT_SEED_BASE
+    from evsam_export.model.variants import get_variant
+    from evsam_export.parity.unseen import FP32_DECODER, reference_scenes, score_pair
+    from evsam_export.pipeline.step import StepContext
+    from evsam_export.runners import runner_for_artifact
+    from evsam_export.runtime import Predictor
+    from evsam_export.targets import openvino
+
+    if scenes < 1 or bench_runs < 1:
+        raise UsageError("--scenes and --bench-runs must be at least 1")
+    reporter = reporter or Reporter()
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    variant = get_variant(manifest.variant)
+    parent = manifest.artifact(FP32_ARTIFACT)
+    decoder = manifest.artifact(FP32_DECODER)
+    settings, settings_from = openvino_int8_settings(manifest, overrides or {})
+    rows = openvino_rows(groups)
+    seeds = [HELD_OUT_SEED_BASE + i for i in range(scenes)]
+    report = OpenVINOSensitivityReport(folder, manifest.variant, settings_from, dataclasses.asdict(settings), seeds)
+    reference = Predictor(folder, encoder=FP32_ARTIFACT, decoder=FP32_DECODER, threads=threads, split_decoder=False)
+    work = Path(tempfile.mkdtemp(prefix="evsam-sensitivity-"))
+    try:
+        with reference:
+            with reporter.step(f"fp32 pair on {scenes} held-out scenes"):
+                known = reference_scenes(reference, seeds, variant.encoder_size)
+            (work / parent.path).symlink_to((folder / parent.path).resolve())
+            ctx = StepContext(folder=work, manifest=manifest, variant=variant, reporter=Reporter(quiet=True), threads=threads)
+            for name, group in rows.items():
+                started = time.perf_counter()
+                extra = tuple(r.name for r in group.regions) if group else ()
+                row_settings = dataclasses.replace(settings, fp32_regions=settings.fp32_regions + extra)
+                with reporter.step(f"{name}: fp32, the rest NNCF INT8"):
+                    artifact = openvino.build(ctx, parent, row_settings)[0]
+                    encoder = runner_for_artifact(work, artifact, threads)
+                    test = Predictor.from_runners(manifest, artifact, decoder, encoder, runner_for_artifact(folder, decoder, threads))
+                    with test:
+                        scored = score_pair(reference, test, seeds, variant.encoder_size, bench_runs, references=known)
+                kinds = scored["per_kind"]
+                row = OpenVINOGroupRow(
+                    group=name,
+                    ignored_nodes=int(artifact.facts["ignored_scope"]["matched_nodes"]),
+                    fake_quantize=int(artifact.facts["fake_quantize"]),
+                    snr_min_db=scored["embedding_snr_db"]["min"],
+                    mask_iou={k: v["mask_iou_vs_fp32"]["mean"] for k, v in kinds.items()},
+                    mask_iou_p5={k: v["mask_iou_vs_fp32"]["p5"] for k, v in kinds.items()},
+                    miou_drop_points={k: v["miou_drop_points"] for k, v in kinds.items()},
+                    speedup=scored["encoder_ms"]["speedup"],
+                    seconds=round(time.perf_counter() - started, 1),
+                )
+                _add_row(report, row, on_result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
