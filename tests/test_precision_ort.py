@@ -485,11 +485,14 @@ def test_fallback_records_every_round_until_a_pass(fake_parent):
     assert artifact.facts["gate_passed"] is True and "gate_note" not in artifact.facts
     assert artifact.facts["fallback_groups_skipped"] == ["missing"]
     assert artifact.facts["round"] == 2 and len(lines) == 3
-    assert fallback.summary_outcome(artifact.facts) == ("ok", "build gate passed in round 2, kept higher precision: a, b")
+    # The line says what the round before the pass missed, so a pass that reverted nearly everything says why.
+    missed = f"; round 1 missed {history[1]['worst_gate']}"
+    assert fallback.summary_outcome(artifact.facts) == ("ok", "build gate passed in round 2, kept higher precision: a, b" + missed)
+    assert "0.95" in missed
     qdq_facts = {**artifact.facts, "op_types_to_quantize": ["Conv"],
                  "qdq": {"quantized": {"Conv": 56}, "float": {"Conv": 13, "MatMul": 12}}}
-    assert fallback.summary_outcome(qdq_facts)[1].endswith("kept higher precision: a, b (56 of 69 Conv INT8)")
-    assert fallback.summary_outcome({**artifact.facts, "fake_quantize": 3})[1].endswith("a, b (3 FakeQuantize ops)")
+    assert fallback.summary_outcome(qdq_facts)[1].endswith("kept higher precision: a, b (56 of 69 Conv INT8)" + missed)
+    assert fallback.summary_outcome({**artifact.facts, "fake_quantize": 3})[1].endswith("a, b (3 FakeQuantize ops)" + missed)
 
 
 def test_summary_outcome_of_a_first_round_pass_and_of_an_ungated_build(fake_parent):

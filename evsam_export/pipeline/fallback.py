@@ -250,7 +250,10 @@ def summary_outcome(facts: dict) -> tuple[str, str]:
     if facts.get("gate_passed"):
         if not kept:
             return "ok", "build gate passed in round 0"
-        return "ok", f"build gate passed in round {last['round']}, kept higher precision: {', '.join(kept)}" + share
+        # What the round before missed says, with its number, why the fallback had to go this far.
+        missed = history[-2].get("worst_gate") if rounds > 1 else None
+        return "ok", (f"build gate passed in round {last['round']}, kept higher precision: {', '.join(kept)}" + share
+                      + (f"; round {history[-2]['round']} missed {missed}" if missed else ""))
     worst = last.get("worst_gate") or last.get("note") or "no gate verdict"
     return "warn", (f"BUILD GATE FAILED in all {rounds} round(s) (last: {worst}){share}; "
                     "kept for inspection, only a passing release gate accepts it")
