@@ -37,8 +37,9 @@ class TorchRunner(Runner):
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        # Read-only feeds (cached or memory-mapped arrays) are copied: torch warns on tensors it cannot write.
         with torch.inference_mode():
-            result = self.module(*[torch.from_numpy(feeds[t.name]) for t in self.inputs])
+            result = self.module(*[torch.from_numpy(np.require(feeds[t.name], requirements="W")) for t in self.inputs])
         result = result if isinstance(result, tuple) else (result,)
         return {t.name: value.numpy() for t, value in zip(self.outputs, result)}
 
