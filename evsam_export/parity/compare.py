@@ -48,6 +48,8 @@ class Gate:
     op: str  # ">=" or "<=" or "=="
     # False: measured and reported, but not deciding (agreement gates under task gating, parity.task).
     decides: bool = True
+    # End to end: "encoder-id -> decoder-id", so two pairings of one encoder read as two lines, not one twice.
+    pairing: str = ""
 
     @property
     def failed(self) -> bool:
@@ -66,14 +68,15 @@ class Gate:
 
     def line(self) -> str:
         advisory = "" if self.decides else ", advisory: task gating decides"
-        return f"{self.artifact} [{self.stage}/{self.kind}] {self.metric} = {self.value:.6g} (needs {self.op} {self.threshold:g}{advisory})"
+        return f"{self.pairing or self.artifact} [{self.stage}/{self.kind}] {self.metric} = {self.value:.6g} (needs {self.op} {self.threshold:g}{advisory})"
 
     def to_json(self) -> dict:
         value = None if isinstance(self.value, float) and not math.isfinite(self.value) and math.isnan(self.value) else self.value
         if isinstance(value, float) and math.isinf(value):
             value = "inf" if value > 0 else "-inf"
         return {"artifact": self.artifact, "stage": self.stage, "kind": self.kind, "metric": self.metric,
-                "value": value, "threshold": self.threshold, "op": self.op, "passed": self.passed, "decides": self.decides}
+                "value": value, "threshold": self.threshold, "op": self.op, "passed": self.passed, "decides": self.decides,
+                **({"pairing": self.pairing} if self.pairing else {})}
 
 
 @dataclass
@@ -126,12 +129,14 @@ class ParityReport:
 
 def _gate_min(stage: StageReport, kind: str, metric: str, value: float, threshold: float | None) -> None:
     if threshold is not None:
-        stage.gates.append(Gate(stage.artifact, stage.stage, kind, metric, float(value), float(threshold), ">="))
+        stage.gates.append(Gate(stage.artifact, stage.stage, kind, metric, float(value), float(threshold), ">=",
+                                pairing=stage.pairing))
 
 
 def _gate_max(stage: StageReport, kind: str, metric: str, value: float, threshold: float | None) -> None:
     if threshold is not None:
-        stage.gates.append(Gate(stage.artifact, stage.stage, kind, metric, float(value), float(threshold), "<="))
+        stage.gates.append(Gate(stage.artifact, stage.stage, kind, metric, float(value), float(threshold), "<=",
+                                pairing=stage.pairing))
 
 
 def reference_tokens(artifact: Artifact, case: Case, reference: Reference, tokens: list[int]):
@@ -224,7 +229,8 @@ def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_
             entry["in_graph_upscale_iou_min"] = min(bucket["inmask"])
             _gate_min(stage, kind, "in_graph_upscale_iou.min", entry["in_graph_upscale_iou_min"], 0.999)
         if not tol.allow_nonfinite:
-            stage.gates.append(Gate(stage.artifact, stage.stage, kind, "nonfinite", float(bucket["nonfinite"]), 0.0, "=="))
+            stage.gates.append(Gate(stage.artifact, stage.stage, kind, "nonfinite", float(bucket["nonfinite"]), 0.0, "==",
+                                   pairing=stage.pairing))
         stage.per_kind[kind] = entry
     stage.worst = sorted(worst, key=lambda w: w["iou"])[:2]
 

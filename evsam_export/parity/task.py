@@ -152,7 +152,8 @@ def measure_task(report, runners, manifest, suite, reference_ious: dict, reporte
             drop = drop_points(reference, miou)
             stage.per_kind[kind] = {"miou": miou, "reference_miou": reference, "drop_points": drop, "instances": int(ious[kind].size)}
             if criterion.decides and kind in criterion.max_drop:
-                stage.gates.append(Gate(stage.artifact, TASK_STAGE, kind, DROP_METRIC, drop, criterion.max_drop[kind], "<="))
+                stage.gates.append(Gate(stage.artifact, TASK_STAGE, kind, DROP_METRIC, drop, criterion.max_drop[kind], "<=",
+                                        pairing=stage.pairing))
         report.stages.append(stage)
         if criterion.decides and all(kind in stage.per_kind for kind in criterion.max_drop):
             covered_artifacts.add(pipeline.subject.id)
