@@ -92,7 +92,8 @@ def test_validate_with_annotations_gates_lower_precisions_on_the_miou_drop(noisy
     assert proc.returncode == 10, proc.stdout + proc.stderr
     failed = [line for line in proc.stderr.splitlines() if line.startswith("FAILED")]
     # Only the drop fails: the int8 encoder is above both floors, the fp16 one misses agreement only.
-    assert len(failed) == 1 and "encoder.onnx.int8 -> decoder.onnx.fp32 [task/box] miou_drop_points" in failed[0] and f"needs <= {MAX_DROP:g}" in failed[0]
+    assert len(failed) == 1, failed
+    assert "encoder.onnx.int8 -> decoder.onnx.fp32 [task/box] miou_drop_points" in failed[0] and f"needs <= {MAX_DROP:g}" in failed[0]
     assert "Traceback" not in proc.stderr and "agreement gate(s) missed but not deciding" in proc.stderr
     report = json.loads((noisy_export / "parity.json").read_text())
     stages = {(s["artifact"], s["stage"]): s for s in report["stages"]}

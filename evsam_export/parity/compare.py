@@ -68,7 +68,8 @@ class Gate:
 
     def line(self) -> str:
         advisory = "" if self.decides else ", advisory: task gating decides"
-        return f"{self.pairing or self.artifact} [{self.stage}/{self.kind}] {self.metric} = {self.value:.6g} (needs {self.op} {self.threshold:g}{advisory})"
+        subject = self.pairing or self.artifact
+        return f"{subject} [{self.stage}/{self.kind}] {self.metric} = {self.value:.6g} (needs {self.op} {self.threshold:g}{advisory})"
 
     def to_json(self) -> dict:
         value = None if isinstance(self.value, float) and not math.isfinite(self.value) and math.isnan(self.value) else self.value
