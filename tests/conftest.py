@@ -82,11 +82,3 @@ def copy_export(l0_export, tmp_path_factory):
 
     return make
 
-
-@pytest.fixture(scope="session")
-def realistic_checkpoint() -> Path:
-    """Our trained-decoder l0 checkpoint (evsam_export.model.realistic), trained on first use (a few minutes
-    on 2 cores) and cached under $EVSAM_CACHE_DIR/realistic/<key>/ for every later session."""
-    from evsam_export.model.realistic import TrainSettings, ensure_checkpoint
-
-    return ensure_checkpoint(TrainSettings())
