@@ -39,15 +39,7 @@ LITEMLA = re.compile(r"context_module/main/[^/]+$")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("evsam-cache")
-        patch.setenv("EVSAM_CACHE_DIR", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
-def ctx(copy_export, gate_suite, cache_dir) -> StepContext:
+def ctx(copy_export, gate_suite, module_cache_dir) -> StepContext:
     folder = copy_export("precision")
     manifest = read_manifest(folder)
     return StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True),

@@ -65,6 +65,11 @@ def run_command(
             typer.echo(f"parity: pass (reused: no artifact changed since the last validation; {folder / 'parity.md'})")
         if result.passed is False:
             raise ParityFailure("the recipe's artifacts failed their parity gate", hint=f"see {folder / 'parity.md'}")
+        if result.declined:
+            from evsam_export.errors import NothingGained
+
+            raise NothingGained(f"{loaded.name}: built, but nothing gained ({'; '.join(result.declined)})",
+                                hint="the fp32 artifacts ship under fp32 names; see the manifest's facts.lowering")
 
     run_guarded(debug, body)
 

@@ -191,7 +191,9 @@ def build_with_fallback(
     history: list[dict] = []
     artifact = None
     verdict = None
-    for round_index in range(min(max_rounds, len(usable) + 1)):
+    rounds = min(max_rounds, len(usable) + 1)
+    began = time.perf_counter()
+    for round_index in range(rounds):
         kept = tuple(usable[:round_index])
         started = time.perf_counter()
         artifact = candidates_fn(kept)
@@ -215,6 +217,7 @@ def build_with_fallback(
         ctx.reporter.line(
             f"  {artifact.id} round {round_index}: fp32 groups {[g.name for g in kept] or 'none'} -> "
             + ("gate passed" if verdict.passed else f"gate failed ({gate_line(verdict.worst) if verdict.worst else verdict.note})")
+            + progress_note(time.perf_counter() - began, round_index + 1, 0 if verdict.passed else rounds - round_index - 1)
         )
         if verdict.passed:
             break
@@ -236,10 +239,23 @@ def build_with_fallback(
     return replace(artifact, facts=facts)
 
 
+def progress_note(elapsed: float, done: int, left: int) -> str:
+    """' [312 s so far; at most 3 more rounds, about 290 s]': the elapsed time of a round loop and, from the mean
+    round so far, what the rounds still allowed would cost (an upper bound: the loop stops at the first pass)."""
+    note = f" [{elapsed:.0f} s so far"
+    if left > 0:
+        note += f"; at most {left} more round{'s' if left > 1 else ''}, about {elapsed / max(done, 1) * left:.0f} s"
+    return note + "]"
+
+
 def summary_outcome(facts: dict) -> tuple[str, str]:
     """(status, note) for an artifact's summary line: what the build-time gate and the fallback did, so a
     precision kept higher or a build gate that never passed shows on the line, not only in the manifest.
-    Status "warn" when the gate never passed; ("ok", "") for artifacts built without a gate."""
+    Status "warn" when the gate never passed or a lower precision gained nothing (the fp32 parent ships:
+    facts["lowering"]); ("ok", "") for artifacts built without a gate."""
+    lowering = facts.get("lowering")
+    if isinstance(lowering, dict):
+        return "warn", lowering["line"]
     history = facts.get("fallback")
     if not history:
         return "ok", ""
@@ -263,6 +279,8 @@ def _quantized_share(facts: dict) -> str:
     """' (56 of 69 Conv INT8)' for a QDQ artifact, ' (3 FakeQuantize ops)' for an NNCF IR: after a fallback,
     how much is still INT8, so a build that passed by reverting nearly everything says so on its summary
     line (OpenVINO l1 passed its build gate with 3 FakeQuantize ops left, session 4)."""
+    if isinstance(facts.get("lowered"), dict) and facts["lowered"].get("text"):  # precision/lowered.py's census
+        return f" ({facts['lowered']['text']})"
     qdq = facts.get("qdq")
     if not isinstance(qdq, dict) or "quantized" not in qdq:
         count = facts.get("fake_quantize")

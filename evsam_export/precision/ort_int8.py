@@ -48,6 +48,7 @@ from evsam_export.manifest import Artifact, cpu_flags
 from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes
 from evsam_export.pipeline.settings import PrecisionSettings, SettingValueError
 from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.precision import lowered
 
 # Regions (evsam_export.export.regions) never quantized, whatever op_types_to_quantize says.
 FP32_REGIONS = (
@@ -94,8 +95,10 @@ class Settings(PrecisionSettings):
     symmetric: bool = False
     # Per-output-channel weight scales (ORT's static QDQ speed-up on CPU is measured with them).
     per_channel: bool = True
-    # 7-bit weights for CPUs without VNNI, where u8s8 int16 accumulation can saturate.
-    reduce_range: bool = False
+    # 7-bit weights, for CPUs without VNNI, where ORT's u8s8 kernels (VPMADDUBSW) add pairs of products into
+    # saturating int16. "auto": on when the build CPU has no VNNI (AVX512-VNNI, AVX-VNNI, AMX), off with it
+    # (resolve_reduce_range); an artifact built with VNNI must be gated again before it ships to a CPU without.
+    reduce_range: bool | str = "auto"
     # How activation ranges are chosen: "minmax" (observed extremes), "percentile" (the `percentile`-th
     # percentile of |x|, clipping the rare GELU/residual outliers MinMax spends the 8 bits on), "entropy"
     # (KL divergence, TensorRT's classic choice). Percentile measured best (docs/benchmarks.md).
@@ -116,6 +119,11 @@ class Settings(PrecisionSettings):
     graph_passes: tuple[str, ...] | None = None
     # The default tries every group: re-quantizing from cached ranges is cheap next to a gate run.
     max_rounds: int = len(INT8_GROUPS) + 1
+    # A gated build ships only when its INT8 graph is at least this many times faster than the fp32 parent
+    # (alternated timing on the build machine, `speedup_runs` runs each); else the fp32 parent is the
+    # artifact and `run` exits 11. 0: no timing.
+    min_speedup: float = lowered.MIN_SPEEDUP
+    speedup_runs: int = 5
 
     def check(self) -> None:
         super().check()
@@ -128,6 +136,9 @@ class Settings(PrecisionSettings):
             except RecipeError as exc:
                 raise SettingValueError("graph_passes", exc.message, hint=exc.hint) from exc
         self.require_one_of("calibrate_method", CALIBRATE_METHODS)
+        self.require_one_of("reduce_range", (True, False, "auto"))
+        self.require_at_least("min_speedup", 0.0)
+        self.require_at_least("speedup_runs", 1)
         self.require_between("percentile", 90.0, 100.0)
         if self.calibration_memory_gib <= 0:
             raise SettingValueError("calibration_memory_gib", f"{self.calibration_memory_gib!r} must be > 0")
@@ -141,6 +152,20 @@ class Settings(PrecisionSettings):
         if self.graph_passes is not None:
             return self.graph_passes
         return () if self.symmetric else ORT_PASSES
+
+
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def resolve_reduce_range(setting: bool | str, flags: list[str]) -> tuple[bool, str]:
+    """(reduce_range, why) for the setting on a CPU with `flags` (manifest.cpu_flags)."""
+    if setting != "auto":
+        return bool(setting), "set explicitly"
+    vnni = [flag for flag in _VNNI_FLAGS if flag in flags]
+    if vnni:
+        return False, f"build CPU has {vnni[0]}: u8s8 dot products accumulate in int32 and do not saturate"
+    return True, ("build CPU has no VNNI: ORT's u8s8 kernels add product pairs in saturating int16, so weights "
+                  "keep 7 bits (onnxruntime quantization docs, reduce_range)")
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -357,6 +382,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         if shared.is_file():
             shutil.copyfile(shared, cache)
         ranges_reused = cache.exists()
+        reduce_range, reduce_range_why = resolve_reduce_range(settings.reduce_range, cpu_flags())
         activation = QuantType.QInt8 if settings.symmetric else QuantType.QUInt8
         extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if settings.symmetric else {}
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -383,7 +409,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                     quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(settings.op_types_to_quantize),
                     per_channel=settings.per_channel,
-                    reduce_range=settings.reduce_range,
+                    reduce_range=reduce_range,
                     activation_type=activation,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
@@ -396,7 +422,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             problems = []
             if structure["integer_ops"]:
                 problems.append(f"integer ops {structure['integer_ops']} (dynamic-quantization form)")
-            if not structure["quantize_linear"]:
+            if not structure["quantize_linear"] and not kept_nodes:  # (a fallback round may take every op back)
                 problems.append(f"nothing was quantized: no {list(settings.op_types_to_quantize)} node outside the exclusions"
                                 + (' (the decoder has no eligible Conv; set op_types_to_quantize = ["Gemm", "MatMul"])'
                                    if parent.component == "decoder" else ""))
@@ -422,7 +448,9 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                 "excluded_nodes": exclude,
                 "excluded_by_region": len(excluded),
                 "kept_fp32_by_fallback": kept_nodes,
+                "reduce_range": {"setting": settings.reduce_range, "resolved": reduce_range, "why": reduce_range_why},
                 "qdq": {k: v for k, v in structure.items() if k != "float_nodes"},
+                "lowered": lowered.qdq_census(structure),
                 "float_nodes": structure["float_nodes"],
                 "parent_nodes": len(nodes),
                 "cpu_flags": cpu_flags(),
@@ -430,10 +458,19 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             return ctx.new_artifact(parent, path, target=settings.target, precision="int8", step="int8",
                                     settings=asdict(settings), facts=facts, started=started)
 
+        def timer() -> dict:
+            from evsam_export.runners.ort_runner import OrtRunner
+
+            feed = feeds[0]
+            with OrtRunner(ctx.path_of(parent), parent.inputs, parent.outputs, threads=ctx.threads) as fp32, \
+                    OrtRunner(path, parent.inputs, parent.outputs, threads=ctx.threads) as int8:
+                return lowered.measure_speedup(lambda: fp32.infer(feed), lambda: int8.infer(feed), settings.speedup_runs)
+
         if not settings.fallback:
             artifacts = [candidate(())]
         else:
-            artifacts = [build_with_fallback(ctx, parent, candidate, settings.max_rounds, groups, quantizable, suite=settings.gate_suite)]
+            built = build_with_fallback(ctx, parent, candidate, settings.max_rounds, groups, quantizable, suite=settings.gate_suite)
+            artifacts = [lowered.settle(ctx, parent, built, settings.min_speedup, timer)]
         if cache.is_file() and not shared.is_file():  # only ranges of a calibration that completed
             _store_atomically(cache, shared)
         return artifacts

@@ -1,0 +1,120 @@
+"""Honest names for lower precision (evsam_export.precision.lowered): the census of what runs INT8, the verdict
+that hands the fp32 parent back when a gated build gained nothing, the exit code that says so, and the
+CPU-flag decisions of the INT8 steps (EVSAM_HIDE_CPU_FLAGS plays a CPU without VNNI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evsam_export import errors
+from evsam_export.manifest import HIDE_CPU_FLAGS_ENV, cpu_flags
+from evsam_export.pipeline import fallback
+from evsam_export.pipeline.auto import decision_markdown
+from evsam_export.precision import lowered, ort_int8
+
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def test_census_counts_per_op_type_and_reads_as_a_line():
+    counted = lowered.qdq_census({"quantized": {"Conv": 56}, "float": {"Conv": 13, "MatMul": 8}})
+    assert counted["ops"] == {"Conv": {"lowered": 56, "total": 69}, "MatMul": {"lowered": 0, "total": 8}}
+    assert (counted["lowered"], counted["total"]) == (56, 77)
+    assert counted["text"] == "56 of 69 Conv, 0 of 8 MatMul INT8"
+    assert lowered.whole_graph_census([("a", "Convolution"), ("b", "MatMul"), ("c", "Add")], "bf16")["text"] == \
+        "1 of 1 Conv, 1 of 1 MatMul bf16"
+
+
+def test_gain_verdict_refuses_no_int8_and_too_little_speed():
+    none_left = lowered.qdq_census({"quantized": {}, "float": {"Conv": 69}})
+    assert lowered.gain_verdict(none_left, True, None, 1.1) == "no INT8 layer passed the gate; the artifact is the fp32 parent"
+    some = lowered.qdq_census({"quantized": {"Conv": 2}, "float": {"Conv": 67}})
+    slow = {"parent_ms": 600.0, "candidate_ms": 580.0, "speedup": 1.034, "runs": 5}
+    line = lowered.gain_verdict(some, True, slow, 1.1)
+    assert "2 of 69 Conv INT8 is only 1.03x its fp32 parent" in line and line.endswith("the artifact is the fp32 parent")
+    assert lowered.gain_verdict(some, True, {**slow, "speedup": 1.9}, 1.1) == ""
+    assert lowered.gain_verdict(some, False, None, 1.1) == ""  # a failed gate speaks for itself (release gate decides)
+
+
+def test_summary_line_of_a_handed_back_parent_and_of_a_census():
+    line = "no INT8 layer passed the gate; the artifact is the fp32 parent"
+    assert fallback.summary_outcome({"lowering": {"line": line}}) == ("warn", line)
+    counted = lowered.qdq_census({"quantized": {"Conv": 56}, "float": {"Conv": 13}})
+    facts = {"gate_passed": True, "lowered": counted, "fallback": [
+        {"round": 0, "kept_fp32_groups": [], "worst_gate": "encoder/all embedding_snr_db.min = 8 (needs >= 10)"},
+        {"round": 1, "kept_fp32_groups": ["neck"]}]}
+    status, note = fallback.summary_outcome(facts)
+    assert status == "ok" and "(56 of 69 Conv INT8)" in note
+
+
+def test_progress_note_estimates_what_is_left():
+    assert fallback.progress_note(120.0, 2, 3) == " [120 s so far; at most 3 more rounds, about 180 s]"
+    assert fallback.progress_note(60.0, 1, 0) == " [60 s so far]"
+
+
+def test_nothing_gained_has_its_own_documented_exit_code():
+    codes = [cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.EvsamError)]
+    assert errors.NothingGained.exit_code == 11 and codes.count(11) == 1
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "11 nothing gained" in readme
+
+
+def test_auto_table_shows_what_each_artifact_holds():
+    decision = {"recipe": "cpu-auto", "variant": "l0", "suite": "default", "runs": 3,
+                "machine": {"cpu": "cpu", "cpu_flags": []},
+                "candidates": [{"recipe": "cpu-ort-int8", "status": "passed", "reason": "", "artifacts": ["encoder.ort.int8"]},
+                               {"recipe": "cpu-openvino-int8", "status": "no gain", "artifacts": [],
+                                "reason": "openvino:encoder: no INT8 layer passed the gate; the artifact is the fp32 parent"}],
+                "median_ms": {"encoder.ort.int8": {"1 image": 300.0}}, "pairs_tried": [], "recommended": {},
+                "lowered": {"encoder.ort.int8": "56 of 69 Conv INT8"}}
+    table = decision_markdown(decision)
+    assert "| encoder.ort.int8 (56 of 69 Conv INT8) |" in table
+    assert "| cpu-openvino-int8 | no gain: openvino:encoder: no INT8 layer passed the gate" in table
+
+
+@pytest.mark.parametrize("hidden, expected", [("", None), (",".join(VNNI), True)])
+def test_ort_reduce_range_follows_the_cpu_flags(monkeypatch, hidden, expected):
+    """With VNNI hidden the ORT step keeps 7-bit weights (its u8s8 kernels would saturate), as the NNCF step
+    picks its overflow fix; with the machine's own flags it follows whether they include VNNI."""
+    monkeypatch.setenv(HIDE_CPU_FLAGS_ENV, hidden)
+    flags = cpu_flags()
+    resolved, why = ort_int8.resolve_reduce_range("auto", flags)
+    has_vnni = any(flag in flags for flag in VNNI)
+    assert resolved is (expected if expected is not None else not has_vnni)
+    assert ("no VNNI" in why) is resolved
+    assert ort_int8.resolve_reduce_range(False, flags) == (False, "set explicitly")
+    from evsam_export.precision import nncf_int8
+
+    assert (nncf_int8.resolve_overflow_fix("auto", flags)[0] == "first_layer") is resolved
+
+
+def test_a_gated_int8_step_that_gains_nothing_ships_its_fp32_parent(tmp_path, monkeypatch):
+    """A candidate below min_speedup (here an unreachable 1000x, with the build gate stubbed to pass): the step
+    hands the fp32 parent back with the one line, no INT8-named file is left, the ORT target builds the fp32
+    artifact, and the run reports it as declined (the CLI's exit 11), also when the step is reused from the cache."""
+    from evsam_export.pipeline.recipe import load_recipe
+    from evsam_export.pipeline.runner import StepCache, run_recipe
+    from evsam_export.progress import Reporter
+
+    monkeypatch.setenv("EVSAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fallback, "gate_candidate", lambda ctx, artifact, suite=None: fallback.Verdict(passed=True))
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text('extends = "cpu-ort-int8"\n[recipe]\nname = "r"\n[export]\nsplit_decoder = false\n'
+                           '[validate]\nenabled = false\n[precision.int8]\ncalibration_images = 2\nmax_rounds = 1\n'
+                           'min_speedup = 1000.0\nspeedup_runs = 1\n')
+    recipe = load_recipe(recipe_file)
+    cache = StepCache(tmp_path / "cache" / "steps")
+    for run in ("a", "b"):
+        reporter = Reporter(quiet=True)
+        result = run_recipe(recipe, "l0", tmp_path / run, cache=cache, reporter=reporter)
+        step = next(s for s in result.steps if s.name == "int8:encoder")
+        assert step.status == ("built" if run == "a" else "reused") and step.outputs == ["encoder.onnx.fp32"]
+        (line,) = result.declined
+        assert line.startswith("int8:encoder: ") and "only" in line and line.endswith("the artifact is the fp32 parent")
+        lowering = result.manifest.artifact("encoder.onnx.fp32").facts["lowering"]
+        assert lowering["asked"] == "int8" and lowering["timing"]["speedup"] < 1000 and lowering["candidate"]["lowered"] > 0
+        assert not list((tmp_path / run).glob("*int8*"))
+        assert {"encoder.ort.fp32", "decoder.ort.fp32"} <= {a.id for a in result.manifest.artifacts}
+        warned = next(entry for entry in reporter.summary if Path(entry.path).name == "encoder.fp32.onnx" and entry.status == "warn")
+        assert "the artifact is the fp32 parent" in warned.note
