@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evsam_export import errors
@@ -13,6 +14,7 @@ from evsam_export.manifest import HIDE_CPU_FLAGS_ENV, cpu_flags
 from evsam_export.pipeline import fallback
 from evsam_export.pipeline.auto import decision_markdown
 from evsam_export.precision import lowered, ort_int8
+from evsam_export.progress import Reporter
 
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -118,3 +120,56 @@ def test_a_gated_int8_step_that_gains_nothing_ships_its_fp32_parent(tmp_path, mo
         assert {"encoder.ort.fp32", "decoder.ort.fp32"} <= {a.id for a in result.manifest.artifacts}
         warned = next(entry for entry in reporter.summary if Path(entry.path).name == "encoder.fp32.onnx" and entry.status == "warn")
         assert "the artifact is the fp32 parent" in warned.note
+
+
+def _fake_artifact(kept: frozenset):
+    from evsam_export.manifest import Artifact
+
+    return Artifact(id="encoder.ort.int8", component="encoder", target="ort", precision="int8", path="encoder.ort.int8.onnx",
+                    sha256="0" * 64, size_bytes=1, inputs=[], outputs=[], parent="encoder.onnx.fp32", step="int8",
+                    settings={}, facts={"kept": sorted(kept)})
+
+
+@pytest.mark.parametrize("needed", [0, 1, 3, 7, 10])
+def test_ranked_search_finds_the_fewest_regions_to_keep(needed):
+    """Bisection over the ranking: the result keeps exactly the `needed` most harmful regions fp32 (the gate passes
+    from there on), the passing candidate is rebuilt when a later round overwrote it, and the rounds stay few."""
+    from evsam_export.pipeline.step import StepContext
+
+    ranked = [fallback.RankedUnit(f"block{i}", (f"op{i}a", f"op{i}b"), 0.1 / (i + 1)) for i in range(10)]
+    built = []
+
+    def candidates_fn(kept):
+        built.append(len(kept) // 2)
+        return _fake_artifact(kept)
+
+    def gate(ctx, artifact):
+        return fallback.Verdict(passed=len(artifact.facts["kept"]) // 2 >= needed)
+
+    ctx = StepContext(folder=Path("."), manifest=None, variant=None, reporter=Reporter(quiet=True))
+    artifact = fallback.build_with_ranking(ctx, None, candidates_fn, ranked, max_rounds=8, target_snr_db=10.0, gate=gate)
+    rounds = artifact.facts["fallback"]
+    if needed < 10:
+        assert artifact.facts["gate_passed"] and len(artifact.facts["kept"]) == 2 * needed
+        assert artifact.facts["kept_fp32_regions"] == [f"block{i}" for i in range(needed)]
+    else:  # every region fp32 is the parent: never built, and the error carriers are named
+        assert not artifact.facts["gate_passed"] and artifact.facts["error_carriers"][0]["region"] == "block0"
+        assert 10 not in built
+    assert len(rounds) <= 1 + 4 and rounds[0]["kept_fp32_regions"] == 0
+
+
+def test_ranking_orders_regions_by_their_measured_noise():
+    reference = {"y": np.ones(100, dtype=np.float32)}
+
+    def run_with_only(names):
+        noise = 0.5 if "b/op_list.1/conv" in names else 0.01
+        return {"y": reference["y"] + np.sqrt(noise)}
+
+    from evsam_export.pipeline.step import StepContext
+
+    ctx = StepContext(folder=Path("."), manifest=None, variant=None, reporter=Reporter(quiet=True))
+    ops = ["/a/op_list.0/conv", "/a/op_list.0/conv2", "b/op_list.1/conv", "lonely"]
+    ranked = fallback.rank_units(ctx, "t", ops, run_with_only, reference)
+    assert [u.name for u in ranked][0] == "b/op_list.1" and {u.name for u in ranked} == {"/a/op_list.0", "b/op_list.1", "lonely"}
+    assert ranked[0].snr_db == pytest.approx(3.01, abs=0.01)
+    assert fallback.predicted_snr_db(ranked, 1) == pytest.approx(-10 * np.log10(0.02), abs=0.01)

@@ -68,7 +68,8 @@ def int8(ctx, module_cache_dir):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fallback, "gate_candidate", stub_gate)
-        settings = target.Settings(precision="int8", calibration_images=4, min_speedup=0)  # (timing: tests/test_lowered.py)
+        settings = target.Settings(precision="int8", calibration_images=4, min_speedup=0,  # (timing: tests/test_lowered.py)
+                                   fallback_method="widen")
         (artifact,) = target.build(ctx, ctx.manifest.artifact("encoder.onnx.fp32"), settings)
     return artifact, rounds
 

@@ -283,6 +283,42 @@ def test_int8_ranges_are_reused_by_a_build_that_only_changes_post_calibration_se
     assert artifact.facts["calibration"]["ranges_reused"]  # no second calibration pass
 
 
+def test_int8_strip_qdq_takes_ops_back_exactly(ctx, int8_encoder, held_out_feeds, fp32_embeddings, tmp_path):
+    """strip_qdq puts a node's fp32 inputs back without re-quantizing; with every quantized node taken back the
+    graph has no Q/DQ left and computes the fp32 embedding."""
+    artifact, quantized = int8_encoder
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)  # (the fixture's graph stays as built)
+    source = onnx.load(str(ctx.path_of(parent(ctx, "encoder"))))
+    ops = ort_int8.quantized_nodes(model)
+    assert len(ops) == ort_int8.qdq_structure(model)["quantized"]["Conv"]
+    assert ort_int8.strip_qdq(model, source, ops) == ops
+    structure = ort_int8.qdq_structure(model)
+    assert structure["quantize_linear"] == structure["dequantize_linear"] == 0 and not structure["quantized"]
+    onnx.save(model, str(tmp_path / "stripped.onnx"))
+    with OrtRunner(tmp_path / "stripped.onnx", artifact.inputs, artifact.outputs, threads=2) as runner:
+        assert metrics.snr_db(fp32_embeddings[0], runner.infer(held_out_feeds[0])["image_embeddings"]) > 60.0
+
+
+def test_int8_rank_fallback_that_never_passes_ships_the_parent_and_names_the_carriers(ctx, int8_encoder, tmp_path):
+    """The ranked search with a gate that never passes: the fp32 parent comes back with one line naming the
+    regions that carry the error (measured alone on this checkpoint), and no INT8 file is left."""
+    encoder = parent(ctx, "encoder")
+    (tmp_path / encoder.path).symlink_to(ctx.path_of(encoder))  # another folder: int8_encoder's file stays
+    settings = ort_int8.Settings(calibration_images=CALIBRATION_IMAGES, max_rounds=2)
+    failing = fallback.Verdict(passed=False, failed=[{"stage": "encoder", "kind": "all", "metric": "embedding_snr_db.min",
+                                                      "value": 3.0, "threshold": 10.0, "op": ">="}])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fallback, "gate_candidate", lambda *_args, **_kwargs: failing)
+        (artifact,) = ort_int8.build(replace(ctx, folder=tmp_path), encoder, settings)
+    assert artifact.id == "encoder.onnx.fp32" and artifact.sha256 == encoder.sha256
+    lowering = artifact.facts["lowering"]
+    assert lowering["line"].startswith("no INT8 candidate passed the gate; the artifact is the fp32 parent; the error is carried by /")
+    assert [r["kept_fp32_regions"] for r in lowering["fallback"]][0] == 0 and len(lowering["fallback"]) == 2
+    assert lowering["error_carriers"][0]["alone_snr_db"] <= lowering["error_carriers"][-1]["alone_snr_db"]
+    assert not (tmp_path / "encoder.ort.int8.onnx").exists()
+
+
 def test_calibration_pass_size_is_the_largest_fitting_divisor():
     gib = 2**30
     assert ort_int8.calibration_pass_size(16, int(0.61 * gib), 8 * gib) == 8  # l0

@@ -263,6 +263,8 @@ def summary_outcome(facts: dict) -> tuple[str, str]:
     rounds = len(history)
     kept = last["kept_fp32_groups"]
     share = _quantized_share(facts)
+    if facts.get("fallback_method") == "rank":
+        return _ranked_outcome(facts, history, share)
     if facts.get("gate_passed"):
         if not kept:
             return "ok", "build gate passed in round 0"
@@ -273,6 +275,19 @@ def summary_outcome(facts: dict) -> tuple[str, str]:
     worst = last.get("worst_gate") or last.get("note") or "no gate verdict"
     return "warn", (f"BUILD GATE FAILED in all {rounds} round(s) (last: {worst}){share}; "
                     "kept for inspection, only a passing release gate accepts it")
+
+
+def _ranked_outcome(facts: dict, history: list[dict], share: str) -> tuple[str, str]:
+    """The summary of a ranked search: how many regions went back to fp32, the first of them, the census."""
+    rounds = len(history)
+    if facts.get("gate_passed"):
+        kept = facts.get("kept_fp32_regions") or []
+        if not kept:
+            return "ok", f"build gate passed in round 0{share}"
+        of = history[0]["of_regions"]
+        named = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        return "ok", f"build gate passed after {rounds} round(s), kept {len(kept)} of {of} ranked regions fp32 ({named}){share}"
+    return "warn", f"BUILD GATE FAILED in all {rounds} round(s) (last: {history[-1].get('worst_gate') or history[-1].get('note')}){share}"
 
 
 def _quantized_share(facts: dict) -> str:
@@ -290,3 +305,159 @@ def _quantized_share(facts: dict) -> str:
     parts = [f"{quantized.get(op, 0)} of {quantized.get(op, 0) + kept_float.get(op, 0)} {op}"
              for op in ops if quantized.get(op, 0) + kept_float.get(op, 0)]
     return f" ({', '.join(parts)} INT8)" if parts else ""
+
+
+# ------------------------------------------------------------------------------------------ ranking and search
+
+# A small region: the ops of one block (".../op_list.3/", the neck's ".../input_ops.2/"); an op outside any is its own.
+_BLOCK = re.compile(r"^(.*?/(?:op_list|input_ops|output_ops)\.\d+)/")
+
+
+@dataclass(frozen=True)
+class RankedUnit:
+    """A small region of quantized ops and its measured effect: the relative noise power (error power over signal
+    power, over the probe's outputs) with only this region quantized and everything else fp32."""
+
+    name: str
+    ops: tuple[str, ...]
+    noise: float
+
+    @property
+    def snr_db(self) -> float:
+        import math
+
+        return math.inf if self.noise <= 0 else -10.0 * math.log10(self.noise)
+
+    def to_json(self) -> dict:
+        return {"region": self.name, "ops": len(self.ops), "alone_snr_db": round(self.snr_db, 2)}
+
+
+def units_of(ops: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The quantized ops grouped into small regions (blocks), in graph order."""
+    grouped: dict[str, list[str]] = {}
+    for name in ops:
+        match = _BLOCK.match(name)
+        grouped.setdefault(match.group(1) if match else name, []).append(name)
+    return [(unit, tuple(names)) for unit, names in grouped.items()]
+
+
+def relative_noise(reference: dict, test: dict) -> float:
+    """Error power over signal power, averaged over the float outputs both dicts hold."""
+    import numpy as np
+
+    ratios = []
+    for name, ref in reference.items():
+        ref = np.asarray(ref, dtype=np.float64)
+        if name not in test or ref.dtype.kind != "f" or not ref.size:
+            continue
+        error = np.asarray(test[name], dtype=np.float64) - ref
+        if not np.all(np.isfinite(error)):
+            return float("inf")
+        ratios.append(float(np.mean(error**2) / max(float(np.mean(ref**2)), 1e-30)))
+    return float(np.mean(ratios)) if ratios else 0.0
+
+
+def rank_units(ctx: StepContext, label: str, ops: Sequence[str], run_with_only: Callable[[set[str]], dict],
+               reference: dict) -> list[RankedUnit]:
+    """Every small region of `ops` measured alone (`run_with_only(names)`: the outputs with only those ops
+    quantized), most harmful first."""
+    units = units_of(ops)
+    ranked = []
+    started = time.perf_counter()
+    with ctx.reporter.step(f"{label}: ranking {len(units)} regions of {len(ops)} quantized ops, each quantized alone"):
+        for name, names in units:
+            ranked.append(RankedUnit(name, names, relative_noise(reference, run_with_only(set(names)))))
+    ranked.sort(key=lambda unit: -unit.noise)
+    ctx.reporter.line(f"  {label}: ranked in {time.perf_counter() - started:.0f} s; most harmful alone: "
+                      + ", ".join(f"{u.name} {u.snr_db:.1f} dB" for u in ranked[:3]))
+    return ranked
+
+
+def predicted_snr_db(ranked: Sequence[RankedUnit], kept: int) -> float:
+    """The SNR with the `kept` most harmful regions in fp32, if the regions' noise powers add."""
+    import math
+
+    noise = sum(unit.noise for unit in ranked[kept:])
+    return math.inf if noise <= 0 else -10.0 * math.log10(noise)
+
+
+def first_probe(ranked: Sequence[RankedUnit], target_snr_db: float) -> int:
+    """The fewest regions to keep in fp32 whose predicted SNR reaches `target_snr_db` (at least 1, at most all
+    but one)."""
+    for kept in range(1, len(ranked)):
+        if predicted_snr_db(ranked, kept) >= target_snr_db:
+            return kept
+    return max(len(ranked) - 1, 1)
+
+
+def build_with_ranking(
+    ctx: StepContext,
+    parent: Artifact,
+    candidates_fn: Callable[[frozenset], Artifact],
+    ranked: Sequence[RankedUnit],
+    max_rounds: int,
+    target_snr_db: float,
+    suite: str = GATE_SUITE,
+    gate: Callable[[StepContext, Artifact], Verdict] | None = None,
+) -> Artifact:
+    """Gate the candidate with every region quantized; while it fails, search how many of the most harmful
+    regions (`ranked`) to keep in fp32: the first probe is the fewest whose predicted SNR reaches
+    `target_snr_db`, then bisection between the largest count that failed and the smallest that passed (all
+    regions fp32 counts as passing and is never built: that is the fp32 parent). `candidates_fn(kept_ops)`
+    writes the artifact with those ops in fp32. Returns the passing candidate with the fewest regions kept
+    (rebuilt when a later round overwrote it), or the last one with facts["gate_passed"] = False and
+    facts["error_carriers"]: the regions that carry the error and their measured effect."""
+    gate = gate or (lambda c, a: gate_candidate(c, a, suite))
+    history: list[dict] = []
+    began = time.perf_counter()
+    total = len(ranked)
+    lo, hi, best = -1, total, None  # lo: most regions kept that failed; hi: fewest that passed
+    probe = 0
+    artifact = verdict = None
+    while len(history) < max_rounds and probe is not None:
+        kept = frozenset(op for unit in ranked[:probe] for op in unit.ops)
+        started = time.perf_counter()
+        artifact = candidates_fn(kept)
+        built_s = time.perf_counter() - started
+        verdict = gate(ctx, artifact)
+        history.append({
+            "round": len(history), "kept_fp32_regions": probe, "of_regions": total,
+            "kept_fp32_groups": [unit.name for unit in ranked[:probe]], "kept_fp32_nodes": len(kept),
+            "predicted_snr_db": round(predicted_snr_db(ranked, probe), 2) if ranked else None,
+            "passed": verdict.passed, "failed_gates": verdict.failed,
+            "worst_gate": gate_line(verdict.worst) if verdict.worst else None, "note": verdict.note or None,
+            "task_drop_points": verdict.task_drop_points, "advisory_misses": len(verdict.advisory_misses) or None,
+            "build_s": round(built_s, 1), "gate_s": verdict.seconds,
+        })
+        if verdict.passed:
+            hi, best = probe, dict(history[-1])
+        else:
+            lo = probe
+        following = None
+        if hi - lo > 1:
+            following = first_probe(ranked, target_snr_db) if lo == 0 and hi == total else (lo + hi) // 2
+            following = min(max(following, lo + 1), hi - 1)
+        left = 0 if following is None else max(1, (hi - lo - 1).bit_length())
+        ctx.reporter.line(
+            f"  {artifact.id} round {len(history) - 1}: {probe} of {total} regions fp32 -> "
+            + ("gate passed" if verdict.passed else f"gate failed ({gate_line(verdict.worst) if verdict.worst else verdict.note})")
+            + progress_note(time.perf_counter() - began, len(history), min(left, max_rounds - len(history)))
+        )
+        probe = following
+    assert artifact is not None and verdict is not None
+    if best is not None and best["kept_fp32_regions"] != history[-1]["kept_fp32_regions"]:
+        with ctx.reporter.step(f"{artifact.component}: the passing candidate of round {best['round']} again"):
+            artifact = candidates_fn(frozenset(op for unit in ranked[:best["kept_fp32_regions"]] for op in unit.ops))
+    facts = dict(artifact.facts)
+    facts.update(gate_suite=suite, gate_passed=best is not None, fallback=history, fallback_method="rank",
+                 ranking=[unit.to_json() for unit in ranked])
+    if best is not None:
+        facts["kept_fp32_regions"] = best["kept_fp32_groups"]
+    else:
+        carriers = [unit.to_json() for unit in ranked[:5]]
+        facts["error_carriers"] = carriers
+        facts["gate_note"] = (
+            f"{artifact.id} failed the {suite} gate in all {len(history)} round(s) (at most {max(lo, 0)} of {total} regions "
+            f"fp32 tried); worst in the last round: {gate_line(verdict.worst) if verdict.worst else verdict.note}. "
+            "The error is carried by " + ", ".join(f"{c['region']} ({c['alone_snr_db']} dB alone)" for c in carriers))
+    return replace(artifact, facts=facts)

@@ -166,12 +166,17 @@ def measure_speedup(parent_call: Callable[[], object], candidate_call: Callable[
             "speedup": round(parent_ms / max(candidate_ms, 1e-9), 3), "runs": runs}
 
 
-def gain_verdict(counted: dict, gate_passed: bool, timing: dict | None, min_speedup: float) -> str:
-    """'' when a gated lower-precision build earned its name, else the one line that says why not."""
+def gain_verdict(counted: dict, gate_passed: bool, timing: dict | None, min_speedup: float,
+                 carriers: list[dict] | None = None) -> str:
+    """'' when a gated lower-precision build earned its name, else the one line that says why not. `carriers`
+    (a ranked search that found no passing candidate): the regions that carry the error, with their effect."""
     label = PRECISION_LABEL.get(counted["precision"], counted["precision"])
     if not counted["lowered"]:
         return f"no {label} layer passed the gate; the artifact is the fp32 parent"
     if not gate_passed:
+        if carriers:
+            named = ", ".join(f"{c['region']} ({c['alone_snr_db']} dB alone)" for c in carriers)
+            return f"no {label} candidate passed the gate; the artifact is the fp32 parent; the error is carried by {named}"
         return ""  # a failed gate is reported by the gate itself (and the release gate decides)
     if timing is not None and timing["speedup"] < min_speedup:
         return (f"{census_text(counted)} is only {timing['speedup']:.2f}x its fp32 parent ({timing['candidate_ms']:.0f} vs "
@@ -208,7 +213,7 @@ def settle(ctx, parent, artifact, min_speedup: float, timer: Callable[[], dict] 
         with ctx.reporter.step(f"{parent.component}: {label} candidate vs its fp32 parent, alternated timing"):
             timing = timer()
         facts["speedup_over_parent"] = timing
-    line = gain_verdict(counted, bool(facts.get("gate_passed")), timing, min_speedup)
+    line = gain_verdict(counted, bool(facts.get("gate_passed")), timing, min_speedup, facts.get("error_carriers"))
     if not line:
         return replace(artifact, facts=facts)
     for relative in [artifact.path, *artifact.extra_files]:

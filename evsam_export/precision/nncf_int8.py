@@ -4,9 +4,11 @@
 
 targets/openvino.py reads the fp32 ONNX into an ov.Model and saves IRs; this module decides what is
 quantized. NNCF INT8 of this encoder needs an ignored scope: quantizing LiteMLA's linear attention wrecks
-the embedding. The scope is built from op types and regions (evsam_export.export.regions), and when the
-parity gate refuses a candidate, evsam_export.pipeline.fallback widens it group by group (ordered below)
-and records each round.
+the embedding. The scope is built from op types and regions (evsam_export.export.regions). NNCF runs once
+per build (`quantize_once`, cached by content); when the parity gate refuses a candidate, a round takes the
+FakeQuantize nodes of the ops it reverts out of that model (`strip_quantizers`): which ops, the "rank" fallback
+decides from a ranking measured on the checkpoint (evsam_export.pipeline.fallback.build_with_ranking), the
+"widen" fallback from the group order below. Every round is recorded.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from evsam_export.precision import lowered
 PRESETS = ("mixed", "performance")
 MODEL_TYPES = ("transformer", None)
 OVERFLOW_FIXES = ("auto", "first_layer", "enable", "disable")
-FALLBACK_METHODS = ("widen", "accuracy_control")
+FALLBACK_METHODS = ("rank", "widen", "accuracy_control")
 # nncf RangeEstimatorParametersSet members for the activation quantizers (weights stay MINMAX).
 ACTIVATION_RANGES = ("mean_minmax", "minmax", "mean_quantile", "mean_no_outliers_minmax", "median_minmax", "histogram")
 
@@ -101,10 +103,12 @@ class Settings(PrecisionSettings):
     # CPU has VNNI (no saturation), else "first_layer". An artifact shipped to a non-VNNI CPU must be gated
     # there.
     overflow_fix: str = "auto"
-    # "widen": put ENCODER_GROUPS / DECODER_GROUPS back to fp32 one round at a time; "accuracy_control":
-    # one nncf.quantize_with_accuracy_control round whose validation_fn is mask IoU vs the fp32 ONNX.
-    # "widen" is the default: it passed where accuracy control did not (docs/benchmarks.md).
-    fallback_method: str = "widen"
+    # "rank": quantize once, rank every block of quantized ops by the output noise it causes quantized alone on
+    # this checkpoint, and bisect over how many of the worst to take back (fallback.build_with_ranking);
+    # "widen": put ENCODER_GROUPS / DECODER_GROUPS back to fp32 one round at a time (fallback_groups' order);
+    # "accuracy_control": one nncf.quantize_with_accuracy_control round whose validation_fn is mask IoU vs the
+    # fp32 ONNX (it recollects statistics; measured slower than widening, docs/precision.md).
+    fallback_method: str = "rank"
     # The groups the rounds revert, in order: names of ENCODER_GROUPS / DECODER_GROUPS or regions joined by "+"
     # (reverted together), e.g. an order measured on your checkpoint with `evsam-export sensitivity --backend
     # openvino`. A component none of them belongs to keeps its table order; () = the tables' order.
@@ -323,17 +327,22 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     dataset = as_nncf_dataset(feeds)
     once: dict = {}
 
-    def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
-        from openvino._offline_transformations import compress_quantize_weights_transformation
-
-        scope = round_scope(settings, kept, nodes, parent.component, base)
+    def quantized_once():
         if not once:  # statistics collected once; every round takes quantizers out of this model
             once["model"], once["facts"] = quantize_once(ctx, parent, model, settings, dataset, len(feeds), overflow_fix,
                                                          round_scope(settings, (), nodes, parent.component, base),
                                                          common["calibration"]["fingerprint"])
             once["ops"] = quantized_ops(once["model"])
-        quantized = once["model"].clone()
-        kept_names = {n for g in kept for n in g.select(nodes)}
+        return once["model"]
+
+    def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
+        return build_round({n for g in kept for n in g.select(nodes)}, kept)
+
+    def build_round(kept_names: set[str], kept: tuple[FallbackGroup, ...] = ()) -> Artifact:
+        from openvino._offline_transformations import compress_quantize_weights_transformation
+
+        scope = round_scope(settings, kept, nodes, parent.component, base)
+        quantized = quantized_once().clone()
         taken = strip_quantizers(quantized, model, [n for n in once["ops"] if n in kept_names])
         compress_quantize_weights_transformation(quantized)
         facts = {**common, "ignored_scope": scope.to_json(nodes), "quantized_once": once["facts"],
@@ -352,9 +361,46 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
 
         built = build_with_fallback(ctx, parent, controlled, max_rounds=1, suite=settings.gate_suite)
         return settle(ctx, parent, model, built, settings, started, write_ir, feeds[0])
+    if settings.fallback_method == "rank":
+        built = ranked(ctx, parent, model, settings, quantized_once, lambda: once["ops"], build_round, feeds[0])
+        return settle(ctx, parent, model, built, settings, started, write_ir, feeds[0])
     built = build_with_fallback(ctx, parent, candidate, max_rounds=settings.max_rounds, groups=groups, nodes=nodes,
                                 suite=settings.gate_suite)
     return settle(ctx, parent, model, built, settings, started, write_ir, feeds[0])
+
+
+def ranked(ctx: StepContext, parent: Artifact, model, settings: Settings, quantized_once, ops_of, build_round, feed: dict) -> Artifact:
+    """The "rank" fallback: every block of quantized ops ranked by the output noise it causes quantized alone,
+    then a search over how many of the worst to take back (fallback.build_with_ranking)."""
+    from evsam_export.parity.suites import load_suite
+    from evsam_export.pipeline.fallback import build_with_ranking, rank_units
+    from evsam_export.runners.openvino_runner import openvino_core
+
+    core = openvino_core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": ctx.threads} if ctx.threads else {})}
+
+    def run(candidate) -> dict:
+        compiled = core.compile_model(candidate, "CPU", config)
+        inputs = {port.get_any_name() for port in compiled.inputs}
+        outputs = compiled({k: v for k, v in feed.items() if k in inputs})
+        return {port.get_any_name(): outputs[port] for port in compiled.outputs}
+
+    full = quantized_once()
+    ops = ops_of()
+
+    def only(names: set[str]) -> dict:
+        candidate = full.clone()
+        strip_quantizers(candidate, model, [n for n in ops if n not in names])
+        return run(candidate)
+
+    ranking = rank_units(ctx, f"{parent.component} INT8", ops, only, run(model))
+    target = load_suite(settings.gate_suite).tolerance("int8").embedding_snr_db_min + SNR_MARGIN_DB
+    return build_with_ranking(ctx, parent, lambda kept: build_round(set(kept)), ranking, settings.max_rounds, target,
+                              suite=settings.gate_suite)
+
+
+# The ranking's additive noise model is an estimate: the first probe aims this far above the gate's SNR floor.
+SNR_MARGIN_DB = 1.0
 
 
 def settle(ctx: StepContext, parent: Artifact, model, built: Artifact, settings: Settings, started: float, write_ir: WriteIR,
