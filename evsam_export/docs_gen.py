@@ -350,6 +350,8 @@ def _row_cell(value) -> str:
         return f"{value:g}"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_row_cell(v)}" for k, v in value.items())
     return "-" if value in (None, "") else str(value)
 
 
