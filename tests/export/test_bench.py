@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -83,3 +84,20 @@ def test_bench_refuses_unknown_baselines(l0_export):
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "bench", str(l0_export), "--compare", "tensorflow"],
                           capture_output=True, text=True, env={**os.environ, "CI": "1"})
     assert proc.returncode == 2 and "unknown baseline 'tensorflow'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_result_rows_name_what_was_timed_and_compare_within_the_run():
+    """`bench --record` rows: one per timing, keyed by variant, weights, subject and workload, ratios from this run."""
+    timings = [bench.Timing("encoder.ort.int8", "encoder", "batch 1", 100.0, 110.0, 90.0, 5, 1, peak_rss_mb=200.0),
+               bench.Timing("pytorch-eager", "encoder", "batch 1", 300.0, 310.0, 290.0, 5, 1),
+               bench.Timing("plain-onnx", "encoder", "batch 1", 150.0, 160.0, 140.0, 5, 1),
+               bench.Timing("decoder.onnx.fp32", "decoder", "1 point", 50.0, 55.0, 45.0, 10, 1)]
+    result = bench.BenchResult(Path("out/l0"), "l0", 2, timings, weights="/data/efficientvit_sam_l0.pt")
+    rows = {key: (table, values) for table, key, values in bench.result_rows(result)}
+    table, values = rows["l0-efficientvit_sam_l0.pt-encoder.ort.int8-batch 1"]
+    assert table == "encoder-latency" and values["vs_pytorch"] == "3.00x" and values["vs_plain_export"] == "1.50x"
+    assert values["peak_rss_mb"] == 200.0 and values["threads"] == 2
+    table, values = rows["l0-efficientvit_sam_l0.pt-decoder.onnx.fp32-1 point"]
+    assert table == "prompts" and "vs_pytorch" not in values
+    assert bench.weights_label("synthetic:3") == "synthetic:3"
+    assert bench.weights_label("/c/realistic/ab/efficientvit_sam_l0_realistic.pt") == "realistic"

@@ -270,6 +270,16 @@ def test_max_drop_exits_10_when_an_artifact_falls_behind(whole_run, tmp_path):
     assert 'failures="2"' in junit
     result, stderr = invoke("--merge", shard, "--output", tmp_path / "passed", "--max-drop", "3.5")
     assert result.exit_code == 0, result.output + stderr
+    # Per prompt kind, as validate takes it: only the box results are gated tighter than their drop.
+    result, stderr = invoke("--merge", shard, "--output", tmp_path / "per-kind", "--max-drop", "box=2.5,point=3.5",
+                            "--record", tmp_path / "results")
+    assert_one_line_error(result, stderr, 10, "dropped more than --max-drop box=2.5,point=3.5 points")
+    assert f"FAILED {artifact} [box]" in stderr and f"FAILED {artifact} [point]" not in stderr
+    rows = {json.loads(p.read_text())["values"]["pipeline"]: json.loads(p.read_text())["values"]
+            for p in (tmp_path / "results" / "evaluate").glob("*.json")}
+    assert set(rows) == {"pytorch", artifact} and round(rows[artifact]["box_drop_points"], 1) == 3.0
+    result, stderr = invoke("--merge", shard, "--output", tmp_path / "bad", "--max-drop", "mask=1")
+    assert_one_line_error(result, stderr, 2, "bad --max-drop")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
