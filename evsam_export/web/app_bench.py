@@ -107,14 +107,29 @@ def measure_app(folder: Path, image: Path, threads: int | None, clicks: int = 10
 
 
 def record_app_bench(rows: list[dict], record: Path | None, command: str) -> list[Path]:
-    """One result row per thread count (docs/results/browser/app-<variant>-<N>-threads.json)."""
+    """One row of the `browser` table per thread count (docs/results/browser/demo-app-<variant>-<N>-threads.json)."""
     from evsam_export.measurements import record_measurement
 
     written = []
     for row in rows:
-        key = f"app-{row['variant']}-{row['threads']}-threads"
-        path = record_measurement(record, BENCH_TABLE, key, row, command=command,
-                                  note="headless Chromium, real mouse clicks; click: pointer event to the frame after the overlay")
+        values = {
+            "what": "demo app",
+            "subject": f"{row['variant']}: {row['encoder']}, {row['decoder']}",
+            "workload": f"{row['image']} image, {row['clicks']} real clicks",
+            "threads": row["threads"],
+            "load_s": round(row["load_ms"] / 1000, 1),
+            "encode_s": round(row["encode_ms"] / 1000, 1),
+            "per_click_ms": row["click_to_overlay_ms_median"],
+            "per_click_max_ms": row["click_to_overlay_ms_max"],
+            "decoder_ms": row["decoder_ms_median"],
+            "mask_ms": row["mask_ms_median"],
+            "preview_ms": row["preview_ms_median"],
+            "load_average": row.get("load_average"),
+        }
+        note = ("medians; per click: the pointer event to the frame after the overlay is drawn (decoder: its prompt "
+                "half; mask: the mask graph); load: navigation to the model ready; load average measured after the row")
+        path = record_measurement(record, BENCH_TABLE, f"demo-app-{row['variant']}-{row['threads']}-threads", values,
+                                  command=command, note=note)
         if path is not None:
             written.append(path)
     return written
