@@ -12,7 +12,7 @@ import pytest
 
 from evsam_export import docs_gen
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 # Hand-written pages and the README; docs/benchmarks.md's commands are records of what ran, checked as result rows.
 HAND_WRITTEN = [README, *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "benchmarks.md")]

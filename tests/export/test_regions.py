@@ -135,7 +135,7 @@ def test_every_region_of_the_nncf_scope_matches_the_l0_openvino_models(openvino_
             assert r.select(openvino_nodes[component]), f"{r.name} matches no OpenVINO {component} op"
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.parametrize("variant", [v for v in VARIANT_NAMES if v != "l0"])
 def test_every_region_matches_every_variants_graphs(variant, tmp_path):
     folder = tmp_path / variant

@@ -90,7 +90,7 @@ def test_realistic_spec_parses():
         realistic.parse_realistic("realistic:many")
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.heavy
 @pytest.mark.parametrize("variant", ["l0", "xl0"])
 def test_realistic_checkpoint_follows_the_prompt_with_large_logits(variant):

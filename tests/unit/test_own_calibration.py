@@ -66,7 +66,7 @@ def test_a_recipe_takes_calibration_data_from_set_and_refuses_a_bad_one_when_it_
 
 
 def test_run_dry_run_with_a_missing_calibration_folder_is_one_line(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", "cpu-ort-int8", "--variant", "l0", "-o",
                            str(tmp_path / "out"), "--dry-run", "--set", f"precision.int8.calibration_data={tmp_path / 'nope'}"],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -119,13 +119,13 @@ def test_the_step_cache_key_follows_the_folder_contents(folder):
     assert "calibration_data" not in step_payload(plain, "parent-sha", {}, "suite", "l0", "weights")
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.heavy
 @pytest.mark.parametrize("recipe, component_id", [("cpu-ort-int8", "encoder.ort.int8"), ("cpu-openvino-int8", "encoder.openvino.int8")])
 def test_int8_recipes_calibrate_on_a_folder_and_still_pass(recipe, component_id, tmp_path, monkeypatch):
     folder = calibration_folder(tmp_path / "calib", count=8)
     monkeypatch.setenv("EVSAM_CACHE_DIR", str(tmp_path / "cache"))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", recipe, "--variant", "l0", "-o", str(out),
                            "--set", f"precision.int8.calibration_data={folder}"],

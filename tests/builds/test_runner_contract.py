@@ -49,7 +49,7 @@ def make_runner(runtime: str, component: str, folder, torch_runners):
 
         return BrowserRunner(folder / artifact.path, artifact.inputs, artifact.outputs, artifact.id)
     if runtime == "tensorrt":
-        pytest.skip("TensorRT runs engines, which need the GPU that builds them (see tests/test_tensorrt_target.py)")
+        pytest.skip("TensorRT runs engines, which need the GPU that builds them (see tests/unit/test_tensorrt_target.py)")
     return runner_for_artifact(folder, artifact)
 
 

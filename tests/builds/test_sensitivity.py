@@ -149,7 +149,6 @@ def test_openvino_sensitivity_scores_a_row_end_to_end(copy_export, tmp_path):
     assert not list(scratch.iterdir())  # the IR work folder is gone
 
 
-@pytest.mark.slow
 def test_openvino_sensitivity_ranks_litemla_qkv_above_the_base_scope(copy_export):
     """On synthetic l0 keeping LiteMLA's q/k/v fp32 lifts the embedding ~20 dB (docs/benchmarks.md): the rows see it."""
     folder = copy_export("ovsens")

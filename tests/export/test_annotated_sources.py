@@ -189,14 +189,14 @@ def test_a_suite_extending_another_uses_only_its_own_annotations(coco_set, tmp_p
     assert suite.prompt_kinds == load_suite("default").prompt_kinds
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.heavy
 def test_the_ort_int8_recipe_calibrates_on_an_annotation_file_and_still_passes(calibration_file, tmp_path, monkeypatch):
     import subprocess
     import sys
 
     monkeypatch.setenv("EVSAM_CACHE_DIR", str(tmp_path / "cache"))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", "cpu-ort-int8", "--variant", "l0", "-o", str(out),
                            "--set", f"precision.int8.calibration_data={calibration_file}"],
@@ -210,7 +210,7 @@ def test_the_ort_int8_recipe_calibrates_on_an_annotation_file_and_still_passes(c
     assert json.loads((out / "parity.json").read_text())["passed"] is True
 
 
-@pytest.mark.slow  # ~100 s on 2 shared cores: two real ORT calibrations
+@pytest.mark.builds  # two real ORT calibrations
 def test_an_ort_int8_build_calibrates_on_the_annotated_images(copy_export, gate_suite, calibration_file, tmp_path, monkeypatch):
     """A real calibration (ORT static QDQ of the l0 encoder and decoder, no gate rounds) on the annotation file:
     the facts name it, and the encoder keeps the SNR floor test_precision_ort sets for the synthetic set."""

@@ -5,7 +5,6 @@ export takes minutes on 2 cores."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from evsam_export import api
 from evsam_export.parity import metrics
@@ -61,7 +60,6 @@ def compare_with_host(folder, shapes=XL0_SHAPES, checkpoint: str = "synthetic:0"
     return rows
 
 
-@pytest.mark.slow
 def test_xl0_app_encoder_matches_the_host_pipeline_on_raw_images(tmp_path):
     folder = tmp_path / "xl0-app"
     api.export("xl0", folder, options=api.ExportOptions(encoder_profile="app", opset=18), reporter=Reporter(quiet=True))

@@ -21,7 +21,7 @@ from evsam_export.runtime.predictor import Predictor
 
 # Portrait, landscape, smaller than 512 on both sides, and larger than 512 (downscale) with odd sides.
 IMAGE_SHAPES = ((300, 200), (240, 320), (130, 170), (601, 777))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from evsam_export.runners.openvino_runner import OpenVINORunner  # noqa: E402
 from evsam_export.runners.ort_runner import OrtRunner  # noqa: E402
 from evsam_export.targets import openvino as target  # noqa: E402
 
-# One small scene, two prompt kinds, the shipped default tolerances (as tests/test_validate.py does).
+# One small scene, two prompt kinds, the shipped default tolerances (as tests/export/test_validate.py does).
 
 F32 = ("f32", str(ov.Type.f32))  # the runner's actual_precision() returns str(ov.Type): "<Type: 'float32'>"
 

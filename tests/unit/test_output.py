@@ -116,7 +116,7 @@ def test_sweep_reports_what_it_removed(tmp_path):
 
 
 # The two signal tests run in a fresh interpreter, so no earlier test's OpenVINO Cores can have left a freed
-# signal stack behind (docs/reliability.md, "Signals and OpenVINO's signal stack"; tests/test_signal_stack.py).
+# signal stack behind (docs/reliability.md, "Signals and OpenVINO's signal stack"; tests/unit/test_signal_stack.py).
 SIGNAL_PROBE = """
 import os, signal, sys
 from pathlib import Path

@@ -296,7 +296,7 @@ def realistic_export(tmp_path_factory):
     return get
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.heavy
 @pytest.mark.parametrize(("variant", "case"), [(v, c) for v, cases in REALISTIC_CASES.items() for c in cases],
                          ids=lambda value: value if isinstance(value, str) else f"{value[0]}-{value[2]}x{value[2]}")
@@ -326,7 +326,7 @@ def test_realistic_checkpoint_matches_upstream(realistic_export, upstream_stages
           f" stages ours {counts} upstream {dict(upstream_counts)}, ours {generator.last_stats['seconds']}")  # for docs/benchmarks.md
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.heavy
 def test_32x32_grid_matches_upstream(predictor, upstream_stages):
     _, upstream_counts = upstream_stages
@@ -339,7 +339,7 @@ def test_32x32_grid_matches_upstream(predictor, upstream_stages):
     assert_same_masks(reference, ours)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_xl0_matches_upstream(upstream_stages, tmp_path):
     """The 1024-px variant: its own export, synthetic weights, the same lowered thresholds."""
     from evsam_export import api

@@ -101,7 +101,7 @@ def test_a_recommendation_naming_no_artifact_is_a_broken_manifest(copy_export):
         read_manifest(folder)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_auto_run_gates_times_and_recommends_a_pair_the_predictor_uses(tmp_path, gate_suite):
     """Two fp32 candidates (the cheapest to build), one timing round: the folder holds both, the fastest gated
     pair passed its own end-to-end gate, and the Predictor runs it."""

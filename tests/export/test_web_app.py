@@ -1,7 +1,7 @@
 """The demo app a web folder carries (index.html + app/), served by the real `evsam-export serve`, driven in
 headless Chromium: a real mouse click, a shift-click and a dragged box give the masks our Predictor gives on
 the same folder, image and prompts; the resize is Pillow's byte for byte; an image the browser cannot decode
-is an error in the page. Skips like tests/test_web.py when Chromium, Playwright or onnxruntime-web is missing."""
+is an error in the page. Skips like tests/export/test_web.py when Chromium, Playwright or onnxruntime-web is missing."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def test_the_app_segments_like_the_predictor_through_serve(app_folder):
         predictor.close()
 
 
-@pytest.mark.slow
+@pytest.mark.builds
 @needs_browser
 def test_the_app_runs_the_split_decoder_halves_when_the_folder_has_them(copy_export):
     from PIL import Image

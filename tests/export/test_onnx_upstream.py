@@ -34,7 +34,7 @@ def sam_image(seed: int, height: int, width: int) -> np.ndarray:
     return np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", params=[n if n == "l0" else pytest.param(n, marks=pytest.mark.slow) for n in VARIANT_NAMES])
+@pytest.fixture(scope="module", params=[n if n == "l0" else pytest.param(n, marks=pytest.mark.full) for n in VARIANT_NAMES])
 def exported(request, tmp_path_factory):
     name = request.param
     ours, _ = load_model(VARIANTS[name], "synthetic:5")

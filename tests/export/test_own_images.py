@@ -184,7 +184,7 @@ def test_the_suite_fingerprint_follows_its_folder(image_folder, tmp_path):
 
 
 def cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return subprocess.run([sys.executable, "-m", "evsam_export.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=900)
 

@@ -102,7 +102,7 @@ def test_a_step_that_cannot_lower_the_halves_says_so_and_builds_none(copy_export
     assert {a.component for a in read_manifest(folder).artifacts} >= set(contract.SPLIT_DECODER)
 
 
-@pytest.mark.slow
+@pytest.mark.builds
 def test_the_openvino_fp16_step_builds_the_halves_and_they_match(copy_export):
     """OpenVINO IRs of the halves (fp16 storage), reported by their contract names (decoder_image's
     layer0_image_queries port also carries an internal tensor name) and equal to the fp16 single graph."""

@@ -55,7 +55,7 @@ def test_split_pair_equals_the_single_token_layout_graph(model, mask_case, singl
         split_iou, split_low_res = DecoderPromptGraph(model, single_mask, rule)(*image_side, coords, labels)
     assert [tuple(t.shape) for t in image_side] == [tuple(s.shape) for s in contract.image_side_specs(mask_input.shape[0])]
     # The same ops on the same values: the halves only move the image-only ops into a graph of their own (and the
-    # token-layout graph equals upstream's masks: tests/test_decoder_layout.py).
+    # token-layout graph equals upstream's masks: tests/unit/test_decoder_layout.py).
     assert torch.equal(split_low_res, low_res) and torch.equal(split_iou, iou)
 
 

@@ -13,7 +13,7 @@ from evsam_export.model.checkpoint import variant_signature
 from evsam_export.model.sam import EfficientViTSam
 from evsam_export.model.variants import VARIANT_NAMES, VARIANTS
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "reference"
 
 
 def reference_path(name: str) -> Path:

@@ -56,7 +56,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[n if n == "l0" else pytest.param(n, marks=pytest.mark.slow) for n in VARIANT_NAMES])
+@pytest.fixture(scope="module", params=[n if n == "l0" else pytest.param(n, marks=pytest.mark.full) for n in VARIANT_NAMES])
 def pair(request):
     name = request.param
     torch.manual_seed(0)

@@ -124,6 +124,7 @@ def test_webgpu_is_refused_in_one_line_where_the_browser_has_none(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.full
 @pytest.mark.heavy
 def test_web_wasm_recipe_passes_its_gate_in_the_browser(tmp_path, quick_suite):
     """The whole recipe (export, fp16 storage, INT8 decoder with its build gate, browser validation)."""

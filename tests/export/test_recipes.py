@@ -24,7 +24,7 @@ def test_every_shipped_recipe_loads():
     names = sorted(p.stem for p in recipes_dir().glob("*.toml"))
     assert "cpu-ort-fp32" in names
     for name in names:
-        if is_auto_recipe(name):  # several candidates: tests/test_auto.py
+        if is_auto_recipe(name):  # several candidates: tests/export/test_auto.py
             continue
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.target in ("ort", "openvino", "tensorrt", "web")
@@ -143,13 +143,13 @@ def test_shipped_recipes_and_suites_are_package_data_behind_the_top_level_folder
     """One copy: the top-level recipes/ and validators/ folders people edit are the package's own files."""
     from evsam_export.parity.suites import validators_dir
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     assert recipes_dir() == (root / "evsam_export" / "recipes").resolve() == (root / "recipes").resolve()
     assert validators_dir() == (root / "evsam_export" / "validators").resolve() == (root / "validators").resolve()
 
 
 # Without the split decoder: these tests are about the cache, and its halves through the ORT step are
-# tests/test_split_lowering.py's.
+# tests/export/test_split_lowering.py's.
 UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[export]\nsplit_decoder = false\n[validate]\nenabled = false\n'
 
 
