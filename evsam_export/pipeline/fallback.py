@@ -112,7 +112,7 @@ def gate_candidate(ctx: StepContext, artifact: Artifact, suite: str = GATE_SUITE
     """Run the parity gate on one candidate; judge only the candidate's own stages."""
     started = time.perf_counter()
     view = _gate_view(artifact)
-    report = gate_context(ctx, suite).gate([view])
+    report = gate_context(ctx, suite).gate([view], only_candidates=True)
     own = [s for s in report.stages if s.artifact == view.id]
     # Only deciding gates count: with ground truth in the gate suite, the mIoU drop decides for the candidate
     # and its agreement gates are advisory (parity.task).

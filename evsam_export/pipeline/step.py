@@ -88,11 +88,13 @@ class StepContext:
             extra_files=list(extra_files or []),
         )
 
-    def gate(self, candidates: list[Artifact]) -> ParityReport:
+    def gate(self, candidates: list[Artifact], only_candidates: bool = False) -> ParityReport:
         """Parity report of `candidates` (plus the fp32 ONNX artifacts they pair with) on the suite.
 
         In memory: runners on the files in `folder`, compared with the suite's reference held in
-        `references`; nothing is written, and the folder's manifest.json is left as it was."""
+        `references`; nothing is written, and the folder's manifest.json is left as it was.
+        `only_candidates` (a build gate): the fp32 artifacts only feed the candidates' end-to-end stages, and a
+        candidate that already failed a stage stops there (parity.compare's `subjects`)."""
         from evsam_export.parity.compare import compare, open_runners
         from evsam_export.parity.task import measure_task
 
@@ -107,7 +109,8 @@ class StepContext:
         quiet = Reporter(quiet=True)
         held = self.suite_reference(quiet)
         with open_runners(self.folder, chosen, self.threads) as (runners, unavailable):
-            report = compare(runners, held.cases, held.reference, held.suite, self.manifest.variant, unavailable, quiet)
+            report = compare(runners, held.cases, held.reference, held.suite, self.manifest.variant, unavailable, quiet,
+                             subjects={c.id for c in candidates} if only_candidates else None)
             measure_task(report, runners, self.manifest, held.suite, held.reference.task, quiet)
         report.folder = self.folder
         return report

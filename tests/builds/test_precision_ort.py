@@ -283,15 +283,22 @@ def test_int8_ranges_are_reused_by_a_build_that_only_changes_post_calibration_se
     assert artifact.facts["calibration"]["ranges_reused"]  # no second calibration pass
 
 
-def test_int8_strip_qdq_takes_ops_back_exactly(ctx, int8_encoder, held_out_feeds, fp32_embeddings, tmp_path):
-    """strip_qdq puts a node's fp32 inputs back without re-quantizing; with every quantized node taken back the
-    graph has no Q/DQ left and computes the fp32 embedding."""
-    artifact, quantized = int8_encoder
-    model = onnx.ModelProto()
-    model.CopyFrom(quantized)  # (the fixture's graph stays as built)
-    source = onnx.load(str(ctx.path_of(parent(ctx, "encoder"))))
+def test_int8_strip_qdq_takes_ops_back_exactly(ctx, held_out_feeds, fp32_embeddings, tmp_path):
+    """strip_qdq puts a node's fp32 inputs back without re-quantizing: round 0 is quantize_static's graph, and
+    with every quantized node taken back the graph has no Q/DQ left and computes the fp32 embedding. (No
+    pre-processing or graph passes here, so the parent is the graph quantize_static read.)"""
+    encoder = parent(ctx, "encoder")
+    (tmp_path / encoder.path).symlink_to(ctx.path_of(encoder))
+    settings = ort_int8.Settings(calibration_images=2, fallback=False, preprocess=False, graph_passes=())
+    (artifact,) = ort_int8.build(replace(ctx, folder=tmp_path), encoder, settings)
+    model = onnx.load(str(tmp_path / artifact.path))
+    source = onnx.load(str(ctx.path_of(encoder)))
     ops = ort_int8.quantized_nodes(model)
     assert len(ops) == ort_int8.qdq_structure(model)["quantized"]["Conv"]
+    untouched = onnx.ModelProto()
+    untouched.CopyFrom(model)
+    assert ort_int8.strip_qdq(untouched, source, []) == []
+    assert untouched.graph.node == model.graph.node  # round 0: nothing taken back, nothing changed
     assert ort_int8.strip_qdq(model, source, ops) == ops
     structure = ort_int8.qdq_structure(model)
     assert structure["quantize_linear"] == structure["dequantize_linear"] == 0 and not structure["quantized"]
@@ -588,15 +595,15 @@ def test_gate_judges_only_the_candidate_and_refuses_missing_runners(fake_parent,
         return s
 
     ctx = type("Ctx", (), {"suite": fallback.GATE_SUITE})()
-    ctx.gate = lambda candidates: report([stage("encoder.ort.int8", 20.0, 10.0), stage("encoder.onnx.fp32", 50.0, 60.0)])
+    ctx.gate = lambda candidates, **_: report([stage("encoder.ort.int8", 20.0, 10.0), stage("encoder.onnx.fp32", 50.0, 60.0)])
     verdict = fallback.gate_candidate(ctx, candidate)
     assert verdict.passed and "fp32 reference artifacts failed too" in verdict.note
-    ctx.gate = lambda candidates: report([stage("encoder.onnx.fp32", 80.0, 60.0)], {"encoder.ort.int8": "no onnxruntime"})
+    ctx.gate = lambda candidates, **_: report([stage("encoder.onnx.fp32", 80.0, 60.0)], {"encoder.ort.int8": "no onnxruntime"})
     verdict = fallback.gate_candidate(ctx, candidate)
     assert not verdict.passed and "no runner" in verdict.note
     # an ONNX made for a runtime the validator has no runner for is gated as the ONNX it is (ORT CPU)
     seen = []
-    ctx.gate = lambda candidates: seen.extend(candidates) or report([stage("encoder.onnx.int8", 20.0, 10.0)])
+    ctx.gate = lambda candidates, **_: seen.extend(candidates) or report([stage("encoder.onnx.int8", 20.0, 10.0)])
     other = replace(candidate, id="encoder.npu.int8", target="npu", path="encoder.npu.int8.onnx")
     assert fallback.gate_candidate(ctx, other).passed and seen[0].target == "onnx"
 
