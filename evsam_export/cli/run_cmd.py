@@ -66,7 +66,7 @@ def run_command(
             return
         reporter.print_summary()
         _record_build(record, loaded.name, variant.value, checkpoint, started, result.manifest,
-                      "release gate failed" if result.passed is False else "nothing gained" if result.declined else "passed")
+                      10 if result.passed is False else 11 if result.declined else 0)
         if result.report is not None and hasattr(result.report, "stages"):
             typer.echo(console_table(result.report))
         elif result.passed:
@@ -83,33 +83,33 @@ def run_command(
 
 
 def _record_build(record: Path | None, recipe: str, variant: str, checkpoint: str | None, started: float, manifest,
-                  outcome: str) -> None:
-    """One row of docs/results/recipe-build/: the run's wall time, this process's peak RSS, the outcome and what each
-    lower-precision artifact holds (the step cache was used as the run was told; the row says how many steps ran)."""
+                  exit_code: int) -> None:
+    """One row of docs/results/recipes/: the run's wall time, this process's peak RSS, its exit code, what each
+    lower-precision artifact holds and how its build gate went (the step cache was used as the run was told;
+    the row counts the steps it built and reused)."""
     import resource
 
     from evsam_export.measurements import record_measurement, results_dir
+    from evsam_export.pipeline.fallback import summary_outcome
 
     directory = results_dir(record)
     if directory is None:
         return
     history = manifest.history[-1] if manifest is not None and manifest.history else {}
     steps = history.get("steps", [])
-    artifacts = manifest.artifacts if manifest is not None else []
-
-    def facts(name: str, field: str) -> dict:
-        return {a.id: a.facts[name][field] for a in artifacts if isinstance(a.facts.get(name), dict)}
-
-    values = {"wall_s": round(time.perf_counter() - started, 1),
-              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-              "outcome": outcome,
-              "steps_built": sum(1 for s in steps if s.get("status") == "built"),
-              "steps_reused": sum(1 for s in steps if s.get("status") == "reused"),
-              "lowered": facts("lowered", "text"), "declined": facts("lowering", "line"),
-              "speedup_over_parent": facts("speedup_over_parent", "speedup")}
-    named = checkpoint and not checkpoint.startswith(("synthetic", "realistic"))
-    checkpoint_label = Path(checkpoint).stem if named else (checkpoint or "synthetic-0")
-    path = record_measurement(directory, "recipe-build", f"{recipe}-{variant}-{checkpoint_label}", values)
+    lowered = [a for a in (manifest.artifacts if manifest is not None else [])
+               if isinstance(a.facts.get("lowered"), dict) or isinstance(a.facts.get("lowering"), dict)]
+    values = {"recipe": recipe, "variant": variant, "checkpoint": checkpoint or "synthetic:0", "exit": exit_code,
+              "wall": f"{time.perf_counter() - started:.0f} s",
+              "peak_rss": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB",
+              "lower_precision_artifact": "; ".join(f"{a.id} ({a.facts['lowered']['text']})" if "lowered" in a.facts
+                                                    else a.id for a in lowered),
+              "speedup_over_fp32_parent": "; ".join(f"{a.facts['speedup_over_parent']['speedup']:.2f}x" for a in lowered
+                                                    if isinstance(a.facts.get("speedup_over_parent"), dict)),
+              "build_gate": "; ".join(summary_outcome(a.facts)[1] for a in lowered),
+              "steps": f"{sum(1 for s in steps if s.get('status') == 'built')} built, "
+                       f"{sum(1 for s in steps if s.get('status') == 'reused')} reused"}
+    path = record_measurement(directory, "recipes", f"{variant}-{recipe}" + (f"-{Path(checkpoint).stem}" if checkpoint else ""), values)
     typer.echo(f"recorded the build under {path}")
 
 
@@ -135,8 +135,7 @@ def _run_auto(recipe: str, variant: str, output: Path | None, checkpoint, overri
     reporter.print_summary()
     from evsam_export.manifest import read_manifest
 
-    _record_build(record, auto.name, variant, checkpoint, started, read_manifest(result.output),
-                  "recommended a pair" if result.passed else "no pair passed")
+    _record_build(record, auto.name, variant, checkpoint, started, read_manifest(result.output), 0 if result.passed else 10)
     typer.echo((result.output / AUTO_MD).read_text())
     if not result.passed:
         raise ParityFailure(f"{auto.name}: no gated encoder/decoder pair passed end to end", hint=f"see {folder / AUTO_MD}")
