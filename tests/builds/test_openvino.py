@@ -218,7 +218,7 @@ def test_stripping_every_quantizer_gives_back_the_fp32_model(ctx, int8):
     original = core.read_model(str(ctx.path_of(ctx.manifest.artifact("encoder.onnx.fp32"))))
     quantized = core.read_model(str(nncf_int8.quantized_cache_dir() / artifact.facts["quantized_once"]["key"] / "model.xml"))
     ops = nncf_int8.quantized_ops(quantized)
-    assert nncf_int8.strip_quantizers(quantized, original, ops) == ops
+    assert sorted(nncf_int8.strip_quantizers(quantized, original, ops)) == sorted(ops)
     assert not [op for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize"]
     image = scene_input()
     config = {"INFERENCE_PRECISION_HINT": "f32"}
