@@ -67,7 +67,7 @@ def app_page(folder):
     its index.html open in headless Chromium, the model loaded; yields (page, the app's load info)."""
     from playwright.sync_api import sync_playwright
 
-    from evsam_export.web.browser import CHROMIUM_ARGS, chromium_executable
+    from evsam_export.runners.browser import CHROMIUM_ARGS, chromium_executable
 
     server = serve(folder)
     try:

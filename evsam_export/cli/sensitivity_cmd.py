@@ -70,7 +70,7 @@ def sensitivity_command(
 
     def body() -> None:
         from evsam_export.errors import UsageError
-        from evsam_export.precision.sensitivity import REPORT_NAME, measure_openvino_sensitivity, measure_sensitivity, write_report
+        from evsam_export.pipeline.sensitivity import REPORT_NAME, measure_openvino_sensitivity, measure_sensitivity, write_report
         from evsam_export.progress import Reporter
 
         if threads < 1:

@@ -134,21 +134,6 @@ def check_state_dict(state_dict: dict, variant: Variant, origin: str) -> None:
     )
 
 
-def resolve_realistic(spec: str, variant: Variant) -> str:
-    """`realistic` / `realistic:STEPS` -> the path of our trained-decoder test checkpoint for `variant`
-    (evsam_export.model.realistic; trained on first use and cached), any other spec unchanged."""
-    import sys
-    from dataclasses import replace
-
-    from evsam_export.model.realistic import ensure_checkpoint, parse_realistic
-
-    settings = parse_realistic(spec)
-    if settings is None:
-        return spec
-    log = lambda line: print(f"realistic checkpoint: {line}", file=sys.stderr, flush=True)  # noqa: E731
-    return str(ensure_checkpoint(replace(settings, variant=variant.name), log=log))
-
-
 def load_model(variant: Variant, source: str | Path | None = None):
     """(model in eval mode, WeightsSource). `source` is a .pt path or synthetic:SEED (default synthetic:0)."""
     import torch
@@ -157,7 +142,6 @@ def load_model(variant: Variant, source: str | Path | None = None):
     from evsam_export.model.synthetic import state_dict_sha256, synthetic_state_dict
 
     spec = str(source) if source is not None else DEFAULT_SOURCE
-    spec = resolve_realistic(spec, variant)
     seed = parse_synthetic(spec)
     if seed is not None:
         state_dict = synthetic_state_dict(variant, seed)
