@@ -7,11 +7,11 @@ keys, wrong shapes) becomes one CheckpointError line that says what and how to f
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from evsam_export.errors import CheckpointError
+from evsam_export.files import sha256_file
 from evsam_export.model.signature import variant_signature
 from evsam_export.model.variants import VARIANTS, Variant
 
@@ -50,14 +50,6 @@ def identify_variant(state_dict: dict) -> str | None:
         if variant_signature(name) == shapes:
             return name
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict:
@@ -150,7 +142,7 @@ def load_model(variant: Variant, source: str | Path | None = None):
         path = Path(spec).expanduser()
         state_dict = read_state_dict(path)
         check_state_dict(state_dict, variant, str(path))
-        weights = WeightsSource(spec=str(path), sha256=file_sha256(path), synthetic_seed=None)
+        weights = WeightsSource(spec=str(path), sha256=sha256_file(path), synthetic_seed=None)
     model = EfficientViTSam(variant)
     model.load_state_dict({key: value.to(torch.float32) if value.is_floating_point() else value
                            for key, value in state_dict.items()})

@@ -282,7 +282,8 @@ def _tensorrt_device() -> dict:
 
 
 def _weights_sha(variant, checkpoint: str | None) -> str:
-    from evsam_export.model.checkpoint import file_sha256, parse_synthetic
+    from evsam_export.files import sha256_file
+    from evsam_export.model.checkpoint import parse_synthetic
     from evsam_export.model.synthetic import state_dict_sha256, synthetic_state_dict
 
     spec = checkpoint or "synthetic:0"
@@ -294,7 +295,7 @@ def _weights_sha(variant, checkpoint: str | None) -> str:
         from evsam_export.errors import CheckpointError
 
         raise CheckpointError(f"checkpoint not found: {path}", hint="check the path, or omit --checkpoint to use synthetic weights")
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def _run_step(step: Step, ctx, parent, variant, checkpoint, options, load_model, export_components) -> list[Artifact]:
