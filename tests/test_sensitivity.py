@@ -12,7 +12,8 @@ import pytest
 
 from evsam_export.errors import UsageError
 from evsam_export.manifest import read_manifest
-from evsam_export.precision import ort_int8, sensitivity
+from evsam_export.pipeline import sensitivity
+from evsam_export.precision import ort_int8
 from evsam_export.steps.fallback import graph_nodes
 
 
