@@ -149,12 +149,15 @@ def evaluate(
 
 
 def check_unseen(folder: str | Path, encoder: str | None = None, decoder: str | None = None, scenes: int = 8,
-                 threads: int = 2, bench_runs: int = 6) -> dict:
+                 threads: int = 2, bench_runs: int = 6, record: str | Path | None = None, command: str = "") -> dict:
     """Score a lower-precision pair of `folder` (default: its lowest-precision encoder and decoder) on unseen
-    synthetic scenes against its fp32 ONNX pair; the result's `failures` lists the floors it misses."""
-    from evsam_export.evaluation.unseen import check_folder
+    synthetic scenes against its fp32 ONNX pair; the result's `failures` lists the floors it misses. With
+    `record` (or $EVSAM_RESULTS_DIR) the result is also written as a benchmark result row."""
+    from evsam_export.evaluation.unseen import check_folder, record_result
 
-    return check_folder(Path(folder), encoder, decoder, scenes, threads, bench_runs)
+    result = check_folder(Path(folder), encoder, decoder, scenes, threads, bench_runs)
+    record_result(result, Path(record) if record is not None else None, command)
+    return result
 
 
 __all__ = ["ExportOptions", "ExportResult", "check_unseen", "evaluate", "export", "export_decoder", "validate"]

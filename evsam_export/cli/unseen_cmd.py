@@ -20,14 +20,18 @@ def unseen_command(
     scenes: Annotated[int, typer.Option(min=1, help="Unseen scenes to score.")] = 8,
     threads: Annotated[int, typer.Option(min=1, help="Runtime threads.")] = 2,
     bench_runs: Annotated[int, typer.Option(min=1, help="Alternated encoder runs for the speed ratio.")] = 6,
+    record: Annotated[Path | None, typer.Option(
+        metavar="DIR", help="Also write the result as DIR/unseen-check/<variant>-<pair>.json (docs/results for "
+                            "docs/benchmarks.md; default $EVSAM_RESULTS_DIR, unset: none).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Score an artifact pair on unseen scenes: embedding SNR, mask IoU vs fp32, mIoU drop, encoder speed ratio."""
 
     def body() -> dict:
         from evsam_export import api
+        from evsam_export.cli.common import command_line
 
-        return api.check_unseen(folder, encoder, decoder, scenes, threads, bench_runs)
+        return api.check_unseen(folder, encoder, decoder, scenes, threads, bench_runs, record=record, command=command_line())
 
     import json
 

@@ -167,3 +167,23 @@ def failures(result: dict, int8_encoder: bool) -> list[str]:
     if int8_encoder and result["encoder_ms"]["speedup"] < DONE_WHEN["int8_encoder_speedup_min"]:
         out.append(f"INT8 encoder {result['encoder_ms']['speedup']}x ORT fp32 < {DONE_WHEN['int8_encoder_speedup_min']}x")
     return out
+
+
+def record_result(result: dict, record: Path | None, command: str) -> Path | None:
+    """The check as one row of docs/benchmarks.md's `unseen-check` table (None when not recording)."""
+    from evsam_export.manifest import read_manifest
+    from evsam_export.measurements import record_measurement, results_dir
+
+    directory = results_dir(record)
+    if directory is None:
+        return None
+    variant = read_manifest(Path(result["folder"])).variant
+    per_kind = result["per_kind"]
+    values = {"variant": variant, "encoder": result["encoder"], "decoder": result["decoder"], "scenes": result["scenes"],
+              "snr_min_db": result["embedding_snr_db"]["min"],
+              "mask_iou_vs_fp32_mean": {kind: entry["mask_iou_vs_fp32"]["mean"] for kind, entry in per_kind.items()},
+              "miou_drop_points": {kind: entry["miou_drop_points"] for kind, entry in per_kind.items()},
+              "encoder_vs_fp32": f"{result['encoder_ms']['speedup']}x", "failures": "; ".join(result["failures"]) or "none"}
+    return record_measurement(directory, "unseen-check", f"{variant}-{result['encoder']}-{result['decoder']}", values, command=command,
+                              note=f"folder {Path(result['folder']).name}")
+
