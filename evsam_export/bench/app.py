@@ -13,6 +13,8 @@ import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 # Where the clicks land, as fractions of the image (x, y): spread over the image, none on the border.
 CLICK_SPOTS = [(0.35, 0.5), (0.75, 0.4), (0.2, 0.2), (0.6, 0.75), (0.5, 0.3), (0.85, 0.85), (0.15, 0.7), (0.45, 0.55),
                (0.7, 0.15), (0.3, 0.85)]
@@ -73,6 +75,36 @@ def open_app(origin: str, threads: int | None, extra: str = ""):
             browser.close()
 
 
+def native_decoder_ms(folder: Path, threads: int, runs: int) -> float:
+    """Median time of the graph a click runs in the page (the prompt half, else the single decoder) in native
+    ONNX Runtime on this machine with `threads` intra-op threads, one click's prompt: the same machine, load
+    and graph as the page's `decoder_ms`, so their ratio is the browser's own cost."""
+    import time
+
+    import onnxruntime as ort
+
+    from evsam_export.contract import artifact_spec, sample_feeds
+    from evsam_export.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    web = manifest.model["web"]
+    artifact = manifest.artifact(web.get("decoder_prompt") or web["decoder"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(Path(folder) / artifact.path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in sample_feeds(artifact_spec(artifact), batch=1, num_points=2).items() if k in names}
+    if "orig_im_size" in names:
+        feeds["orig_im_size"] = np.array([1, 1024], np.float32)
+    times = []
+    for index in range(runs + 1):  # the first run allocates: not timed
+        started = time.perf_counter()
+        session.run(["iou_predictions", "low_res_masks"], feeds)
+        if index:
+            times.append((time.perf_counter() - started) * 1000)
+    return median(times)
+
+
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 1)
 
@@ -94,6 +126,7 @@ def measure_app(folder: Path, image: Path, threads: int | None, clicks: int = 10
             previews = preview_times(page, width, height)
     finally:
         server.close()
+    native = native_decoder_ms(folder, info["threads"], clicks)
     return {
         "variant": info["variant"], "threads": info["threads"], "cores": info["cores"], "isolated": info["isolated"],
         "encoder": info["encoder"], "decoder": info["decoder"], "image": f"{width}x{height}",
@@ -101,6 +134,7 @@ def measure_app(folder: Path, image: Path, threads: int | None, clicks: int = 10
         "clicks": len(clicked), "click_to_overlay_ms_median": median([c["ms"] for c in clicked]),
         "click_to_overlay_ms_max": round(max(c["ms"] for c in clicked), 1),
         "decoder_ms_median": median([c["decodeMs"] for c in clicked]),
+        "native_decoder_ms_median": native,
         "mask_ms_median": median([c["maskMs"] for c in clicked]),
         "preview_ms_median": median([p["ms"] for p in previews]) if previews else None,
     }
@@ -122,12 +156,14 @@ def record_app_bench(rows: list[dict], record: Path | None, command: str) -> lis
             "per_click_ms": row["click_to_overlay_ms_median"],
             "per_click_max_ms": row["click_to_overlay_ms_max"],
             "decoder_ms": row["decoder_ms_median"],
+            "native_decoder_ms": row["native_decoder_ms_median"],
             "mask_ms": row["mask_ms_median"],
             "preview_ms": row["preview_ms_median"],
             "load_average": row.get("load_average"),
         }
         note = ("medians; per click: the pointer event to the frame after the overlay is drawn (decoder: its prompt "
-                "half; mask: the mask graph); load: navigation to the model ready; load average measured after the row")
+                "half in the page; native decoder: the same graph in native ONNX Runtime with as many threads, right after "
+                "the clicks; mask: the mask graph); load: navigation to the model ready; load average after the row")
         path = record_measurement(record, BENCH_TABLE, f"demo-app-{row['variant']}-{row['threads']}-threads", values,
                                   command=command, note=note)
         if path is not None:

@@ -74,7 +74,8 @@ def measure_app_command(folder: Path, image: Path, threads: list[int | None], cl
         rows.append(row)
         typer.echo(f"{row['threads']} threads: load {row['load_ms'] / 1000:.1f} s, encoder {row['encode_ms'] / 1000:.1f} s, "
                    f"click to overlay {row['click_to_overlay_ms_median']:.0f} ms median of {row['clicks']} "
-                   f"(decoder {row['decoder_ms_median']:.0f} ms, mask {row['mask_ms_median']:.0f} ms), "
+                   f"(decoder {row['decoder_ms_median']:.0f} ms, native {row['native_decoder_ms_median']:.0f} ms; "
+                   f"mask {row['mask_ms_median']:.0f} ms), "
                    f"preview {row['preview_ms_median']} ms; machine load {row['load_average']}")
     for path in record_app_bench(rows, results_dir(record), " ".join(["evsam-export", *sys.argv[1:]])):
         typer.echo(f"recorded {path}")

@@ -180,7 +180,7 @@ def record_result(result: dict, record: Path | None, command: str) -> Path | Non
     variant = read_manifest(Path(result["folder"])).variant
     per_kind = result["per_kind"]
     values = {"variant": variant, "encoder": result["encoder"], "decoder": result["decoder"], "scenes": result["scenes"],
-              "snr_min_db": result["embedding_snr_db"]["min"],
+              "snr_min_db": snr if np.isfinite(snr := result["embedding_snr_db"]["min"]) else "identical (inf)",
               "mask_iou_vs_fp32_mean": {kind: entry["mask_iou_vs_fp32"]["mean"] for kind, entry in per_kind.items()},
               "miou_drop_points": {kind: entry["miou_drop_points"] for kind, entry in per_kind.items()},
               "encoder_vs_fp32": f"{result['encoder_ms']['speedup']}x", "failures": "; ".join(result["failures"]) or "none"}

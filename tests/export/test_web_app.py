@@ -176,7 +176,7 @@ def test_the_app_segments_like_the_predictor_through_serve(app_folder):
 def test_the_app_times_real_clicks_with_the_threads_asked(app_folder):
     """The benchmark's own path (evsam_export.bench.app) with one thread asked: the page runs one, times the
     load, the encoder, real clicks and the pointer preview (numbers, not limits: speed is a benchmark)."""
-    from evsam_export.bench.app import click_times, preview_times
+    from evsam_export.bench.app import click_times, native_decoder_ms, preview_times
 
     with app_page(app_folder, threads=1) as (page, info):
         assert info["threads"] == 1 and "1 WASM thread of" in page.locator("#model").inner_text()
@@ -185,6 +185,8 @@ def test_the_app_times_real_clicks_with_the_threads_asked(app_folder):
         previews = preview_times(page, IMAGE_SIZE[1], IMAGE_SIZE[0], moves=3)
     assert len(clicks) == 2 and all(c["ms"] >= c["decodeMs"] + c["maskMs"] > 0 for c in clicks)
     assert previews and all(p["ms"] > p["decodeMs"] > 0 for p in previews)
+    # The same graph in native ONNX Runtime, the reference a recorded row carries for the machine's load.
+    assert native_decoder_ms(app_folder, 1, 2) > 0
 
 
 @pytest.mark.builds
