@@ -37,7 +37,7 @@ from pathlib import Path
 
 from evsam_export import __version__
 from evsam_export.errors import ArtifactError, ExportError
-from evsam_export.files import sha256_file
+from evsam_export.files import sha256_file, write_atomic
 from evsam_export.manifest import Artifact, read_manifest
 from evsam_export.runners.tensorrt_runner import tensorrt_availability
 from evsam_export.steps.settings import SettingValueError, StepSettings
@@ -550,11 +550,7 @@ def register_engines(folder) -> list[Artifact]:
 # -- file helpers -------------------------------------------------------------------------------------------------
 def _write_bytes(path: Path, data) -> None:
     """Write via a temporary file and rename: a path hardlinked from the step cache is replaced, not edited."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, bytes(data))
 
 
 def _write_text(path: Path, text: str, executable: bool = False) -> None:
