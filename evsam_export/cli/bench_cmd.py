@@ -30,7 +30,8 @@ def bench_command(
     """Alternated timing of every artifact; writes bench.json and bench.png into DIR."""
 
     def body() -> None:
-        from evsam_export.bench import chart, prompt_ratios, run_bench, table
+        from evsam_export.bench.run import prompt_ratios, run_bench
+        from evsam_export.bench.tables import chart, table
         from evsam_export.errors import UsageError
         from evsam_export.measurements import record_measurement, results_dir
         from evsam_export.progress import Reporter
@@ -56,7 +57,7 @@ def bench_command(
         typer.echo(f"wrote {folder / 'bench.json'} and {folder / 'bench.png'}")
         directory = results_dir(record)
         if directory is not None:
-            from evsam_export.bench import result_rows
+            from evsam_export.bench.tables import result_rows
 
             written = [record_measurement(directory, table, key, values, note=f"folder {folder.name}")
                        for table, key, values in result_rows(result)]
