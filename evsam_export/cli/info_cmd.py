@@ -107,9 +107,9 @@ def register_engines_command(
     """Replace TensorRT build-kit entries with the engines built by tensorrt-kit/build_engines.sh."""
 
     def body() -> None:
-        from evsam_export.targets.tensorrt import register_engines
+        from evsam_export import api
 
-        for artifact in register_engines(folder):
+        for artifact in api.register_engines(folder):
             typer.echo(f"registered {artifact.id}: {artifact.path} ({artifact.facts.get('runs_on')})")
 
     run_guarded(debug, body)

@@ -114,11 +114,12 @@ def predict_command(
 
         import numpy as np
 
+        from evsam_export import api
         from evsam_export.data.images import read_image_file
         from evsam_export.errors import OutputError, UsageError
         from evsam_export.output import check_writable_parent, disk_full_error
         from evsam_export.overlay import prompt_overlay
-        from evsam_export.runtime import Predictor, check_prompts
+        from evsam_export.runtime import check_prompts
 
         points = [parse_point(text) for text in point or []]
         boxes = [parse_box(text) for text in box or []]
@@ -134,7 +135,7 @@ def predict_command(
         check_prompts(rgb.shape[:2], point_coords, point_labels, boxes=box_array)  # fail before loading models
 
         budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
-        predictor = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget)
+        predictor = api.predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget)
         with predictor:
             predictor.set_image(rgb)
             prediction = predictor.predict(point_coords, point_labels, boxes=box_array, multimask_output=multimask)

@@ -114,12 +114,12 @@ def segment_command(
         import json
         import time
 
+        from evsam_export import api
         from evsam_export.data.images import read_image_file as read_image
         from evsam_export.errors import UsageError
         from evsam_export.output import check_output_folder, staged_folder
         from evsam_export.overlay import segments_overlay
         from evsam_export.progress import Reporter
-        from evsam_export.runtime import MaskGenerator, Predictor
         from evsam_export.runtime.mask_generator import check_settings, decode_mask
 
         if output_mode not in JSON_OUTPUT_MODES:
@@ -156,8 +156,8 @@ def segment_command(
         budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
         reporter = Reporter()
         results, skipped = [], []
-        with Predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget) as predictor:
-            generator = MaskGenerator(predictor, **settings)
+        with api.predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget) as predictor:
+            generator = api.mask_generator(predictor, **settings)
             with staged_folder(output, force) as staging:
                 items = list(zip(files, output_names(files)))
                 for path, name in (items if single else reporter.track(items, f"segmenting {len(items)} files")):
