@@ -245,5 +245,67 @@ def mask_generator(predictor, **settings):
     return MaskGenerator(predictor, **settings)
 
 
-__all__ = ["ExportOptions", "ExportResult", "bench", "check_unseen", "evaluate", "export", "export_decoder", "mask_generator",
-           "predictor", "register_engines", "run", "sensitivity", "step_cache", "validate"]
+def availability(runtime: str | None = None):
+    """Every runtime backend's availability here (runners.BACKENDS), by runtime name; or one runtime's (only that
+    runtime is imported)."""
+    from evsam_export.runners import availability_of, runtime_availability
+
+    return runtime_availability() if runtime is None else availability_of(runtime)
+
+
+def targets() -> list:
+    """The build targets (targets.registry.TargetInfo), each naming the runtime backend it needs."""
+    from evsam_export.targets.registry import TARGETS
+
+    return list(TARGETS.values())
+
+
+def recipe_readiness(flags: set[str], runtimes: dict) -> dict[str, dict]:
+    """Each shipped recipe: the CPU flags its precisions need (any one of each group), and whether this machine
+    can build it (runtime installed, flags present). An auto recipe is ready when one candidate is."""
+    from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe
+    from evsam_export.pipeline.recipe import load_recipe, recipes_dir
+    from evsam_export.targets.registry import get_target, missing_cpu_features
+
+    table = {}
+    for path in sorted(recipes_dir().glob("*.toml")):
+        if is_auto_recipe(path):
+            continue
+        recipe = load_recipe(path)
+        target = get_target(recipe.target)
+        precisions = (recipe.encoder_precision, recipe.decoder_precision)
+        needs = [" or ".join(target.cpu_features[p]) for p in dict.fromkeys(precisions) if p in target.cpu_features]
+        missing = missing_cpu_features(target, precisions, flags)
+        runtime = runtimes[target.runtime]
+        kit = " (writes a trtexec build kit instead)" if target.runtime == "tensorrt" else ""
+        why_not = (f"{target.runtime} missing{kit}" if not runtime.available else
+                   f"{', '.join(missing)} needs {' or '.join(next(iter(missing.values())))}" if missing else "")
+        table[path.stem] = {"cpu_needs": ", ".join(needs), "ready": not why_not, "why_not": why_not}
+    for path in sorted(recipes_dir().glob("*.toml")):
+        if is_auto_recipe(path):
+            candidates = load_auto_recipe(path).candidates
+            ready = [c for c in candidates if table.get(c, {}).get("ready")]
+            table[path.stem] = {"cpu_needs": "", "ready": bool(ready),
+                                "why_not": "" if ready else "no candidate can be built here",
+                                "candidates_ready": ready}
+    return table
+
+
+def serve_folder(folder: str | Path, host: str = "127.0.0.1", port: int = 8000):
+    """A local HTTP server of `folder` with the cross-origin isolation headers multi-threaded WASM needs
+    (web.server.FolderServer; no tensor uploads)."""
+    from evsam_export.web.server import FolderServer
+
+    return FolderServer({"/": Path(folder)}, port=port, host=host, accept_blobs=False)
+
+
+def measure_app(folder: str | Path, image: str | Path, threads: int | None, clicks: int = 10) -> dict:
+    """The demo app of a web folder timed in headless Chromium: page load, encoder, real clicks (bench.app)."""
+    from evsam_export.bench.app import measure_app as measure
+
+    return measure(Path(folder), Path(image), threads, clicks)
+
+
+__all__ = ["ExportOptions", "ExportResult", "availability", "bench", "check_unseen", "evaluate", "export", "export_decoder",
+           "mask_generator", "measure_app", "predictor", "recipe_readiness", "register_engines", "run", "sensitivity", "serve_folder",
+           "step_cache", "targets", "validate"]
