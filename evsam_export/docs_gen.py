@@ -141,7 +141,7 @@ def cli_page() -> str:
 def recipes_page() -> str:
     from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe
     from evsam_export.pipeline.recipe import load_recipe, recipes_dir
-    from evsam_export.pipeline.settings import GATE_SUITE
+    from evsam_export.steps.settings import GATE_SUITE
     from evsam_export.targets.registry import get_target
 
     lines = [GENERATED, "", "# Recipes", "",
@@ -218,8 +218,8 @@ def _fields_table(cls) -> list[str]:
 
 def manifest_page() -> str:
     from evsam_export import manifest
-    from evsam_export.api import ExportOptions, model_contract
     from evsam_export.model.variants import get_variant
+    from evsam_export.pipeline.export import ExportOptions, model_contract
 
     model = model_contract(get_variant("l0"), ExportOptions())
     lines = [GENERATED, "", "# manifest.json", "",
