@@ -145,7 +145,7 @@ def main() -> int:
         print(table(result), flush=True)
         print(text, flush=True)
         if record_dir is not None:
-            from evsam_export.bench import result_rows, weights_label
+            from evsam_export.bench.tables import result_rows, weights_label
 
             for table_name, key, values in result_rows(result):
                 ungated = ".int8" in key or ".fp16" in key
