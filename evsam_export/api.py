@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from evsam_export.errors import UsageError
-from evsam_export.pipeline.export import ExportOptions, ExportResult, export, export_decoder
+from evsam_export.pipeline.export import EXPORT_PASSES, ExportOptions, ExportResult, export, export_decoder
 from evsam_export.progress import Reporter
 
 
@@ -306,6 +306,6 @@ def measure_app(folder: str | Path, image: str | Path, threads: int | None, clic
     return measure(Path(folder), Path(image), threads, clicks)
 
 
-__all__ = ["ExportOptions", "ExportResult", "availability", "bench", "check_unseen", "evaluate", "export", "export_decoder",
-           "mask_generator", "measure_app", "predictor", "recipe_readiness", "register_engines", "run", "sensitivity", "serve_folder",
-           "step_cache", "targets", "validate"]
+__all__ = ["EXPORT_PASSES", "ExportOptions", "ExportResult", "availability", "bench", "check_unseen", "evaluate",
+           "export", "export_decoder", "mask_generator", "measure_app", "predictor", "recipe_readiness",
+           "register_engines", "run", "sensitivity", "serve_folder", "step_cache", "targets", "validate"]
