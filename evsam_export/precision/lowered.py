@@ -157,7 +157,7 @@ def openvino_census(model) -> dict:
 def measure_speedup(parent_call: Callable[[], object], candidate_call: Callable[[], object], runs: int) -> dict:
     """Median ms of the parent and the candidate, timed alternated in this process (one warm-up each), and
     their ratio."""
-    from evsam_export.bench import alternate_calls, latency_summary
+    from evsam_export.bench.timing import alternate_calls, latency_summary
 
     times = alternate_calls({"parent": parent_call, "candidate": candidate_call}, runs, warmup=1)
     parent_ms = latency_summary(times["parent"])["median"]

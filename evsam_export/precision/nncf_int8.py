@@ -7,7 +7,7 @@ quantized. NNCF INT8 of this encoder needs an ignored scope: quantizing LiteMLA'
 the embedding. The scope is built from op types and regions (evsam_export.export.regions). NNCF runs once
 per build (`quantize_once`, cached by content); when the parity gate refuses a candidate, a round takes the
 FakeQuantize nodes of the ops it reverts out of that model (`strip_quantizers`): which ops, the "rank" fallback
-decides from a ranking measured on the checkpoint (evsam_export.pipeline.fallback.build_with_ranking), the
+decides from a ranking measured on the checkpoint (evsam_export.steps.fallback.build_with_ranking), the
 "widen" fallback from the group order below. Every round is recorded.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 from evsam_export.errors import ExportError, RecipeError, RuntimeUnavailable
 from evsam_export.export import regions
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback
-from evsam_export.pipeline.settings import PrecisionSettings
-from evsam_export.pipeline.step import StepContext
 from evsam_export.precision import lowered
+from evsam_export.steps.fallback import FallbackGroup, build_with_fallback
+from evsam_export.steps.settings import PrecisionSettings
+from evsam_export.steps.step import StepContext
 
 PRESETS = ("mixed", "performance")
 MODEL_TYPES = ("transformer", None)
@@ -79,7 +79,7 @@ _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 class Settings(PrecisionSettings):
     """nncf.quantize settings (NNCF 3.x); the OpenVINO target's Settings extend them."""
 
-    # Calibration images built (evsam_export.calibration.data) and all handed to NNCF. Decoder: each image
+    # Calibration images built (evsam_export.data.calibration) and all handed to NNCF. Decoder: each image
     # with a point and a box prompt (2 feeds per image).
     calibration_images: int = 32
     # NNCF preset: "mixed" = symmetric weights, asymmetric activations (GELU outputs are not symmetric).
@@ -136,7 +136,7 @@ class Settings(PrecisionSettings):
         for name in self.fallback_groups:
             regions.check_region_names("fallback_groups", name.split("+"))
             if len({regions.region(part).component for part in name.split("+")}) > 1:
-                from evsam_export.pipeline.settings import SettingValueError
+                from evsam_export.steps.settings import SettingValueError
 
                 raise SettingValueError("fallback_groups", f"{name!r} mixes encoder and decoder regions",
                                         hint="a group reverts regions of one component")
@@ -240,9 +240,9 @@ def round_scope(settings: Settings, kept: tuple[FallbackGroup, ...], nodes: list
 
 
 def calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) -> list[dict]:
-    """Shared calibration feeds (evsam_export.calibration.data). The decoder's embeddings are what the fp32
+    """Shared calibration feeds (evsam_export.data.calibration). The decoder's embeddings are what the fp32
     ONNX encoder of this folder really produces (ONNX Runtime)."""
-    from evsam_export.calibration.data import decoder_calibration_feeds, encoder_calibration_feeds
+    from evsam_export.data.calibration import decoder_calibration_feeds, encoder_calibration_feeds
 
     if parent.component == "encoder":
         return encoder_calibration_feeds(ctx.variant, settings.calibration_images, settings.calibration_seed,
@@ -304,8 +304,8 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     except ImportError as exc:
         raise RuntimeUnavailable(f"openvino int8 needs nncf ({exc})", hint="pip install 'evsam-export[openvino]'") from exc
 
-    from evsam_export.calibration.data import as_nncf_dataset, calibration_fingerprint, describe_calibration, warn_skipped
-    from evsam_export.manifest import cpu_flags
+    from evsam_export.data.calibration import as_nncf_dataset, calibration_fingerprint, describe_calibration, warn_skipped
+    from evsam_export.environment import cpu_flags
 
     check_parent(parent)
     nodes = model_nodes(model)
@@ -372,9 +372,8 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
 def ranked(ctx: StepContext, parent: Artifact, model, settings: Settings, quantized_once, ops_of, build_round, feed: dict) -> Artifact:
     """The "rank" fallback: every block of quantized ops ranked by the output noise it causes quantized alone,
     then a search over how many of the worst to take back (fallback.build_with_ranking)."""
-    from evsam_export.parity.suites import load_suite
-    from evsam_export.pipeline.fallback import build_with_ranking, rank_units
     from evsam_export.runners.openvino_runner import openvino_core
+    from evsam_export.steps.fallback import build_with_ranking, rank_units
 
     core = openvino_core()
     config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": ctx.threads} if ctx.threads else {})}
@@ -393,10 +392,10 @@ def ranked(ctx: StepContext, parent: Artifact, model, settings: Settings, quanti
         strip_quantizers(candidate, model, [n for n in ops if n not in names])
         return run(candidate)
 
-    ranking = rank_units(ctx, f"{parent.component} INT8", ops, only, run(model))
-    target = load_suite(settings.gate_suite).tolerance("int8").embedding_snr_db_min + SNR_MARGIN_DB
-    return build_with_ranking(ctx, parent, lambda kept: build_round(set(kept)), ranking, settings.max_rounds, target,
-                              suite=settings.gate_suite)
+    target = ctx.load_suite(settings.gate_suite).tolerance("int8").embedding_snr_db_min + SNR_MARGIN_DB
+    return build_with_ranking(ctx, parent, lambda kept: build_round(set(kept)),
+                              lambda: rank_units(ctx, f"{parent.component} INT8", ops, only, run(model)), settings.max_rounds,
+                              target, suite=settings.gate_suite)
 
 
 # The ranking's additive noise model is an estimate: the first probe aims this far above the gate's SNR floor.
@@ -429,10 +428,8 @@ def accuracy_controlled(ctx, parent, model, settings, feeds, overflow_fix, commo
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    from evsam_export.parity.suites import load_suite
-
     items, metric = validation_items(ctx, parent, settings)
-    max_drop = round(1.0 - load_suite(settings.gate_suite).tolerance("int8").mask_iou_mean_min, 6)
+    max_drop = round(1.0 - ctx.load_suite(settings.gate_suite).tolerance("int8").mask_iou_mean_min, 6)
     scope = round_scope(settings, (), nodes, parent.component, base)
     kwargs = quantize_kwargs(settings, overflow_fix, len(feeds))
     with ctx.reporter.step(f"{parent.component}: NNCF INT8 with accuracy control (max_drop {max_drop:.3f})"), quiet_nncf():
@@ -473,8 +470,8 @@ def validation_items(ctx: StepContext, parent: Artifact, settings: Settings):
     ONNX reference masks; validation_fn returns (mean IoU, per-item IoU)."""
     import numpy as np
 
-    from evsam_export.calibration.data import decoder_calibration_feeds
-    from evsam_export.parity import metrics
+    from evsam_export import metrics
+    from evsam_export.data.calibration import decoder_calibration_feeds
     from evsam_export.runners.ort_runner import OrtRunner
 
     encoder = ctx.manifest.artifact("encoder.onnx.fp32")
@@ -559,10 +556,9 @@ def quantized_ops(model) -> list[str]:
 def quantized_cache_dir() -> Path:
     """Where NNCF-quantized models (before weight compression) are kept between builds
     ($EVSAM_CACHE_DIR/nncf-quantized/<key>/)."""
-    import os
+    from evsam_export.cache import cache_root
 
-    root = Path(os.environ.get("EVSAM_CACHE_DIR", Path.home() / ".cache" / "evsam-export"))
-    return root / "nncf-quantized"
+    return cache_root("nncf-quantized")
 
 
 def quantize_key(parent: Artifact, model, settings: Settings, overflow_fix: str, scope: Scope, fingerprint: str) -> str:
@@ -571,9 +567,9 @@ def quantize_key(parent: Artifact, model, settings: Settings, overflow_fix: str,
     import nncf
     import openvino as ov
 
-    from evsam_export.pipeline.cache import module_code_hash, step_key
+    from evsam_export.cache import cache_key, module_code_hash
 
-    return step_key({
+    return cache_key({
         "what": "nncf-quantized-v1", "parent_sha256": parent.sha256,
         "inputs": [str(port.get_partial_shape()) for port in model.inputs],
         "preset": settings.preset, "model_type": settings.model_type, "activations_range": settings.activations_range,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evsam_export.pipeline import fallback
+from evsam_export.steps import fallback
 
 
 def test_a_gated_int8_step_that_gains_nothing_ships_its_fp32_parent(tmp_path, monkeypatch):

@@ -10,18 +10,20 @@ import numpy as np
 import onnx
 import pytest
 
-from evsam_export.manifest import read_manifest, sha256_file
+from evsam_export.files import sha256_file
+from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
-from evsam_export.pipeline import fallback
-from evsam_export.pipeline.step import StepContext
+from evsam_export.parity.gate import ParityGate
 from evsam_export.progress import Reporter
+from evsam_export.steps import fallback
+from evsam_export.steps.step import StepContext
 
 
 @pytest.fixture(scope="module")
 def ctx(copy_export, gate_suite) -> StepContext:
     folder = copy_export("build-gate")
     return StepContext(folder=folder, manifest=read_manifest(folder), variant=get_variant("l0"), reporter=Reporter(quiet=True),
-                       suite=str(gate_suite), threads=2)
+                       suite=str(gate_suite), threads=2, gating=ParityGate())
 
 
 def candidate(ctx, name: str, scale: float | None):

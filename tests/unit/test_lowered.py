@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from evsam_export import errors
-from evsam_export.manifest import HIDE_CPU_FLAGS_ENV, cpu_flags
-from evsam_export.pipeline import fallback
+from evsam_export.environment import HIDE_CPU_FLAGS_ENV, cpu_flags
 from evsam_export.pipeline.auto import decision_markdown
 from evsam_export.precision import lowered, ort_int8
 from evsam_export.progress import Reporter
+from evsam_export.steps import fallback
 
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -104,7 +104,7 @@ def _fake_artifact(kept: frozenset):
 def test_ranked_search_finds_the_fewest_regions_to_keep(needed):
     """Bisection over the ranking: the result keeps exactly the `needed` most harmful regions fp32 (the gate passes
     from there on), the passing candidate is rebuilt when a later round overwrote it, and the rounds stay few."""
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.steps.step import StepContext
 
     ranked = [fallback.RankedUnit(f"block{i}", (f"op{i}a", f"op{i}b"), 0.1 / (i + 1)) for i in range(10)]
     built = []
@@ -117,7 +117,7 @@ def test_ranked_search_finds_the_fewest_regions_to_keep(needed):
         return fallback.Verdict(passed=len(artifact.facts["kept"]) // 2 >= needed)
 
     ctx = StepContext(folder=Path("."), manifest=None, variant=None, reporter=Reporter(quiet=True))
-    artifact = fallback.build_with_ranking(ctx, None, candidates_fn, ranked, max_rounds=8, target_snr_db=10.0, gate=gate)
+    artifact = fallback.build_with_ranking(ctx, None, candidates_fn, lambda: ranked, max_rounds=8, target_snr_db=10.0, gate=gate)
     rounds = artifact.facts["fallback"]
     if needed < 10:
         assert artifact.facts["gate_passed"] and len(artifact.facts["kept"]) == 2 * needed
@@ -135,7 +135,7 @@ def test_ranking_orders_regions_by_their_measured_noise():
         noise = 0.5 if "b/op_list.1/conv" in names else 0.01
         return {"y": reference["y"] + np.sqrt(noise)}
 
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.steps.step import StepContext
 
     ctx = StepContext(folder=Path("."), manifest=None, variant=None, reporter=Reporter(quiet=True))
     ops = ["/a/op_list.0/conv", "/a/op_list.0/conv2", "b/op_list.1/conv", "lonely"]

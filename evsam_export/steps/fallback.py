@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.step import StepContext, artifact_id
+from evsam_export.steps.step import StepContext, artifact_id
 
 # The small suite every candidate is gated on (validators/calibration-gate.toml: 2 scenes + 1 photo,
 # every prompt kind, the default.toml tolerances verbatim). The recipe's own suite still validates the
@@ -394,14 +394,14 @@ def build_with_ranking(
     ctx: StepContext,
     parent: Artifact,
     candidates_fn: Callable[[frozenset], Artifact],
-    ranked: Sequence[RankedUnit],
+    ranking: Callable[[], Sequence[RankedUnit]],
     max_rounds: int,
     target_snr_db: float,
     suite: str = GATE_SUITE,
     gate: Callable[[StepContext, Artifact], Verdict] | None = None,
 ) -> Artifact:
     """Gate the candidate with every region quantized; while it fails, search how many of the most harmful
-    regions (`ranked`) to keep in fp32: the first probe is the fewest whose predicted SNR reaches
+    regions (`ranking()`, measured only once round 0 failed) to keep in fp32: the first probe is the fewest whose predicted SNR reaches
     `target_snr_db`, then bisection between the largest count that failed and the smallest that passed (all
     regions fp32 counts as passing and is never built: that is the fp32 parent). `candidates_fn(kept_ops)`
     writes the artifact with those ops in fp32. Returns the passing candidate with the fewest regions kept
@@ -410,8 +410,9 @@ def build_with_ranking(
     gate = gate or (lambda c, a: gate_candidate(c, a, suite))
     history: list[dict] = []
     began = time.perf_counter()
-    total = len(ranked)
-    lo, hi, best = -1, total, None  # lo: most regions kept that failed; hi: fewest that passed
+    ranked: Sequence[RankedUnit] = []
+    total = None  # known once ranked
+    lo, hi, best = -1, None, None  # lo: most regions kept that failed; hi: fewest that passed
     probe = 0
     artifact = verdict = None
     while len(history) < max_rounds and probe is not None:
@@ -433,13 +434,18 @@ def build_with_ranking(
             hi, best = probe, dict(history[-1])
         else:
             lo = probe
+        if total is None and not verdict.passed and len(history) < max_rounds:  # rank only when round 0 failed
+            ranked = list(ranking())
+            total = hi = len(ranked)
+            history[-1]["of_regions"] = total
         following = None
-        if hi - lo > 1:
+        if total is not None and hi - lo > 1:
             following = first_probe(ranked, target_snr_db) if lo == 0 and hi == total else (lo + hi) // 2
             following = min(max(following, lo + 1), hi - 1)
         left = 0 if following is None else max(1, (hi - lo - 1).bit_length())
         ctx.reporter.line(
-            f"  {artifact.id} round {len(history) - 1}: {probe} of {total} regions fp32 -> "
+            f"  {artifact.id} round {len(history) - 1}: "
+            + (f"{probe} of {total} regions fp32 -> " if probe else "every region INT8 -> ")
             + ("gate passed" if verdict.passed else f"gate failed ({gate_line(verdict.worst) if verdict.worst else verdict.note})")
             + progress_note(time.perf_counter() - began, len(history), min(left, max_rounds - len(history)))
         )
