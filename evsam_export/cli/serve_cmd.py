@@ -57,10 +57,10 @@ def measure_app_command(folder: Path, image: Path, threads: list[int | None], cl
     """`serve --measure`: one line per thread count (load, encoder, median click to overlay), recorded on demand."""
     import sys
 
+    from evsam_export.bench.app import measure_rounds, record_app_bench
     from evsam_export.errors import RuntimeUnavailable, UsageError
     from evsam_export.measurements import results_dir
     from evsam_export.runners import availability_of
-    from evsam_export.web.app_bench import measure_rounds, record_app_bench
 
     if not image.is_file():
         raise UsageError(f"no image {image}", hint="give a PNG or JPEG file to --measure")
