@@ -172,7 +172,7 @@ def test_web_wasm_recipe_passes_its_gate_in_the_browser(tmp_path, quick_suite):
 
 def test_bench_times_a_subject_by_its_own_clock():
     """Browser subjects report onnxruntime-web's in-page time, not this process's wall time around the transfer."""
-    from evsam_export.bench import alternate
+    from evsam_export.bench.timing import alternate
 
     class InPage:
         calls = 0
