@@ -19,6 +19,7 @@ unless `--run-heavy`.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,41 @@ def copy_export(l0_export, tmp_path_factory):
         return folder
 
     return make
+
+
+# A cpu-ort-fp32 recipe without the split decoder and without validation: export, ORT encoder, ORT decoder.
+# The step-cache tests are about the cache; the split halves through the ORT step are
+# tests/export/test_split_lowering.py's, the release gate tests/export/test_validate.py's.
+UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[export]\nsplit_decoder = false\n[validate]\nenabled = false\n'
+
+
+@dataclass
+class SeededCache:
+    """One real run of UNVALIDATED_ORT_FP32 on l0 into an empty step cache: `first` is its result (every
+    step built), `output` its folder, `root` the cache it filled. Tests take private copies (`copy`) to run
+    against, store into or damage."""
+
+    recipe_file: Path
+    first: object  # pipeline.runner.RunResult
+    output: Path
+    root: Path
+
+    def copy(self, folder: Path):
+        from evsam_export.pipeline.cache import StepCache
+
+        shutil.copytree(self.root, Path(folder) / "steps")
+        return StepCache(Path(folder) / "steps")
+
+
+@pytest.fixture(scope="session")
+def seeded_step_cache(tmp_path_factory) -> SeededCache:
+    """The recipe tests' one export: later runs of the same recipe reuse its steps from a copy of this cache."""
+    from evsam_export.pipeline.recipe import load_recipe
+    from evsam_export.pipeline.runner import StepCache, run_recipe
+
+    base = tmp_path_factory.mktemp("seeded")
+    recipe_file = base / "r.toml"
+    recipe_file.write_text(UNVALIDATED_ORT_FP32)
+    cache = StepCache(base / "cache" / "steps")
+    first = run_recipe(load_recipe(recipe_file), "l0", base / "out", cache=cache, reporter=Reporter(quiet=True))
+    return SeededCache(recipe_file, first, base / "out", cache.root)

@@ -20,24 +20,28 @@ def test_every_test_file_is_in_a_tier_folder():
         assert list((TESTS / tier).glob("test_*.py")), tier
 
 
-def collected(*args: str) -> dict[str, set[str]]:
-    """tier -> node ids that `pytest --collect-only` selects with these arguments, from the repository root."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+# One file per tier, and one test in an export-tier file that asks for the builds tier: small to import,
+# so collecting them is quick. The default selection is what pytest does with no path (here: these files).
+SAMPLE = {"unit": "tests/unit/test_readme.py", "export": "tests/export/test_graph_passes.py",
+          "builds": "tests/builds/test_export_memory.py", "full": "tests/full/test_app_profile_xl0.py"}
+MOVED_UP = "tests/export/test_graph_passes.py::test_export_without_graph_passes_keeps_the_resize"
+
+
+def collected(*args: str) -> set[str]:
+    """Node ids that `pytest --collect-only` selects from SAMPLE with these arguments, as CI would run it."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-o", f"testpaths={' '.join(SAMPLE.values())}", *args],
                           capture_output=True, text=True, cwd=TESTS.parent, env={**os.environ, "CI": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    tiers: dict[str, set[str]] = {}
-    for line in proc.stdout.splitlines():
-        if "::" in line:
-            parts = Path(line.split("::")[0]).parts
-            tiers.setdefault(parts[1] if len(parts) > 2 else "unit", set()).add(line)
-    return tiers
+    return {line for line in proc.stdout.splitlines() if "::" in line}
 
 
 def test_the_default_command_selects_the_default_tiers_and_ci_selects_the_others():
-    default = collected()
-    assert set(default) == set(DEFAULT_TIERS)
-    slower = collected("-m", "builds or full")
-    assert set(slower) <= set(TIERS) and slower.get("builds") and slower.get("full")
-    # tests in a fast folder that ask for a slower tier (a variant sweep, say) run there, not by default
-    moved = set().union(*(slower.get(tier, set()) for tier in DEFAULT_TIERS))
-    assert moved and not moved & set().union(*default.values())
+    files = lambda nodes: {node.split("::")[0] for node in nodes}  # noqa: E731
+    default, slower = collected(), collected("-m", "builds or full")
+    assert files(default) == {SAMPLE[tier] for tier in DEFAULT_TIERS}
+    assert files(slower) == {SAMPLE["builds"], SAMPLE["full"], SAMPLE["export"]}
+    assert MOVED_UP in slower and MOVED_UP not in default  # a marker moves a test up a tier
+    assert not default & slower
+    # naming a path runs every tier under it, without -m
+    assert collected(SAMPLE["builds"]) == {node for node in slower if node.startswith(SAMPLE["builds"])}

@@ -74,6 +74,7 @@ def test_exported_decoder_follows_the_reference(decoders, labels):
     np.testing.assert_allclose(got_masks[:, 0], masks[rows, chosen], atol=1e-5)
 
 
+@pytest.mark.builds  # an export of its own
 def test_sam_onnx_folder_passes_the_parity_gate(tmp_path, gate_suite):
     options = api.ExportOptions(single_mask=True, single_mask_rule="sam-onnx", simplify="none")
     result = api.export("l0", tmp_path / "l0", options=options, reporter=Reporter(quiet=True))

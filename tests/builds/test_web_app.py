@@ -163,7 +163,6 @@ def test_the_app_segments_like_the_predictor_through_serve(app_folder):
         predictor.close()
 
 
-@pytest.mark.builds
 @needs_browser
 def test_the_app_runs_the_split_decoder_halves_when_the_folder_has_them(copy_export):
     from PIL import Image
