@@ -43,7 +43,7 @@ def _font(size: int):
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels of `mask` within `width` pixels of its edge inside the image."""
-    from evsam_export.calibration.images import eroded
+    from evsam_export.data.scenes import eroded
 
     return mask & ~eroded(mask, width) if mask.any() else mask
 

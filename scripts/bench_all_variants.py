@@ -99,7 +99,13 @@ def main() -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-artifact peak-RSS subprocesses")
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure peak RSS of the artifacts of an earlier run (its bench.json) and rewrite bench.json/bench.md")
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="also write result files (encoder-latency, prompts, build-steps) under DIR, e.g. docs/results "
+                             "(default $EVSAM_RESULTS_DIR, unset: none)")
     args = parser.parse_args()
+    from evsam_export.measurements import record_measurement, results_dir
+
+    record_dir = results_dir(args.record)
 
     from evsam_export.bench import BenchResult, Timing, chart, peak_rss_mb, run_bench, table
 
@@ -135,6 +141,14 @@ def main() -> int:
         (folder / "bench.md").write_text(text + "\n")
         print(table(result), flush=True)
         print(text, flush=True)
+        if record_dir is not None:
+            from evsam_export.bench import result_rows, weights_label
+
+            for table_name, key, values in result_rows(result):
+                ungated = ".int8" in key or ".fp16" in key
+                record_measurement(record_dir, table_name, key, values, note="ungated fp16/INT8 builds" if ungated else "")
+            record_measurement(record_dir, "build-steps", variant, {"variant": variant, "weights": weights_label(result.weights),
+                                                                    **{f"{step}_s": seconds for step, seconds in build_s.items()}})
     return 0
 
 

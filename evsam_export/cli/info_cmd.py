@@ -51,7 +51,7 @@ def doctor_command(
     def body() -> None:
         import json
 
-        from evsam_export.manifest import environment
+        from evsam_export.environment import environment
         from evsam_export.runners import runtime_availability
         from evsam_export.runners.tensorrt_runner import cuda_device_count
         from evsam_export.targets.registry import TARGETS

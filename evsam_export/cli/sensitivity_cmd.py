@@ -77,7 +77,7 @@ def sensitivity_command(
 
         from evsam_export.errors import UsageError
         from evsam_export.measurements import record_measurement, results_dir
-        from evsam_export.precision.sensitivity import REPORT_NAME, measure_openvino_sensitivity, measure_sensitivity, write_report
+        from evsam_export.pipeline.sensitivity import REPORT_NAME, measure_openvino_sensitivity, measure_sensitivity, write_report
         from evsam_export.progress import Reporter
 
         if threads < 1:

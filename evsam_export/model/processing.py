@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evsam_export.contract import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PADDING
-from evsam_export.model.variants import PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME
+from evsam_export.model.variants import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PADDING, PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME
 
 MASK_THRESHOLD = 0.0
 

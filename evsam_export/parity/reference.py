@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export import contract
-from evsam_export.calibration.images import PromptSet, ValidationImage, annotated_validation_images, load_image_spec, prompts_for
 from evsam_export.data.coco import AnnotationSet
 from evsam_export.data.images import FolderImage, ImageFolder, SkippedImage, read_folder
+from evsam_export.data.scenes import PromptSet, ValidationImage, annotated_validation_images, load_image_spec, prompts_for
 from evsam_export.errors import ArtifactError, UsageError
 from evsam_export.manifest import Manifest
 from evsam_export.model import processing

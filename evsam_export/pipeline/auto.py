@@ -140,7 +140,7 @@ class AutoResult:
 
 def support_of(recipe) -> str:
     """Why this machine cannot build `recipe` ('' when it can)."""
-    from evsam_export.manifest import cpu_flags
+    from evsam_export.environment import cpu_flags
     from evsam_export.runners import availability_of
     from evsam_export.targets.registry import get_target, missing_cpu_features
 

@@ -2,7 +2,7 @@
 Q/DQ, the input of a TensorRT explicit-quantization build).
 
 `onnxruntime.quantization.quantize_static` with QuantFormat.QDQ, per-channel weights and MinMax ranges
-from `evsam_export.calibration.data` (real images through the shared preprocessing; for the decoder,
+from `evsam_export.data.calibration` (real images through the shared preprocessing; for the decoder,
 embeddings the fp32 encoder really produces). Precision lives in the graph: every quantized tensor is a
 QuantizeLinear/DequantizeLinear pair that ORT (and TensorRT) fuse into int8 kernels at load time.
 
@@ -41,13 +41,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from evsam_export.environment import cpu_flags
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export import regions
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
-from evsam_export.manifest import Artifact, cpu_flags
-from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes
-from evsam_export.pipeline.settings import PrecisionSettings, SettingValueError
-from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.manifest import Artifact
+from evsam_export.steps.fallback import FallbackGroup, build_with_fallback, graph_nodes
+from evsam_export.steps.settings import PrecisionSettings, SettingValueError
+from evsam_export.steps.step import StepContext, artifact_filename
 
 # Regions (evsam_export.export.regions) never quantized, whatever op_types_to_quantize says.
 FP32_REGIONS = (
@@ -279,7 +280,7 @@ def _store_atomically(source: Path, target: Path) -> None:
 
 
 def _calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) -> tuple[list[dict], dict]:
-    from evsam_export.calibration import data
+    from evsam_export.data import calibration as data
 
     count, seed, photos, folder = (settings.calibration_images, settings.calibration_seed, settings.calibration_photos,
                                    settings.calibration_data)
@@ -303,7 +304,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from evsam_export.calibration.data import as_ort_reader, calibration_fingerprint
+    from evsam_export.data.calibration import as_ort_reader, calibration_fingerprint
 
     started = time.perf_counter()
     if parent.precision != "fp32" or not parent.path.endswith(".onnx"):

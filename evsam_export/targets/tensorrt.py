@@ -37,10 +37,11 @@ from pathlib import Path
 
 from evsam_export import __version__
 from evsam_export.errors import ArtifactError, ExportError
-from evsam_export.manifest import Artifact, read_manifest, sha256_file
-from evsam_export.pipeline.settings import SettingValueError, StepSettings
-from evsam_export.pipeline.step import StepContext, artifact_filename, artifact_id
+from evsam_export.files import sha256_file
+from evsam_export.manifest import Artifact, read_manifest
 from evsam_export.runners.tensorrt_runner import tensorrt_availability
+from evsam_export.steps.settings import SettingValueError, StepSettings
+from evsam_export.steps.step import StepContext, artifact_filename, artifact_id
 
 KIT_DIR = "tensorrt-kit"
 KIT_SCRIPT = "build_engines.sh"

@@ -15,9 +15,10 @@ import pytest
 from evsam_export.errors import ExportError, RuntimeUnavailable
 from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import VARIANTS
-from evsam_export.pipeline.step import StepContext
+from evsam_export.parity.gate import ParityGate
 from evsam_export.progress import Reporter
 from evsam_export.runners import availability_of, runner_for_artifact
+from evsam_export.steps.step import StepContext
 from evsam_export.targets import web
 from evsam_export.web.dist import BUNDLES, find_dist
 
@@ -29,7 +30,7 @@ needs_dist = pytest.mark.skipif(find_dist() is None, reason="onnxruntime-web npm
 def web_build(folder: Path, component: str, precision: str, execution_provider: str = "wasm"):
     """The web target step on `folder`'s fp32 ONNX `component`, added to its manifest."""
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True))
+    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True), gating=ParityGate())
     settings = web.Settings(execution_provider=execution_provider, precision=precision)
     [artifact] = web.build(ctx, manifest.artifact(f"{component}.onnx.fp32"), settings)
     manifest.add(artifact)
@@ -78,6 +79,27 @@ def test_web_target_writes_standard_onnx_fp16_storage_and_the_runtime(copy_expor
     assert fp16.dtype == np.float32 and 0 < np.abs(fp16 - fp32).max() < 5e-2
 
 
+def test_the_apps_mask_graph_is_the_predictors_postprocessing_for_one_token():
+    """targets.web.mask_graph (run here by native onnxruntime, in the page by onnxruntime-web): the chosen token
+    upscaled like processing.postprocess_masks and thresholded like binarize; a pixel may differ only where the
+    logit is within float rounding of the threshold. At a smaller size it is the same crop resized to that size."""
+    import onnxruntime as ort
+
+    from evsam_export.model import processing
+
+    session = ort.InferenceSession(web.mask_graph().SerializeToString())
+    low = (np.random.default_rng(3).standard_normal((1, 4, 256, 256)) * 4).astype(np.float32)
+    geometry = processing.image_geometry(480, 640, 512)
+    for token, size in ((2, (480, 640)), (0, (240, 320))):
+        rgba = session.run(None, {"low_res_masks": low, "token": np.array([token]), "frame_crop": np.array(geometry.input_size),
+                                  "size": np.array(size), "color": np.array([0, 0, 255, 110], np.uint8)})[0]
+        frame = processing.resize_bilinear(low[0, token], 1024, 1024)[: geometry.input_size[0], : geometry.input_size[1]]
+        logits = processing.resize_bilinear(frame, *size)
+        on = rgba[..., 3] == 110
+        assert rgba.shape == (*size, 4) and set(np.unique(rgba[..., 2])) == {0, 255} and on.sum() > 0.3 * on.size
+        assert np.abs(logits[on != processing.binarize(logits)]).max(initial=0.0) < 1e-4
+
+
 @needs_dist
 def test_contrib_ops_are_refused_in_one_line(copy_export):
     import onnx
@@ -89,7 +111,7 @@ def test_contrib_ops_are_refused_in_one_line(copy_export):
     model.graph.node.append(helper.make_node("FastGelu", ["iou_predictions"], ["unused"], domain="com.microsoft"))
     onnx.save(model, str(source))
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True))
+    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True), gating=ParityGate())
     with pytest.raises(ExportError) as info:
         web.build(ctx, manifest.artifact("decoder.onnx.fp32"), web.Settings())
     assert "com.microsoft.FastGelu" in info.value.one_line() and "graph_passes = []" in info.value.one_line()
@@ -127,17 +149,22 @@ def test_webgpu_is_refused_in_one_line_where_the_browser_has_none(tmp_path):
 @pytest.mark.full
 @pytest.mark.heavy
 def test_web_wasm_recipe_passes_its_gate_in_the_browser(tmp_path, quick_suite):
-    """The whole recipe (export, fp16 storage, INT8 decoder with its build gate, browser validation)."""
+    """The whole recipe (export, fp16 storage of the encoder, the decoder and its split halves, the halves' check
+    in the browser, browser validation)."""
     if not BROWSER.available:
         pytest.skip(BROWSER.reason)
     out = tmp_path / "web"
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", "web-wasm", "-v", "l0", "-o", str(out),
-                           "--set", f"validate.suite={quick_suite}", "--set", f"precision.int8.gate_suite={quick_suite}",
-                           "--set", "precision.int8.calibration_images=2"], capture_output=True, text=True, timeout=1800)
+                           "--set", f"validate.suite={quick_suite}"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     manifest = read_manifest(out)
-    assert manifest.model["web"]["encoder"] == "encoder.web.fp16" and manifest.model["web"]["decoder"] == "decoder.web.int8"
-    assert (out / "index.html").is_file() and all((out / name).is_file() for name in manifest.model["web"]["app"])
+    web_info = manifest.model["web"]
+    assert web_info["encoder"] == "encoder.web.fp16" and web_info["decoder"] == "decoder.web.fp16"
+    # The app runs the split decoder's halves, so the page downloads them and not the single graph.
+    assert (web_info["decoder_image"], web_info["decoder_prompt"]) == ("decoder_image.web.fp16", "decoder_prompt.web.fp16")
+    loaded = ("runtime", "encoder.web.fp16", "decoder_image.web.fp16", "decoder_prompt.web.fp16")
+    assert web_info["download_bytes"]["total"] == sum(web_info["download_bytes"][name] for name in loaded)
+    assert (out / "index.html").is_file() and all((out / name).is_file() for name in web_info["app"])
     assert "download" in proc.stdout
 
 

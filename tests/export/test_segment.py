@@ -10,7 +10,7 @@ merges everything into one mask. The parity cases therefore lower the thresholds
 check that every stage keeps masks, and that our per-stage counts equal upstream's. Any checkpoint can be
 added to PARITY_CHECKPOINTS with its own settings.
 
-The trained weights are our realistic checkpoint (evsam_export.model.realistic, `--checkpoint realistic`):
+The trained weights are our realistic checkpoint (evsam_export.realistic, `--checkpoint realistic`):
 its masks follow the prompt and the image, but its briefly trained IoU head predicts low IoUs. Measured on
 l0 at 16x16 points on astronaut 256x256, coffee 256x192 and chelsea 256x192, predicted IoU over all 768
 candidates spans 0.05..0.56 (median 0.25..0.41) and stability at upstream's offset 1.0 reaches 0.82 at most
@@ -316,7 +316,7 @@ def test_realistic_checkpoint_matches_upstream(realistic_export, upstream_stages
     assert counts["candidates"] > counts["predicted_iou"] > counts["stability"] > 0, counts  # both thresholds filter
     # Parity is only telling on a checkpoint whose masks follow the prompt (test_realistic's criterion): one that
     # does not answers every grid point with the same blob, which box NMS merges into one mask.
-    from evsam_export.model import realistic
+    from evsam_export import realistic
 
     held_out = realistic.read_stats(realistic.ensure_checkpoint(realistic.TrainSettings(variant=variant)))["held_out"]
     assert max(held_out["same_mask_iou"].values()) <= 0.5, held_out["same_mask_iou"]

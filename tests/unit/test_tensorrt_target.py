@@ -19,11 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export.onnx_export import decoder_spec, encoder_spec
-from evsam_export.manifest import Artifact, Manifest, TensorSpec, read_manifest, sha256_file, verify_artifact_file
+from evsam_export.files import sha256_file
+from evsam_export.manifest import Artifact, Manifest, TensorSpec, read_manifest, verify_artifact_file
 from evsam_export.model.variants import get_variant
-from evsam_export.pipeline.step import StepContext
+from evsam_export.parity.gate import ParityGate
 from evsam_export.progress import Reporter
 from evsam_export.runners.base import Availability
+from evsam_export.steps.step import StepContext
 from evsam_export.targets import tensorrt as trt_target
 
 VARIANT = get_variant("l0")
@@ -52,7 +54,7 @@ def onnx_artifact(folder: Path, spec, precision: str = "fp32", path: Path | None
 
 def make_ctx(folder: Path) -> StepContext:
     manifest = Manifest(variant=VARIANT.name, encoder_size=VARIANT.encoder_size, weights={}, model={})
-    return StepContext(folder=folder, manifest=manifest, variant=VARIANT, reporter=Reporter(quiet=True))
+    return StepContext(folder=folder, manifest=manifest, variant=VARIANT, reporter=Reporter(quiet=True), gating=ParityGate())
 
 
 @pytest.fixture()

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export import contract
-from evsam_export.manifest import cpu_flags, cpu_model, package_versions, read_manifest
+from evsam_export.environment import cpu_flags, cpu_model, package_versions
+from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
 from evsam_export.progress import Reporter
 
