@@ -7,7 +7,8 @@ Tiers, one folder each, slowest last (the marker of a test is its folder's, set 
   built from it.
 - `builds`: real precision and target builds (INT8 calibration, OpenVINO IR, the browser runtime), exports
   with other options.
-- `full`: every variant, whole recipe runs, upstream sweeps.
+- `full`: every variant, whole recipe runs, upstream sweeps, whole command runs over data sets (evaluate on a
+  COCO set, validate on annotations or an image folder, task gating on ground truth).
 
 `python -m pytest -q` runs the default tiers (unit, export); naming paths runs every tier under them, and
 `-m` selects tiers by marker (CI: `-m "builds or full"`). A test in a fast folder that needs more says so
@@ -127,6 +128,32 @@ def copy_export(l0_export, tmp_path_factory):
 
     return make
 
+
+
+@pytest.fixture(scope="session")
+def variant_export(tmp_path_factory):
+    """variant_export(name) -> that variant's export of its synthetic:5 weights, loaded from a checkpoint saved
+    in the upstream release layout; exported once per session for every test of the variant sweeps."""
+    folders: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in folders:
+            import torch
+
+            from evsam_export.model.checkpoint import load_model
+            from evsam_export.model.variants import VARIANTS
+
+            folder = tmp_path_factory.mktemp(f"variant-{name}")
+            checkpoint = folder / f"efficientvit_sam_{name}.pt"
+            ours, _ = load_model(VARIANTS[name], "synthetic:5")
+            torch.save({"state_dict": ours.state_dict()}, checkpoint)  # the upstream release layout
+            del ours
+            api.export(name, folder / "out", checkpoint=str(checkpoint), reporter=Reporter(quiet=True))
+            checkpoint.unlink()
+            folders[name] = folder / "out"
+        return folders[name]
+
+    return get
 
 # A cpu-ort-fp32 recipe without the split decoder and without validation: export, ORT encoder, ORT decoder.
 # The step-cache tests are about the cache; the split halves through the ORT step are

@@ -12,7 +12,7 @@ import pytest
 import torch
 from upstream import build_upstream
 
-from evsam_export import api, contract
+from evsam_export import contract
 from evsam_export.model import processing
 from evsam_export.model.checkpoint import load_model
 from evsam_export.model.variants import VARIANT_NAMES, VARIANTS
@@ -36,29 +36,19 @@ def sam_image(seed: int, height: int, width: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module", params=[n if n == "l0" else pytest.param(n, marks=pytest.mark.full) for n in VARIANT_NAMES])
-def exported(request, tmp_path_factory):
-    """l0: the session's export (synthetic:0). Every other variant: exported from its weights saved in the
-    upstream release layout, so the checkpoint path into the export is covered too."""
+def exported(request):
+    """l0: the session's export (synthetic:0). Every other variant: conftest's variant_export, exported from
+    its weights saved in the upstream release layout, so the checkpoint path into the export is covered too."""
     name = request.param
-    ours, _ = load_model(VARIANTS[name], "synthetic:0" if name == "l0" else "synthetic:5")
-    state_dict = ours.state_dict()
+    seed = "synthetic:0" if name == "l0" else "synthetic:5"
+    ours, _ = load_model(VARIANTS[name], seed)
+    upstream = build_upstream(name, ours.state_dict())
     del ours
-    upstream = build_upstream(name, state_dict)
-    checkpoint = None
-    if name == "l0":
-        out = request.getfixturevalue("l0_export")
-    else:
-        folder = tmp_path_factory.mktemp(f"onnx-{name}")
-        checkpoint = folder / f"efficientvit_sam_{name}.pt"
-        torch.save({"state_dict": state_dict}, checkpoint)  # the upstream release layout
-        out = folder / "out"
-        api.export(name, out, checkpoint=str(checkpoint))
+    out = request.getfixturevalue("l0_export") if name == "l0" else request.getfixturevalue("variant_export")(name)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     sessions = {c: ort.InferenceSession(str(out / f"{c}.fp32.onnx"), options) for c in ("encoder", "decoder")}
-    yield name, upstream, sessions
-    if checkpoint is not None:
-        checkpoint.unlink()
+    return name, upstream, sessions
 
 
 def upstream_masks(upstream, embeddings, coords, labels, boxes, mask_input, geometry):
