@@ -1,4 +1,5 @@
-"""The Python API; the CLI is a thin layer over these functions.
+"""The Python API: every `evsam-export` command does its work through these functions (the CLI parses options
+and prints).
 
     from evsam_export import api
     result = api.export("l0", output="out/l0")              # synthetic:0 weights
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from evsam_export.errors import UsageError
-from evsam_export.pipeline.export import ExportOptions, ExportResult, export, export_decoder
+from evsam_export.pipeline.export import EXPORT_PASSES, ExportOptions, ExportResult, export, export_decoder
 from evsam_export.progress import Reporter
 
 
@@ -160,4 +161,153 @@ def check_unseen(folder: str | Path, encoder: str | None = None, decoder: str | 
     return result
 
 
-__all__ = ["ExportOptions", "ExportResult", "check_unseen", "evaluate", "export", "export_decoder", "validate"]
+def run(recipe, variant: str, output: str | Path | None = None, checkpoint: str | None = None, overrides=(),
+        force: bool = False, dry_run: bool = False, use_cache: bool = True, threads: int | None = None,
+        reporter: Reporter | None = None, command: str = ""):
+    """Run a recipe (name or .toml path): export -> precision -> target -> validate, each step cached by content.
+    Returns (recipe, folder, result); for an auto recipe (cpu-auto) every supported candidate is built, gated and
+    timed, and the result is the auto run's (nothing is built on a dry run: `result` is then None)."""
+    from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe, run_auto
+    from evsam_export.pipeline.cache import StepCache
+    from evsam_export.pipeline.recipe import load_recipe
+    from evsam_export.pipeline.runner import run_recipe
+
+    reporter = reporter or Reporter()
+    cache = StepCache(enabled=use_cache)
+    if is_auto_recipe(recipe):
+        auto = load_auto_recipe(recipe, list(overrides))
+        folder = Path(output) if output is not None else Path("out") / f"{auto.name}-{variant}"
+        if dry_run:
+            return auto, folder, None
+        return auto, folder, run_auto(auto, variant, folder, checkpoint, force, reporter, cache, command, threads)
+    loaded = load_recipe(recipe, list(overrides))
+    folder = Path(output) if output is not None else Path("out") / f"{loaded.name}-{variant}"
+    return loaded, folder, run_recipe(loaded, variant, folder, checkpoint, force, dry_run, reporter, cache, command, threads)
+
+
+def bench(folder: str | Path, threads: int = 2, runs: int = 20, warmup: int = 2, batches: tuple[int, ...] = (1,),
+          baselines: tuple[str, ...] = ("pytorch", "plain-onnx"), memory: bool = True, reporter: Reporter | None = None):
+    """Alternated timing of every artifact of `folder` beside the baselines; writes bench.json, bench.png and the
+    folder report, returns the bench result."""
+    import json
+
+    from evsam_export.bench.run import run_bench
+    from evsam_export.bench.tables import chart
+    from evsam_export.folder_report import write_folder_report
+    from evsam_export.output import write_atomic
+
+    folder = Path(folder)
+    result = run_bench(folder, threads, runs, warmup, tuple(batches), tuple(baselines), memory, reporter or Reporter())
+    write_atomic(folder / "bench.json", json.dumps(result.to_json(), indent=2) + "\n")
+    chart(result, folder / "bench.png")
+    write_folder_report(folder)
+    return result
+
+
+def sensitivity(folder: str | Path, backend: str, groups: list[str], overrides: dict, threads: int = 2,
+                suite: str = "calibration-gate", scenes: int = 4, bench_runs: int = 3, reporter: Reporter | None = None,
+                on_result=None):
+    """Which INT8 fallback group carries the encoder's error: one row per group kept fp32 (`backend` ort: ORT
+    QDQ on the suite's images; openvino: NNCF, scored end to end on held-out scenes)."""
+    from evsam_export.pipeline.sensitivity import measure_openvino_sensitivity, measure_sensitivity
+
+    reporter = reporter or Reporter()
+    if backend == "openvino":
+        return measure_openvino_sensitivity(Path(folder), groups, overrides, scenes, threads, bench_runs, reporter, on_result=on_result)
+    return measure_sensitivity(Path(folder), groups, overrides, suite, threads, reporter, on_result=on_result)
+
+
+def register_engines(folder: str | Path):
+    """Replace the TensorRT build-kit entries of `folder` with the engines its kit built on a GPU."""
+    from evsam_export.targets.tensorrt import register_engines as register
+
+    return register(folder)
+
+
+def step_cache():
+    """The step cache `run` reuses ($EVSAM_CACHE_DIR/steps)."""
+    from evsam_export.pipeline.cache import StepCache
+
+    return StepCache()
+
+
+def predictor(folder: str | Path, **options):
+    """The torch-free runtime on `folder`'s artifacts (runtime.Predictor; options as it takes them)."""
+    from evsam_export.runtime import Predictor
+
+    return Predictor(folder, **options)
+
+
+def mask_generator(predictor, **settings):
+    """Segment-everything over a Predictor (runtime.MaskGenerator; settings as it takes them)."""
+    from evsam_export.runtime import MaskGenerator
+
+    return MaskGenerator(predictor, **settings)
+
+
+def availability(runtime: str | None = None):
+    """Every runtime backend's availability here (runners.BACKENDS), by runtime name; or one runtime's (only that
+    runtime is imported)."""
+    from evsam_export.runners import availability_of, runtime_availability
+
+    return runtime_availability() if runtime is None else availability_of(runtime)
+
+
+def targets() -> list:
+    """The build targets (targets.registry.TargetInfo), each naming the runtime backend it needs."""
+    from evsam_export.targets.registry import TARGETS
+
+    return list(TARGETS.values())
+
+
+def recipe_readiness(flags: set[str], runtimes: dict) -> dict[str, dict]:
+    """Each shipped recipe: the CPU flags its precisions need (any one of each group), and whether this machine
+    can build it (runtime installed, flags present). An auto recipe is ready when one candidate is."""
+    from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe
+    from evsam_export.pipeline.recipe import load_recipe, recipes_dir
+    from evsam_export.targets.registry import get_target, missing_cpu_features
+
+    table = {}
+    for path in sorted(recipes_dir().glob("*.toml")):
+        if is_auto_recipe(path):
+            continue
+        recipe = load_recipe(path)
+        target = get_target(recipe.target)
+        precisions = (recipe.encoder_precision, recipe.decoder_precision)
+        needs = [" or ".join(target.cpu_features[p]) for p in dict.fromkeys(precisions) if p in target.cpu_features]
+        missing = missing_cpu_features(target, precisions, flags)
+        runtime = runtimes[target.runtime]
+        kit = " (writes a trtexec build kit instead)" if target.runtime == "tensorrt" else ""
+        why_not = (f"{target.runtime} missing{kit}" if not runtime.available else
+                   f"{', '.join(missing)} needs {' or '.join(next(iter(missing.values())))}" if missing else "")
+        table[path.stem] = {"cpu_needs": ", ".join(needs), "ready": not why_not, "why_not": why_not}
+    for path in sorted(recipes_dir().glob("*.toml")):
+        if is_auto_recipe(path):
+            candidates = load_auto_recipe(path).candidates
+            ready = [c for c in candidates if table.get(c, {}).get("ready")]
+            table[path.stem] = {"cpu_needs": "", "ready": bool(ready),
+                                "why_not": "" if ready else "no candidate can be built here",
+                                "candidates_ready": ready}
+    return table
+
+
+def serve_folder(folder: str | Path, host: str = "127.0.0.1", port: int = 8000):
+    """A local HTTP server of `folder` with the cross-origin isolation headers multi-threaded WASM needs
+    (web.server.FolderServer; no tensor uploads)."""
+    from evsam_export.web.server import FolderServer
+
+    return FolderServer({"/": Path(folder)}, port=port, host=host, accept_blobs=False)
+
+
+def measure_app(folder: str | Path, image: str | Path, threads: list[int | None], clicks: int = 10, rounds: int = 1,
+                progress=print) -> list[dict]:
+    """The demo app of a web folder timed in headless Chromium: page load, encoder, real clicks, with each of
+    `threads` WASM thread counts in turn for `rounds` rounds; one summary per thread count (bench.app)."""
+    from evsam_export.bench.app import measure_rounds
+
+    return measure_rounds(Path(folder), Path(image), list(threads), clicks, rounds, progress)
+
+
+__all__ = ["EXPORT_PASSES", "ExportOptions", "ExportResult", "availability", "bench", "check_unseen", "evaluate",
+           "export", "export_decoder", "mask_generator", "measure_app", "predictor", "recipe_readiness",
+           "register_engines", "run", "sensitivity", "serve_folder", "step_cache", "targets", "validate"]

@@ -115,7 +115,7 @@ def score_pair(reference, test, seeds: list[int], encoder_size: int, bench_runs:
     ground-truth object). `references`: reference_scenes() already run for these seeds (then the reference
     Predictor only runs the speed comparison)."""
     from evsam_export import contract
-    from evsam_export.bench import alternate_calls, latency_summary
+    from evsam_export.bench.timing import alternate_calls, latency_summary
     from evsam_export.model.processing import preprocess_image
     from evsam_export.realistic import scene_for
 

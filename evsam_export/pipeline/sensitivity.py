@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evsam_export.errors import RecipeError, UsageError
+from evsam_export.files import write_atomic
 from evsam_export.progress import Reporter
 from evsam_export.steps.fallback import GATE_SUITE
 
@@ -227,10 +227,7 @@ def _add_row(report, row, on_result: Callable | None) -> None:
 def write_report(report: SensitivityReport, path: Path) -> Path:
     """Write the JSON report atomically (a reader never sees half a report)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report.to_json(), indent=2) + "\n")
     return path
 
 

@@ -29,9 +29,7 @@ and re-quantizes from the cached calibration ranges (the calibration pass runs o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -41,10 +39,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from evsam_export.cache import cache_key, cache_root
 from evsam_export.environment import cpu_flags
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export import regions
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
+from evsam_export.files import replacing
 from evsam_export.manifest import Artifact
 from evsam_export.steps.fallback import FallbackGroup, build_with_fallback, graph_nodes
 from evsam_export.steps.settings import PrecisionSettings, SettingValueError
@@ -203,8 +203,7 @@ def _working_directory(path: Path):
 
 def ranges_cache_dir() -> Path:
     """Where MinMax calibration ranges are kept between builds ($EVSAM_CACHE_DIR/calibration-ranges)."""
-    root = Path(os.environ.get("EVSAM_CACHE_DIR", Path.home() / ".cache" / "evsam-export"))
-    return root / "calibration-ranges"
+    return cache_root("calibration-ranges")
 
 
 def calibrated_bytes_per_image(model, op_types: Sequence[str]) -> int:
@@ -266,14 +265,12 @@ def _ranges_key(parent: Artifact, settings: Settings, fingerprint: str, pass_siz
         "images_per_pass": pass_size,
         "onnxruntime": onnxruntime.__version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return cache_key(payload)
 
 
 def _store_atomically(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with replacing(target) as temporary:
+        shutil.copyfile(source, temporary)
 
 
 # ------------------------------------------------------------------------------------------ build

@@ -396,11 +396,11 @@ class MaskGenerator:
         """Records for every mask of `image` (numpy HxW / HxWx3 / HxWx4 or a PIL image), upstream's fields:
         segmentation (per output_mode), area, bbox (XYWH), predicted_iou, point_coords, stability_score,
         crop_box (XYWH)."""
-        from evsam_export.runtime.predictor import _is_pil_image
+        from evsam_export.runtime.prompts import is_pil_image
 
         started = time.perf_counter()
         try:
-            rgb = processing.pil_to_rgb_uint8(image) if _is_pil_image(image) else processing.as_rgb_uint8(image)
+            rgb = processing.pil_to_rgb_uint8(image) if is_pil_image(image) else processing.as_rgb_uint8(image)
         except (ValueError, OSError, TypeError) as exc:
             raise UsageError(f"cannot use the image: {' '.join(str(exc).split())[:160]}") from None
         image_size = rgb.shape[:2]
@@ -448,7 +448,7 @@ class MaskGenerator:
         return masks
 
     def _process_batch(self, points: np.ndarray, crop_box, image_size: tuple[int, int]) -> MaskSet:
-        from evsam_export.runtime.predictor import postprocess_into
+        from evsam_export.model.processing import postprocess_into
 
         started = time.perf_counter()
         low_res, predicted_iou = self.predictor.predict_low_res(points[:, None, :], np.ones((len(points), 1)), multimask_output=True)

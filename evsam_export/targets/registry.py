@@ -16,7 +16,7 @@ from evsam_export.targets import openvino, ort, tensorrt, web
 @dataclass(frozen=True)
 class TargetInfo:
     name: str
-    runtime: str  # key of evsam_export.runners.runtime_availability()
+    runtime: str  # the backend that runs its artifacts: a key of evsam_export.runners.BACKENDS
     device: str  # cpu | gpu
     precisions: tuple[str, ...]
     description: str

@@ -143,7 +143,7 @@ def test_x_anylabeling_emulated_loads_the_folder_and_matches_the_predictor(app_e
 def test_bench_times_the_app_encoder_on_a_raw_image_against_its_own_host_graph(app_export):
     """bench on an app folder: the app encoder on the raw photo, the same graph without its preprocessing on
     a host-preprocessed tensor, and the host preprocessing; a batch > 1 skips the raw-image subjects."""
-    from evsam_export.bench import HOST_PREPROCESS, run_bench
+    from evsam_export.bench.run import HOST_PREPROCESS, run_bench
 
     result = run_bench(app_export, threads=1, runs=1, warmup=0, batches=(1, 2), compare=(), memory=False,
                        reporter=Reporter(quiet=True))
