@@ -11,10 +11,10 @@ Tiers, one folder each, slowest last (the marker of a test is its folder's, set 
   COCO set, validate on annotations or an image folder, task gating on ground truth).
 
 `python -m pytest -q` runs the default tiers (unit, export); naming paths runs every tier under them, and
-`-m` selects tiers by marker (CI: `-m "builds or full"`). A test in a fast folder that needs more says so
-with the slower tier's marker (`@pytest.mark.full`, also on a parameter); a marker may only move a test to
-a slower tier. `heavy` tests (whole recipes on the user's data, checkpoint training) are skipped on top
-unless `--run-heavy`.
+`-m` selects tiers by marker (CI: `-m "builds or full"`). A test in a fast folder that needs more says so with
+the slower tier's marker (`@pytest.mark.full`, also on a parameter); a marker may only move a test to a slower
+tier. `heavy` tests (whole recipes on the user's data, checkpoint training) are skipped on top unless
+`--run-heavy`, which without a path or -m also adds them to the default tiers' run.
 """
 
 from __future__ import annotations
@@ -60,12 +60,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(tier)
         item.user_properties.append(("tier", tier))
     chose_paths = config.args_source == pytest.Config.ArgsSource.ARGS
-    if not chose_paths and not config.option.markexpr:
-        kept = [item for item in items if dict(item.user_properties)["tier"] in DEFAULT_TIERS]
+    run_heavy = config.getoption("--run-heavy")
+    if not chose_paths and not config.option.markexpr:  # the default tiers, and the heavy tests if asked
+        kept = [item for item in items
+                if dict(item.user_properties)["tier"] in DEFAULT_TIERS or (run_heavy and "heavy" in item.keywords)]
         if len(kept) < len(items):
             config.hook.pytest_deselected(items=[item for item in items if item not in kept])
             items[:] = kept
-    if not config.getoption("--run-heavy"):
+    if not run_heavy:
         skip = pytest.mark.skip(reason="heavy (a whole recipe run or checkpoint training): run with --run-heavy")
         for item in items:
             if "heavy" in item.keywords:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DEFAULT_TIERS, TIERS
+from conftest import TIERS
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -20,17 +20,20 @@ def test_every_test_file_is_in_a_tier_folder():
         assert list((TESTS / tier).glob("test_*.py")), tier
 
 
-# One file per tier, and one test in an export-tier file that asks for the builds tier: small to import,
-# so collecting them is quick. The default selection is what pytest does with no path (here: these files).
+# One file per tier, one test in an export-tier file that asks for the builds tier, and a unit file with a heavy
+# test (tier full): small to import, so collecting them is quick. The default selection is what pytest does
+# with no path (here: these files).
 SAMPLE = {"unit": "tests/unit/test_readme.py", "export": "tests/export/test_graph_passes.py",
           "builds": "tests/builds/test_export_memory.py", "full": "tests/full/test_app_profile_xl0.py"}
 MOVED_UP = "tests/export/test_graph_passes.py::test_export_without_graph_passes_keeps_the_resize"
+WITH_HEAVY = "tests/unit/test_realistic.py"
 
 
 def collected(*args: str) -> set[str]:
     """Node ids that `pytest --collect-only` selects from SAMPLE with these arguments, as CI would run it."""
+    paths = " ".join([*SAMPLE.values(), WITH_HEAVY])
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           "-o", f"testpaths={' '.join(SAMPLE.values())}", *args],
+                           "-o", f"testpaths={paths}", *args],
                           capture_output=True, text=True, cwd=TESTS.parent, env={**os.environ, "CI": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return {line for line in proc.stdout.splitlines() if "::" in line}
@@ -39,9 +42,12 @@ def collected(*args: str) -> set[str]:
 def test_the_default_command_selects_the_default_tiers_and_ci_selects_the_others():
     files = lambda nodes: {node.split("::")[0] for node in nodes}  # noqa: E731
     default, slower = collected(), collected("-m", "builds or full")
-    assert files(default) == {SAMPLE[tier] for tier in DEFAULT_TIERS}
-    assert files(slower) == {SAMPLE["builds"], SAMPLE["full"], SAMPLE["export"]}
+    assert files(default) == {SAMPLE["unit"], SAMPLE["export"], WITH_HEAVY}
+    assert files(slower) == {SAMPLE["builds"], SAMPLE["full"], SAMPLE["export"], WITH_HEAVY}
     assert MOVED_UP in slower and MOVED_UP not in default  # a marker moves a test up a tier
     assert not default & slower
     # naming a path runs every tier under it, without -m
     assert collected(SAMPLE["builds"]) == {node for node in slower if node.startswith(SAMPLE["builds"])}
+    # --run-heavy adds the heavy tests (and only them) to the default tiers
+    heavy = collected("--run-heavy") - default
+    assert heavy and files(heavy) == {WITH_HEAVY} and heavy <= slower
