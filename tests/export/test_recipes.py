@@ -149,6 +149,7 @@ def test_shipped_recipes_and_suites_are_package_data_behind_the_top_level_folder
     assert validators_dir() == (root / "evsam_export" / "validators").resolve() == (root / "validators").resolve()
 
 
+@pytest.mark.full  # whole recipe runs on the seeded step cache
 def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path, seeded_step_cache):
     recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
     empty = StepCache(tmp_path / "empty")
@@ -170,6 +171,7 @@ def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path, seede
     assert [s.status for s in third.steps] == ["reused", "built", "built"]  # only what depends on the change
 
 
+@pytest.mark.full  # a whole recipe run on the seeded step cache
 def test_summary_line_warns_when_an_artifacts_build_gate_never_passed(tmp_path, seeded_step_cache):
     """The manifest's gate facts reach the summary line (here through a cached step whose artifact failed
     its build gate in every fallback round): status WARN and the reason, not OK."""
@@ -203,6 +205,7 @@ def test_cache_stores_a_step_without_files(tmp_path):
     assert cache.lookup("k" * 64)["artifacts"] == []
 
 
+@pytest.mark.full  # whole recipe runs on the seeded step cache
 def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path, seeded_step_cache):
     """Run into r1, truncate the largest file of a step's cache entry, run into r2. The step is rebuilt (and
     says so), r2 matches its manifest, r1 is untouched, and the rebuilt entry replaced the bad one. r1 is

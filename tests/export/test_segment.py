@@ -239,6 +239,7 @@ PARITY_CASES = {
 }
 
 
+@pytest.mark.full  # upstream's generator on the same weights, three cases
 @pytest.mark.parametrize("checkpoint", sorted(PARITY_CHECKPOINTS))
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
 def test_generate_matches_upstream(predictor_for, upstream_stages, checkpoint, case):
