@@ -32,6 +32,8 @@ from evsam_export.progress import Reporter
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "export", "builds", "full")
 DEFAULT_TIERS = ("unit", "export")
+# Fixtures that export: a unit test may not use them.
+EXPORT_FIXTURES = {"l0_export", "copy_export", "seeded_step_cache", "variant_export"}
 
 
 def pytest_addoption(parser):
@@ -47,7 +49,11 @@ def tier_of(item) -> str:
     for name in asked:
         if TIERS.index(name) < TIERS.index(folder):
             raise pytest.UsageError(f"{item.nodeid}: marked {name} but lives in tests/{folder}; move it to tests/{name}")
-    return max([folder, *asked], key=TIERS.index)
+    tier = max([folder, *asked], key=TIERS.index)
+    exports = sorted(EXPORT_FIXTURES & set(getattr(item, "fixturenames", ())))
+    if tier == "unit" and exports:
+        raise pytest.UsageError(f"{item.nodeid}: a unit test uses {', '.join(exports)}; move it to tests/export (or mark it export)")
+    return tier
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection, which reads the tier markers

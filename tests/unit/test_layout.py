@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-from conftest import TIERS
+import pytest
+from conftest import TIERS, tier_of
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -19,6 +21,25 @@ def test_every_test_file_is_in_a_tier_folder():
     for tier in TIERS:
         assert list((TESTS / tier).glob("test_*.py")), tier
 
+
+
+class FakeItem:
+    def __init__(self, folder: str, fixtures=(), marks=()):
+        self.path, self.nodeid = TESTS / folder / "test_x.py", f"tests/{folder}/test_x.py::test_x"
+        self.fixturenames, self.marks = list(fixtures), [SimpleNamespace(name=name) for name in marks]
+
+    def iter_markers(self):
+        return iter(self.marks)
+
+
+def test_the_tier_is_the_folders_unless_a_marker_asks_for_a_slower_one():
+    assert tier_of(FakeItem("unit")) == "unit" and tier_of(FakeItem("builds", ["l0_export"])) == "builds"
+    assert tier_of(FakeItem("export", ["l0_export"], ["full", "heavy"])) == "full"
+    assert tier_of(FakeItem("unit", ["copy_export"], ["export"])) == "export"
+    with pytest.raises(pytest.UsageError, match="a unit test uses l0_export; move it to tests/export"):
+        tier_of(FakeItem("unit", ["l0_export"]))
+    with pytest.raises(pytest.UsageError, match="marked unit but lives in tests/builds"):
+        tier_of(FakeItem("builds", marks=["unit"]))
 
 # One file per tier, one test in an export-tier file that asks for the builds tier, and a unit file with a heavy
 # test (tier full): small to import, so collecting them is quick. The default selection is what pytest does
