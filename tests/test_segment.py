@@ -228,6 +228,66 @@ def test_mask_helpers_match_upstream(upstream_stages):
     assert np.array_equal(amg.near_crop_edge(amg.mask_boxes(masks), crop, image), near)
 
 
+# ------------------------------------------------------------------------- crop-size logits from low-res ones
+
+
+def smooth_logits(rng, count: int, cells: int = 4) -> np.ndarray:
+    """[count, 256, 256] float32 low-res logits with a few blobs each (smooth noise), then one of pixel noise and
+    one all negative."""
+    import cv2
+
+    coarse = rng.normal(0, 1, size=(count, cells, cells)).astype(np.float32)
+    logits = np.stack([cv2.resize(c, (256, 256), interpolation=cv2.INTER_CUBIC) * 8 for c in coarse])
+    logits[-2] = rng.normal(0, 2, size=(256, 256))  # ragged: upscaled whole (DENSE_BAND_SHARE)
+    logits[-1] = -3.0  # an empty mask
+    return logits
+
+
+CROP_SIZES = [(400, 600), (48, 64), (512, 512), (1030, 700), (7, 9), (1, 300), (300, 1), (1500, 2000)]
+
+
+@pytest.mark.parametrize("size", CROP_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_crop_upscale_is_exact(size):
+    """The generator's crop-size logits, pixel counts above a threshold, boxes and masks computed from the
+    low-res logits (full-size values only in the band along each outline) are exactly those of the full-size
+    upscale, processing.postprocess_masks: the stability and box decisions are the full-size ones."""
+    rng = np.random.default_rng(sum(size))
+    geometry = processing.image_geometry(*size, 512)
+    upscale = amg.CropUpscale(geometry)
+    low = smooth_logits(rng, 6)
+    full = processing.postprocess_masks(low, geometry)
+    assert np.array_equal(upscale.values(low), full)
+    rows, cols = rng.integers(0, size[0], 9), rng.integers(0, size[1], 9)
+    assert np.array_equal(upscale.values(low, rows, cols), full[:, rows][:, :, cols])
+    index = rng.integers(0, len(low), 50)
+    pixel_rows, pixel_cols = rng.integers(0, size[0], 50), rng.integers(0, size[1], 50)
+    assert np.array_equal(upscale.pixel_values(low, index, pixel_rows, pixel_cols), full[index, pixel_rows, pixel_cols])
+    used = upscale.axes[0]["used"], upscale.axes[1]["used"]
+    low = np.ascontiguousarray(low[:, : used[0], : used[1]])  # what the generator keeps
+    window_max, window_min = upscale.extremes(low)
+    # A ragged mask goes through the runtime's fast upscale (OpenCV): within 4e-4 of the exact logits.
+    fast = upscale.above(low, window_max, window_min, processing.MASK_THRESHOLD)
+    if size[0] * size[1] > 100:
+        assert len(fast.dense) >= 1
+    for which in range(len(low)):
+        differ = fast.mask(which) != (full[which] > 0)
+        assert which in fast.dense or not differ.any()
+        assert np.all(np.abs(full[which][differ]) < 4e-4)
+    upscale.exact_dense = True  # from here on bit-exact for every mask
+    for threshold in (1.0, 0.0, -1.0, 0.1):
+        above = upscale.above(low, window_max, window_min, threshold)
+        exact = np.count_nonzero(full > np.float32(threshold), axis=(1, 2))
+        assert np.array_equal(above.counts(), exact), threshold
+        most, least = upscale.count_bounds(window_max, window_min, threshold)
+        assert np.all(least <= exact) and np.all(exact <= most), threshold
+    binary = upscale.above(low, window_max, window_min, processing.MASK_THRESHOLD)
+    assert np.array_equal(binary.boxes(), amg.mask_boxes(full > 0))
+    for which in range(len(low)):
+        assert np.array_equal(binary.mask(which), full[which] > 0)
+    # Most pixels are decided by their window alone: only a band along the outlines is computed.
+    assert len(binary.index) < 0.5 * np.count_nonzero(full > 0) + 50
+
+
 # ------------------------------------------------------------------------------------ the generator vs upstream
 
 
@@ -402,6 +462,46 @@ def test_prompt_batches_follow_the_decoder_limit(l0_export, predictor):
         assert np.array_equal(a["segmentation"], b["segmentation"]) and a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-6)
 
 
+def test_prepared_image_gives_the_same_masks(predictor):
+    """generate(image, prepare(image)), the encoder run ahead (in another thread, as the CLI does for the next
+    image of a folder), gives what generate(image) gives, crop layers included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = photo("coffee", (64, 48))
+    settings = {**SYNTHETIC_SETTINGS, "points_per_side": 2, "crop_n_layers": 1, "stability_score_thresh": 0.0}
+    generator = MaskGenerator(predictor, **settings)
+    reference = generator.generate(image)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        encoded = pool.submit(generator.prepare, image).result()
+    assert len(encoded.embeddings) == 5 and encoded.seconds > 0
+    records = generator.generate(image, encoded)
+    assert len(records) == len(reference) > 0
+    for a, b in zip(records, reference):
+        assert np.array_equal(a["segmentation"], b["segmentation"]) and a["predicted_iou"] == b["predicted_iou"]
+
+
+def test_segment_runs_a_gated_lower_precision_decoder(copy_export):
+    """Without --decoder, `segment` runs a lower-precision decoder whose decoder stage passed in parity.json,
+    unless the folder recommends a pair; never an ungated one."""
+    from evsam_export.cli.segment_cmd import lower_precision_decoder
+
+    folder = copy_export("lowered")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    fp32 = next(a for a in manifest["artifacts"] if a["id"] == "decoder.onnx.fp32")
+    manifest["artifacts"].append({**fp32, "id": "decoder.onnx.bf16", "precision": "bf16"})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert lower_precision_decoder(folder) is None  # no parity report
+    stages = [{"stage": "decoder", "artifact": "decoder.onnx.bf16", "passed": False}]
+    (folder / "parity.json").write_text(json.dumps({"stages": stages}))
+    assert lower_precision_decoder(folder) is None  # failed its gate
+    stages[0]["passed"] = True
+    (folder / "parity.json").write_text(json.dumps({"stages": stages}))
+    assert lower_precision_decoder(folder) == "decoder.onnx.bf16"
+    manifest["recommended"] = {"encoder": "encoder.onnx.fp32", "decoder": "decoder.onnx.fp32"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert lower_precision_decoder(folder) is None  # the folder's recommendation stands
+
+
 @pytest.mark.parametrize(
     ("settings", "needle"),
     [
@@ -494,6 +594,7 @@ def test_cli_segment_folder_skips_unreadable_files(l0_export, tmp_path):
     summary = json.loads((out / "segment.json").read_text())
     assert [s["file"] for s in summary["skipped"]] == ["broken.png", "notes.txt"] and len(summary["images"]) == 2
     assert "2 image(s)" in proc.stdout
+    assert "segmenting 4 files: 4/4" in proc.stderr and "ETA" in proc.stderr  # plain progress lines in CI
 
 
 def test_cli_segment_bad_input_is_one_line(l0_export, tmp_path):

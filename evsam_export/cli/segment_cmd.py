@@ -77,6 +77,26 @@ def output_names(files: list[Path]) -> list[str]:
     return [p.stem if stems[p.stem] == 1 else p.name for p in files]
 
 
+def lower_precision_decoder(folder: Path) -> str | None:
+    """The decoder segment everything runs when none is named: None (the Predictor's choice: the folder's
+    recommended pair, else fp32) unless the folder has no recommendation and holds a lower-precision decoder
+    whose decoder stage passed in its parity.json, which then runs (bf16 first, then fp16, then int8)."""
+    from evsam_export.manifest import read_manifest
+    from evsam_export.runtime.predictor import _runtime_available, gated_decoder_stages
+
+    manifest = read_manifest(folder)
+    if manifest.recommended.get("decoder"):
+        return None
+    passed = gated_decoder_stages(folder)
+    cache: dict = {}
+    for precision in ("bf16", "fp16", "int8"):
+        for artifact in manifest.artifacts:
+            if (artifact.component == "decoder" and artifact.precision == precision and passed.get(artifact.id)
+                    and _runtime_available(artifact.target, cache)[0]):
+                return artifact.id
+    return None
+
+
 def draw_segments(rgb, records):
     """Every mask tinted in its own colour over `rgb` (largest first, so small masks stay visible) and outlined."""
     import cv2
@@ -142,6 +162,7 @@ def segment_command(
     def body() -> None:
         import json
         import time
+        from concurrent.futures import ThreadPoolExecutor
 
         from evsam_export.data.images import read_image_file as read_image
         from evsam_export.errors import UsageError
@@ -184,36 +205,49 @@ def segment_command(
         budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
         reporter = Reporter()
         results, skipped = [], []
-        with Predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget) as predictor:
+        chosen_decoder = decoder or lower_precision_decoder(folder)
+        with Predictor(folder, encoder=encoder, decoder=chosen_decoder, threads=threads, **budget) as predictor:
             generator = MaskGenerator(predictor, **settings)
             with staged_folder(output, force) as staging:
                 items = list(zip(files, output_names(files)))
-                for path, name in (items if single else reporter.track(items, f"segmenting {len(items)} files")):
-                    if single:
-                        rgb = first_image
-                    else:
-                        try:
-                            rgb = read_image(path)
-                        except UsageError as exc:
-                            skipped.append({"file": path.name, "reason": exc.one_line()})
+
+                def encode(path: Path):
+                    """The image read and encoded (every crop), or the UsageError that says why it cannot be."""
+                    try:
+                        return generator.prepare(first_image if single else read_image(path))
+                    except UsageError as exc:
+                        return exc
+
+                # The encoder of the next image runs in a second thread while this one decodes.
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    upcoming = pool.submit(encode, items[0][0])
+                    tracked = items if single else reporter.track(items, f"segmenting {len(items)} files")
+                    for index, (path, name) in enumerate(tracked):
+                        encoded = upcoming.result()
+                        if index + 1 < len(items):
+                            upcoming = pool.submit(encode, items[index + 1][0])
+                        if isinstance(encoded, UsageError):
+                            if single:
+                                raise encoded
+                            skipped.append({"file": path.name, "reason": encoded.one_line()})
                             continue
-                    started = time.perf_counter()
-                    records = generator.generate(rgb)
-                    seconds = time.perf_counter() - started
-                    json_path, overlay_path = staging / f"{name}.json", staging / f"{name}.overlay.png"
-                    json_path.write_text(json.dumps(records) + "\n")
-                    draw_segments(rgb, records).save(overlay_path, format="PNG")
-                    stats = generator.last_stats["seconds"]
-                    results.append({
-                        "image": str(path), "masks": len(records), "seconds": round(seconds, 3),
-                        "json": json_path.name, "overlay": overlay_path.name,
-                        "counts": generator.last_stats["counts"],
-                        "stage_seconds": {key: round(value, 3) for key, value in stats.items()},
-                    })
-                    typer.echo(
-                        f"{path.name}: {len(records)} masks in {seconds:.1f} s (encoder {stats['encoder']:.1f} s, "
-                        f"decoder {stats['decoder']:.1f} s, post-processing {stats['postprocess']:.1f} s)"
-                    )
+                        started = time.perf_counter()
+                        records = generator.generate(encoded.rgb, encoded)
+                        seconds = time.perf_counter() - started + encoded.seconds
+                        json_path, overlay_path = staging / f"{name}.json", staging / f"{name}.overlay.png"
+                        json_path.write_text(json.dumps(records) + "\n")
+                        draw_segments(encoded.rgb, records).save(overlay_path, format="PNG")
+                        stats = generator.last_stats["seconds"]
+                        results.append({
+                            "image": str(path), "masks": len(records), "seconds": round(seconds, 3),
+                            "json": json_path.name, "overlay": overlay_path.name,
+                            "counts": generator.last_stats["counts"],
+                            "stage_seconds": {key: round(value, 3) for key, value in stats.items()},
+                        })
+                        typer.echo(
+                            f"{path.name}: {len(records)} masks in {seconds:.1f} s (encoder {stats['encoder']:.1f} s, "
+                            f"decoder {stats['decoder']:.1f} s, post-processing {stats['postprocess']:.1f} s)"
+                        )
                 if not results:
                     unreadable = f"none of the {len(files)} files in {source} is a readable image"
                     raise UsageError(unreadable, hint="use PNG, JPEG, BMP, TIFF or WebP")
@@ -222,6 +256,7 @@ def segment_command(
                     "source": str(source),
                     "encoder": predictor.encoder_artifact.id,
                     "decoder": predictor.decoder_artifact.id,
+                    "split_decoder": predictor.info["split_decoder"],
                     "settings": {key: value for key, value in settings.items() if key != "point_grids"}
                     | {"point_grids": grids is not None},
                     "images": results,
@@ -236,6 +271,6 @@ def segment_command(
         if skipped:
             typer.echo(f"warning: skipped {len(skipped)} unreadable file(s): " + ", ".join(s["file"] for s in skipped)[:300], err=True)
         typer.echo(f"{len(results)} image(s), {sum(r['masks'] for r in results)} masks, "
-                   f"{total / len(results):.1f} s per image; wrote {output}")
+                   f"{total / len(results):.1f} s per image ({summary['encoder']} + {summary['decoder']}); wrote {output}")
 
     run_guarded(debug, body)
