@@ -56,6 +56,7 @@ class BenchResult:
     threads: int
     timings: list[Timing] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
+    weights: str = ""  # the manifest's weights spec: synthetic:SEED, or the checkpoint it was exported from
 
     def to_json(self) -> dict:
         return {
@@ -232,7 +233,8 @@ def run_bench(
     manifest = read_manifest(folder)
     variant = get_variant(manifest.variant)
     result = BenchResult(
-        folder, variant.name, threads, machine={"cpu": cpu_model(), "cpu_flags": cpu_flags(), "packages": package_versions()}
+        folder, variant.name, threads, machine={"cpu": cpu_model(), "cpu_flags": cpu_flags(), "packages": package_versions()},
+        weights=str(manifest.weights.get("spec", "")),
     )
     encoders, decoders, load_times = {}, {}, {}
     for artifact in manifest.artifacts:
@@ -455,3 +457,35 @@ def chart(result: BenchResult, path: Path) -> Path:
         draw.text((left + length + 6, y + 4), f"{t.median_ms:.1f}", fill="black")
     image.save(path)
     return path
+
+
+def weights_label(spec: str) -> str:
+    """A short name of the weights for a result row: synthetic:SEED, realistic, or the checkpoint's file name."""
+    if not spec or spec.startswith("synthetic:"):
+        return spec or "synthetic:0"
+    name = Path(spec).name
+    return "realistic" if spec == "realistic" or "_realistic" in name else name
+
+
+def result_rows(result: BenchResult) -> list[tuple[str, str, dict]]:
+    """(table, key, values) for each timing, as docs/benchmarks.md's tables take them: encoder timings in
+    `encoder-latency`, decoder and prompt timings in `prompts`. The key names variant, weights, subject and
+    workload, so re-measuring replaces the earlier row of the same thing."""
+    weights = weights_label(result.weights)
+    baseline = {t.workload: t.median_ms for t in result.timings if t.subject == "pytorch-eager"}
+    plain = {t.workload: t.median_ms for t in result.timings if t.subject in ("plain-onnx", PLAIN_DECODER)}
+    rows = []
+    for t in result.timings:
+        table = "encoder-latency" if t.component == "encoder" else "prompts"
+        values = {"variant": result.variant, "weights": weights,
+                  ("artifact" if table == "encoder-latency" else "subject"): t.subject,
+                  "workload": t.workload, "threads": result.threads, "median_ms": round(t.median_ms, 1),
+                  "p90_ms": round(t.p90_ms, 1)}
+        if t.workload in baseline:
+            values["vs_pytorch"] = f"{baseline[t.workload] / t.median_ms:.2f}x"
+        if t.workload in plain:
+            values["vs_plain_export" if table == "encoder-latency" else "vs_plain_graph"] = f"{plain[t.workload] / t.median_ms:.2f}x"
+        if t.peak_rss_mb is not None:
+            values["peak_rss_mb"] = t.peak_rss_mb
+        rows.append((table, f"{result.variant}-{weights}-{t.subject}-{t.workload}", values))
+    return rows

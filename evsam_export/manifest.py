@@ -32,15 +32,15 @@ class Artifact:
     target: str  # onnx | ort | openvino | tensorrt
     precision: str  # fp32 | fp16 | int8 | bf16
     path: str  # relative to the manifest's folder
-    sha256: str
+    sha256: str  # of the file, checked by Predictor and validate before they load it
     size_bytes: int
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    parent: str | None = None
-    step: str = "export"
-    settings: dict = field(default_factory=dict)
+    inputs: list[TensorSpec]  # the graph's input tensors (contract.TensorSpec)
+    outputs: list[TensorSpec]  # the graph's output tensors
+    parent: str | None = None  # id of the artifact this one was built from
+    step: str = "export"  # the step that wrote it (export, fp16, int8, ort, openvino, tensorrt, web, ...)
+    settings: dict = field(default_factory=dict)  # the step's settings, as the recipe gave them
     facts: dict = field(default_factory=dict)  # opset, max abs diff after simplify, kept-fp32 nodes, ...
-    wall_time_s: float = 0.0
+    wall_time_s: float = 0.0  # how long the step took to build it
     extra_files: list[str] = field(default_factory=list)  # e.g. OpenVINO .bin, external data
 
     def to_json(self) -> dict:
@@ -59,14 +59,14 @@ class Artifact:
 
 @dataclass
 class Manifest:
-    variant: str
-    encoder_size: int
+    variant: str  # l0 | l1 | l2 | xl0 | xl1
+    encoder_size: int  # the encoder's input side: 512 (l0-l2) or 1024 (xl0, xl1)
     weights: dict  # {"spec", "sha256", "synthetic_seed"}
     model: dict  # preprocessing / prompt / mask contract for consumers
-    artifacts: list[Artifact] = field(default_factory=list)
-    environment: dict = field(default_factory=dict)
-    command: str = ""
-    tool_version: str = __version__
+    artifacts: list[Artifact] = field(default_factory=list)  # every file, one entry each (below)
+    environment: dict = field(default_factory=dict)  # Python, package versions, CPU model and flags of the build machine
+    command: str = ""  # the command line that created the folder
+    tool_version: str = __version__  # evsam-export's version
     history: list[dict] = field(default_factory=list)  # one entry per command that changed this folder
     # {"encoder": id, "decoder": id, "reason": ...}: the pair `run cpu-auto` measured fastest among those that
     # passed their gates; the Predictor runs it unless told otherwise

@@ -1,4 +1,20 @@
-"""Fixtures shared by the test modules: one synthetic-weight l0 export per session, quick parity suites."""
+"""Test tiers and the fixtures the test modules share.
+
+Tiers, one folder each, slowest last (the marker of a test is its folder's, set here):
+
+- `unit`: no exported folder; at most an in-memory model or a few small graphs built on the spot.
+- `export`: reads or copies the session's one l0 export (`l0_export`, `copy_export`) or the shared folders
+  built from it.
+- `builds`: real precision and target builds (INT8 calibration, OpenVINO IR, the browser runtime), exports
+  with other options.
+- `full`: every variant, whole recipe runs, upstream sweeps.
+
+`python -m pytest -q` runs the default tiers (unit, export); naming paths runs every tier under them, and
+`-m` selects tiers by marker (CI: `-m "builds or full"`). A test in a fast folder that needs more says so
+with the slower tier's marker (`@pytest.mark.full`, also on a parameter); a marker may only move a test to
+a slower tier. `heavy` tests (whole recipes on the user's data, checkpoint training) are skipped on top
+unless `--run-heavy`.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +27,47 @@ from evsam_export import api
 from evsam_export.parity.suites import validators_dir
 from evsam_export.progress import Reporter
 
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "export", "builds", "full")
+DEFAULT_TIERS = ("unit", "export")
+
 
 def pytest_addoption(parser):
     parser.addoption("--run-heavy", action="store_true", help="also run the heavy tests: whole recipes, checkpoint training")
 
 
+def tier_of(item) -> str:
+    """The folder's tier, or the slower tier a marker on the test asks for. A test file outside the tier
+    folders counts as `unit` here (so it runs by default) and fails tests/unit/test_layout.py."""
+    parts = Path(item.path).resolve().relative_to(TESTS).parts
+    folder = parts[0] if len(parts) > 1 and parts[0] in TIERS else "unit"
+    asked = [mark.name for mark in item.iter_markers() if mark.name in TIERS]
+    for name in asked:
+        if TIERS.index(name) < TIERS.index(folder):
+            raise pytest.UsageError(f"{item.nodeid}: marked {name} but lives in tests/{folder}; move it to tests/{name}")
+    return max([folder, *asked], key=TIERS.index)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection, which reads the tier markers
 def pytest_collection_modifyitems(config, items):
-    """Heavy tests would take CI past an hour on 2 cores; they run on request and their numbers are in docs."""
-    if config.getoption("--run-heavy"):
-        return
-    skip = pytest.mark.skip(reason="heavy (a whole recipe run or checkpoint training): run with --run-heavy")
+    """Mark every test with its tier, keep the default tiers when no path and no -m was given, and skip the
+    heavy tests unless --run-heavy (they would take CI past an hour on 2 cores; their numbers are in docs)."""
     for item in items:
-        if "heavy" in item.keywords:
-            item.add_marker(skip)
+        tier = tier_of(item)
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(tier)
+        item.user_properties.append(("tier", tier))
+    chose_paths = config.args_source == pytest.Config.ArgsSource.ARGS
+    if not chose_paths and not config.option.markexpr:
+        kept = [item for item in items if dict(item.user_properties)["tier"] in DEFAULT_TIERS]
+        if len(kept) < len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = kept
+    if not config.getoption("--run-heavy"):
+        skip = pytest.mark.skip(reason="heavy (a whole recipe run or checkpoint training): run with --run-heavy")
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(skip)
 
 
 def quick_suite_text(name: str, kinds: tuple[str, ...]) -> str:
@@ -81,4 +125,3 @@ def copy_export(l0_export, tmp_path_factory):
         return folder
 
     return make
-

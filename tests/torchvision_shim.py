@@ -10,7 +10,7 @@ Each one follows torchvision's documented semantics for the inputs upstream give
 - transforms.ToTensor (HWC uint8 -> CHW float32 / 255), Normalize ((x - mean) / std per channel), Compose;
   transforms.functional.resize of a PIL image (PIL bilinear, which torchvision calls for PIL input) and
   to_pil_image of an HWC uint8 array.
-Used only by tests (tests/test_segment.py); never by the package.
+Used only by tests (tests/export/test_segment.py); never by the package.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ def bench_command(
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Encoder batch sizes (repeatable).")] = None,
     compare: Annotated[str, typer.Option(help="Baselines: comma list of pytorch, plain-onnx; empty for none.")] = "pytorch,plain-onnx",
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak RSS per artifact in a subprocess.")] = True,
+    record: Annotated[Path | None, typer.Option(
+        "--record", metavar="DIR",
+        help="Also write one result file per timing under DIR/<table>/ (docs/results for docs/benchmarks.md; "
+             "default $EVSAM_RESULTS_DIR, unset: none).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Alternated timing of every artifact; writes bench.json and bench.png into DIR."""
@@ -28,6 +32,7 @@ def bench_command(
     def body() -> None:
         from evsam_export.bench import chart, prompt_ratios, run_bench, table
         from evsam_export.errors import UsageError
+        from evsam_export.measurements import record_measurement, results_dir
         from evsam_export.progress import Reporter
 
         baselines = tuple(x for x in compare.split(",") if x)
@@ -49,5 +54,12 @@ def bench_command(
             typer.echo(f"{workload}: Predictor.predict {ratio['predictor_vs_plain']:.2f}x as fast as the plain upstream decoder "
                        f"graph alone; host post-processing {100 * ratio['host_share']:.0f}% of it")
         typer.echo(f"wrote {folder / 'bench.json'} and {folder / 'bench.png'}")
+        directory = results_dir(record)
+        if directory is not None:
+            from evsam_export.bench import result_rows
+
+            written = [record_measurement(directory, table, key, values, note=f"folder {folder.name}")
+                       for table, key, values in result_rows(result)]
+            typer.echo(f"recorded {len(written)} result rows under {directory}")
 
     run_guarded(debug, body)

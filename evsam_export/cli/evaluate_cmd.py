@@ -37,14 +37,19 @@ def evaluate_command(
     ] = None,
     artifact: Annotated[list[str] | None, typer.Option("--artifact", "-a", help="Only these artifact ids (repeatable).")] = None,
     max_drop: Annotated[
-        float | None,
-        typer.Option("--max-drop", min=0, metavar="PTS", help="Exit 10 when an artifact's mIoU is more than PTS points below PyTorch's."),
+        str | None,
+        typer.Option("--max-drop", metavar="PTS", help="Exit 10 when an artifact's mIoU is more than PTS points below PyTorch's "
+                     "(one number, or per prompt kind: box=1,point=2)."),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", metavar="DIR", help="Where eval.json/.md and eval-junit.xml go (default: DIR).")
     ] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Merge the eval.json of the shard folders given as DIR... into --output.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Runtime threads (default: the runtime's).")] = None,
+    record: Annotated[Path | None, typer.Option(
+        "--record", metavar="DIR",
+        help="Also write one result file per pipeline under DIR/evaluate/ (docs/results for docs/benchmarks.md; "
+             "default $EVSAM_RESULTS_DIR, unset: none).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """mIoU against your ground truth (box and point prompts, the paper's zero-shot protocol), for the PyTorch
@@ -53,10 +58,13 @@ def evaluate_command(
     def body() -> None:
         from evsam_export.errors import ParityFailure, UsageError
         from evsam_export.evaluation.protocol import parse_prompt_kinds
-        from evsam_export.evaluation.report import EVAL_JSON, drop_failures, merge_evaluations, results, write_evaluation
+        from evsam_export.evaluation.report import EVAL_JSON, drop_failures, merge_evaluations, result_rows, results, write_evaluation
+        from evsam_export.measurements import record_measurement, results_dir
         from evsam_export.output import check_writable_parent
+        from evsam_export.parity.task_settings import parse_max_drop_text
         from evsam_export.progress import Reporter
 
+        limits = parse_max_drop_text(max_drop) if max_drop is not None else None
         given = folders or []
         if merge:
             if not given or output is None:
@@ -93,7 +101,7 @@ def evaluate_command(
                 threads,
                 reporter,
             )
-        paths = write_evaluation(evaluation, target, max_drop)
+        paths = write_evaluation(evaluation, target, limits)
         entries = results(evaluation)
         for entry in entries:
             drop = entry.get("drop_points")
@@ -104,7 +112,7 @@ def evaluate_command(
         for name, reason in evaluation.unavailable.items():
             typer.echo(f"{name:<48} skip   {reason}")
         rate = evaluation.images / evaluation.seconds if evaluation.seconds > 0 else 0.0
-        failures = drop_failures(entries, max_drop)
+        failures = drop_failures(entries, limits)
         reporter.artifact(
             "fail" if failures else "ok",
             time.perf_counter() - started,
@@ -112,11 +120,15 @@ def evaluate_command(
             note=f"{evaluation.images} images, {len(evaluation.image_ids)} instances, {rate:.2f} images/s",
         )
         reporter.print_summary()
+        directory = results_dir(record)
+        if directory is not None:
+            for key, values in result_rows(evaluation):
+                record_measurement(directory, "evaluate", key, values)
         for line in failures:
             typer.echo(f"FAILED {line}", err=True)
         if failures:
             raise ParityFailure(
-                f"{len(failures)} result(s) dropped more than --max-drop {max_drop:g} points", hint=f"see {paths['eval.md']}"
+                f"{len(failures)} result(s) dropped more than --max-drop {max_drop} points", hint=f"see {paths['eval.md']}"
             )
 
     run_guarded(debug, body)

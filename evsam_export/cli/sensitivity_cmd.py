@@ -64,12 +64,19 @@ def sensitivity_command(
     ] = "calibration-gate",
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads.")] = 2,
     report: Annotated[Path | None, typer.Option(help="JSON report path (default DIR/sensitivity.json).")] = None,
+    record: Annotated[Path | None, typer.Option(
+        "--record", metavar="DIR",
+        help="Also write one result file per row under DIR/int8-sensitivity-<backend>/ (docs/results for "
+             "docs/benchmarks.md; default $EVSAM_RESULTS_DIR, unset: none).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Measure which INT8 fallback group carries the encoder's error, one group at a time (see --backend)."""
 
     def body() -> None:
+        import dataclasses
+
         from evsam_export.errors import UsageError
+        from evsam_export.measurements import record_measurement, results_dir
         from evsam_export.precision.sensitivity import REPORT_NAME, measure_openvino_sensitivity, measure_sensitivity, write_report
         from evsam_export.progress import Reporter
 
@@ -99,5 +106,13 @@ def sensitivity_command(
             typer.echo(f"no quantizable node in: {', '.join(result.skipped)}")
         path = write_report(result, report or folder / REPORT_NAME)
         typer.echo(f"wrote {path}")
+        directory = results_dir(record)
+        if directory is not None:
+            table = f"int8-sensitivity-{backend.value}"
+            for row in result.results:
+                values = {"variant": result.variant, "group": row.group,
+                          **{k: v for k, v in dataclasses.asdict(row).items() if k not in ("group", "seconds")}}
+                record_measurement(directory, table, f"{result.variant}-{folder.name}-{row.group}", values, note=f"folder {folder.name}")
+            typer.echo(f"recorded {len(result.results)} result rows under {directory / table}")
 
     run_guarded(debug, body)

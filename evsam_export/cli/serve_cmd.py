@@ -53,21 +53,58 @@ def start_server(folder: Path, host: str, port: int):
         raise
 
 
+def measure_app_command(folder: Path, image: Path, threads: list[int | None], clicks: int, record: Path | None) -> None:
+    """`serve --measure`: one line per thread count (load, encoder, median click to overlay), recorded on demand."""
+    import sys
+
+    from evsam_export.errors import RuntimeUnavailable, UsageError
+    from evsam_export.measurements import machine_facts, results_dir
+    from evsam_export.runners import availability_of
+    from evsam_export.web.app_bench import measure_app, record_app_bench
+
+    if not image.is_file():
+        raise UsageError(f"no image {image}", hint="give a PNG or JPEG file to --measure")
+    state = availability_of("onnxruntime-web")
+    if not state.available:
+        raise RuntimeUnavailable(f"cannot time the app: {state.reason}")
+    rows = []
+    for count in threads:
+        typer.echo(f"timing {folder} with {count or 'the default'} WASM threads ({clicks} clicks on {image.name})...")
+        row = {**measure_app(folder, image, count, clicks), "load_average": machine_facts()["load"]}
+        rows.append(row)
+        typer.echo(f"{row['threads']} threads: load {row['load_ms'] / 1000:.1f} s, encoder {row['encode_ms'] / 1000:.1f} s, "
+                   f"click to overlay {row['click_to_overlay_ms_median']:.0f} ms median of {row['clicks']} "
+                   f"(decoder {row['decoder_ms_median']:.0f} ms, native {row['native_decoder_ms_median']:.0f} ms; "
+                   f"mask {row['mask_ms_median']:.0f} ms), "
+                   f"preview {row['preview_ms_median']} ms; machine load {row['load_average']}")
+    for path in record_app_bench(rows, results_dir(record), " ".join(["evsam-export", *sys.argv[1:]])):
+        typer.echo(f"recorded {path}")
+
+
 @app.command("serve")
 def serve_command(
     folder: Annotated[Path, typer.Argument(help="A web artifact folder (from `run web-wasm` or `run web-webgpu`).")],
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in the default browser.")] = False,
+    measure: Annotated[Path | None, typer.Option(help="Instead of serving: time the app in headless Chromium on this "
+                                                      "image (page load, encoder, real mouse clicks), then exit.")] = None,
+    threads: Annotated[list[int] | None, typer.Option("--threads", min=1, help="With --measure: WASM threads (repeatable; "
+                                                                               "default: the app's own choice).")] = None,
+    clicks: Annotated[int, typer.Option(min=1, help="With --measure: clicks per thread count (the median is reported).")] = 10,
+    record: Annotated[Path | None, typer.Option(help="With --measure: write one result file per thread count under "
+                                                     "DIR/browser/ (docs/results).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Serve the folder's demo app (index.html) with the cross-origin isolation headers multi-threaded WASM
-    needs, print its URL and run until Ctrl-C."""
+    needs, print its URL and run until Ctrl-C; or, with --measure IMAGE, time the app in headless Chromium."""
 
     def body() -> None:
         import threading
 
         check_web_folder(folder)
+        if measure is not None:
+            return measure_app_command(folder, measure, threads or [None], clicks, record)
         server = start_server(folder, host, port)
         try:
             typer.echo(f"serving {folder} at {server.origin}/ (Ctrl-C to stop)")

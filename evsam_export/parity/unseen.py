@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bench-runs", type=int, default=6)
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="also write the result as DIR/unseen-check/<variant>-<pair>.json (docs/results for "
+                             "docs/benchmarks.md; default $EVSAM_RESULTS_DIR, unset: none)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
     import typer
@@ -193,7 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as stop:
         return stop.exit_code
     print(json.dumps(result, indent=2))
+    record_result(result, args.record, " ".join(["python -m evsam_export.parity.unseen", *(argv if argv is not None else sys.argv[1:])]))
     return 1 if result["failures"] else 0
+
+
+def record_result(result: dict, record: Path | None, command: str) -> Path | None:
+    """The check as one row of docs/benchmarks.md's `unseen-check` table (None when not recording)."""
+    from evsam_export.manifest import read_manifest
+    from evsam_export.measurements import record_measurement, results_dir
+
+    directory = results_dir(record)
+    if directory is None:
+        return None
+    variant = read_manifest(Path(result["folder"])).variant
+    per_kind = result["per_kind"]
+    values = {"variant": variant, "encoder": result["encoder"], "decoder": result["decoder"], "scenes": result["scenes"],
+              "snr_min_db": result["embedding_snr_db"]["min"],
+              "mask_iou_vs_fp32_mean": {kind: entry["mask_iou_vs_fp32"]["mean"] for kind, entry in per_kind.items()},
+              "miou_drop_points": {kind: entry["miou_drop_points"] for kind, entry in per_kind.items()},
+              "encoder_vs_fp32": f"{result['encoder_ms']['speedup']}x", "failures": "; ".join(result["failures"]) or "none"}
+    return record_measurement(directory, "unseen-check", f"{variant}-{result['encoder']}-{result['decoder']}", values, command=command,
+                              note=f"folder {Path(result['folder']).name}")
 
 
 if __name__ == "__main__":

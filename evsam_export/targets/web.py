@@ -37,6 +37,9 @@ FP16_MAX = 65504.0
 # onnxruntime-web 1.30 refuses a file whose IR version is newer ("max supported IR version: 13"); the onnx
 # package writes 14 for models it builds, our exports carry 8.
 MAX_IR_VERSION = 13
+# The decoder precisions at which this step also builds the split decoder's halves (pipeline/split_lowering.py),
+# which the demo app runs in the single graph's place (the image half once per image, the prompt half per click).
+SPLIT_DECODER_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -203,10 +206,61 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
     return [dataclasses.replace(artifact, size_bytes=path.stat().st_size)]
 
 
+def mask_graph():
+    """The demo app's mask graph (onnxruntime-web runs it beside the decoder, in WASM): one token of the
+    decoder's low-res logits -> the 1024 prompt frame -> the crop that holds the resized image -> the size it
+    is shown at, thresholded at 0 and painted as RGBA (`color` where the mask is on, transparent elsewhere).
+    This is processing.postprocess_masks + binarize (bilinear, half-pixel centres, no antialias) for one mask;
+    at the image's own size it is the Predictor's mask.
+
+    Inputs: low_res_masks float32 [1, T, 256, 256], token int64 [1], frame_crop int64 [2] (rows, cols of the
+    resized image in the frame), size int64 [2] (height, width drawn), color uint8 [4]. Output: rgba uint8
+    [height, width, 4]."""
+    from onnx import TensorProto, helper
+
+    from evsam_export.model.processing import MASK_THRESHOLD
+    from evsam_export.model.variants import LOW_RES_MASK_SIZE, PROMPT_FRAME
+
+    def const(name, dtype, values):
+        return helper.make_tensor(name, dtype, [len(values)], values)
+
+    resize = {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
+    nodes = [
+        helper.make_node("Gather", ["low_res_masks", "token"], ["chosen"], axis=1),
+        helper.make_node("Resize", ["chosen", "", "", "frame_sizes"], ["frame"], **resize),
+        helper.make_node("Slice", ["frame", "zeros2", "frame_crop", "axes23"], ["cropped"]),
+        helper.make_node("Concat", ["ones2", "size"], ["shown_sizes"], axis=0),
+        helper.make_node("Resize", ["cropped", "", "", "shown_sizes"], ["logits"], **resize),
+        helper.make_node("Greater", ["logits", "threshold"], ["on"]),
+        helper.make_node("Squeeze", ["on", "axes01"], ["on_hw"]),
+        helper.make_node("Unsqueeze", ["on_hw", "axis2"], ["on_hw1"]),
+        helper.make_node("Where", ["on_hw1", "color", "transparent"], ["rgba"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "evsam_mask",
+        [helper.make_tensor_value_info("low_res_masks", TensorProto.FLOAT, [1, "tokens", LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE]),
+         helper.make_tensor_value_info("token", TensorProto.INT64, [1]),
+         helper.make_tensor_value_info("frame_crop", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("size", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("color", TensorProto.UINT8, [4])],
+        [helper.make_tensor_value_info("rgba", TensorProto.UINT8, ["height", "width", 4])],
+        [const("frame_sizes", TensorProto.INT64, [1, 1, PROMPT_FRAME, PROMPT_FRAME]),
+         const("zeros2", TensorProto.INT64, [0, 0]), const("axes23", TensorProto.INT64, [2, 3]),
+         const("ones2", TensorProto.INT64, [1, 1]), const("axes01", TensorProto.INT64, [0, 1]),
+         const("axis2", TensorProto.INT64, [2]), helper.make_tensor("threshold", TensorProto.FLOAT, [], [MASK_THRESHOLD]),
+         const("transparent", TensorProto.UINT8, [0, 0, 0, 0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="evsam-export")
+    model.ir_version = 8  # what onnxruntime-web reads (MAX_IR_VERSION)
+    return model
+
+
 def write_app(folder: Path) -> list[str]:
     """Copy the static demo app (evsam_export/web/assets/app: index.html at the folder's root, its scripts
-    under app/) into `folder`; returns the paths written, relative to `folder`."""
-    from evsam_export.web import APP_ASSETS, APP_DIR
+    under app/) into `folder` and write its mask graph (MASK_GRAPH); returns the paths written, relative to
+    `folder`."""
+    import onnx
+
+    from evsam_export.web import APP_ASSETS, APP_DIR, MASK_GRAPH
 
     (folder / APP_DIR).mkdir(exist_ok=True)
     written = []
@@ -214,14 +268,15 @@ def write_app(folder: Path) -> list[str]:
         relative = source.name if source.name == "index.html" else f"{APP_DIR}/{source.name}"
         shutil.copyfile(source, folder / relative)
         written.append(relative)
-    return written
+    onnx.save(mask_graph(), str(folder / MASK_GRAPH))
+    return written + [MASK_GRAPH]
 
 
 def finish(folder: Path, manifest: Manifest) -> None:
     """Write the demo app and record what a page needs to know in manifest.model["web"]: where the runtime is,
     which entry file and EP, the graphs to load, the onnxruntime-web version and the download size of each
     graph and of the runtime."""
-    from evsam_export.web import CROSS_ORIGIN_ISOLATION_HEADERS, WEB_RUNTIME_DIR
+    from evsam_export.web import CROSS_ORIGIN_ISOLATION_HEADERS, MASK_GRAPH, MAX_WASM_THREADS, WEB_RUNTIME_DIR
     from evsam_export.web.dist import BUNDLES
 
     web = [a for a in manifest.artifacts if a.target == "web"]
@@ -248,4 +303,8 @@ def finish(folder: Path, manifest: Manifest) -> None:
         "download_bytes": {"runtime": runtime_bytes, **graphs,
                            "total": runtime_bytes + sum(graphs[latest[c]] for c in loaded)},
         "headers_for_threads": CROSS_ORIGIN_ISOLATION_HEADERS,
+        # How many WASM threads the demo app runs (the page shows the number it got).
+        "threads": {"cross_origin_isolated": f"navigator.hardwareConcurrency, at most {MAX_WASM_THREADS}",
+                    "not_isolated": 1, "max": MAX_WASM_THREADS, "override": "?threads=N in the page URL"},
+        "mask_graph": MASK_GRAPH,
     }

@@ -8,6 +8,7 @@ A folder built by the `web` target (`run web-wasm -v l0 -o X`) holds everything 
       decoder.web.int8.onnx
       index.html                     the demo app (open it through `evsam-export serve X`): image, clicks, mask
       app/app.js, worker.js, sam.js  its page script, its Web Worker (onnxruntime-web) and the IO contract in JS
+      app/mask.onnx                  the app's mask graph: the shown mask upscaled and thresholded in WASM
       ort-web/                       onnxruntime-web's files copied from the npm package (WEB_RUNTIME_DIR):
         ort.wasm.min.mjs             the JS entry (ort.webgpu.min.mjs for the WebGPU recipe)
         ort-wasm-simd-threaded.mjs   the WASM module's loader and binary the entry imports
@@ -31,6 +32,12 @@ WEB_RUNTIME_DIR = "ort-web"
 # The demo app: index.html goes to the folder's root, its scripts into APP_DIR.
 APP_DIR = "app"
 APP_ASSETS = Path(__file__).parent / "assets" / "app"
+# The app's mask graph (targets.web.mask_graph), written beside its scripts: the shown mask's upscale in WASM.
+MASK_GRAPH = f"{APP_DIR}/mask.onnx"
+# WASM threads the app runs: every core the browser reports, up to this many, when the page is cross-origin
+# isolated (onnxruntime-web's own default takes half the cores, so one thread on 2 cores); else one.
+# `?threads=N` in the page's URL overrides it.
+MAX_WASM_THREADS = 8
 
 # Response headers that make a page cross-origin isolated (SharedArrayBuffer, so WASM threads).
 CROSS_ORIGIN_ISOLATION_HEADERS = {

@@ -1,11 +1,14 @@
-// The demo app's page: image input, prompts from the mouse, mask overlay and download. The models run in
-// app/worker.js; `window.evsam` is a small hook for tests and scripts (loadImage, click, box, clear,
-// maskBytes, state), driving the same code paths as the mouse.
+// The demo app's page: image input, prompts from the mouse, mask overlay (with a preview under the pointer)
+// and download. The models run in app/worker.js; `window.evsam` is a small hook for tests and scripts
+// (loadImage, click, box, clear, maskBytes, state, timings), driving the same code paths as the mouse.
 const $ = (id) => document.getElementById(id);
 const imageCanvas = $("image"), overlay = $("overlay");
 const worker = new Worker("app/worker.js", {type: "module"});
 const pending = new Map();
 let nextId = 0, info = null, picture = null, prompts = {points: [], labels: [], box: null}, result = null;
+// Timings the page takes (milliseconds): each click from its pointer event to the frame after the overlay is
+// drawn, each pointer preview likewise, the page load to the model ready, the image's encoding.
+const timings = {loadMs: null, image: null, clicks: [], previews: []};
 
 function call(type, payload = {}, transfer = []) {
   const id = nextId++;
@@ -35,13 +38,24 @@ function showError(text) {
   if (text) showProgress("");
 }
 
-const ready = call("load", {threads: Number(new URLSearchParams(location.search).get("threads") || 0)}).then((loaded) => {
+const query = new URLSearchParams(location.search);
+const ready = call("load", {threads: Number(query.get("threads") || 0), spin: query.get("spin")}).then((loaded) => {
   info = loaded;
+  timings.loadMs = performance.now();  // from the navigation's start
   $("model").textContent = `Model: ${info.variant} (${info.encoder}, ${info.decoder}), onnxruntime-web ${info.version}, ` +
-    `${info.provider}, ${info.threads || "default"} threads${info.isolated ? "" : " (page not cross-origin isolated: one thread)"}.`;
+    `${info.provider}, ${info.threads} WASM thread${info.threads === 1 ? "" : "s"} of ${info.cores} cores` +
+    `${info.isolated ? "" : " (page not cross-origin isolated: one thread)"}.`;
   showProgress("ready: open an image");
   return info;
 }, (error) => { showError(`cannot load the model: ${error.message}`); throw error; });
+
+// The overlay is drawn at the size the image is shown (device pixels, at most the image's own size): the mask
+// graph upscales the chosen mask to it, so a photo larger than the screen costs only the pixels shown.
+function shownSize() {
+  const rect = imageCanvas.getBoundingClientRect(), ratio = window.devicePixelRatio || 1;
+  return {width: Math.max(1, Math.min(picture.width, Math.round(rect.width * ratio))),
+          height: Math.max(1, Math.min(picture.height, Math.round(rect.height * ratio)))};
+}
 
 // Decode with the browser (EXIF orientation applied, no colour management, like Pillow) and read RGBA.
 async function pixelsOf(blob, name) {
@@ -61,13 +75,17 @@ async function openImage(blob, name) {
   showError("");
   await ready;
   const {bitmap, rgba} = await pixelsOf(blob, name);
-  for (const canvas of [imageCanvas, overlay]) { canvas.width = bitmap.width; canvas.height = bitmap.height; }
+  imageCanvas.width = bitmap.width; imageCanvas.height = bitmap.height;
   imageCanvas.getContext("2d").drawImage(bitmap, 0, 0);
   picture = {width: bitmap.width, height: bitmap.height, name, encoded: false};
+  const shown = shownSize();
+  overlay.width = shown.width; overlay.height = shown.height;
   clearPrompts();
   showProgress(`encoding ${name}...`, "busy");
-  const timing = await call("encode", {rgba, width: bitmap.width, height: bitmap.height}, [rgba.buffer]);
+  const timing = await call("encode", {rgba, width: bitmap.width, height: bitmap.height, shownWidth: shown.width,
+                                       shownHeight: shown.height}, [rgba.buffer]);
   picture.encoded = true;
+  timings.image = timing;
   showProgress(`${name} encoded in ${(timing.encodeMs / 1000).toFixed(1)} s: click on it`);
   return timing;
 }
@@ -79,46 +97,99 @@ async function guarded(promise) {
 function clearPrompts() {
   prompts = {points: [], labels: [], box: null};
   result = null;
+  drawnSeq = requestSeq++;  // a preview or click answered after this is not drawn over the cleared overlay
   overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
   $("clear").disabled = $("download").disabled = true;
 }
 
-async function segment() {
+const nextFrame = () => new Promise((resolve) => requestAnimationFrame(() => resolve(performance.now())));
+let drawnSeq = -1, requestSeq = 0;
+
+// Decode `asked` at the size shown; the answer is drawn unless a newer one was drawn meanwhile.
+async function decodeShown(asked, keep) {
+  const seq = requestSeq++;
+  const shown = shownSize();
+  if (overlay.width !== shown.width || overlay.height !== shown.height) { overlay.width = shown.width; overlay.height = shown.height; }
+  const answer = await call("decode", {...asked, ...shown, keep});
+  if (seq < drawnSeq) return null;
+  drawnSeq = seq;
+  draw(answer, asked);
+  return answer;
+}
+
+// startedAt: the pointer event's time (performance.now() clock), or now for calls from evsam.click/box.
+async function segment(startedAt = performance.now()) {
   showProgress("segmenting...", "busy");
-  result = await call("decode", prompts);
-  draw();
-  showProgress(`score ${result.score.toFixed(3)} (mask token ${result.token}), decoder ${result.decodeMs.toFixed(0)} ms`);
+  const asked = {points: prompts.points.slice(), labels: prompts.labels.slice(), box: prompts.box};
+  const answer = await decodeShown(asked, true);
+  if (!answer) return null;  // cleared or superseded while it ran
+  result = answer;
+  const drawnAt = await nextFrame();
+  timings.clicks.push({ms: drawnAt - startedAt, decodeMs: result.decodeMs, maskMs: result.maskMs});
+  showProgress(`score ${result.score.toFixed(3)} (mask token ${result.token}), decoder ${result.decodeMs.toFixed(0)} ms, ` +
+               `click to mask ${(drawnAt - startedAt).toFixed(0)} ms`);
   $("clear").disabled = $("download").disabled = false;
   return {score: result.score, token: result.token};
 }
 
-function draw() {
-  const context = overlay.getContext("2d"), {width, height} = picture;
-  const tint = context.createImageData(width, height);
-  for (let i = 0; i < result.mask.length; i++) {
-    if (result.mask[i]) { tint.data[i * 4 + 2] = 255; tint.data[i * 4 + 3] = 110; }
-  }
-  context.putImageData(tint, 0, 0);
-  const radius = Math.max(3, Math.round(Math.max(width, height) / 150));
-  if (prompts.box) {
-    const [x0, y0, x1, y1] = prompts.box;
+// The overlay: the mask graph's RGBA at the overlay's size, then the prompts on top (image coordinates scaled).
+function draw(answer, asked) {
+  const context = overlay.getContext("2d");
+  if (!answer) { context.clearRect(0, 0, overlay.width, overlay.height); return; }
+  context.putImageData(new ImageData(new Uint8ClampedArray(answer.rgba.buffer), answer.width, answer.height), 0, 0);
+  const scale = overlay.width / picture.width;
+  const radius = Math.max(3, Math.round(Math.max(overlay.width, overlay.height) / 150));
+  if (asked.box) {
+    const [x0, y0, x1, y1] = asked.box.map((v) => v * scale);
     context.strokeStyle = "#0c0"; context.lineWidth = radius / 2; context.strokeRect(x0, y0, x1 - x0, y1 - y0);
   }
-  prompts.points.forEach(([x, y], i) => {
-    context.fillStyle = prompts.labels[i] ? "#0c0" : "#d00";
-    context.beginPath(); context.arc(x, y, radius, 0, 2 * Math.PI); context.fill();
+  asked.points.forEach(([x, y], i) => {
+    context.fillStyle = asked.labels[i] ? "#0c0" : "#d00";
+    context.beginPath(); context.arc(x * scale, y * scale, radius, 0, 2 * Math.PI); context.fill();
   });
 }
 
-function addPoint(x, y, positive) {
+function addPoint(x, y, positive, startedAt) {
   prompts.points.push([x, y]);
   prompts.labels.push(positive ? 1 : 0);
-  return segment();
+  return segment(startedAt);
 }
 
-function setBox(x0, y0, x1, y1) {
+function setBox(x0, y0, x1, y1, startedAt) {
   prompts.box = [Math.min(x0, x1), Math.min(y0, y1), Math.max(x0, x1), Math.max(y0, y1)];
-  return segment();
+  return segment(startedAt);
+}
+
+// The preview while the pointer moves over the image: the current prompts plus the pointer as one more point,
+// at most one in flight and PREVIEW_INTERVAL_MS apart, always the pointer's latest position (SAM's demo
+// throttles its hover mask likewise). It is drawn, never kept: a click decodes its own prompts.
+const PREVIEW_INTERVAL_MS = 30;
+let hover = null, previewing = false;
+
+async function preview() {
+  previewing = true;
+  try {
+    while (hover && picture && picture.encoded && !press) {
+      const {at, positive, startedAt} = hover;
+      hover = null;
+      const asked = {points: [...prompts.points, at], labels: [...prompts.labels, positive ? 1 : 0], box: prompts.box};
+      const answer = await decodeShown(asked, false);
+      const drawnAt = await nextFrame();
+      if (answer) timings.previews.push({ms: drawnAt - startedAt, decodeMs: answer.decodeMs, maskMs: answer.maskMs});
+      await new Promise((resolve) => setTimeout(resolve, Math.max(0, PREVIEW_INTERVAL_MS - (performance.now() - startedAt))));
+    }
+  } catch (error) {
+    showError(error.message);
+  } finally {
+    previewing = false;
+  }
+}
+
+// Back to the committed mask (or none) when the pointer leaves the image.
+function unhover() {
+  hover = null;
+  drawnSeq = requestSeq++;
+  draw(result, prompts);
 }
 
 // Mouse: a press and release within 4 screen pixels is a click, farther apart a box.
@@ -134,9 +205,16 @@ imageCanvas.addEventListener("pointerup", (event) => {
   if (!press) return;
   const start = press, end = imagePoint(event);
   press = null;
+  hover = null;
   const moved = Math.hypot(event.clientX - start.clientX, event.clientY - start.clientY);
-  guarded(moved < 4 ? addPoint(...start.at, !start.shift) : setBox(...start.at, ...end)).catch(() => {});
+  guarded(moved < 4 ? addPoint(...start.at, !start.shift, event.timeStamp) : setBox(...start.at, ...end, event.timeStamp)).catch(() => {});
 });
+imageCanvas.addEventListener("pointermove", (event) => {
+  if (!picture || !picture.encoded || press) return;
+  hover = {at: imagePoint(event), positive: !event.shiftKey, startedAt: event.timeStamp};
+  if (!previewing) preview();
+});
+imageCanvas.addEventListener("pointerleave", () => { if (picture && picture.encoded) unhover(); });
 
 $("file").addEventListener("change", (event) => {
   const file = event.target.files[0];
@@ -153,11 +231,17 @@ stage.addEventListener("drop", (event) => {
 });
 $("clear").addEventListener("click", () => { clearPrompts(); showProgress("cleared: click again"); });
 
-function maskPng() {
+// The current mask at the image's own size (the mask graph at that size), 0/1 bytes.
+async function fullMask() {
+  return (await call("mask")).mask;
+}
+
+async function maskPng() {
+  const mask = await fullMask();
   const canvas = document.createElement("canvas");
   canvas.width = picture.width; canvas.height = picture.height;
   const context = canvas.getContext("2d"), pixels = context.createImageData(picture.width, picture.height);
-  result.mask.forEach((on, i) => { pixels.data.fill(on ? 255 : 0, i * 4, i * 4 + 3); pixels.data[i * 4 + 3] = 255; });
+  mask.forEach((on, i) => { pixels.data.fill(on ? 255 : 0, i * 4, i * 4 + 3); pixels.data[i * 4 + 3] = 255; });
   context.putImageData(pixels, 0, 0);
   return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
 }
@@ -186,8 +270,17 @@ window.evsam = {
   click: (x, y, positive = true) => guarded(addPoint(x, y, positive)),
   box: (x0, y0, x1, y1) => guarded(setBox(x0, y0, x1, y1)),
   clear: clearPrompts,
-  // The current mask, H x W bytes 0/1, base64 (null before the first prompt).
-  maskBytes: () => (result ? base64(result.mask) : null),
+  // The current mask at the image's size, H x W bytes 0/1, base64 (null before the first prompt).
+  async maskBytes() { return result ? base64(await fullMask()) : null; },
+  // The overlay as drawn (its size, and 0/1 where the mask is painted), base64.
+  overlayBytes() {
+    const {width, height} = overlay, rgba = overlay.getContext("2d").getImageData(0, 0, width, height).data;
+    const on = new Uint8Array(width * height);
+    for (let i = 0; i < on.length; i++) on[i] = rgba[i * 4 + 2] === 255 && rgba[i * 4] === 0 ? 1 : 0;
+    return {width, height, mask: base64(on)};
+  },
+  timings: () => timings,
+  previewIdle: () => !previewing && hover === null,
   async maskPngBase64() { return base64(new Uint8Array(await (await maskPng()).arrayBuffer())); },
   state: () => ({info, picture, prompts, score: result && result.score, token: result && result.token,
                  coords: result && result.coords, error: $("error").textContent, status: $("status").textContent}),

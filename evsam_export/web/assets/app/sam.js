@@ -1,6 +1,7 @@
-// The IO contract's pre- and post-processing in JavaScript, written once for the demo app's worker. Each
-// function names the Python function of evsam_export/model/processing.py (or contract.py) it mirrors; the
-// app test (tests/test_web_app.py) checks the resize byte for byte and the mask against the Predictor.
+// The IO contract's pre-processing, prompt tokens and mask choice in JavaScript, written once for the demo
+// app's worker (the mask's upscale is the app's mask graph, targets.web.mask_graph). Each function names the
+// Python function of evsam_export/model/processing.py (or contract.py) it mirrors; the app test
+// (tests/test_web_app.py) checks the resize byte for byte and the mask against the Predictor.
 
 export const PROMPT_FRAME = 1024;
 export const LOW_RES = 256;
@@ -135,46 +136,4 @@ export function bestToken(scores, tokens, multimask) {
   let best = 1;
   for (let t = 2; t < tokens; t++) if (scores[t] > scores[best]) best = t;
   return best;
-}
-
-// processing._bilinear_axis: torch's bilinear source indices and weights (align_corners=False, no
-// antialias), the source coordinate rounded once to float32.
-function bilinearAxis(sizeIn, sizeOut) {
-  const f = Math.fround, scale = f(f(sizeIn) / f(sizeOut));
-  const i0 = new Int32Array(sizeOut), i1 = new Int32Array(sizeOut), w1 = new Float32Array(sizeOut);
-  for (let d = 0; d < sizeOut; d++) {
-    const src = Math.max(f((d + 0.5) * scale - 0.5), 0);
-    const index = Math.min(Math.floor(src), sizeIn - 1);
-    i0[d] = index; i1[d] = Math.min(index + 1, sizeIn - 1); w1[d] = f(src - index);
-  }
-  return {i0, i1, w1};
-}
-
-// processing.resize_bilinear on one [height][width] float32 plane, reading rows [0, rows) and columns
-// [0, cols) of a plane `stride` wide (the crop of postprocess_masks without a copy).
-function resizeBilinear(plane, stride, rows, cols, height, width) {
-  const f = Math.fround, r = bilinearAxis(rows, height), c = bilinearAxis(cols, width);
-  const tmp = new Float32Array(height * cols), out = new Float32Array(height * width);
-  for (let y = 0; y < height; y++) {
-    const top = r.i0[y] * stride, bottom = r.i1[y] * stride, w = r.w1[y];
-    for (let x = 0; x < cols; x++) tmp[y * cols + x] = f(plane[top + x] + f(f(plane[bottom + x] - plane[top + x]) * w));
-  }
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      const left = tmp[y * cols + c.i0[x]], right = tmp[y * cols + c.i1[x]];
-      out[y * width + x] = f(left + f(f(right - left) * c.w1[x]));
-    }
-  }
-  return out;
-}
-
-// processing.postprocess_masks + binarize: low-res logits [256x256] -> 1024 frame -> crop to the resized
-// image -> original size, thresholded at 0. Returns 0/1 bytes [H x W].
-export function postprocessMask(lowRes, geo) {
-  const frame = resizeBilinear(lowRes, LOW_RES, LOW_RES, LOW_RES, PROMPT_FRAME, PROMPT_FRAME);
-  const [height, width] = geo.originalSize, [rows, cols] = geo.inputSize;
-  const logits = resizeBilinear(frame, PROMPT_FRAME, rows, cols, height, width);
-  const mask = new Uint8Array(height * width);
-  for (let i = 0; i < mask.length; i++) mask[i] = logits[i] > 0 ? 1 : 0;
-  return mask;
 }

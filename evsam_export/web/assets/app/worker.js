@@ -1,7 +1,8 @@
 // The demo app's Web Worker: loads the graphs manifest.json names with onnxruntime-web from ../ort-web/,
 // encodes the image (preprocessed in sam.js, as processing.preprocess_image does) and answers each prompt
-// with the best mask, so the page never blocks. Messages in: load, encode, decode, resize; out: progress,
-// and one reply per request id ({id, result} or {id, error}).
+// with the best mask, upscaled and painted by the app's mask graph at the size the page shows it, so the page
+// never blocks. Messages in: load, encode, decode, mask, resize; out: progress, and one reply per request id
+// ({id, result} or {id, error}). Requests run one at a time, in the order they came.
 import * as sam from "./sam.js";
 
 let ort, manifest, sessions = {}, image = null;
@@ -31,14 +32,20 @@ async function download(artifact) {
   return bytes.subarray(0, received);
 }
 
-async function load({threads}) {
+async function load({threads, spin}) {
   manifest = await (await fetch("../manifest.json")).json();
   const web = manifest.model.web;
   const runtime = new URL(`../${web.runtime_dir}/`, import.meta.url).href;  // absolute: onnxruntime-web resolves its .wasm from it
   ort = await import(`${runtime}${web.entry}`);
   ort.env.wasm.wasmPaths = runtime;
-  ort.env.wasm.numThreads = threads || 0;  // 0: onnxruntime-web's default (threads only when cross-origin isolated)
+  // Threads need SharedArrayBuffer, so a cross-origin isolated page; onnxruntime-web's own default is half
+  // the cores (one thread on 2 cores), the app takes them all up to web.threads.max.
+  const cores = navigator.hardwareConcurrency || 1, most = (web.threads && web.threads.max) || cores;
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? (threads || Math.min(cores, most)) : 1;
   ort.env.logLevel = "error";
+  // Idle pool threads sleep instead of spinning (?spin=1 to spin): a spinning thread takes a core from the page's
+  // own rendering and from the rest of a busy machine (measured: a 2-thread click twice as slow with it).
+  const options = {extra: {session: {intra_op: {allow_spinning: spin === "1" ? "1" : "0"}}}};
   // The split decoder's halves when the folder has both (image half once per image), else the single graph.
   const split = web.decoder_image && web.decoder_prompt;
   const wanted = {encoder: web.encoder, ...(split ? {decoder_image: web.decoder_image, decoder_prompt: web.decoder_prompt}
@@ -47,19 +54,22 @@ async function load({threads}) {
     const artifact = artifactOf(id);
     const bytes = await download(artifact);
     progress(`starting ${id} (${web.execution_provider})`);
-    const session = await ort.InferenceSession.create(bytes, {executionProviders: [web.execution_provider]});
+    const session = await ort.InferenceSession.create(bytes, {executionProviders: [web.execution_provider], ...options});
     sessions[component] = {session, artifact, inputs: new Set(artifact.inputs.map((t) => t.name))};
   }
+  // The mask graph: tiny, so no download progress; without one (a folder built before it) this app cannot draw.
+  if (!web.mask_graph) throw new Error("manifest.json names no mask graph: rebuild the folder with this version of evsam-export");
+  sessions.mask = {session: await ort.InferenceSession.create(`../${web.mask_graph}`, {executionProviders: ["wasm"], ...options})};
   const decoder = sessions.decoder_prompt || sessions.decoder;
   const lowRes = decoder.artifact.outputs.find((t) => t.name === "low_res_masks");
   return {variant: manifest.variant, encoderSize: manifest.encoder_size, split: Boolean(split),
           encoder: web.encoder, decoder: split ? `${web.decoder_image} + ${web.decoder_prompt}` : web.decoder,
           tokens: lowRes.shape[1], provider: web.execution_provider, threads: ort.env.wasm.numThreads,
-          isolated: self.crossOriginIsolated, version: ort.env.versions.web};
+          isolated: self.crossOriginIsolated, cores: navigator.hardwareConcurrency, version: ort.env.versions.web};
 }
 
 // contract.decoder_feeds: only the inputs the graph has; no mask prompt; orig_im_size as the Predictor feeds
-// it (the `sam` graph's own upscaled masks are never read: sam.postprocessMask upscales the chosen one).
+// it (the `sam` graph's own upscaled masks are never read: the mask graph upscales the chosen one).
 const UNREAD_MASKS_SIZE = [1, sam.PROMPT_FRAME];
 
 function feedsFor(entry, values) {
@@ -71,7 +81,7 @@ function feedsFor(entry, values) {
   return feeds;
 }
 
-async function encode({rgba, width, height}) {
+async function encode({rgba, width, height, shownWidth, shownHeight}) {
   image = null;  // a prompt that arrives while this image encodes must not use the previous image's embeddings
   const started = performance.now();
   const encoder = sessions.encoder;
@@ -96,11 +106,36 @@ async function encode({rgba, width, height}) {
     progress("decoder image half");
     imageSide = await sessions.decoder_image.session.run(feedsFor(sessions.decoder_image, {image_embeddings: embeddings, ...noMask}));
   }
-  image = {geometry: sam.geometry(height, width), embeddings, noMask, imageSide};
-  return {encodeMs, totalMs: performance.now() - started};
+  const geo = sam.geometry(height, width);
+  image = {geometry: geo, embeddings, noMask, imageSide, shown: null,
+           frameCrop: new ort.Tensor("int64", BigInt64Array.from(geo.inputSize, BigInt), [2])};
+  // One prompt through the decoder and the mask graph at the size shown, so that the first click does not pay
+  // for onnxruntime-web's first-run allocations.
+  progress("warming up the decoder");
+  const warmStarted = performance.now();
+  await decode({points: [[width / 2, height / 2]], labels: [1], box: null, width: shownWidth || width,
+                height: shownHeight || height, keep: false});
+  return {encodeMs, warmupMs: performance.now() - warmStarted, totalMs: performance.now() - started};
 }
 
-async function decode({points, labels, box}) {
+// The best token's mask at width x height, painted `color` (RGBA bytes) where it is on.
+async function paint(lowRes, token, width, height, color) {
+  const out = await sessions.mask.session.run({
+    low_res_masks: lowRes,
+    token: new ort.Tensor("int64", BigInt64Array.of(BigInt(token)), [1]),
+    frame_crop: image.frameCrop,
+    size: new ort.Tensor("int64", BigInt64Array.of(BigInt(height), BigInt(width)), [2]),
+    color: new ort.Tensor("uint8", Uint8Array.from(color), [4]),
+  });
+  return out.rgba.data;
+}
+
+const TINT = [0, 0, 255, 110];
+
+// One prompt set: the decoder (the split decoder's prompt half when the folder has it), the best token chosen
+// here, and only that mask upscaled, at the size the page draws (width x height). keep: the page's current
+// mask (a click), kept for `mask` requests; a pointer preview is not kept.
+async function decode({points, labels, box, width, height, keep = true}) {
   if (!image) throw new Error("no image encoded yet");
   const started = performance.now();
   const tokens = sam.promptTokens(image.geometry, points, labels, box);
@@ -118,12 +153,24 @@ async function decode({points, labels, box}) {
   }
   const out = await decoder.session.run(feedsFor(decoder, values), ["iou_predictions", "low_res_masks"]);
   const decodeMs = performance.now() - started;
-  const scores = out.iou_predictions.data, count = out.low_res_masks.dims[1], low = sam.LOW_RES;
+  const scores = out.iou_predictions.data, count = out.low_res_masks.dims[1];
   const token = sam.bestToken(scores, count, points.length === 1 && !box);
-  const lowRes = out.low_res_masks.data.subarray(token * low * low, (token + 1) * low * low);
-  const mask = sam.postprocessMask(lowRes, image.geometry);
-  return {mask, token, score: scores[token], decodeMs, totalMs: performance.now() - started,
-          coords: Array.from(tokens.coords), labels: Array.from(tokens.labels)};
+  const maskStarted = performance.now();
+  const rgba = await paint(out.low_res_masks, token, width, height, TINT);
+  if (keep) image.shown = {lowRes: out.low_res_masks, token};
+  return {rgba, width, height, token, score: scores[token], decodeMs, maskMs: performance.now() - maskStarted,
+          totalMs: performance.now() - started, coords: Array.from(tokens.coords), labels: Array.from(tokens.labels)};
+}
+
+// The current mask at the image's own size (the Predictor's mask), 0/1 bytes [H x W]: for the download and
+// the app test, off the click path.
+async function mask() {
+  if (!image || !image.shown) throw new Error("no mask yet");
+  const [height, width] = image.geometry.originalSize;
+  const rgba = await paint(image.shown.lowRes, image.shown.token, width, height, [1, 1, 1, 1]);
+  const bytes = new Uint8Array(width * height);
+  for (let i = 0; i < bytes.length; i++) bytes[i] = rgba[i * 4];
+  return {mask: bytes};
 }
 
 // The resize alone, for the app test's byte-for-byte check against Pillow.
@@ -132,13 +179,19 @@ function resize({rgba, width, height}) {
   return {rgb: sam.resizeRgb(sam.rgbOf(rgba, width, height), width, height, newW, newH), width: newW, height: newH};
 }
 
-const handlers = {load, encode, decode, resize};
+const handlers = {load, encode, decode, mask, resize};
+let queue = Promise.resolve();
 
-onmessage = async ({data}) => {
+async function answer(data) {
   try {
     const result = await handlers[data.type](data);
-    postMessage({id: data.id, result}, result && result.mask ? [result.mask.buffer] : []);
+    const buffers = [result && result.rgba, result && result.mask].filter(Boolean).map((a) => a.buffer);
+    postMessage({id: data.id, result}, buffers);
   } catch (error) {
     postMessage({id: data.id, error: String((error && error.message) || error)});
   }
-};
+}
+
+// One request at a time: an onnxruntime-web session runs one call at a time, and a click queued behind a
+// pointer preview must see the image the preview saw.
+onmessage = ({data}) => { queue = queue.then(() => answer(data)); };
