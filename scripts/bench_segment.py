@@ -106,9 +106,6 @@ def main() -> None:
                 "stability_score_offset": args.stability_score_offset, "box_nms_thresh": args.box_nms_thresh}
     variant = read_manifest(args.folder).variant
     rgb = photo(args.image)
-    model, _ = load_model(VARIANTS[variant], args.checkpoint)
-    reference_model = build_upstream(variant, model.state_dict())
-    del model
     decoder = args.decoder or lower_precision_decoder(args.folder)
     predictor = Predictor(args.folder, decoder=decoder, threads=args.threads)
     decoder_ran = predictor.info["split_decoder"] or predictor.decoder_artifact.id
@@ -121,6 +118,10 @@ def main() -> None:
     with pytest.MonkeyPatch.context() as patch:
         torchvision_shim.patch_upstream(patch)
         from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator
+
+        model, _ = load_model(VARIANTS[variant], args.checkpoint)
+        reference_model = build_upstream(variant, model.state_dict())  # built with the shim's transforms in place
+        del model
 
         for round_index in range(args.rounds):
             subjects = ["ours", "upstream"] if round_index % 2 == 0 else ["upstream", "ours"]
