@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -306,14 +307,13 @@ class CropUpscale:
         used = np.asarray(low_res, np.float32)[:, : rows["used"], : cols["used"]]
         result = []
         for reduce in (np.maximum, np.minimum):
-            # Edge padding only repeats values of the window's own rows or columns: still a bound.
-            padded = np.pad(used, ((0, 0), (0, rows["span"] - 1), (0, cols["span"] - 1)), mode="edge")
-            out = padded[:, : rows["used"], :]
+            # A window that runs past the last row or column is cut there: it still holds the pixel's own.
+            window = used.copy()
             for shift in range(1, rows["span"]):
-                out = reduce(out, padded[:, shift : shift + rows["used"], :])
-            window = out[..., : cols["used"]]
+                reduce(window[:, :-shift], used[:, shift:], out=window[:, :-shift])
+            along_rows = window.copy() if cols["span"] > 1 else window
             for shift in range(1, cols["span"]):
-                window = reduce(window, out[..., shift : shift + cols["used"]])
+                reduce(window[..., :-shift], along_rows[..., shift:], out=window[..., :-shift])
             result.append(window)
         return result[0], result[1]
 
@@ -619,6 +619,15 @@ def _as_rgb(image) -> np.ndarray:
         raise UsageError(f"cannot use the image: {' '.join(str(exc).split())[:160]}") from None
 
 
+def _encode_dense(above: Above, count: int, wanted: np.ndarray | None = None) -> list:
+    """[count] crop-size RLEs of the masks `above` built whole (None for the others, and where not `wanted`)."""
+    rles: list = [None] * count
+    for which, mask in above.dense.items():
+        if wanted is None or wanted[which]:
+            rles[which] = encode_masks(mask[None])[0]
+    return rles
+
+
 class _Survivors:
     """A crop's masks that passed the filters, until box NMS: their low-res logits (the rows and columns the crop
     reads) with crop-frame boxes, predicted IoU, stability (NaN where not computed yet) and prompt points."""
@@ -626,8 +635,8 @@ class _Survivors:
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, ...]] = []
 
-    def add(self, low, boxes, predicted_iou, stability, points) -> None:
-        self.parts.append((low, boxes, predicted_iou, stability, points))
+    def add(self, low, boxes, predicted_iou, stability, points, rles) -> None:
+        self.parts.append((low, boxes, predicted_iou, stability, points, list(rles)))
 
     def _field(self, index: int, empty: np.ndarray) -> np.ndarray:
         return np.concatenate([part[index] for part in self.parts]) if self.parts else empty
@@ -638,16 +647,18 @@ class _Survivors:
     def predicted_iou(self) -> np.ndarray:
         return self._field(2, np.zeros((0,), np.float32))
 
-    def take(self, keep: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(low, boxes, predicted_iou, stability, points) of the survivors at `keep`, in that order."""
+    def take(self, keep: np.ndarray) -> tuple:
+        """(low, boxes, predicted_iou, stability, points, rles) of the survivors at `keep`, in that order; an
+        RLE (crop-size) where the mask was built whole on the way, else None."""
         keep = np.asarray(keep, np.int64)
-        if not self.parts:
+        if not self.parts or not len(keep):
             return (np.zeros((0, 1, 1), np.float32), np.zeros((0, 4), np.int64), np.zeros((0,), np.float32),
-                    np.zeros((0,), np.float32), np.zeros((0, 2), np.float64))
+                    np.zeros((0,), np.float32), np.zeros((0, 2), np.float64), [])
         sizes = np.cumsum([0] + [len(part[0]) for part in self.parts])
         part_of = np.searchsorted(sizes, keep, side="right") - 1
-        return tuple(np.stack([self.parts[p][field][i] for p, i in zip(part_of, keep - sizes[part_of])])
-                     if len(keep) else self.parts[0][field][:0] for field in range(5))
+        where = list(zip(part_of, keep - sizes[part_of]))
+        arrays = tuple(np.stack([self.parts[p][field][i] for p, i in where]) for field in range(5))
+        return (*arrays, [self.parts[p][5][i] for p, i in where])
 
 
 class MaskGenerator:
@@ -748,8 +759,16 @@ class MaskGenerator:
         upscale = CropUpscale(geometry)
         points = self.point_grids[layer] * np.array([[crop_w, crop_h]], dtype=np.float64)
         survivors = _Survivors()
-        for start in range(0, len(points), self.points_per_batch):
-            self._process_batch(points[start : start + self.points_per_batch], crop_box, rgb.shape[:2], upscale, survivors)
+        batches = [points[start : start + self.points_per_batch] for start in range(0, len(points), self.points_per_batch)]
+        # The decoder works on the next batch (in a second thread: the runtimes release the GIL) while this
+        # thread filters the last one.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(self._decode, batches[0])
+            for index, batch in enumerate(batches):
+                decoded = upcoming.result()
+                if index + 1 < len(batches):
+                    upcoming = pool.submit(self._decode, batches[index + 1])
+                self._process_batch(batch, decoded, crop_box, rgb.shape[:2], upscale, survivors)
         self.predictor.reset_image()
         started = time.perf_counter()
         # Within a crop, duplicates go by box overlap; the higher predicted IoU wins. Boxes are still crop-frame.
@@ -773,18 +792,18 @@ class MaskGenerator:
         chunk = (getattr(predictor, "_prompt_batch_limit", None) or getattr(predictor, "max_prompt_batch", None)
                  or prompt_sets_per_chunk(predictor.memory_budget_mib, 0))
         calls = -(-len(points) // chunk)
+        started = time.perf_counter()
         low_res, scores = [], []
         for part in np.array_split(points, calls):
             low, iou = predictor.predict_low_res(part[:, None, :], np.ones((len(part), 1)), multimask_output=True)
             low_res.append(low)
             scores.append(iou)
+        self.last_stats["seconds"]["decoder"] += time.perf_counter() - started
         return np.concatenate(low_res), np.concatenate(scores)
 
-    def _process_batch(self, points: np.ndarray, crop_box, image_size: tuple[int, int], upscale: CropUpscale,
+    def _process_batch(self, points: np.ndarray, decoded, crop_box, image_size: tuple[int, int], upscale: CropUpscale,
                        survivors: _Survivors) -> None:
-        started = time.perf_counter()
-        low_res, predicted_iou = self._decode(points)
-        self.last_stats["seconds"]["decoder"] += time.perf_counter() - started
+        low_res, predicted_iou = decoded
         started = time.perf_counter()
         candidates = low_res.shape[1]
         predicted_iou = predicted_iou.reshape(-1)
@@ -803,28 +822,32 @@ class MaskGenerator:
         window_max, window_min = upscale.extremes(low)
         stability = np.full(len(low), np.nan, np.float32)  # exact where computed; the rest when kept
         boxes = np.full((len(low), 4), -1, np.int64)  # exact where computed
+        rles = np.full(len(low), None, object)  # crop-size RLEs of the masks built whole on the way
         if self.stability_score_thresh > 0:
-            stability, keep, boxes = self._stability_filter(low, window_max, window_min, upscale)
+            stability, keep, boxes, rles = self._stability_filter(low, window_max, window_min, upscale)
             low, window_max, window_min = low[keep], window_max[keep], window_min[keep]
-            predicted_iou, points, stability, boxes = predicted_iou[keep], points[keep], stability[keep], boxes[keep]
+            predicted_iou, points, stability, boxes, rles = predicted_iou[keep], points[keep], stability[keep], boxes[keep], rles[keep]
         self.last_stats["counts"]["stability"] += len(low)
 
         missing = np.flatnonzero(boxes[:, 0] < 0)
         if len(missing):
-            boxes[missing] = upscale.above(low[missing], window_max[missing], window_min[missing], processing.MASK_THRESHOLD).boxes()
+            binary = upscale.above(low[missing], window_max[missing], window_min[missing], processing.MASK_THRESHOLD)
+            boxes[missing] = binary.boxes()
+            rles[missing] = _encode_dense(binary, len(missing))
         x0, y0 = crop_box[0], crop_box[1]
         inside = ~near_crop_edge(boxes + np.array([x0, y0, x0, y0]), crop_box, image_size)
         self.last_stats["counts"]["crop_edge"] += int(inside.sum())
-        survivors.add(low[inside], boxes[inside], predicted_iou[inside], stability[inside], points[inside])
+        survivors.add(low[inside], boxes[inside], predicted_iou[inside], stability[inside], points[inside], rles[inside])
         self.last_stats["seconds"]["postprocess"] += time.perf_counter() - started
 
     def _stability_filter(self, low: np.ndarray, window_max: np.ndarray, window_min: np.ndarray,
-                          upscale: CropUpscale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(stability [m] float32, keep [m] bool, boxes [m,4]): upstream's stability score of the crop-size
+                          upscale: CropUpscale) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(stability [m] float32, keep [m] bool, boxes [m,4], RLEs [m] object): upstream's stability score of the crop-size
         logits and its filter (>= stability_score_thresh). Pixel counts bounded from the low-res windows decide
         most masks; the rest get their exact counts (CropUpscale.above), so every decision is the one the
-        full-size logits give. Stability is NaN where the bounds decided (computed if the mask is kept), and
-        boxes -1 where not computed on the way (those of the masks that got exact counts are)."""
+        full-size logits give. Stability is NaN where the bounds decided (computed if the mask is kept), boxes
+        -1 where not computed on the way (those of the masks that got exact counts are), RLEs None where the
+        mask was not built whole."""
         high_t = processing.MASK_THRESHOLD + self.stability_score_offset
         low_t = processing.MASK_THRESHOLD - self.stability_score_offset
         high_most, high_least = upscale.count_bounds(window_max, window_min, high_t)
@@ -839,6 +862,7 @@ class MaskGenerator:
         drop = (most < float(threshold) - margin) | (low_most == 0)  # no pixel above -offset: NaN, never kept
         stability = np.full(len(low), np.nan, np.float32)
         boxes = np.full((len(low), 4), -1, np.int64)
+        rles = np.full(len(low), None, object)
         exact = np.flatnonzero(~keep & ~drop)
         if len(exact):
             sets = upscale.above(low[exact], window_max[exact], window_min[exact], (high_t, low_t, processing.MASK_THRESHOLD))
@@ -847,40 +871,48 @@ class MaskGenerator:
                 stability[exact] = high.astype(np.float32) / low_count.astype(np.float32)
             keep[exact] = stability[exact] >= threshold
             boxes[exact] = sets[2].boxes()
+            rles[exact] = _encode_dense(sets[2], len(exact), keep[exact])
         self.last_stats["counts"]["stability_exact"] += len(exact)
-        return stability, keep, boxes
+        return stability, keep, boxes, rles
 
     def _final_masks(self, survivors: _Survivors, keep: np.ndarray, upscale: CropUpscale, crop_box,
                      image_size: tuple[int, int]) -> MaskSet:
         """The kept masks at the crop's size, exactly (CropUpscale.above), as image-size COCO RLEs, with their
         stability computed where the filter decided it from bounds."""
-        low, boxes, predicted_iou, stability, points = survivors.take(keep)
+        low, boxes, predicted_iou, stability, points, built = survivors.take(keep)
         if not len(low):
             return MaskSet()
         x0, y0, x1, y1 = crop_box
-        height, width = image_size
-        crop_h, crop_w = upscale.size
-        rles = []
+        whole_image = upscale.size == tuple(image_size)
+        rles: list = list(built)
         per_band = max(1, UPSCALE_BAND_BYTES // (4 * low[0].size))
         for start in range(0, len(low), per_band):
-            part = slice(start, start + per_band)
+            part = np.arange(start, min(start + per_band, len(low)))
+            missing = part[np.isnan(stability[part])]
+            unbuilt = part[[rles[i] is None for i in part]]
+            if not len(missing) and not len(unbuilt):
+                continue
             window_max, window_min = upscale.extremes(low[part])
-            missing = np.flatnonzero(np.isnan(stability[part]))
+            local = {index: k for k, index in enumerate(part)}
             if len(missing):
+                at = [local[i] for i in missing]
                 thresholds = (processing.MASK_THRESHOLD + self.stability_score_offset,
                               processing.MASK_THRESHOLD - self.stability_score_offset)
-                sets = upscale.above(low[part][missing], window_max[missing], window_min[missing], thresholds)
-                counts = [above.counts() for above in sets]
+                counts = [above.counts() for above in upscale.above(low[missing], window_max[at], window_min[at], thresholds)]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    stability[start + missing] = counts[0].astype(np.float32) / counts[1].astype(np.float32)
-            binary = upscale.above(low[part], window_max, window_min, processing.MASK_THRESHOLD)
-            for index in range(len(window_max)):
-                mask = binary.mask(index)
-                if (crop_h, crop_w) != (height, width):
-                    full = np.zeros((height, width), bool)
-                    full[y0:y1, x0:x1] = mask
-                    mask = full
-                rles.append(encode_masks(mask[None])[0])
+                    stability[missing] = counts[0].astype(np.float32) / counts[1].astype(np.float32)
+            if len(unbuilt):
+                at = [local[i] for i in unbuilt]
+                binary = upscale.above(low[unbuilt], window_max[at], window_min[at], processing.MASK_THRESHOLD)
+                for k, index in enumerate(unbuilt):
+                    rles[index] = binary.mask(k)
+        for index, mask in enumerate(rles):
+            if whole_image and isinstance(mask, np.ndarray):
+                rles[index] = encode_masks(mask[None])[0]
+            elif not whole_image:  # the crop's mask placed in the image
+                full = np.zeros(tuple(image_size), bool)
+                full[y0:y1, x0:x1] = mask if isinstance(mask, np.ndarray) else decode_mask(mask)
+                rles[index] = encode_masks(full[None])[0]
         return MaskSet(rles=rles, boxes=boxes, predicted_iou=predicted_iou, stability=stability, points=points,
                        crop_boxes=np.zeros((len(boxes), 4), np.int64))
 
