@@ -7,11 +7,12 @@
         --record docs/results
 
 Upstream is the test reference (`pip install --no-deps efficientsam==1.0.0`), run through tests/upstream.py
-and the torchvision stand-in of tests/torchvision_shim.py, exactly as tests/test_segment.py runs it. Each
-round times every grid size on both generators, the order reversed every other round, so load from other
-processes hits both alike; the load average is sampled around every run. Prints per grid the median seconds
+and the torchvision stand-in of tests/torchvision_shim.py, exactly as tests/export/test_segment.py runs it.
+Each round times both generators on a grid size, the order reversed every other round, so load from other
+processes hits both alike (`evsam_export.bench.alternate_calls`, no warm-up: a run is minutes); the load
+average is sampled around every run. Prints per grid the median seconds
 per image of each, their ratio, the mask counts and how many of upstream's masks ours matches (IoU >= 0.95),
-and with --record DIR writes one row per grid size to DIR/segment-everything/ (evsam_export.measurements).
+and with --record DIR writes one row per grid size to DIR/segment-everything-speed/ (evsam_export.measurements).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import os
 import shlex
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE = "segment-everything"
+TABLE = "segment-everything-speed"
 
 
 def photo(name: str):
@@ -44,27 +45,23 @@ def photo(name: str):
 
 
 def matched(reference: list[dict], ours: list[dict], threshold: float = 0.95) -> int:
-    """Upstream's masks that one of ours (each used once) matches at mask IoU >= threshold."""
+    """Upstream's masks that one of ours (each used once, the best free one) matches at mask IoU >= threshold."""
     import numpy as np
+    from pycocotools import mask as coco_mask
 
-    def as_bool(record):
-        return np.asarray(record["segmentation"], dtype=bool)
+    from evsam_export.runtime.mask_generator import encode_masks
 
-    free = [as_bool(r) for r in ours]
-    used = set()
+    if not reference or not ours:
+        return 0
+    rles = [encode_masks(np.asarray([r["segmentation"] for r in records], dtype=bool)) for records in (reference, ours)]
+    iou = coco_mask.iou(rles[0], rles[1], [0] * len(ours))  # [reference, ours]
+    free = np.ones(len(ours), bool)
     count = 0
-    for record in reference:
-        mask = as_bool(record)
-        best, best_iou = None, 0.0
-        for index, other in enumerate(free):
-            if index in used:
-                continue
-            union = np.count_nonzero(mask | other)
-            iou = 1.0 if union == 0 else np.count_nonzero(mask & other) / union
-            if iou > best_iou:
-                best, best_iou = index, iou
-        if best is not None and best_iou >= threshold:
-            used.add(best)
+    for row in np.asarray(iou).reshape(len(reference), len(ours)):
+        candidates = np.where(free, row, -1.0)
+        best = int(np.argmax(candidates))
+        if candidates[best] >= threshold:
+            free[best] = False
             count += 1
     return count
 
@@ -82,7 +79,7 @@ def main() -> None:
     parser.add_argument("--stability-score-thresh", type=float, default=0.95)
     parser.add_argument("--stability-score-offset", type=float, default=1.0)
     parser.add_argument("--box-nms-thresh", type=float, default=0.7)
-    parser.add_argument("--record", type=Path, default=None, help="write result rows under DIR/segment-everything/")
+    parser.add_argument("--record", type=Path, default=None, help="write result rows under DIR/segment-everything-speed/")
     args = parser.parse_args()
 
     import pytest
@@ -92,6 +89,7 @@ def main() -> None:
     import torchvision_shim
     from upstream import build_upstream
 
+    from evsam_export.bench import alternate_calls
     from evsam_export.cli.segment_cmd import lower_precision_decoder
     from evsam_export.manifest import read_manifest
     from evsam_export.measurements import record_measurement
@@ -123,25 +121,24 @@ def main() -> None:
         reference_model = build_upstream(variant, model.state_dict())  # built with the shim's transforms in place
         del model
 
-        for round_index in range(args.rounds):
-            subjects = ["ours", "upstream"] if round_index % 2 == 0 else ["upstream", "ours"]
-            for grid in grids:
-                for subject in subjects:
-                    loads.append(os.getloadavg()[0])
-                    started = time.perf_counter()
-                    if subject == "ours":
-                        generator = MaskGenerator(predictor, points_per_side=grid, **settings)
-                        records = generator.generate(rgb)
-                        stages = dict(generator.last_stats["seconds"])
-                    else:
-                        with torch.inference_mode():
-                            records = EfficientViTSamAutomaticMaskGenerator(reference_model, points_per_side=grid, **settings).generate(rgb)
-                        stages = {}
-                    seconds = time.perf_counter() - started
-                    loads.append(os.getloadavg()[0])
-                    times.setdefault((grid, subject), []).append(seconds)
-                    outputs[(grid, subject)] = (records, stages)
-                    print(f"round {round_index + 1} {grid}x{grid} {subject}: {seconds:.1f} s, {len(records)} masks", flush=True)
+        def run(grid, name, generate, stages):
+            loads.append(os.getloadavg()[0])
+            with torch.inference_mode():
+                records = generate(rgb)
+            loads.append(os.getloadavg()[0])
+            outputs[(grid, name)] = (records, stages())
+            print(f"{grid}x{grid} {name}: {len(records)} masks", flush=True)
+
+        for grid in grids:
+            ours = MaskGenerator(predictor, points_per_side=grid, **settings)
+            theirs = EfficientViTSamAutomaticMaskGenerator(reference_model, points_per_side=grid, **settings)
+            calls = {
+                "ours": partial(run, grid, "ours", ours.generate, lambda ours=ours: dict(ours.last_stats["seconds"])),
+                "upstream": partial(run, grid, "upstream", theirs.generate, dict),
+            }
+            for name, values in alternate_calls(calls, args.rounds, warmup=0).items():
+                times[(grid, name)] = [value / 1000.0 for value in values]
+                print(f"{grid}x{grid} {name}: {', '.join(f'{v / 1000:.1f}' for v in values)} s", flush=True)
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
     for grid in grids:
