@@ -21,7 +21,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from evsam_export.errors import ExportError
-from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PIXEL_MEAN, PIXEL_STD
+from evsam_export.model.variants import (
+    EMBEDDING_DIM,
+    EMBEDDING_SIZE,
+    LABEL_BACKGROUND,
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_FOREGROUND,
+    LABEL_PADDING,
+    LOW_RES_MASK_SIZE,
+    NUM_MASK_TOKENS,
+    PIXEL_MEAN,
+    PIXEL_STD,
+)
 
 # ------------------------------------------------------------------------------------------- tensor names
 
@@ -59,12 +71,7 @@ EMBEDDINGS_SHAPE = (1, EMBEDDING_DIM, EMBEDDING_SIZE, EMBEDDING_SIZE)
 
 # ------------------------------------------------------------------------------------ label conventions
 
-# PyTorch SAM's point labels, in the order manifest.json lists them.
-LABEL_FOREGROUND = 1.0
-LABEL_BACKGROUND = 0.0
-LABEL_BOX_TOP_LEFT = 2.0
-LABEL_BOX_BOTTOM_RIGHT = 3.0
-LABEL_PADDING = -1.0
+# PyTorch SAM's point labels (model.variants), in the order manifest.json lists them.
 POINT_LABEL_MEANINGS = {
     LABEL_FOREGROUND: "foreground",
     LABEL_BACKGROUND: "background",

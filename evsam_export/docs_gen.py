@@ -141,7 +141,7 @@ def cli_page() -> str:
 def recipes_page() -> str:
     from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe
     from evsam_export.pipeline.recipe import load_recipe, recipes_dir
-    from evsam_export.pipeline.settings import GATE_SUITE
+    from evsam_export.steps.settings import GATE_SUITE
     from evsam_export.targets.registry import get_target
 
     lines = [GENERATED, "", "# Recipes", "",
@@ -218,8 +218,8 @@ def _fields_table(cls) -> list[str]:
 
 def manifest_page() -> str:
     from evsam_export import manifest
-    from evsam_export.api import ExportOptions, model_contract
     from evsam_export.model.variants import get_variant
+    from evsam_export.pipeline.export import ExportOptions, model_contract
 
     model = model_contract(get_variant("l0"), ExportOptions())
     lines = [GENERATED, "", "# manifest.json", "",
@@ -355,6 +355,17 @@ def _row_cell(value) -> str:
     return "-" if value in (None, "") else str(value)
 
 
+_UNITS = {"ms": "ms", "s": "s", "db": "dB", "mb": "MB", "gb": "GB", "mib": "MiB", "gib": "GiB"}
+
+
+def _header(column: str) -> str:
+    """A values key as a column header: `median_ms` -> `median (ms)`, `snr_min_db` -> `snr min (dB)`."""
+    words = column.split("_")
+    if len(words) > 1 and words[-1] in _UNITS:
+        return " ".join(words[:-1]) + f" ({_UNITS[words[-1]]})"
+    return " ".join(words)
+
+
 def benchmarks_page(root: Path = ROOT) -> str:
     tables = _load_rows(root / RESULTS_DIR)
     order = sorted(tables, key=lambda name: (tables[name][0].get("order", 1000), name))
@@ -367,7 +378,7 @@ def benchmarks_page(root: Path = ROOT) -> str:
         lines += ["", f'<a id="{name}"></a>', "", f"## {meta.get('title', name)}", ""]
         if meta.get("question"):
             lines += [meta["question"], ""]
-        header = [c.replace("_", " ") for c in columns] + ["note", "date", "commit", "CPU (flags, cores)", "load", "command"]
+        header = [_header(c) for c in columns] + ["note", "date", "commit", "CPU (flags, cores)", "load", "command"]
         body = []
         for row in sorted(rows, key=lambda r: str(r.get("key", ""))):
             values = row.get("values", {})

@@ -43,6 +43,14 @@ class RecipeError(EvsamError):
     exit_code = 5
 
 
+class SettingValueError(RecipeError):
+    """A setting has a value of the right type that the step cannot use; `field` names it."""
+
+    def __init__(self, field: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{field}: {message}", hint=hint)
+        self.field = field
+
+
 class ArtifactError(EvsamError):
     """Artifact folder without a (valid) manifest, or a file changed since export."""
 

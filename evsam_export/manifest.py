@@ -7,18 +7,16 @@ prompt frame, normalisation, mask-token semantics) and the environment that buil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import platform
 import re
-import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from evsam_export import __version__
 from evsam_export.contract import DECODER, SPLIT_DECODER, TensorSpec  # the contract's tensor spec, which artifacts record
 from evsam_export.errors import ArtifactError
+from evsam_export.files import sha256_file, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "evsam-export/manifest"
@@ -102,13 +100,7 @@ class Manifest:
 
     def write(self, folder: Path) -> Path:
         """Write manifest.json atomically (a reader never sees half a manifest)."""
-        import os
-
-        path = Path(folder) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_atomic(Path(folder) / MANIFEST_NAME, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -343,70 +335,3 @@ def verify_artifact_file(folder: Path, artifact: Artifact) -> Path:
             hint="re-run the export, or restore the original file",
         )
     return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def package_versions(
-    names: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "openvino", "nncf", "tensorrt", "numpy"),
-) -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-# Flags named here (comma-separated) are treated as absent: how a bf16-capable machine shows what a build
-# on an older CPU would do (the bf16 refusal, VNNI-dependent INT8 settings) without one.
-HIDE_CPU_FLAGS_ENV = "EVSAM_HIDE_CPU_FLAGS"
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide INT8/bf16 speed and numerics (from /proc/cpuinfo on Linux)."""
-    import os
-
-    interesting = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "f16c", "fma")
-    hidden = {flag.strip() for flag in os.environ.get(HIDE_CPU_FLAGS_ENV, "").split(",")}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split()) - hidden
-            return [flag for flag in interesting if flag in present]
-    return []
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    import os
-
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cpu_count": os.cpu_count(),
-        "packages": package_versions(),
-    }

@@ -38,7 +38,7 @@ def _commit() -> str:
 
 def machine_facts() -> dict:
     """CPU model, the SIMD flags that decide lower-precision speed, cores and the 1-minute load at measuring time."""
-    from evsam_export.manifest import cpu_flags, cpu_model
+    from evsam_export.environment import cpu_flags, cpu_model
 
     try:
         load = round(os.getloadavg()[0], 2)

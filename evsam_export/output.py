@@ -19,7 +19,9 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from evsam_export import signal_stack
 from evsam_export.errors import OutputError
+from evsam_export.files import temporary_beside
 
 # The signals a user, a CI runner, `timeout` or a container stop sends to end a command.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -32,7 +34,7 @@ SWAP_ATTEMPTS = 20
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
     """Write one file through a hidden temporary file beside it, moved into place when complete: a reader
-    sees the old file or the new one, never half of it."""
+    sees the old file or the new one, never half of it (a full disk is OutputError naming the path)."""
     path = Path(path)
     return write_files_atomically(path.parent, {path.name: data})[path.name]
 
@@ -174,17 +176,12 @@ def signals_deferred():
         yield
         return
     received: list[int] = []
-    previous = {}
-    for signum in STOP_SIGNALS:
-        try:
-            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
-        except (ValueError, OSError):
-            continue
+    previous: dict = {}
     try:
-        yield
+        with signal_stack.handlers(STOP_SIGNALS, lambda number, frame: received.append(number)) as installed:
+            previous.update(installed)
+            yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         if received:
             handler = previous.get(received[0])
             if callable(handler):
@@ -294,7 +291,7 @@ def write_files_atomically(folder: Path, texts: dict[str, str | bytes]) -> dict[
         for name, text in texts.items():
             target = folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            temporary = temporary_beside(target)
             staged[name] = temporary
             if isinstance(text, bytes):
                 temporary.write_bytes(text)

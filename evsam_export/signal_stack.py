@@ -1,4 +1,5 @@
-"""Keep the main thread's alternate signal stack valid, so stop signals end a command cleanly.
+"""Signal handling in one place: handlers installed for a block and restored after it (`handlers`), and the
+main thread's alternate signal stack kept valid, so stop signals end a command cleanly.
 
 Python runs every signal handler it installs (Ctrl-C's included) on the thread's alternate signal stack.
 OpenVINO's CPU plugin registers a stack of its own for each plugin instance and, when the instance is
@@ -12,7 +13,10 @@ of our own in place after OpenVINO and NNCF work. Linux only; elsewhere every fu
 from __future__ import annotations
 
 import ctypes
+import signal
 import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 # Large enough for Python's C handler plus faulthandler's traceback on any x86-64/aarch64 signal frame.
@@ -72,3 +76,23 @@ def repair() -> bool:
         return False
     return True
 
+
+@contextmanager
+def handlers(signums: Iterable[int], handler: Callable, keep_ignored: bool = False) -> Iterator[dict]:
+    """Install `handler` for each of `signums` while the block runs, then put the previous handlers back.
+
+    Yields {signal: previous handler} of those installed. Outside the main thread nothing is installed (signals
+    are not ours to handle there); `keep_ignored` leaves a signal the user ignores (nohup) ignored."""
+    installed = {}
+    for signum in signums:
+        if keep_ignored and signal.getsignal(signum) == signal.SIG_IGN:
+            continue
+        try:
+            installed[signum] = signal.signal(signum, handler)
+        except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us catch
+            continue
+    try:
+        yield installed
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)

@@ -32,14 +32,15 @@ from pathlib import Path
 def build(folder: Path, threads: int, calibration_images: int, int8_groups: list[str], skip: set[str]) -> dict:
     from evsam_export.manifest import read_manifest
     from evsam_export.model.variants import get_variant
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
     from evsam_export.precision import fp16, ort_int8
     from evsam_export.progress import Reporter
+    from evsam_export.steps.step import StepContext
     from evsam_export.targets import openvino, ort
 
     manifest = read_manifest(folder)
     ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant(manifest.variant),
-                      reporter=Reporter(interactive=False), threads=threads)
+                      reporter=Reporter(interactive=False), threads=threads, gating=ParityGate())
     encoder, decoder = manifest.artifact("encoder.onnx.fp32"), manifest.artifact("decoder.onnx.fp32")
     groups = {g.name: g for g in ort_int8.INT8_GROUPS}
     kept = tuple(r.name for name in int8_groups for r in groups[name].regions)
@@ -99,9 +100,17 @@ def main() -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-artifact peak-RSS subprocesses")
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure peak RSS of the artifacts of an earlier run (its bench.json) and rewrite bench.json/bench.md")
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="also write result files (encoder-latency, prompts, build-steps) under DIR, e.g. docs/results "
+                             "(default $EVSAM_RESULTS_DIR, unset: none)")
     args = parser.parse_args()
+    from evsam_export.measurements import record_measurement, results_dir
 
-    from evsam_export.bench import BenchResult, Timing, chart, peak_rss_mb, run_bench, table
+    record_dir = results_dir(args.record)
+
+    from evsam_export.bench.run import run_bench
+    from evsam_export.bench.tables import chart, table
+    from evsam_export.bench.timing import BenchResult, Timing, peak_rss_mb
 
     for variant in args.variants.split(","):
         folder = args.output / variant
@@ -135,6 +144,14 @@ def main() -> int:
         (folder / "bench.md").write_text(text + "\n")
         print(table(result), flush=True)
         print(text, flush=True)
+        if record_dir is not None:
+            from evsam_export.bench.tables import result_rows, weights_label
+
+            for table_name, key, values in result_rows(result):
+                ungated = ".int8" in key or ".fp16" in key
+                record_measurement(record_dir, table_name, key, values, note="ungated fp16/INT8 builds" if ungated else "")
+            record_measurement(record_dir, "build-steps", variant, {"variant": variant, "weights": weights_label(result.weights),
+                                                                    **{f"{step}_s": seconds for step, seconds in build_s.items()}})
     return 0
 
 

@@ -43,11 +43,13 @@ def parse_args(argv=None):
 
 def build_irs(folder: Path, args) -> dict:
     """{precision: Artifact} of the encoder IRs, built into folder/bench-openvino when missing."""
-    from evsam_export.manifest import Artifact, read_manifest, sha256_file
+    from evsam_export.files import sha256_file
+    from evsam_export.manifest import Artifact, read_manifest
     from evsam_export.model.variants import get_variant
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
     from evsam_export.precision import nncf_int8
     from evsam_export.progress import Reporter
+    from evsam_export.steps.step import StepContext
     from evsam_export.targets import openvino as target
 
     manifest = read_manifest(folder)
@@ -57,7 +59,8 @@ def build_irs(folder: Path, args) -> dict:
     link = work / parent.path
     if not link.exists():
         link.symlink_to((folder / parent.path).resolve())
-    ctx = StepContext(folder=work, manifest=manifest, variant=get_variant(manifest.variant), reporter=Reporter(), threads=args.threads)
+    ctx = StepContext(folder=work, manifest=manifest, variant=get_variant(manifest.variant), reporter=Reporter(), threads=args.threads,
+                      gating=ParityGate())
     groups = [g for g in nncf_int8.ENCODER_GROUPS if g.name in [n.strip() for n in args.int8_fp32_groups.split(",") if n.strip()]]
     import openvino
 
@@ -95,14 +98,14 @@ def main(argv=None) -> int:
     import openvino as ov
     import torch
 
-    from evsam_export.bench import alternate_calls, latency_summary
-    from evsam_export.calibration.images import synthetic_scene
-    from evsam_export.manifest import cpu_flags, cpu_model, package_versions
+    from evsam_export.bench.timing import alternate_calls, latency_summary
+    from evsam_export.data.scenes import synthetic_scene
+    from evsam_export.environment import cpu_flags, cpu_model, package_versions
+    from evsam_export.metrics import compare_tensors
     from evsam_export.model.checkpoint import load_model
     from evsam_export.model.processing import preprocess_image
     from evsam_export.model.sam import EncoderGraph
     from evsam_export.model.variants import get_variant
-    from evsam_export.parity.metrics import compare_tensors
     from evsam_export.runners.ort_runner import OrtRunner
 
     irs = build_irs(args.folder, args)

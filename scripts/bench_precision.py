@@ -29,9 +29,10 @@ def build_variants(folder: Path, scratch: Path, calibration_images: int, threads
                    fallback_groups: list[str], int8_options: dict) -> tuple[dict[str, Path], str, dict]:
     from evsam_export.manifest import read_manifest
     from evsam_export.model.variants import get_variant
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
     from evsam_export.precision import fp16, ort_int8
     from evsam_export.progress import Reporter
+    from evsam_export.steps.step import StepContext
     from evsam_export.targets import ort
 
     manifest = read_manifest(folder)
@@ -41,7 +42,7 @@ def build_variants(folder: Path, scratch: Path, calibration_images: int, threads
         (scratch / sub).mkdir()
         (scratch / sub / encoder.path).symlink_to((folder / encoder.path).resolve())
         return StepContext(folder=scratch / sub, manifest=manifest, variant=get_variant(manifest.variant),
-                           reporter=Reporter(interactive=False), threads=threads)
+                           reporter=Reporter(interactive=False), threads=threads, gating=ParityGate())
 
     ctx = context("main")
     half = fp16.build(ctx, encoder, fp16.Settings(fallback=False))[0]
@@ -91,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 10:
         parser.error("--runs must be at least 10")
 
-    from evsam_export.bench import alternate_calls, latency_summary
-    from evsam_export.calibration.data import encoder_calibration_feeds
-    from evsam_export.manifest import cpu_flags, cpu_model, package_versions
-    from evsam_export.parity.metrics import snr_db
+    from evsam_export.bench.timing import alternate_calls, latency_summary
+    from evsam_export.data.calibration import encoder_calibration_feeds
+    from evsam_export.environment import cpu_flags, cpu_model, package_versions
+    from evsam_export.metrics import snr_db
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-precision-"))
     try:

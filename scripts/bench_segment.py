@@ -90,12 +90,12 @@ def main() -> None:
     from upstream import build_upstream
 
     from evsam_export.bench import alternate_calls
-    from evsam_export.cli.segment_cmd import lower_precision_decoder
     from evsam_export.manifest import read_manifest
     from evsam_export.measurements import record_measurement
     from evsam_export.model.checkpoint import load_model
     from evsam_export.model.variants import VARIANTS
     from evsam_export.runtime import MaskGenerator, Predictor
+    from evsam_export.runtime.choice import segment_decoder
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -104,7 +104,7 @@ def main() -> None:
                 "stability_score_offset": args.stability_score_offset, "box_nms_thresh": args.box_nms_thresh}
     variant = read_manifest(args.folder).variant
     rgb = photo(args.image)
-    decoder = args.decoder or lower_precision_decoder(args.folder)
+    decoder = args.decoder or segment_decoder(args.folder)
     predictor = Predictor(args.folder, decoder=decoder, threads=args.threads)
     decoder_ran = predictor.info["split_decoder"] or predictor.decoder_artifact.id
     print(f"{variant} on {args.image} {rgb.shape[1]}x{rgb.shape[0]}, decoder {decoder_ran}, {args.threads} threads, "

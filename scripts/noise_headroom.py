@@ -30,12 +30,12 @@ def main() -> None:
 
     import torch
 
-    from evsam_export.calibration.images import load_image_spec, prompts_for
+    from evsam_export.data.scenes import load_image_spec, prompts_for
+    from evsam_export.metrics import mask_iou, snr_db, stable_mask_iou
     from evsam_export.model.checkpoint import load_model
     from evsam_export.model.processing import build_prompt_tokens, postprocess_masks, preprocess_image
     from evsam_export.model.sam import DecoderGraph, EncoderGraph
     from evsam_export.model.variants import get_variant
-    from evsam_export.parity.metrics import mask_iou, snr_db, stable_mask_iou
     from evsam_export.parity.suites import load_suite
 
     torch.set_num_threads(args.threads)

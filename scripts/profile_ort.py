@@ -66,7 +66,7 @@ def per_op_times(session, calls: int) -> dict[str, tuple[float, int]]:
 
 def profile(paths: list[Path], threads: int, runs: int, warmup: int) -> dict[str, tuple[float, dict[str, tuple[float, int]]]]:
     """{path: (median ms, per-op times)}, every graph timed by `evsam_export.bench`'s alternation."""
-    from evsam_export.bench import alternate_calls, latency_summary
+    from evsam_export.bench.timing import alternate_calls, latency_summary
 
     sessions = {str(path): profiled_session(path, threads, str(index)) for index, path in enumerate(paths)}
     times = alternate_calls({name: partial(session.run, None, feeds) for name, (session, feeds) in sessions.items()}, runs, warmup)
@@ -87,14 +87,14 @@ def main() -> None:
     graphs = list(args.graphs)
     scratch = tempfile.TemporaryDirectory()
     if args.plain_decoder:
-        from evsam_export.bench import plain_decoder_export
+        from evsam_export.bench.baselines import plain_decoder_export
         from evsam_export.model.checkpoint import load_model
         from evsam_export.model.variants import get_variant
 
         model, _ = load_model(get_variant(args.plain_decoder), "synthetic:0")
         graphs.insert(0, plain_decoder_export(model, Path(scratch.name)))
     if args.plain:
-        from evsam_export.bench import plain_export
+        from evsam_export.bench.baselines import plain_export
         from evsam_export.model.checkpoint import load_model
         from evsam_export.model.variants import get_variant
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 
 def main() -> None:
-    from evsam_export.bench import PREDICTOR, PREDICTOR_SINGLE_GRAPH, plain_decoder_export, prompt_bench, prompt_ratios
-    from evsam_export.manifest import cpu_flags, read_manifest
+    from evsam_export.bench.baselines import plain_decoder_export
+    from evsam_export.bench.run import PREDICTOR, PREDICTOR_SINGLE_GRAPH, prompt_bench, prompt_ratios
+    from evsam_export.environment import cpu_flags
+    from evsam_export.manifest import read_manifest
     from evsam_export.model.checkpoint import load_model
     from evsam_export.model.variants import get_variant
 

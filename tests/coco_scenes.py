@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from evsam_export.calibration.images import synthetic_scene
+from evsam_export.data.scenes import synthetic_scene
 
 ENCODINGS = ("polygon", "rle", "uncompressed")
 # (seed, height, width): small scenes keep the tests quick; the 256x320 one has an object above COCO's 96^2

@@ -19,6 +19,7 @@ def _register() -> None:
         segment_cmd,
         sensitivity_cmd,
         serve_cmd,
+        unseen_cmd,
         validate_cmd,
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +29,9 @@ def bench_command(
     """Alternated timing of every artifact; writes bench.json and bench.png into DIR."""
 
     def body() -> None:
-        from evsam_export.bench import chart, prompt_ratios, run_bench, table
+        from evsam_export import api
+        from evsam_export.bench.run import prompt_ratios
+        from evsam_export.bench.tables import table
         from evsam_export.errors import UsageError
         from evsam_export.measurements import record_measurement, results_dir
         from evsam_export.progress import Reporter
@@ -41,13 +42,7 @@ def bench_command(
             raise UsageError(f"unknown baseline {sorted(unknown)[0]!r}", hint="use pytorch, plain-onnx or an empty string")
         if runs < 1 or threads < 1:
             raise UsageError("--runs and --threads must be at least 1")
-        result = run_bench(folder, threads, runs, warmup, tuple(batch or [1]), baselines, memory, Reporter())
-        from evsam_export.folder_report import write_folder_report
-        from evsam_export.output import write_atomic
-
-        write_atomic(folder / "bench.json", json.dumps(result.to_json(), indent=2) + "\n")
-        chart(result, folder / "bench.png")
-        write_folder_report(folder)
+        result = api.bench(folder, threads, runs, warmup, tuple(batch or [1]), baselines, memory, Reporter())
         typer.echo(f"cpu: {result.machine['cpu']}  flags: {' '.join(result.machine['cpu_flags'])}  threads: {threads}")
         typer.echo(table(result))
         for workload, ratio in prompt_ratios(result.timings).items():
@@ -56,7 +51,7 @@ def bench_command(
         typer.echo(f"wrote {folder / 'bench.json'} and {folder / 'bench.png'}")
         directory = results_dir(record)
         if directory is not None:
-            from evsam_export.bench import result_rows
+            from evsam_export.bench.tables import result_rows
 
             written = [record_measurement(directory, table, key, values, note=f"folder {folder.name}")
                        for table, key, values in result_rows(result)]

@@ -34,11 +34,11 @@ def verify_command(
     """Check every entry's files against the size and sha256 recorded when it was stored."""
 
     def body() -> None:
+        from evsam_export import api
         from evsam_export.errors import ArtifactError
-        from evsam_export.pipeline.cache import StepCache
         from evsam_export.progress import human_size
 
-        cache = StepCache()
+        cache = api.step_cache()
         found, tally = cache.verify(fix=fix)
         for info in found:
             state = "ok " if info.problem is None else ("removed" if fix else "BAD")
@@ -67,12 +67,12 @@ def prune_command(
     """Remove entries by age and/or total size, least recently used first."""
 
     def body() -> None:
+        from evsam_export import api
         from evsam_export.errors import UsageError
-        from evsam_export.pipeline.cache import StepCache
 
         if older_than is None and max_gib is None:
             raise UsageError("nothing to prune by", hint="give --older-than DAYS and/or --max-gib GIB")
-        cache = StepCache()
+        cache = api.step_cache()
         max_bytes = None if max_gib is None else int(max_gib * (1 << 30))
         typer.echo(_summary(f"pruned {cache.root}", cache.prune(older_than_days=older_than, max_bytes=max_bytes)))
 
@@ -84,9 +84,9 @@ def clear_command(debug: DebugOption = False) -> None:
     """Remove every entry (every step is rebuilt on the next run)."""
 
     def body() -> None:
-        from evsam_export.pipeline.cache import StepCache
+        from evsam_export import api
 
-        cache = StepCache()
+        cache = api.step_cache()
         typer.echo(_summary(f"cleared {cache.root}", cache.clear()))
 
     run_guarded(debug, body)

@@ -41,20 +41,9 @@ def stop_signals_raise():
     from evsam_export import signal_stack
 
     signal_stack.repair()  # a handler on a freed signal stack would end in SIGSEGV instead
-    installed = {}
-    for name in ("SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is None or signal.getsignal(signum) == signal.SIG_IGN:  # nohup: the user asked to ignore it
-            continue
-        try:
-            installed[signum] = signal.signal(signum, raise_stopped)
-        except ValueError:  # not the main thread: signals are not ours to handle
-            continue
-    try:
+    stops = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    with signal_stack.handlers(stops, raise_stopped, keep_ignored=True):  # nohup: the user asked to ignore it
         yield
-    finally:
-        for signum, previous in installed.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 def run_guarded(debug: bool, body: Callable[[], T]) -> T:

@@ -15,11 +15,10 @@ def targets_command(debug: DebugOption = False) -> None:
     """Every target with its availability here (and the reason when it is missing)."""
 
     def body() -> None:
-        from evsam_export.runners import runtime_availability
-        from evsam_export.targets.registry import TARGETS
+        from evsam_export import api
 
-        availability = runtime_availability()
-        for target in TARGETS.values():
+        availability = api.availability()
+        for target in api.targets():
             state = availability[target.runtime]
             status = f"available ({target.runtime} {state.version})" if state.available else f"missing: {state.reason}"
             if target.name == "tensorrt" and not state.available:
@@ -51,14 +50,13 @@ def doctor_command(
     def body() -> None:
         import json
 
-        from evsam_export.manifest import environment
-        from evsam_export.runners import runtime_availability
+        from evsam_export import api
+        from evsam_export.environment import environment
         from evsam_export.runners.tensorrt_runner import cuda_device_count
-        from evsam_export.targets.registry import TARGETS
 
         env = environment()
         gpus, gpu_reason = cuda_device_count()
-        availability = runtime_availability()
+        availability = api.availability()
         flags = set(env["cpu_flags"])
         notes = []
         if not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags):
@@ -67,7 +65,7 @@ def doctor_command(
             )
         if {"avx512_bf16", "amx_bf16"} & flags:
             notes.append("bf16-capable CPU: OpenVINO would silently run bf16 without a precision hint (evsam-export always sets one)")
-        recipes = recipe_needs(flags, availability)
+        recipes = api.recipe_readiness(flags, availability)
         data = {
             **env,
             "recipes": recipes,
@@ -75,7 +73,7 @@ def doctor_command(
             "gpu_note": gpu_reason,
             "runtimes": {k: {"available": v.available, "version": v.version, "reason": v.reason} for k, v in availability.items()},
             "targets": {
-                t.name: {"needs": t.runtime, "device": t.device, "ready": availability[t.runtime].available} for t in TARGETS.values()
+                t.name: {"needs": t.runtime, "device": t.device, "ready": availability[t.runtime].available} for t in api.targets()
             },
             "notes": notes,
         }
@@ -87,7 +85,7 @@ def doctor_command(
         typer.echo(f"gpu           {gpus} CUDA device(s){'' if gpus else ' (' + gpu_reason + ')'}")
         for name, version in env["packages"].items():
             typer.echo(f"{name:<13} {version or 'not installed'}")
-        for target in TARGETS.values():
+        for target in api.targets():
             state = availability[target.runtime]
             typer.echo(f"target {target.name:<9} {'ready' if state.available else 'missing: ' + state.reason}")
         for name, entry in recipes.items():
@@ -107,40 +105,9 @@ def register_engines_command(
     """Replace TensorRT build-kit entries with the engines built by tensorrt-kit/build_engines.sh."""
 
     def body() -> None:
-        from evsam_export.targets.tensorrt import register_engines
+        from evsam_export import api
 
-        for artifact in register_engines(folder):
+        for artifact in api.register_engines(folder):
             typer.echo(f"registered {artifact.id}: {artifact.path} ({artifact.facts.get('runs_on')})")
 
     run_guarded(debug, body)
-
-
-def recipe_needs(flags: set[str], availability: dict) -> dict[str, dict]:
-    """Each shipped recipe: the CPU flags its precisions need (any one of each group), and whether this machine
-    can build it (runtime installed, flags present). An auto recipe is ready when one candidate is."""
-    from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe
-    from evsam_export.pipeline.recipe import load_recipe, recipes_dir
-    from evsam_export.targets.registry import get_target, missing_cpu_features
-
-    table = {}
-    for path in sorted(recipes_dir().glob("*.toml")):
-        if is_auto_recipe(path):
-            continue
-        recipe = load_recipe(path)
-        target = get_target(recipe.target)
-        precisions = (recipe.encoder_precision, recipe.decoder_precision)
-        needs = [" or ".join(target.cpu_features[p]) for p in dict.fromkeys(precisions) if p in target.cpu_features]
-        missing = missing_cpu_features(target, precisions, flags)
-        runtime = availability[target.runtime]
-        kit = " (writes a trtexec build kit instead)" if target.runtime == "tensorrt" else ""
-        why_not = (f"{target.runtime} missing{kit}" if not runtime.available else
-                   f"{', '.join(missing)} needs {' or '.join(next(iter(missing.values())))}" if missing else "")
-        table[path.stem] = {"cpu_needs": ", ".join(needs), "ready": not why_not, "why_not": why_not}
-    for path in sorted(recipes_dir().glob("*.toml")):
-        if is_auto_recipe(path):
-            candidates = load_auto_recipe(path).candidates
-            ready = [c for c in candidates if table.get(c, {}).get("ready")]
-            table[path.stem] = {"cpu_needs": "", "ready": bool(ready),
-                                "why_not": "" if ready else "no candidate can be built here",
-                                "candidates_ready": ready}
-    return table

@@ -15,18 +15,6 @@ import typer
 from evsam_export.cli.common import DebugOption, run_guarded
 from evsam_export.cli.root import app
 
-# Tints for the per-prompt masks and boxes in the overlay (RGB).
-PALETTE = (
-    (30, 144, 255), (255, 165, 0), (186, 85, 211), (0, 206, 209), (255, 215, 0), (255, 105, 180),
-    (154, 205, 50), (205, 133, 63),
-)
-FOREGROUND = (0, 255, 0)
-BACKGROUND = (255, 0, 0)
-OVERLAY_ALPHA = 0.5
-# The overlay is blended in row bands of about this many float32 bytes, so a large photo never needs a
-# float copy of the whole image.
-OVERLAY_BAND_BYTES = 32 * 2**20
-
 
 def parse_point(text: str) -> tuple[float, float, int]:
     """'X,Y' or 'X,Y,LABEL' (LABEL 1 foreground, default; 0 background)."""
@@ -72,33 +60,6 @@ def output_paths(output: Path, count: int) -> dict:
         "json": base.with_name(base.name + ".json"),
         "per_prompt": [base.with_name(f"{base.name}.{i}.png") for i in range(count)] if count > 1 else [],
     }
-
-
-def draw_overlay(rgb, masks, points, boxes):
-    """masks [B,H,W] bool tinted over `rgb`, points as dots (green fg, red bg), boxes as rectangles."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    height, width = rgb.shape[:2]
-    image = Image.new("RGB", (width, height))
-    band = max(1, OVERLAY_BAND_BYTES // (4 * 3 * width))
-    for start in range(0, height, band):
-        rows = slice(start, start + band)
-        canvas = rgb[rows].astype(np.float32)
-        for index, mask in enumerate(masks):
-            inside = mask[rows]
-            colour = np.asarray(PALETTE[index % len(PALETTE)], dtype=np.float32)
-            canvas[inside] = canvas[inside] * (1.0 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
-        image.paste(Image.fromarray(np.clip(canvas.round(), 0, 255).astype(np.uint8)), (0, start))
-    draw = ImageDraw.Draw(image)
-    line = max(1, round(min(height, width) / 200))
-    radius = max(2, round(min(height, width) / 80))
-    for index, (x0, y0, x1, y1) in enumerate(boxes):
-        draw.rectangle([x0, y0, x1, y1], outline=PALETTE[index % len(PALETTE)], width=line)
-    for x, y, label in points:
-        fill = FOREGROUND if label == 1 else BACKGROUND
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill, outline=(0, 0, 0), width=max(1, line // 2))
-    return image
 
 
 def save_mask(mask, path: Path) -> None:
@@ -153,10 +114,12 @@ def predict_command(
 
         import numpy as np
 
+        from evsam_export import api
         from evsam_export.data.images import read_image_file
         from evsam_export.errors import OutputError, UsageError
         from evsam_export.output import check_writable_parent, disk_full_error
-        from evsam_export.runtime import Predictor, check_prompts
+        from evsam_export.overlay import prompt_overlay
+        from evsam_export.runtime import check_prompts
 
         points = [parse_point(text) for text in point or []]
         boxes = [parse_box(text) for text in box or []]
@@ -172,7 +135,7 @@ def predict_command(
         check_prompts(rgb.shape[:2], point_coords, point_labels, boxes=box_array)  # fail before loading models
 
         budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
-        predictor = Predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget)
+        predictor = api.predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget)
         with predictor:
             predictor.set_image(rgb)
             prediction = predictor.predict(point_coords, point_labels, boxes=box_array, multimask_output=multimask)
@@ -187,7 +150,7 @@ def predict_command(
             save_mask(union, paths["mask"])
             for mask, path in zip(best, paths["per_prompt"]):
                 save_mask(mask, path)
-            draw_overlay(rgb, best, points, boxes).save(paths["overlay"], format="PNG")
+            prompt_overlay(rgb, best, points, boxes).save(paths["overlay"], format="PNG")
         except OSError as exc:
             raise disk_full_error(exc, fallback=output) or OutputError(
                 f"cannot write {output}: {exc.strerror or exc}", hint="check the folder exists and is writable"

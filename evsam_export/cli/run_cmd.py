@@ -37,21 +37,18 @@ def run_command(
     """Export -> precision -> target build -> validate, as the recipe says; each step cached by content."""
 
     def body() -> None:
+        from evsam_export import api
         from evsam_export.errors import ParityFailure
         from evsam_export.parity.report import console_table
         from evsam_export.pipeline.auto import is_auto_recipe
-        from evsam_export.pipeline.recipe import load_recipe
-        from evsam_export.pipeline.runner import StepCache, run_recipe
         from evsam_export.progress import Reporter
 
         if is_auto_recipe(recipe):
             _run_auto(recipe, variant.value, output, checkpoint, overrides or [], dry_run, no_cache, force, threads)
             return
-        loaded = load_recipe(recipe, overrides or [])
-        folder = output or Path("out") / f"{loaded.name}-{variant.value}"
         reporter = Reporter()
-        cache = StepCache(enabled=not no_cache)
-        result = run_recipe(loaded, variant.value, folder, checkpoint, force, dry_run, reporter, cache, command_line(), threads)
+        loaded, folder, result = api.run(recipe, variant.value, output, checkpoint, overrides or [], force, dry_run, not no_cache,
+                                         threads, reporter, command_line())
         if dry_run:
             typer.echo(f"recipe {loaded.name} ({loaded.path}) for {variant.value} -> {folder} (dry run: nothing written)")
             for step in result.steps:
@@ -73,21 +70,20 @@ def _run_auto(recipe: str, variant: str, output: Path | None, checkpoint, overri
               force: bool, threads: int | None) -> None:
     """An auto recipe (recipes/cpu-auto.toml): every supported candidate built and gated, the fastest gated pair
     recommended; the table it decided from is printed and kept as auto.md."""
+    from evsam_export import api
     from evsam_export.errors import ParityFailure
-    from evsam_export.pipeline.auto import AUTO_MD, load_auto_recipe, run_auto, support_of
-    from evsam_export.pipeline.runner import StepCache
+    from evsam_export.pipeline.auto import AUTO_MD, support_of
     from evsam_export.progress import Reporter
 
-    auto = load_auto_recipe(recipe, overrides)
-    folder = output or Path("out") / f"{auto.name}-{variant}"
+    reporter = Reporter()
+    auto, folder, result = api.run(recipe, variant, output, checkpoint, overrides, force, dry_run, not no_cache, threads, reporter,
+                                   command_line())
     if dry_run:
         typer.echo(f"auto recipe {auto.name} ({auto.path}) for {variant} -> {folder} (dry run: nothing written)")
         for name, candidate in zip(auto.candidates, auto.recipes):
             reason = support_of(candidate)
             typer.echo(f"  {name:<20} {'skip: ' + reason if reason else 'build, gate, time'}")
         return
-    reporter = Reporter()
-    result = run_auto(auto, variant, folder, checkpoint, force, reporter, StepCache(enabled=not no_cache), command_line(), threads)
     reporter.print_summary()
     typer.echo((result.output / AUTO_MD).read_text())
     if not result.passed:

@@ -17,10 +17,6 @@ import typer
 from evsam_export.cli.common import DebugOption, run_guarded
 from evsam_export.cli.root import app
 
-# Mask fill opacity in the overlay; outlines are opaque.
-SEGMENT_OVERLAY_ALPHA = 0.45
-# Seed of the per-mask colours, so the same masks get the same colours on every run.
-COLOUR_SEED = 0
 SUMMARY_NAME = "segment.json"
 JSON_OUTPUT_MODES = ("coco_rle", "uncompressed_rle")
 
@@ -77,51 +73,6 @@ def output_names(files: list[Path]) -> list[str]:
     return [p.stem if stems[p.stem] == 1 else p.name for p in files]
 
 
-def lower_precision_decoder(folder: Path) -> str | None:
-    """The decoder segment everything runs when none is named: None (the Predictor's choice: the folder's
-    recommended pair, else fp32) unless the folder has no recommendation and holds a lower-precision decoder
-    whose decoder stage passed in its parity.json, which then runs (bf16 first, then fp16, then int8)."""
-    from evsam_export.manifest import read_manifest
-    from evsam_export.runtime.predictor import _runtime_available, gated_decoder_stages
-
-    manifest = read_manifest(folder)
-    if manifest.recommended.get("decoder"):
-        return None
-    passed = gated_decoder_stages(folder)
-    cache: dict = {}
-    for precision in ("bf16", "fp16", "int8"):
-        for artifact in manifest.artifacts:
-            if (artifact.component == "decoder" and artifact.precision == precision and passed.get(artifact.id)
-                    and _runtime_available(artifact.target, cache)[0]):
-                return artifact.id
-    return None
-
-
-def draw_segments(rgb, records):
-    """Every mask tinted in its own colour over `rgb` (largest first, so small masks stay visible) and outlined."""
-    import cv2
-    import numpy as np
-    from PIL import Image
-
-    from evsam_export.runtime.mask_generator import decode_mask
-
-    canvas = rgb.astype(np.float32)
-    colours = np.random.default_rng(COLOUR_SEED).integers(40, 256, size=(len(records), 3))
-    order = sorted(range(len(records)), key=lambda i: -records[i]["area"])
-    outlines = []
-    for index in order:
-        mask = decode_mask(records[index]["segmentation"])
-        colour = colours[index].astype(np.float32)
-        canvas[mask] = canvas[mask] * (1.0 - SEGMENT_OVERLAY_ALPHA) + colour * SEGMENT_OVERLAY_ALPHA
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        outlines.append((contours, tuple(int(c) for c in colours[index])))
-    image = np.ascontiguousarray(np.clip(canvas.round(), 0, 255).astype(np.uint8))
-    thickness = max(1, round(min(rgb.shape[:2]) / 300))
-    for contours, colour in outlines:
-        cv2.drawContours(image, contours, -1, colour, thickness)
-    return Image.fromarray(image)
-
-
 @app.command("segment")
 def segment_command(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Artifact folder (with manifest.json).", show_default=False)],
@@ -164,12 +115,13 @@ def segment_command(
         import time
         from concurrent.futures import ThreadPoolExecutor
 
+        from evsam_export import api
         from evsam_export.data.images import read_image_file as read_image
         from evsam_export.errors import UsageError
         from evsam_export.output import check_output_folder, staged_folder
+        from evsam_export.overlay import segments_overlay
         from evsam_export.progress import Reporter
-        from evsam_export.runtime import MaskGenerator, Predictor
-        from evsam_export.runtime.mask_generator import check_settings
+        from evsam_export.runtime.mask_generator import check_settings, decode_mask
 
         if output_mode not in JSON_OUTPUT_MODES:
             raise UsageError(f"--output-mode must be one of {', '.join(JSON_OUTPUT_MODES)}, got {output_mode!r}"[:160])
@@ -205,9 +157,9 @@ def segment_command(
         budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
         reporter = Reporter()
         results, skipped = [], []
-        chosen_decoder = decoder or lower_precision_decoder(folder)
-        with Predictor(folder, encoder=encoder, decoder=chosen_decoder, threads=threads, **budget) as predictor:
-            generator = MaskGenerator(predictor, **settings)
+        chosen_decoder = decoder or api.segment_decoder(folder)
+        with api.predictor(folder, encoder=encoder, decoder=chosen_decoder, threads=threads, **budget) as predictor:
+            generator = api.mask_generator(predictor, **settings)
             with staged_folder(output, force) as staging:
                 items = list(zip(files, output_names(files)))
 
@@ -236,7 +188,9 @@ def segment_command(
                         seconds = time.perf_counter() - started + encoded.seconds
                         json_path, overlay_path = staging / f"{name}.json", staging / f"{name}.overlay.png"
                         json_path.write_text(json.dumps(records) + "\n")
-                        draw_segments(encoded.rgb, records).save(overlay_path, format="PNG")
+                        segmentations = [record["segmentation"] for record in records]
+                        segments_overlay(encoded.rgb, [record["area"] for record in records],
+                                         lambda index, masks=segmentations: decode_mask(masks[index])).save(overlay_path, format="PNG")
                         stats = generator.last_stats["seconds"]
                         results.append({
                             "image": str(path), "masks": len(records), "seconds": round(seconds, 3),

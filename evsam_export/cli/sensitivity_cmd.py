@@ -75,9 +75,10 @@ def sensitivity_command(
     def body() -> None:
         import dataclasses
 
+        from evsam_export import api
         from evsam_export.errors import UsageError
         from evsam_export.measurements import record_measurement, results_dir
-        from evsam_export.precision.sensitivity import REPORT_NAME, measure_openvino_sensitivity, measure_sensitivity, write_report
+        from evsam_export.pipeline.sensitivity import REPORT_NAME, write_report
         from evsam_export.progress import Reporter
 
         if threads < 1:
@@ -92,13 +93,14 @@ def sensitivity_command(
             overrides = {"calibration_images": calibration_images, "preset": preset.value if preset else None,
                          "fast_bias_correction": fast_bias_correction,
                          "activations_range": activations_range.value if activations_range else None}
-            result = measure_openvino_sensitivity(folder, wanted, overrides, scenes, threads, bench_runs, reporter, on_result=show)
+            result = api.sensitivity(folder, "openvino", wanted, overrides, threads, scenes=scenes, bench_runs=bench_runs,
+                                     reporter=reporter, on_result=show)
         else:
             if preset or fast_bias_correction is not None or activations_range:
                 raise UsageError("--preset and --fast/--full-bias-correction are NNCF settings", hint="use them with --backend openvino")
             overrides = {"calibrate_method": calibrate_method.value if calibrate_method else None, "percentile": percentile,
                          "calibration_images": calibration_images}
-            result = measure_sensitivity(folder, wanted, overrides, suite, threads, reporter, on_result=show)
+            result = api.sensitivity(folder, "ort", wanted, overrides, threads, suite=suite, reporter=reporter, on_result=show)
         typer.echo(result.header())
         for row in result.results:
             typer.echo(f"  {row.line()}")

@@ -40,11 +40,11 @@ def start_server(folder: Path, host: str, port: int):
     import errno
     import socket
 
+    from evsam_export import api
     from evsam_export.errors import UsageError
-    from evsam_export.web.server import FolderServer
 
     try:
-        return FolderServer({"/": folder}, port=port, host=host, accept_blobs=False)
+        return api.serve_folder(folder, host, port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise UsageError(f"port {port} on {host} is in use", hint="pick another with --port N, or --port 0 for any free port") from None
@@ -57,20 +57,20 @@ def measure_app_command(folder: Path, image: Path, threads: list[int | None], cl
     """`serve --measure`: one line per thread count (load, encoder, median click to overlay), recorded on demand."""
     import sys
 
+    from evsam_export import api
+    from evsam_export.bench.app import record_app_bench
     from evsam_export.errors import RuntimeUnavailable, UsageError
     from evsam_export.measurements import machine_facts, results_dir
-    from evsam_export.runners import availability_of
-    from evsam_export.web.app_bench import measure_app, record_app_bench
 
     if not image.is_file():
         raise UsageError(f"no image {image}", hint="give a PNG or JPEG file to --measure")
-    state = availability_of("onnxruntime-web")
+    state = api.availability("onnxruntime-web")
     if not state.available:
         raise RuntimeUnavailable(f"cannot time the app: {state.reason}")
     rows = []
     for count in threads:
         typer.echo(f"timing {folder} with {count or 'the default'} WASM threads ({clicks} clicks on {image.name})...")
-        row = {**measure_app(folder, image, count, clicks), "load_average": machine_facts()["load"]}
+        row = {**api.measure_app(folder, image, count, clicks), "load_average": machine_facts()["load"]}
         rows.append(row)
         typer.echo(f"{row['threads']} threads: load {row['load_ms'] / 1000:.1f} s, encoder {row['encode_ms'] / 1000:.1f} s, "
                    f"click to overlay {row['click_to_overlay_ms_median']:.0f} ms median of {row['clicks']} "

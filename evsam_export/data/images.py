@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export.errors import UsageError
-from evsam_export.manifest import sha256_file
+from evsam_export.files import sha256_file
 from evsam_export.model.processing import as_rgb_uint8, integer_to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")

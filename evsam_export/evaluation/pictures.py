@@ -58,8 +58,8 @@ def _png(image) -> bytes:
 def draw_worst(pipelines: Sequence[Pipeline], dataset: Dataset, evaluation: Evaluation, entries: Sequence[dict]) -> None:
     """Fill evaluation.pictures (records with a caption) and evaluation.picture_data (file -> PNG bytes) for the
     worst instances of `entries` (evaluation.report.results of `evaluation`)."""
+    from evsam_export.metrics import mask_iou
     from evsam_export.overlay import ARTIFACT, GROUND_TRUTH, REFERENCE, LabelledMask, comparison_picture
-    from evsam_export.parity.metrics import mask_iou
 
     pictures = wanted_pictures(entries)
     by_name = {p.name: p for p in pipelines}

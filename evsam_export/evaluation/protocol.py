@@ -90,7 +90,7 @@ def predict_masks(predictor, kind: str, boxes: np.ndarray, points: np.ndarray) -
 
 def prompt_ious(predictor, boxes: np.ndarray, points: np.ndarray, gt_masks: np.ndarray, kinds: Sequence[str]) -> dict[str, np.ndarray]:
     """IoU of each instance's predicted mask with its GT mask, per prompt kind, on the predictor's current image."""
-    from evsam_export.parity.metrics import mask_iou
+    from evsam_export.metrics import mask_iou
 
     height, width = gt_masks.shape[1:]
     per_call = max(1, MASK_BYTES_PER_CALL // (height * width))
@@ -141,7 +141,7 @@ def chosen_artifacts(folder: Path, manifest: Manifest, artifact_ids: Sequence[st
 def pairings(manifest: Manifest, chosen: list[Artifact]) -> list[tuple[Artifact, Artifact]]:
     """Each chosen encoder with the decoder a deployment would use (parity's end-to-end pairing rule); when
     only encoders or only decoders are chosen, the other side comes from the whole folder."""
-    from evsam_export.parity.pairing import pair_decoder
+    from evsam_export.runtime.pairing import pair_decoder
 
     encoders = [a for a in chosen if a.component == "encoder"] or [a for a in manifest.artifacts if a.component == "encoder"]
     decoders = [a for a in chosen if a.component == "decoder"] or [a for a in manifest.artifacts if a.component == "decoder"]

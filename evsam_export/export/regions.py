@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from evsam_export.errors import ExportError
+from evsam_export.errors import ExportError, SettingValueError
 
 COMPONENTS = ("encoder", "decoder")
 
@@ -146,8 +146,6 @@ def unknown_regions(names: Iterable[str]) -> list[str]:
 
 def check_region_names(field: str, names: Iterable[str]) -> None:
     """Refuse a settings field that names regions the table does not have (SettingValueError)."""
-    from evsam_export.pipeline.settings import SettingValueError
-
     unknown = unknown_regions(names)
     if unknown:
         raise SettingValueError(field, f"unknown region(s) {', '.join(map(repr, unknown))}",
@@ -156,8 +154,6 @@ def check_region_names(field: str, names: Iterable[str]) -> None:
 
 def check_patterns(field: str, patterns: Iterable[str]) -> None:
     """Refuse a settings field whose node-name regexes do not compile (SettingValueError)."""
-    from evsam_export.pipeline.settings import SettingValueError
-
     for pattern in patterns:
         try:
             re.compile(pattern)

@@ -7,11 +7,11 @@ keys, wrong shapes) becomes one CheckpointError line that says what and how to f
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from evsam_export.errors import CheckpointError
+from evsam_export.files import sha256_file
 from evsam_export.model.signature import variant_signature
 from evsam_export.model.variants import VARIANTS, Variant
 
@@ -50,14 +50,6 @@ def identify_variant(state_dict: dict) -> str | None:
         if variant_signature(name) == shapes:
             return name
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict:
@@ -134,21 +126,6 @@ def check_state_dict(state_dict: dict, variant: Variant, origin: str) -> None:
     )
 
 
-def resolve_realistic(spec: str, variant: Variant) -> str:
-    """`realistic` / `realistic:STEPS` -> the path of our trained-decoder test checkpoint for `variant`
-    (evsam_export.model.realistic; trained on first use and cached), any other spec unchanged."""
-    import sys
-    from dataclasses import replace
-
-    from evsam_export.model.realistic import ensure_checkpoint, parse_realistic
-
-    settings = parse_realistic(spec)
-    if settings is None:
-        return spec
-    log = lambda line: print(f"realistic checkpoint: {line}", file=sys.stderr, flush=True)  # noqa: E731
-    return str(ensure_checkpoint(replace(settings, variant=variant.name), log=log))
-
-
 def load_model(variant: Variant, source: str | Path | None = None):
     """(model in eval mode, WeightsSource). `source` is a .pt path or synthetic:SEED (default synthetic:0)."""
     import torch
@@ -157,7 +134,6 @@ def load_model(variant: Variant, source: str | Path | None = None):
     from evsam_export.model.synthetic import state_dict_sha256, synthetic_state_dict
 
     spec = str(source) if source is not None else DEFAULT_SOURCE
-    spec = resolve_realistic(spec, variant)
     seed = parse_synthetic(spec)
     if seed is not None:
         state_dict = synthetic_state_dict(variant, seed)
@@ -166,7 +142,7 @@ def load_model(variant: Variant, source: str | Path | None = None):
         path = Path(spec).expanduser()
         state_dict = read_state_dict(path)
         check_state_dict(state_dict, variant, str(path))
-        weights = WeightsSource(spec=str(path), sha256=file_sha256(path), synthetic_seed=None)
+        weights = WeightsSource(spec=str(path), sha256=sha256_file(path), synthetic_seed=None)
     model = EfficientViTSam(variant)
     model.load_state_dict({key: value.to(torch.float32) if value.is_floating_point() else value
                            for key, value in state_dict.items()})

@@ -13,8 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evsam_export.contract import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PADDING
-from evsam_export.model.variants import PIXEL_MEAN, PIXEL_STD, PROMPT_FRAME
+from evsam_export.model.variants import (
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_PADDING,
+    LOW_RES_MASK_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PROMPT_FRAME,
+)
 
 MASK_THRESHOLD = 0.0
 
@@ -252,10 +259,91 @@ def resize_bilinear_fast(x: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def postprocess_masks(low_res: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
-    """Low-res logits [..., 256, 256] -> logits at the original image size [..., H, W]."""
-    masks = resize_bilinear(low_res, PROMPT_FRAME, PROMPT_FRAME)
-    masks = masks[..., : geometry.input_size[0], : geometry.input_size[1]]
-    return resize_bilinear(masks, *geometry.original_size)
+    """Low-res logits [..., 256, 256] -> logits at the original image size [..., H, W], in torch's arithmetic."""
+    low_res = np.asarray(low_res, dtype=np.float32)
+    out = np.empty(low_res.shape[:-2] + tuple(int(n) for n in geometry.original_size), np.float32)
+    postprocess_into(low_res, geometry, out, exact=True)
+    return out
+
+
+# The final resize to the original size runs in row bands of about this many bytes of float temporaries,
+# so a 12000x12000 photo costs its boolean masks plus one band, not several float copies of the image.
+POSTPROCESS_BAND_BYTES = 64 * 2**20
+
+
+def postprocess_into(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int = POSTPROCESS_BAND_BYTES,
+                     exact: bool = False) -> None:
+    """Low-res logits [..., 256, 256] -> logits at the original image size (then binarize when `out` is bool),
+    written into `out` [..., H, W] band by band: the one mask post-processing of the runtime, the parity gate
+    and the mask generator.
+
+    Numpy (without OpenCV, or `exact`): torch's bilinear arithmetic (resize_bilinear), bit-identical whatever
+    the band size; postprocess_masks is this path. With OpenCV (opencv), `_postprocess_into_opencv`. Only the
+    float temporaries of the final resize are limited to about `band_bytes` at a time."""
+    if not exact and opencv() is not None:
+        _postprocess_into_opencv(low_res, geometry, out, band_bytes)
+        return
+    frame = resize_bilinear(low_res, PROMPT_FRAME, PROMPT_FRAME)
+    frame = frame[..., : geometry.input_size[0], : geometry.input_size[1]]
+    height, width = geometry.original_size
+    # Same index/weight tables resize_bilinear computes, so each band repeats its arithmetic exactly.
+    rows0, rows1, row_weight = _bilinear_axis(frame.shape[-2], height)
+    cols0, cols1, col_weight = _bilinear_axis(frame.shape[-1], width)
+    bytes_per_row = 4 * 4 * width * max(1, int(np.prod(frame.shape[:-2])))  # left, right, result, slack (float32)
+    band = max(1, band_bytes // bytes_per_row)
+    for start in range(0, height, band):
+        rows = slice(start, min(start + band, height))
+        top = frame[..., rows0[rows], :]
+        bottom = frame[..., rows1[rows], :]
+        blended_rows = top + (bottom - top) * row_weight[rows, None]
+        del top, bottom
+        left = blended_rows[..., cols0]
+        right = blended_rows[..., cols1]
+        logits = left + (right - left) * col_weight
+        out[..., rows, :] = logits if out.dtype != bool else binarize(logits)
+
+
+def frame_crop_source(input_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the 256x256 low-res logits that the 1024 frame's crop [:h, :w] reads: bilinear x4 with
+    half-pixel centres maps output n to source (n + 0.5) / 4 - 0.5, so the crop needs rows below ceil(h / 4) + 1."""
+    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
+    return tuple(min(LOW_RES_MASK_SIZE, -(-int(n) // scale) + 1) for n in input_size)
+
+
+def _postprocess_into_opencv(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int) -> None:
+    """postprocess_into with OpenCV, one mask at a time: cv2.resize of only the low-res rows and columns the
+    crop reads (frame_crop_source) by the frame's factor of 4, so the crop comes out without the rest of the
+    1024 frame, then cv2.resize of the crop's width only (its height kept, so OpenCV moves columns alone),
+    then numpy's exact row blend in bands. Within 4e-4 of the numpy reference (processing.resize_bilinear_fast);
+    the band size never changes a value."""
+    cv2 = opencv()
+    new_h, new_w = geometry.input_size
+    height, width = geometry.original_size
+    source_h, source_w = frame_crop_source(geometry.input_size)
+    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
+    rows0, rows1, row_weight = _bilinear_axis(new_h, height)
+    band = max(1, band_bytes // (2 * 4 * width))  # two float32 rows per output row
+    low_res = np.asarray(low_res, dtype=np.float32)
+    for index in np.ndindex(low_res.shape[:-2]):
+        source = low_res[index][:source_h, :source_w]
+        frame = cv2.resize(source, (source_w * scale, source_h * scale), interpolation=cv2.INTER_LINEAR)[:new_h, :new_w]
+        # A bilinear resize to the same width moves no column (all weights 0): skip the copy.
+        widened = frame if width == new_w else cv2.resize(frame, (width, new_h), interpolation=cv2.INTER_LINEAR)
+        if height == new_h:  # a bilinear resize to the same height moves no row (all row weights are 0)
+            if out.dtype == bool:
+                np.greater(widened, MASK_THRESHOLD, out=out[index])
+            else:
+                out[index] = widened
+            continue
+        for start in range(0, height, band):
+            rows = slice(start, min(start + band, height))
+            logits = widened[rows1[rows]]
+            top = widened[rows0[rows]]
+            # top + (bottom - top) * weight, in place: the same float32 operations without temporaries
+            np.subtract(logits, top, out=logits)
+            np.multiply(logits, row_weight[rows, None], out=logits)
+            np.add(logits, top, out=logits)
+            out[index + (rows,)] = logits if out.dtype != bool else binarize(logits)
 
 
 def binarize(logits: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:

@@ -11,6 +11,12 @@ EMBEDDING_SIZE = 64
 EMBEDDING_DIM = 256
 LOW_RES_MASK_SIZE = 256
 NUM_MASK_TOKENS = 4
+# PyTorch SAM's point labels: a click's foreground/background, a box's two corners, padding.
+LABEL_FOREGROUND = 1.0
+LABEL_BACKGROUND = 0.0
+LABEL_BOX_TOP_LEFT = 2.0
+LABEL_BOX_BOTTOM_RIGHT = 3.0
+LABEL_PADDING = -1.0
 # Upstream's model zoo sets eps=1e-6 on every BatchNorm/LayerNorm after construction.
 NORM_EPS = 1e-6
 # ImageNet statistics on the 0..255 scale, as upstream's Normalize(mean/255, std/255) after ToTensor.

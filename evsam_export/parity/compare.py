@@ -20,19 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from evsam_export import contract
+from evsam_export import contract, metrics
 from evsam_export.errors import RuntimeUnavailable
 from evsam_export.manifest import Artifact
 from evsam_export.model import processing
 from evsam_export.model.variants import NUM_MASK_TOKENS
-from evsam_export.parity import metrics
-from evsam_export.parity.pairing import end_to_end_pairings, looser_precision
 from evsam_export.parity.reference import Case, CaseSet, Reference, decoder_feeds
 from evsam_export.parity.suites import Suite, Tolerance
 from evsam_export.progress import Reporter
 from evsam_export.runners import runner_for_artifact
 from evsam_export.runners.base import Runner
 from evsam_export.runners.split_decoder import is_split_decoder, split_artifact, split_runner
+from evsam_export.runtime.pairing import end_to_end_pairings, looser_precision
 
 # ------------------------------------------------------------------------------------------ results
 

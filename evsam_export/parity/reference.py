@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export import contract
-from evsam_export.calibration.images import PromptSet, ValidationImage, annotated_validation_images, load_image_spec, prompts_for
 from evsam_export.data.coco import AnnotationSet
 from evsam_export.data.images import FolderImage, ImageFolder, SkippedImage, read_folder
+from evsam_export.data.scenes import PromptSet, ValidationImage, annotated_validation_images, load_image_spec, prompts_for
 from evsam_export.errors import ArtifactError, UsageError
+from evsam_export.files import replacing
 from evsam_export.manifest import Manifest
 from evsam_export.model import processing
 from evsam_export.model.checkpoint import exported_model
@@ -85,9 +86,8 @@ class Reference:
                               ("iou", self.iou), ("maskin", self.mask_inputs), ("task", self.task)):
             for key, value in table.items():
                 arrays[f"{prefix}|{key}"] = value
-        tmp = Path(path).with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with replacing(Path(path), suffix=".npz") as temporary:  # np.savez adds .npz to a name without it
+            np.savez_compressed(temporary, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Reference:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
-from evsam_export.calibration.images import (
+from evsam_export.data.coco import AnnotationSet
+from evsam_export.data.images import ImageFolder
+from evsam_export.data.scenes import (
     MAX_SCENE_SIDE,
     MIN_SCENE_SIDE,
     PROMPT_KINDS,
@@ -25,8 +27,6 @@ from evsam_export.calibration.images import (
     SampleImageSpec,
     SyntheticImageSpec,
 )
-from evsam_export.data.coco import AnnotationSet
-from evsam_export.data.images import ImageFolder
 from evsam_export.errors import RecipeError
 from evsam_export.parity.task_settings import GroundTruth, TaskCriterion, parse_max_drop
 

@@ -1,2 +1,2 @@
-"""The pipeline: recipes, the step contract, the content-addressed step cache, the gated fallback loop
-and the runner that drives export -> precision -> target -> validate."""
+"""The pipeline: the export stage, recipes, the content-addressed step cache, and the runner that drives
+export -> precision -> target -> validate (with auto, split lowering and the sensitivity analysis)."""

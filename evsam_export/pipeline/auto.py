@@ -140,7 +140,7 @@ class AutoResult:
 
 def support_of(recipe) -> str:
     """Why this machine cannot build `recipe` ('' when it can)."""
-    from evsam_export.manifest import cpu_flags
+    from evsam_export.environment import cpu_flags
     from evsam_export.runners import availability_of
     from evsam_export.targets.registry import get_target, missing_cpu_features
 
@@ -183,7 +183,7 @@ def _time_artifacts(folder: Path, manifest, ids: list[str], runs: int, warmup: i
     """Median ms per artifact, alternated in this process: encoders on one image, decoders on one click and on
     16 boxes, fetching the low-res outputs the Predictor fetches."""
     from evsam_export import contract
-    from evsam_export.bench import _decoder_feed, _encoder_feed, alternate_calls, latency_summary
+    from evsam_export.bench.timing import alternate_calls, decoder_feed, encoder_feed, latency_summary
     from evsam_export.runners import runner_for_artifact
 
     runners = {i: runner_for_artifact(folder, manifest.artifact(i), threads=threads).load() for i in ids}
@@ -192,9 +192,9 @@ def _time_artifacts(folder: Path, manifest, ids: list[str], runs: int, warmup: i
         encoders = [i for i in ids if manifest.artifact(i).component == "encoder"]
         decoders = [i for i in ids if manifest.artifact(i).component == "decoder"]
         wanted = (contract.LOW_RES_MASKS, contract.IOU_PREDICTIONS)
-        workloads = [("encoder", "1 image", encoders, lambda r: _encoder_feed(manifest.encoder_size, 1), None),
-                     ("decoder", "1 click", decoders, lambda r: _decoder_feed(r.inputs, 1, False), wanted),
-                     ("decoder", "16 boxes", decoders, lambda r: _decoder_feed(r.inputs, 16, True), wanted)]
+        workloads = [("encoder", "1 image", encoders, lambda r: encoder_feed(manifest.encoder_size, 1), None),
+                     ("decoder", "1 click", decoders, lambda r: decoder_feed(r.inputs, 1, False), wanted),
+                     ("decoder", "16 boxes", decoders, lambda r: decoder_feed(r.inputs, 16, True), wanted)]
         for component, workload, subjects, feed_for, outputs in workloads:
             if not subjects:
                 continue

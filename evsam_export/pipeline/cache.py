@@ -16,7 +16,6 @@ meanwhile counts as success.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -27,77 +26,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from evsam_export.cache import cache_root
 from evsam_export.errors import OutputError
-from evsam_export.manifest import sha256_file
+from evsam_export.files import sha256_file
 
 ENTRY_FORMAT = 2  # entries before 2 recorded file names without sizes and hashes: unverifiable, so a miss
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
 # temporary (`.KEY.tmp-PID-...`) and discarded (`.KEY.gone-PID-...`) folders, with the process that made them
 SCRATCH_PATTERN = re.compile(r"\.(?P<key>[0-9a-zA-Z]+)\.(?:tmp|gone)-(?P<pid>\d+)-")
 FICLONE = 0x40049409  # Linux ioctl: share the source's extents copy-on-write (btrfs, XFS, bcachefs)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EVSAM_CACHE_DIR", Path.home() / ".cache" / "evsam-export")) / "steps"
-
-
-def _local_imports(source: bytes) -> set[str]:
-    """evsam_export modules a source file imports, at top level or inside functions."""
-    import ast
-
-    names = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names if alias.name.startswith("evsam_export"))
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("evsam_export"):
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return names
-
-
-def _module_file(name: str) -> Path | None:
-    """Source file of an evsam_export module, found on disk (find_spec would import parent packages)."""
-    import evsam_export
-
-    parts = name.split(".")
-    if parts[0] != "evsam_export":
-        return None
-    base = Path(evsam_export.__file__).parent.joinpath(*parts[1:])
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None  # `from module import function` names
-
-
-def module_code_files(module_name: str) -> dict[str, Path]:
-    """The module's source file and those of every evsam_export module it imports, transitively."""
-    files: dict[str, Path] = {}
-    pending = [module_name]
-    while pending:
-        name = pending.pop()
-        path = _module_file(name)
-        if name in files or path is None:
-            continue
-        files[name] = path
-        pending.extend(sorted(_local_imports(path.read_bytes())))
-    return files
-
-
-def module_code_hash(module_name: str) -> str:
-    """Hash of `module_code_files`: a change in a helper (the model code, a graph pass, the calibration
-    data) invalidates the cached results it shaped, not only a change in the step module itself."""
-    files = module_code_files(module_name)
-    if not files:  # not our module (or not on disk): the name is all we can key on
-        return hashlib.sha256(module_name.encode()).hexdigest()
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + files[name].read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def step_key(payload: dict) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def copy_independent(source: Path, target: Path) -> None:

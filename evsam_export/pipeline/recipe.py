@@ -17,7 +17,7 @@ import tomllib
 
 from evsam_export.apps import check_app_configs
 from evsam_export.errors import RecipeError, UsageError
-from evsam_export.pipeline.settings import SettingValueError
+from evsam_export.steps.settings import SettingValueError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SECTIONS = ("recipe", "export", "precision", "target", "validate", "apps")
@@ -34,7 +34,7 @@ class Recipe:
     description: str
     target: str
     path: Path
-    export: dict  # api.ExportOptions fields
+    export: dict  # pipeline.export.ExportOptions fields
     encoder_precision: str
     decoder_precision: str
     fp16: dict = field(default_factory=dict)  # settings of the fp16 step
@@ -47,7 +47,7 @@ class Recipe:
     document: dict = field(default_factory=dict)  # the merged TOML, for --dry-run and the manifest
 
     def export_options(self):
-        from evsam_export.api import ExportOptions
+        from evsam_export.pipeline.export import ExportOptions
 
         return ExportOptions(**self.export)
 
@@ -153,13 +153,8 @@ def check_table(table: dict, settings_cls, where: str, source: str) -> dict:
     return dict(table)
 
 
-def _settings_class(module_name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module_name).Settings
-    except ImportError as exc:
-        raise RecipeError(f"step module {module_name} is not available ({exc})") from exc
+def _settings_class(module):
+    return module.Settings
 
 
 @dataclass(frozen=True)
@@ -252,7 +247,7 @@ def _check_build_gates(tables: dict, used: set, release_suite: str, source: str,
     """Refuse a recipe whose build-time gate (a precision step's gate_suite) checks less than its release
     suite: a candidate that passes the build gate must fail the release gate only on images it did not see."""
     from evsam_export.parity.suites import check_gate_covers
-    from evsam_export.pipeline.settings import GATE_SUITE
+    from evsam_export.steps.settings import GATE_SUITE
 
     for precision in ("fp16", "int8"):
         if precision in used and tables[precision].get("fallback", True):
@@ -261,7 +256,7 @@ def _check_build_gates(tables: dict, used: set, release_suite: str, source: str,
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    from evsam_export.api import ExportOptions
+    from evsam_export.pipeline.export import ExportOptions
     from evsam_export.targets.registry import get_target
 
     path = resolve_recipe_path(name_or_path)

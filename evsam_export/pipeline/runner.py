@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evsam_export import __version__
+from evsam_export.cache import cache_key, module_code_hash
+from evsam_export.environment import environment, package_versions
 from evsam_export.errors import EvsamError
-from evsam_export.manifest import Artifact, Manifest, environment, package_versions
-from evsam_export.pipeline.cache import StepCache, module_code_hash, step_key
-from evsam_export.pipeline.fallback import summary_outcome
+from evsam_export.manifest import Artifact, Manifest
+from evsam_export.pipeline.cache import StepCache
 from evsam_export.pipeline.recipe import Recipe, build_settings
 from evsam_export.progress import Reporter
+from evsam_export.steps.fallback import summary_outcome
 from evsam_export.targets.registry import check_cpu_features, get_target
 
 KEY_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "onnx_graphsurgeon", "openvino", "nncf", "tensorrt", "numpy")
@@ -44,17 +46,17 @@ class Step:
 
 def plan_steps(recipe: Recipe) -> list[Step]:
     target = get_target(recipe.target)
-    steps = [Step("export", "evsam_export.api", settings=dict(recipe.export))]
+    steps = [Step("export", "evsam_export.pipeline.export", settings=dict(recipe.export))]
     for component, precision in (("encoder", recipe.encoder_precision), ("decoder", recipe.decoder_precision)):
         parent = f"{component}.onnx.fp32"
         table = recipe.fp16 if precision == "fp16" else recipe.int8 if precision == "int8" else {}
         module = target.precision_steps.get(precision)
         if module is not None:
-            steps.append(Step(f"{precision}:{component}", module, component, parent, dict(table), precision))
+            steps.append(Step(f"{precision}:{component}", module.__name__, component, parent, dict(table), precision))
             parent = None  # resolved at run time from the precision step's output
             table = {}
         settings = dict(recipe.target_settings, **table)
-        steps.append(Step(f"{target.name}:{component}", target.target_step, component, parent, settings, precision))
+        steps.append(Step(f"{target.name}:{component}", target.target_step.__name__, component, parent, settings, precision))
     if recipe.validate:
         settings = {"suite": recipe.suite}
         if recipe.ground_truth is not None:
@@ -118,18 +120,20 @@ def run_recipe(
     command: str = "",
     threads: int | None = None,
 ) -> RunResult:
-    from evsam_export.api import export_components, model_contract
-    from evsam_export.model.checkpoint import load_model, parse_synthetic, resolve_realistic
+    from evsam_export.model.checkpoint import load_model, parse_synthetic
     from evsam_export.model.variants import get_variant
     from evsam_export.output import check_output_folder, staged_folder
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
+    from evsam_export.pipeline.export import export_components, model_contract
+    from evsam_export.realistic import resolve_realistic
+    from evsam_export.steps.step import StepContext
 
     reporter = reporter or Reporter()
     cache = cache or StepCache()
     variant = get_variant(variant_name)
     target = get_target(recipe.target)
     check_cpu_features(target, (recipe.encoder_precision, recipe.decoder_precision), recipe.name)
-    target_module = importlib.import_module(target.target_step) if target.hooks else None
+    target_module = target.target_step if target.hooks else None
     if target_module is not None and not dry_run:  # before any work: a refusal costs nothing
         target_module.preflight(recipe.target_settings)
     output = Path(output) if dry_run else check_output_folder(Path(output), force)
@@ -146,7 +150,7 @@ def run_recipe(
     def key_for(step: Step, parent_sha: str | None) -> str | None:
         if step.name != "export" and parent_sha is None:
             return None
-        return step_key(step_payload(step, parent_sha, versions, suite_hash, variant.name, weights_sha))
+        return cache_key(step_payload(step, parent_sha, versions, suite_hash, variant.name, weights_sha))
 
     if dry_run:
         return RunResult(None, _dry_run(steps, key_for, cache), None, None)
@@ -166,7 +170,7 @@ def run_recipe(
     report = None
     with staged_folder(output, force) as staging:
         ctx = StepContext(folder=staging, manifest=manifest, variant=variant, reporter=reporter, suite=recipe.suite, threads=threads,
-                          ground_truth=recipe.ground_truth)
+                          ground_truth=recipe.ground_truth, gating=ParityGate())
         latest: dict[str, str] = {}  # component -> id of its newest artifact
         for step in steps:
             started = time.perf_counter()
@@ -278,7 +282,8 @@ def _tensorrt_device() -> dict:
 
 
 def _weights_sha(variant, checkpoint: str | None) -> str:
-    from evsam_export.model.checkpoint import file_sha256, parse_synthetic
+    from evsam_export.files import sha256_file
+    from evsam_export.model.checkpoint import parse_synthetic
     from evsam_export.model.synthetic import state_dict_sha256, synthetic_state_dict
 
     spec = checkpoint or "synthetic:0"
@@ -290,7 +295,7 @@ def _weights_sha(variant, checkpoint: str | None) -> str:
         from evsam_export.errors import CheckpointError
 
         raise CheckpointError(f"checkpoint not found: {path}", hint="check the path, or omit --checkpoint to use synthetic weights")
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def _run_step(step: Step, ctx, parent, variant, checkpoint, options, load_model, export_components) -> list[Artifact]:
@@ -335,11 +340,11 @@ def _validate_step(step: Step, ctx, staging: Path, manifest: Manifest, suite_has
 def validate_key(folder: Path, manifest: Manifest, suite_hash: str, versions: dict) -> str:
     """The validate step's key: over the sha256 of every file it will check, read from disk (not the hashes the
     manifest records), and every artifact's IO contract, which the feeds are built from."""
-    from evsam_export.manifest import sha256_file
+    from evsam_export.files import sha256_file
 
     files = {name: sha256_file(folder / name) if (folder / name).is_file() else None  # a missing file fails the validation itself
              for artifact in manifest.artifacts for name in _artifact_files(artifact)}
-    return step_key({"step": "validate", "code": module_code_hash("evsam_export.parity.validate"), "suite": suite_hash,
+    return cache_key({"step": "validate", "code": module_code_hash("evsam_export.parity.validate"), "suite": suite_hash,
                      "artifacts": sorted((a.id, a.path, a.to_json()["inputs"], a.to_json()["outputs"]) for a in manifest.artifacts),
                      "files": files, "tool": __version__, "versions": versions})
 

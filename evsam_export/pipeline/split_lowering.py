@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from evsam_export import contract
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.step import StepContext
+from evsam_export.steps.step import StepContext
 
 
 def lower_split_pair(ctx: StepContext, module, settings, parent: Artifact, built: list[Artifact]) -> list[Artifact]:
@@ -59,7 +59,7 @@ def lower_split_pair(ctx: StepContext, module, settings, parent: Artifact, built
 
 
 def _check_lowered_pair(ctx: StepContext, lowered: Artifact, halves: list[Artifact]) -> dict:
-    from evsam_export.export.split_decoder import (
+    from evsam_export.pipeline.split_check import (
         single_graph_outputs,
         split_check_facts,
         split_check_limits,

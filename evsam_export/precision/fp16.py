@@ -11,7 +11,7 @@ Precision lives in the graph: the fp32 ONNX is converted by ONNX Runtime's
 * a structural check afterwards, `fp32_islands`, that every fragile node still reads and writes float32
   (no fp16 tensor crosses into an island), plus an ORT CPU load and a finite-output check;
 * optionally (the default) the calibration-gate parity suite on the candidate, and automatic fallback
-  that keeps further groups at fp32 until it passes (evsam_export.pipeline.fallback).
+  that keeps further groups at fp32 until it passes (evsam_export.steps.fallback).
 
 Caveat, measured: ORT's CPU EP has few fp16 kernels and runs most fp16 nodes through casts to fp32 that
 it inserts at session start (L0 encoder.fp16.onnx: 19 Casts in the file, 133 in the session graph, ORT
@@ -31,9 +31,9 @@ import numpy as np
 from evsam_export.errors import ExportError
 from evsam_export.export import regions
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
-from evsam_export.pipeline.settings import PrecisionSettings
-from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.steps.fallback import FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
+from evsam_export.steps.settings import PrecisionSettings
+from evsam_export.steps.step import StepContext, artifact_filename
 
 # Op types that always compute in fp32, in every component.
 FP32_OP_TYPES = (
@@ -173,7 +173,7 @@ def smoke_feeds(artifact: Artifact, variant) -> dict[str, np.ndarray]:
     """One realistic feed for a quick run: a preprocessed synthetic scene for the encoder, a point prompt
     on Gaussian embeddings for the decoder (no encoder run needed)."""
     from evsam_export import contract
-    from evsam_export.calibration.data import encoder_calibration_feeds
+    from evsam_export.data.calibration import encoder_calibration_feeds
 
     if artifact.component == "encoder":
         return encoder_calibration_feeds(variant, 1, seed=0, photos=False)[0]
@@ -191,7 +191,7 @@ def run_compare(reference_path: Path, candidate_path: Path, feeds: dict[str, np.
     """Load both graphs in ORT CPU, run one feed, return SNR per output and the non-finite count."""
     import onnxruntime as ort
 
-    from evsam_export.parity import metrics
+    from evsam_export import metrics
 
     def session(path):
         options = ort.SessionOptions()

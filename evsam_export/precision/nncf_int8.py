@@ -5,7 +5,7 @@
 targets/openvino.py reads the fp32 ONNX into an ov.Model and saves IRs; this module decides what is
 quantized. NNCF INT8 of this encoder needs an ignored scope: quantizing LiteMLA's linear attention wrecks
 the embedding. The scope is built from op types and regions (evsam_export.export.regions), and when the
-parity gate refuses a candidate, evsam_export.pipeline.fallback widens it group by group (ordered below)
+parity gate refuses a candidate, evsam_export.steps.fallback widens it group by group (ordered below)
 and records each round.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 from evsam_export.errors import ExportError, RecipeError, RuntimeUnavailable
 from evsam_export.export import regions
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback
-from evsam_export.pipeline.settings import PrecisionSettings
-from evsam_export.pipeline.step import StepContext
+from evsam_export.steps.fallback import FallbackGroup, build_with_fallback
+from evsam_export.steps.settings import PrecisionSettings
+from evsam_export.steps.step import StepContext
 
 PRESETS = ("mixed", "performance")
 MODEL_TYPES = ("transformer", None)
@@ -74,7 +74,7 @@ _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 class Settings(PrecisionSettings):
     """nncf.quantize settings (NNCF 3.x); the OpenVINO target's Settings extend them."""
 
-    # Calibration images built (evsam_export.calibration.data) and all handed to NNCF. Decoder: each image
+    # Calibration images built (evsam_export.data.calibration) and all handed to NNCF. Decoder: each image
     # with a point and a box prompt (2 feeds per image).
     calibration_images: int = 32
     # NNCF preset: "mixed" = symmetric weights, asymmetric activations (GELU outputs are not symmetric).
@@ -122,7 +122,7 @@ class Settings(PrecisionSettings):
         for name in self.fallback_groups:
             regions.check_region_names("fallback_groups", name.split("+"))
             if len({regions.region(part).component for part in name.split("+")}) > 1:
-                from evsam_export.pipeline.settings import SettingValueError
+                from evsam_export.steps.settings import SettingValueError
 
                 raise SettingValueError("fallback_groups", f"{name!r} mixes encoder and decoder regions",
                                         hint="a group reverts regions of one component")
@@ -226,9 +226,9 @@ def round_scope(settings: Settings, kept: tuple[FallbackGroup, ...], nodes: list
 
 
 def calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) -> list[dict]:
-    """Shared calibration feeds (evsam_export.calibration.data). The decoder's embeddings are what the fp32
+    """Shared calibration feeds (evsam_export.data.calibration). The decoder's embeddings are what the fp32
     ONNX encoder of this folder really produces (ONNX Runtime)."""
-    from evsam_export.calibration.data import decoder_calibration_feeds, encoder_calibration_feeds
+    from evsam_export.data.calibration import decoder_calibration_feeds, encoder_calibration_feeds
 
     if parent.component == "encoder":
         return encoder_calibration_feeds(ctx.variant, settings.calibration_images, settings.calibration_seed,
@@ -290,8 +290,8 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     except ImportError as exc:
         raise RuntimeUnavailable(f"openvino int8 needs nncf ({exc})", hint="pip install 'evsam-export[openvino]'") from exc
 
-    from evsam_export.calibration.data import as_nncf_dataset, calibration_fingerprint, describe_calibration, warn_skipped
-    from evsam_export.manifest import cpu_flags
+    from evsam_export.data.calibration import as_nncf_dataset, calibration_fingerprint, describe_calibration, warn_skipped
+    from evsam_export.environment import cpu_flags
 
     check_parent(parent)
     nodes = model_nodes(model)
@@ -344,10 +344,8 @@ def accuracy_controlled(ctx, parent, model, settings, feeds, overflow_fix, commo
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    from evsam_export.parity.suites import load_suite
-
     items, metric = validation_items(ctx, parent, settings)
-    max_drop = round(1.0 - load_suite(settings.gate_suite).tolerance("int8").mask_iou_mean_min, 6)
+    max_drop = round(1.0 - ctx.load_suite(settings.gate_suite).tolerance("int8").mask_iou_mean_min, 6)
     scope = round_scope(settings, (), nodes, parent.component, base)
     kwargs = quantize_kwargs(settings, overflow_fix, len(feeds))
     with ctx.reporter.step(f"{parent.component}: NNCF INT8 with accuracy control (max_drop {max_drop:.3f})"), quiet_nncf():
@@ -390,8 +388,8 @@ def validation_items(ctx: StepContext, parent: Artifact, settings: Settings):
     ONNX reference masks; validation_fn returns (mean IoU, per-item IoU)."""
     import numpy as np
 
-    from evsam_export.calibration.data import decoder_calibration_feeds
-    from evsam_export.parity import metrics
+    from evsam_export import metrics
+    from evsam_export.data.calibration import decoder_calibration_feeds
     from evsam_export.runners.ort_runner import OrtRunner
 
     encoder = ctx.manifest.artifact("encoder.onnx.fp32")

@@ -2,7 +2,7 @@
 Q/DQ, the input of a TensorRT explicit-quantization build).
 
 `onnxruntime.quantization.quantize_static` with QuantFormat.QDQ, per-channel weights and MinMax ranges
-from `evsam_export.calibration.data` (real images through the shared preprocessing; for the decoder,
+from `evsam_export.data.calibration` (real images through the shared preprocessing; for the decoder,
 embeddings the fp32 encoder really produces). Precision lives in the graph: every quantized tensor is a
 QuantizeLinear/DequantizeLinear pair that ORT (and TensorRT) fuse into int8 kernels at load time.
 
@@ -29,9 +29,7 @@ and re-quantizes from the cached calibration ranges (the calibration pass runs o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -41,13 +39,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from evsam_export.cache import cache_key, cache_root
+from evsam_export.environment import cpu_flags
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export import regions
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
-from evsam_export.manifest import Artifact, cpu_flags
-from evsam_export.pipeline.fallback import FallbackGroup, build_with_fallback, graph_nodes
-from evsam_export.pipeline.settings import PrecisionSettings, SettingValueError
-from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.files import replacing
+from evsam_export.manifest import Artifact
+from evsam_export.steps.fallback import FallbackGroup, build_with_fallback, graph_nodes
+from evsam_export.steps.settings import PrecisionSettings, SettingValueError
+from evsam_export.steps.step import StepContext, artifact_filename
 
 # Regions (evsam_export.export.regions) never quantized, whatever op_types_to_quantize says.
 FP32_REGIONS = (
@@ -202,8 +203,7 @@ def _working_directory(path: Path):
 
 def ranges_cache_dir() -> Path:
     """Where MinMax calibration ranges are kept between builds ($EVSAM_CACHE_DIR/calibration-ranges)."""
-    root = Path(os.environ.get("EVSAM_CACHE_DIR", Path.home() / ".cache" / "evsam-export"))
-    return root / "calibration-ranges"
+    return cache_root("calibration-ranges")
 
 
 def calibrated_bytes_per_image(model, op_types: Sequence[str]) -> int:
@@ -265,21 +265,19 @@ def _ranges_key(parent: Artifact, settings: Settings, fingerprint: str, pass_siz
         "images_per_pass": pass_size,
         "onnxruntime": onnxruntime.__version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return cache_key(payload)
 
 
 def _store_atomically(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with replacing(target) as temporary:
+        shutil.copyfile(source, temporary)
 
 
 # ------------------------------------------------------------------------------------------ build
 
 
 def _calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) -> tuple[list[dict], dict]:
-    from evsam_export.calibration import data
+    from evsam_export.data import calibration as data
 
     count, seed, photos, folder = (settings.calibration_images, settings.calibration_seed, settings.calibration_photos,
                                    settings.calibration_data)
@@ -303,7 +301,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from evsam_export.calibration.data import as_ort_reader, calibration_fingerprint
+    from evsam_export.data.calibration import as_ort_reader, calibration_fingerprint
 
     started = time.perf_counter()
     if parent.precision != "fp32" or not parent.path.endswith(".onnx"):

@@ -26,7 +26,7 @@ ORT_WEB_TYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "
 
 
 def browser_availability() -> Availability:
-    from evsam_export.web.browser import browser_availability as availability
+    from evsam_export.runners.browser import browser_availability as availability
 
     return availability()
 
@@ -56,7 +56,7 @@ class BrowserRunner(Runner):
         self._runs = itertools.count()
 
     def _load(self) -> None:
-        from evsam_export.web.browser import BrowserError, BrowserPage
+        from evsam_export.runners.browser import BrowserError, BrowserPage
         from evsam_export.web.dist import BUNDLES, find_dist
 
         state = browser_availability()
@@ -107,7 +107,7 @@ class BrowserRunner(Runner):
         return self.last_run_ms
 
     def _run_in_page(self, feeds: dict[str, np.ndarray], names: list[str], token: str | None) -> dict:
-        from evsam_export.web.browser import BrowserError
+        from evsam_export.runners.browser import BrowserError
 
         feed_token = f"feeds{next(self._runs)}"
         blobs = self._page.blobs

@@ -10,6 +10,7 @@ Importing this package never imports torch.
 """
 
 from evsam_export.runtime.mask_generator import MaskGenerator
-from evsam_export.runtime.predictor import Prediction, Predictor, check_prompts
+from evsam_export.runtime.predictor import Prediction, Predictor
+from evsam_export.runtime.prompts import check_prompts
 
 __all__ = ["MaskGenerator", "Predictor", "Prediction", "check_prompts"]

@@ -263,15 +263,13 @@ class CropUpscale:
 
     def dense_values(self, low_res: np.ndarray) -> np.ndarray:
         """Whole crop-size logits for masks upscaled whole: values() when `exact_dense`, else the runtime's
-        shared fast upscale (predictor.postprocess_into: OpenCV when installed, within 4e-4 of values())."""
-        from evsam_export.runtime.predictor import postprocess_into
-
+        shared fast upscale (processing.postprocess_into: OpenCV when installed, within 4e-4 of values())."""
         if self.exact_dense or processing.opencv() is None:
             return self.values(low_res)
         padded = np.zeros((len(low_res), self.low, self.low), np.float32)  # the 256x256 grid it reads
         padded[:, : low_res.shape[1], : low_res.shape[2]] = low_res
         out = np.empty((len(low_res), *self.size), np.float32)
-        postprocess_into(padded, self.geometry, out)
+        processing.postprocess_into(padded, self.geometry, out)
         return out
 
     def pixel_values(self, low_res: np.ndarray, index: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -611,10 +609,10 @@ class Encoded:
 
 
 def _as_rgb(image) -> np.ndarray:
-    from evsam_export.runtime.predictor import _is_pil_image
+    from evsam_export.runtime.prompts import is_pil_image
 
     try:
-        return processing.pil_to_rgb_uint8(image) if _is_pil_image(image) else processing.as_rgb_uint8(image)
+        return processing.pil_to_rgb_uint8(image) if is_pil_image(image) else processing.as_rgb_uint8(image)
     except (ValueError, OSError, TypeError) as exc:
         raise UsageError(f"cannot use the image: {' '.join(str(exc).split())[:160]}") from None
 

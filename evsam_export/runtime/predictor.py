@@ -16,7 +16,6 @@ Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imp
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,17 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export import contract
-from evsam_export.errors import ArtifactError, RuntimeUnavailable, UsageError
+from evsam_export.errors import ArtifactError, UsageError
 from evsam_export.manifest import Artifact, Manifest, artifact_file, read_manifest, verify_artifact_file
 from evsam_export.model import processing
 from evsam_export.model.processing import ImageGeometry
 from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_MASK_SIZE, NUM_MASK_TOKENS, PROMPT_FRAME
-
-TARGETS = ("ort", "onnx", "openvino", "tensorrt")
-DEFAULT_PREFER = TARGETS
-# Default choice: the exact (fp32) artifacts first, then the lower precisions; within a precision, by target
-# in the caller's `prefer` order. A named artifact id always wins.
-PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
+from evsam_export.runtime.choice import DEFAULT_PREFER, choose_artifact, choose_split_decoder, normalize_prefer
+from evsam_export.runtime.prompts import as_flag, check_prompts, is_pil_image, mask_feed
 
 # Memory per prompt-set chunk (docs/benchmarks.md, "predict: peak memory per prompt batch"): the default
 # budget runs an app's batch of 16 boxes as one decoder call (1.12x faster than two calls of 8, docs/benchmarks.md
@@ -47,9 +42,6 @@ DECODER_MIB_PER_PROMPT_SET = 48
 # Host post-processing per candidate mask: the 1024x1024 float32 upscale and its interpolation temporaries.
 # The numpy path holds them for every candidate of a chunk, the OpenCV path for one mask at a time.
 HOST_MIB_PER_CANDIDATE = 16
-# The final resize to the original size runs in row bands of about this many bytes of float temporaries,
-# so a 12000x12000 photo costs its boolean masks plus one band, not several float copies of the image.
-POSTPROCESS_BAND_BYTES = 64 * 2**20
 # The `sam` graph's upscaled `masks` output is never read, so it gets the smallest size consistent with the
 # 1024 frame (one row): its crop and second resize shrink to one row instead of a full frame per token.
 UNREAD_MASKS_SIZE = (1, PROMPT_FRAME)
@@ -104,132 +96,7 @@ class Prediction:
             raise UsageError(f"prompt index {prompt} out of range: this prediction has {self.num_prompts} prompt set(s)")
 
 
-# ------------------------------------------------------------------------------------------ prompt checks
-
-
-def _as_float_array(value, name: str) -> np.ndarray:
-    """`value` as a float64 array of finite real numbers, or one UsageError line saying why not."""
-    try:
-        raw = np.asarray(value)
-        if raw.dtype.kind not in "biufO":  # strings, complex, dates: never a coordinate
-            raise TypeError(f"dtype {raw.dtype} is not a real number type")
-        array = raw.astype(np.float64)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise UsageError(f"{name} must be real numbers ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})") from None
-    if not np.all(np.isfinite(array)):
-        raise UsageError(f"{name} contains NaN or infinite values")
-    return array
-
-
-def _as_flag(value, name: str) -> bool:
-    """A bool argument (True/False, numpy bools, 0/1), refused otherwise so an array never decides a branch."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-        return bool(value)
-    raise UsageError(f"{name} must be True or False, got {type(value).__name__}")
-
-
-def _is_pil_image(value) -> bool:
-    """Whether `value` is a PIL image, without importing Pillow for callers that pass numpy arrays."""
-    if "PIL.Image" not in sys.modules:
-        return False
-    return isinstance(value, sys.modules["PIL.Image"].Image)
-
-
-def _shape(array: np.ndarray) -> str:
-    return "x".join(str(d) for d in array.shape) or "scalar"
-
-
-def check_prompts(
-    image_size: tuple[int, int],
-    point_coords=None,
-    point_labels=None,
-    box=None,
-    boxes=None,
-) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """Validate prompts in original-image pixels for an image of `image_size` (H, W).
-
-    Returns (points [B,N,2] or None, labels [B,N] or None, boxes [B,4] or None) as float arrays, or raises
-    a one-line UsageError: wrong shapes, labels not 0/1, prompts outside the image, x1 < x0 or y1 < y0."""
-    height, width = int(image_size[0]), int(image_size[1])
-    if box is not None and boxes is not None:
-        raise UsageError("give either box (one box) or boxes (a batch), not both")
-    box_array = None
-    if box is not None:
-        box_array = _as_float_array(box, "box")
-        if box_array.shape not in ((4,), (1, 4)):
-            raise UsageError(f"box must have shape [4] (x0, y0, x1, y1), got {_shape(box_array)}", hint="use boxes= for a batch")
-        box_array = box_array.reshape(1, 4)
-    elif boxes is not None:
-        box_array = _as_float_array(boxes, "boxes")
-        if box_array.ndim == 1 and box_array.shape == (4,):
-            box_array = box_array.reshape(1, 4)
-        if box_array.ndim != 2 or box_array.shape[1] != 4 or box_array.shape[0] < 1:
-            raise UsageError(f"boxes must have shape [B,4] (x0, y0, x1, y1 per row), got {_shape(box_array)}")
-
-    points = labels = None
-    if point_coords is None and point_labels is not None:
-        raise UsageError("point_labels given without point_coords")
-    if point_coords is not None:
-        if point_labels is None:
-            raise UsageError("point_coords need point_labels (1 foreground, 0 background)")
-        points = _as_float_array(point_coords, "point_coords")
-        labels = _as_float_array(point_labels, "point_labels")
-        if points.ndim == 2:
-            points = points[None]
-            labels = labels.reshape(1, -1) if labels.ndim == 1 else labels
-        if points.ndim != 3 or points.shape[-1] != 2 or points.shape[0] < 1 or points.shape[1] < 1:
-            raise UsageError(f"point_coords must have shape [N,2] or [B,N,2], got {_shape(np.asarray(point_coords))}")
-        if labels.shape != points.shape[:2]:
-            raise UsageError(
-                f"point_labels must have shape {list(points.shape[:2]) if points.shape[0] > 1 else [points.shape[1]]} "
-                f"to match point_coords, got {_shape(np.asarray(point_labels))}"
-            )
-        bad = labels[~np.isin(labels, contract.USER_POINT_LABELS)]
-        if bad.size:
-            raise UsageError(f"point label {bad.flat[0]:g} is not allowed", hint="use 1 for foreground, 0 for background")
-        outside = (points[..., 0] < 0) | (points[..., 0] > width) | (points[..., 1] < 0) | (points[..., 1] > height)
-        if outside.any():
-            x, y = points[outside][0]
-            raise UsageError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image", hint=f"x in 0..{width}, y in 0..{height}")
-    if points is None and box_array is None:
-        raise UsageError("give at least one point or one box")
-
-    if box_array is not None:
-        for x0, y0, x1, y1 in box_array:
-            corners = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
-            if x1 < x0 or y1 < y0:
-                raise UsageError(f"box {corners} has x1 < x0 or y1 < y0", hint="boxes are x0, y0, x1, y1 with x0 <= x1, y0 <= y1")
-            if min(x0, y0) < 0 or max(x0, x1) > width or max(y0, y1) > height:
-                raise UsageError(f"box {corners} is outside the {width}x{height} image", hint=f"x in 0..{width}, y in 0..{height}")
-        if points is not None and points.shape[0] not in (1, box_array.shape[0]):
-            raise UsageError(f"{points.shape[0]} point sets but {box_array.shape[0]} boxes", hint="give one point set, or one per box")
-    return points, labels, box_array
-
-
-def _mask_feed(mask_input, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mask_input [1|B,1,256,256], has_mask_input [1|B]) for the decoder."""
-    low = LOW_RES_MASK_SIZE
-    if mask_input is None:
-        return contract.no_mask_input()
-    array = _as_float_array(mask_input, "mask_input")
-    if array.size and float(np.abs(array).max()) > float(np.finfo(np.float32).max):
-        raise UsageError("mask_input has values beyond the float32 range", hint="pass low-res logits from an earlier prediction")
-    array = array.astype(np.float32)
-    if array.shape in ((low, low), (1, low, low)):
-        array = array.reshape(1, 1, low, low)
-    elif array.ndim == 3 and array.shape[1:] == (low, low):
-        array = array[:, None]
-    if array.ndim != 4 or array.shape[1:] != (1, low, low):
-        raise UsageError(
-            f"mask_input must have shape [1,{low},{low}] or [B,1,{low},{low}] (low-res logits), got {_shape(array)}",
-            hint="pass prediction.best_low_res() or prediction.low_res_logits[b, c][None]",
-        )
-    if array.shape[0] not in (1, batch):
-        raise UsageError(f"mask_input has {array.shape[0]} masks for {batch} prompt sets", hint="give one mask, or one per prompt set")
-    return np.ascontiguousarray(array), np.ones((array.shape[0],), np.float32)
-
-
-# ------------------------------------------------------------------------------------------ post-processing
+# ------------------------------------------------------------------------------------------ chunking by memory
 
 
 def prompt_sets_per_chunk(memory_budget_mib: float, candidates: int) -> int:
@@ -239,199 +106,6 @@ def prompt_sets_per_chunk(memory_budget_mib: float, candidates: int) -> int:
         return max(1, int((memory_budget_mib - HOST_MIB_PER_CANDIDATE) // DECODER_MIB_PER_PROMPT_SET))
     per_prompt_set = DECODER_MIB_PER_PROMPT_SET + HOST_MIB_PER_CANDIDATE * candidates
     return max(1, int(memory_budget_mib // per_prompt_set))
-
-
-def postprocess_into(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int = POSTPROCESS_BAND_BYTES) -> None:
-    """processing.postprocess_masks (then binarize when `out` is bool) written into `out` [n,C,H,W] band by band.
-
-    Without OpenCV: the same float32 operations on the same elements as postprocess_masks, so the result is
-    bit-identical. With OpenCV (processing.opencv), `_postprocess_into_opencv`. Only the float temporaries
-    of the final resize are limited to about `band_bytes` at a time."""
-    if processing.opencv() is not None:
-        _postprocess_into_opencv(low_res, geometry, out, band_bytes)
-        return
-    frame = processing.resize_bilinear(low_res, PROMPT_FRAME, PROMPT_FRAME)
-    frame = frame[..., : geometry.input_size[0], : geometry.input_size[1]]
-    height, width = geometry.original_size
-    # Same index/weight tables resize_bilinear computes, so each band repeats its arithmetic exactly.
-    rows0, rows1, row_weight = processing._bilinear_axis(frame.shape[-2], height)
-    cols0, cols1, col_weight = processing._bilinear_axis(frame.shape[-1], width)
-    bytes_per_row = 4 * 4 * width * max(1, int(np.prod(frame.shape[:-2])))  # left, right, result, slack (float32)
-    band = max(1, band_bytes // bytes_per_row)
-    for start in range(0, height, band):
-        rows = slice(start, min(start + band, height))
-        top = frame[..., rows0[rows], :]
-        bottom = frame[..., rows1[rows], :]
-        blended_rows = top + (bottom - top) * row_weight[rows, None]
-        del top, bottom
-        left = blended_rows[..., cols0]
-        right = blended_rows[..., cols1]
-        logits = left + (right - left) * col_weight
-        out[..., rows, :] = logits if out.dtype != bool else processing.binarize(logits)
-
-
-def frame_crop_source(input_size: tuple[int, int]) -> tuple[int, int]:
-    """(rows, cols) of the 256x256 low-res logits that the 1024 frame's crop [:h, :w] reads: bilinear x4 with
-    half-pixel centres maps output n to source (n + 0.5) / 4 - 0.5, so the crop needs rows below ceil(h / 4) + 1."""
-    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
-    return tuple(min(LOW_RES_MASK_SIZE, -(-int(n) // scale) + 1) for n in input_size)
-
-
-def _postprocess_into_opencv(low_res: np.ndarray, geometry: ImageGeometry, out: np.ndarray, band_bytes: int) -> None:
-    """postprocess_into with OpenCV, one mask at a time: cv2.resize of only the low-res rows and columns the
-    crop reads (frame_crop_source) by the frame's factor of 4, so the crop comes out without the rest of the
-    1024 frame, then cv2.resize of the crop's width only (its height kept, so OpenCV moves columns alone),
-    then numpy's exact row blend in bands. Within 4e-4 of the numpy reference (processing.resize_bilinear_fast);
-    the band size never changes a value."""
-    cv2 = processing.opencv()
-    new_h, new_w = geometry.input_size
-    height, width = geometry.original_size
-    source_h, source_w = frame_crop_source(geometry.input_size)
-    scale = PROMPT_FRAME // LOW_RES_MASK_SIZE
-    rows0, rows1, row_weight = processing._bilinear_axis(new_h, height)
-    band = max(1, band_bytes // (2 * 4 * width))  # two float32 rows per output row
-    low_res = np.asarray(low_res, dtype=np.float32)
-    for index in np.ndindex(low_res.shape[:-2]):
-        source = low_res[index][:source_h, :source_w]
-        frame = cv2.resize(source, (source_w * scale, source_h * scale), interpolation=cv2.INTER_LINEAR)[:new_h, :new_w]
-        # A bilinear resize to the same width moves no column (all weights 0): skip the copy.
-        widened = frame if width == new_w else cv2.resize(frame, (width, new_h), interpolation=cv2.INTER_LINEAR)
-        if height == new_h:  # a bilinear resize to the same height moves no row (all row weights are 0)
-            if out.dtype == bool:
-                np.greater(widened, processing.MASK_THRESHOLD, out=out[index])
-            else:
-                out[index] = widened
-            continue
-        for start in range(0, height, band):
-            rows = slice(start, min(start + band, height))
-            logits = widened[rows1[rows]]
-            top = widened[rows0[rows]]
-            # top + (bottom - top) * weight, in place: the same float32 operations without temporaries
-            np.subtract(logits, top, out=logits)
-            np.multiply(logits, row_weight[rows, None], out=logits)
-            np.add(logits, top, out=logits)
-            out[index + (rows,)] = logits if out.dtype != bool else processing.binarize(logits)
-
-
-# ------------------------------------------------------------------------------------------ artifact choice
-
-
-def _runtime_available(target: str, cache: dict) -> tuple[bool, str]:
-    from evsam_export.runners import RUNTIME_OF_TARGET, availability_of
-
-    runtime = RUNTIME_OF_TARGET.get(target)
-    if runtime is None:
-        return False, f"no runner for target {target!r}"
-    if runtime not in cache:
-        availability = availability_of(runtime)
-        cache[runtime] = (availability.available, availability.reason)
-    available, reason = cache[runtime]
-    return available, f"{runtime} unavailable: {reason}" if not available else ""
-
-
-def choose_artifact(manifest: Manifest, component: str, named: str | None, prefer: Sequence[str], cache: dict | None = None,
-                    why: dict | None = None) -> Artifact:
-    """The artifact of `component` to run: `named` if given, else the folder's recommended one (`run cpu-auto`)
-    when its runtime is usable and its target is in `prefer`, else the best runnable one (see PRECISION_ORDER).
-    `why[component]` says which of the three it was."""
-    cache = {} if cache is None else cache
-    why = {} if why is None else why
-    if named:
-        artifact = manifest.artifact(named)
-        if artifact.component != component:
-            raise UsageError(f"{named} is a {artifact.component} artifact, not usable as the {component}", hint=f"pass a {component}.* id")
-        why[component] = "named"
-        return artifact
-    recommended = manifest.recommended.get(component)
-    if recommended:
-        artifact = manifest.artifact(recommended)
-        available, reason = _runtime_available(artifact.target, cache) if artifact.target in prefer else (False, "target not in prefer")
-        if available:
-            why[component] = "recommended"
-            return artifact
-        why[component] = f"ranked (recommended {recommended} not usable: {reason})"
-    else:
-        why[component] = "ranked"
-    all_of_component = [a for a in manifest.artifacts if a.component == component]
-    if not all_of_component:
-        raise ArtifactError(f"the manifest has no {component} artifact", hint="re-run `evsam-export export`")
-    candidates, skipped = [], []
-    for artifact in all_of_component:
-        if artifact.target not in prefer:
-            skipped.append(f"{artifact.id} (target not in prefer)")
-            continue
-        available, reason = _runtime_available(artifact.target, cache)
-        if not available:
-            skipped.append(f"{artifact.id} ({reason})")
-            continue
-        candidates.append(artifact)
-    if not candidates:
-        raise RuntimeUnavailable(f"no runnable {component} artifact: " + "; ".join(skipped), hint="install the runtime, or widen prefer")
-
-    def rank(artifact: Artifact) -> tuple[int, int]:
-        precision = PRECISION_ORDER.index(artifact.precision) if artifact.precision in PRECISION_ORDER else len(PRECISION_ORDER)
-        return precision, list(prefer).index(artifact.target)
-
-    return min(candidates, key=rank)
-
-
-def gated_decoder_stages(folder: Path | None) -> dict[str, bool]:
-    """Decoder artifact id -> whether its decoder stage passed, from the folder's parity.json (written by
-    `evsam-export validate DIR` and by a recipe's validate step); {} when there is none."""
-    import json
-
-    path = None if folder is None else Path(folder) / "parity.json"
-    if path is None or not path.is_file():
-        return {}
-    try:
-        stages = json.loads(path.read_text()).get("stages", [])
-        return {s["artifact"]: bool(s["passed"]) for s in stages if s.get("stage") == "decoder"}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
-def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | None, prefer: Sequence[str],
-                         cache: dict | None = None, folder: Path | None = None,
-                         chosen: dict | None = None) -> tuple[Artifact, Artifact] | None:
-    """(image half, prompt half) of the split decoder beside `decoder`, when `wanted` is not False and both are
-    runnable here; `wanted=True` refuses in one line when they are not. The export's own pair is exact by its
-    export check; a pair a recipe step built (pipeline/split_lowering.py) runs only once the folder's
-    parity.json says it passed its decoder stage, else the decoder runs as one graph. `chosen["split_decoder"]`
-    says which pair ran, or why none did."""
-    from evsam_export.runners.split_decoder import split_artifact, split_pair_of
-
-    if wanted is not None and not isinstance(wanted, (bool, np.bool_)):
-        raise UsageError(f"split_decoder must be True, False or None, got {type(wanted).__name__}")
-    if wanted is False:
-        return None
-    pair = split_pair_of(manifest.artifacts, decoder)
-    reason = f"the folder has no split decoder exported beside {decoder.id}" if pair is None else ""
-    for artifact in pair or ():
-        available, why = _runtime_available(artifact.target, {} if cache is None else cache)
-        if artifact.target not in prefer or not available:
-            reason = f"{artifact.id}: {why or 'target not in prefer'}"
-    # A pair must return what its parent returns (a manifest edited on one side only is not followed).
-    tokens = contract.artifact_spec(decoder).mask_tokens
-    if pair is not None and contract.artifact_spec(pair[1]).mask_tokens != tokens:
-        reason = f"{pair[1].id} returns {contract.artifact_spec(pair[1]).mask_tokens} mask tokens, {decoder.id} {tokens}"
-    if pair is not None and not reason and pair[1].step != "export":
-        pair_id = split_artifact(*pair).id
-        if not gated_decoder_stages(folder).get(pair_id, False):
-            reason = f"{pair_id} has no passing decoder stage in {'parity.json' if folder is None else Path(folder) / 'parity.json'}"
-    if reason and wanted:
-        raise UsageError(f"split_decoder=True, but {reason}",
-                         hint="re-export (the split decoder is on by default) or pass split_decoder=None")
-    if chosen is not None:
-        chosen["split_decoder"] = reason or "beside the decoder" + ("" if pair[1].step == "export" else ", gated in parity.json")
-    return None if reason else pair
-
-
-def _normalize_prefer(prefer) -> tuple[str, ...]:
-    prefer = (prefer,) if isinstance(prefer, str) else tuple(prefer)
-    unknown = [t for t in prefer if t not in TARGETS]
-    if unknown or not prefer:
-        raise UsageError(f"unknown target(s) in prefer: {unknown or 'empty'}", hint=f"choose from {', '.join(TARGETS)}")
-    return prefer
 
 
 # ------------------------------------------------------------------------------------------------ predictor
@@ -483,7 +157,7 @@ class Predictor:
         _check_chunking(memory_budget_mib, max_prompt_batch)
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
-        prefer = _normalize_prefer(prefer)
+        prefer = normalize_prefer(prefer)
         cache: dict = {}
         self.choice: dict[str, str] = {}  # component -> named | recommended | ranked (...)
         encoder_artifact = choose_artifact(manifest, "encoder", encoder, prefer, cache, self.choice)
@@ -610,7 +284,7 @@ class Predictor:
         try:
             if isinstance(image, np.ndarray):
                 rgb = processing.as_rgb_uint8(image)
-            elif _is_pil_image(image):
+            elif is_pil_image(image):
                 if image_format == "BGR":
                     raise UsageError("image_format='BGR' is for numpy arrays: a PIL image is converted to RGB by its mode")
                 rgb = processing.pil_to_rgb_uint8(image)
@@ -677,9 +351,9 @@ class Predictor:
         original size (the point protocol of `evsam-export evaluate`)."""
         if self.image_embeddings is None or self.geometry is None:
             raise UsageError("no image set: call set_image(image) before predict()")
-        multimask_output = _as_flag(multimask_output, "multimask_output")
-        return_logits = _as_flag(return_logits, "return_logits")
-        best_only = _as_flag(best_only, "best_only")
+        multimask_output = as_flag(multimask_output, "multimask_output")
+        return_logits = as_flag(return_logits, "return_logits")
+        best_only = as_flag(best_only, "best_only")
         if multimask_output and self.num_tokens == 1:
             raise UsageError(
                 f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask), so multimask_output=True is not available",
@@ -689,7 +363,7 @@ class Predictor:
         points, labels, box_array = check_prompts(geometry.original_size, point_coords, point_labels, box, boxes)
         tokens = processing.build_prompt_tokens(geometry, points, labels, box_array)
         batch = tokens.point_coords.shape[0]
-        mask, has_mask = _mask_feed(mask_input, batch)
+        mask, has_mask = mask_feed(mask_input, batch)
         candidates = 3 if multimask_output and not best_only else 1
         height, width = geometry.original_size
         low = LOW_RES_MASK_SIZE
@@ -724,7 +398,7 @@ class Predictor:
             scores[prompt_sets] = chunk_scores
             del out, chunk_low_res
             started = time.perf_counter()
-            postprocess_into(low_res[prompt_sets], geometry, masks[prompt_sets])
+            processing.postprocess_into(low_res[prompt_sets], geometry, masks[prompt_sets])
             postprocess_s += time.perf_counter() - started
         # Where the time went, so an app (and `bench`) can see the decoder / host split of each call.
         meta = {"decoder_ms": decoder_s * 1000, "postprocess_ms": postprocess_s * 1000}
@@ -757,7 +431,7 @@ class Predictor:
         memory budget holds without host upscaling."""
         if self.image_embeddings is None or self.geometry is None:
             raise UsageError("no image set: call set_image(image) before predict_low_res()")
-        multimask_output = _as_flag(multimask_output, "multimask_output")
+        multimask_output = as_flag(multimask_output, "multimask_output")
         if multimask_output and self.num_tokens == 1:
             raise UsageError(f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask): use multimask_output=False")
         points, labels, _ = check_prompts(self.geometry.original_size, point_coords, point_labels)

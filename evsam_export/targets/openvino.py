@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass, replace
 
 from evsam_export.errors import RecipeError
 from evsam_export.manifest import Artifact, TensorSpec
-from evsam_export.pipeline.settings import SettingValueError
-from evsam_export.pipeline.step import StepContext, artifact_filename
 from evsam_export.precision import nncf_int8
 from evsam_export.precision.nncf_int8 import (  # noqa: F401  (the target's INT8 vocabulary, re-exported)
     DECODER_GROUPS,
@@ -30,6 +28,8 @@ from evsam_export.precision.nncf_int8 import (  # noqa: F401  (the target's INT8
     model_nodes,
     resolve_overflow_fix,
 )
+from evsam_export.steps.settings import SettingValueError
+from evsam_export.steps.step import StepContext, artifact_filename
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # The decoder precisions at which this step also converts the split decoder's halves (pipeline/split_lowering.py):

@@ -15,8 +15,8 @@ from pathlib import Path
 from evsam_export.errors import RecipeError
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.settings import SettingValueError, StepSettings
-from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.steps.settings import SettingValueError, StepSettings
+from evsam_export.steps.step import StepContext, artifact_filename
 
 OPTIMIZATION_LEVELS = ("basic", "extended")
 # The decoder precisions at which this step also builds the split decoder's halves (pipeline/split_lowering.py):

@@ -1,24 +1,28 @@
 """The capability table: which targets exist, what they run on, which precisions they build and with
-which step modules. Kept apart from the code that drives it, so `targets`, `doctor`, recipe validation
-and the runner all read one table, and impossible combinations are refused before any work starts."""
+which step modules (imported here, so readers and tools follow them). Kept apart from the code that drives
+it, so `targets`, `doctor`, recipe validation and the runner all read one table, and impossible combinations
+are refused before any work starts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from evsam_export.errors import RecipeError
+from evsam_export.precision import fp16, ort_int8
+from evsam_export.targets import openvino, ort, tensorrt, web
 
 
 @dataclass(frozen=True)
 class TargetInfo:
     name: str
-    runtime: str  # key of evsam_export.runners.runtime_availability()
+    runtime: str  # the backend that runs its artifacts: a key of evsam_export.runners.BACKENDS
     device: str  # cpu | gpu
     precisions: tuple[str, ...]
     description: str
-    # precision -> step module that turns the fp32 ONNX into that precision (None: the target step does it)
-    precision_steps: dict
-    target_step: str | None  # module whose build() makes the deployable artifact from the precision graph
+    # precision -> step module that turns the fp32 ONNX into that precision (absent: the target step does it)
+    precision_steps: dict[str, ModuleType]
+    target_step: ModuleType  # module whose build() makes the deployable artifact from the precision graph
     decoder_profile: str | None = None  # required export decoder profile, if any
     # precision -> CPU flags of which at least one must be present to build and gate it honestly (a bf16
     # artifact built where the CPU computes f32 would be an fp32 artifact labelled bf16)
@@ -35,8 +39,8 @@ TARGETS: dict[str, TargetInfo] = {
         device="cpu",
         precisions=("fp32", "fp16", "int8"),
         description="ONNX Runtime: ONNX graphs (fp32, fp16 with fp32 islands, static QDQ INT8), optimized offline",
-        precision_steps={"fp16": "evsam_export.precision.fp16", "int8": "evsam_export.precision.ort_int8"},
-        target_step="evsam_export.targets.ort",
+        precision_steps={"fp16": fp16, "int8": ort_int8},
+        target_step=ort,
     ),
     "openvino": TargetInfo(
         name="openvino",
@@ -45,7 +49,7 @@ TARGETS: dict[str, TargetInfo] = {
         precisions=("fp32", "fp16", "int8", "bf16"),
         description="OpenVINO IR (fp32, fp16-compressed, fp32 compiled for bf16) and NNCF post-training INT8",
         precision_steps={},
-        target_step="evsam_export.targets.openvino",
+        target_step=openvino,
         cpu_features={"bf16": ("avx512_bf16", "amx_bf16")},
     ),
     "tensorrt": TargetInfo(
@@ -54,8 +58,8 @@ TARGETS: dict[str, TargetInfo] = {
         device="gpu",
         precisions=("fp32", "fp16", "int8"),
         description="TensorRT engines, strongly typed from the precision-prepared ONNX (or a trtexec build kit without TensorRT/GPU)",
-        precision_steps={"fp16": "evsam_export.precision.fp16", "int8": "evsam_export.precision.ort_int8"},
-        target_step="evsam_export.targets.tensorrt",
+        precision_steps={"fp16": fp16, "int8": ort_int8},
+        target_step=tensorrt,
         decoder_profile="tensorrt",
     ),
     "web": TargetInfo(
@@ -65,8 +69,8 @@ TARGETS: dict[str, TargetInfo] = {
         precisions=("fp32", "fp16", "int8"),
         description="onnxruntime-web in the browser (WASM, or WebGPU): standard-ONNX graphs (fp32, fp16 storage, QDQ INT8) "
                     "and the runtime's files, gated in headless Chromium",
-        precision_steps={"int8": "evsam_export.precision.ort_int8"},
-        target_step="evsam_export.targets.web",
+        precision_steps={"int8": ort_int8},
+        target_step=web,
         hooks=True,
     ),
 }
@@ -87,7 +91,7 @@ def missing_cpu_features(target: TargetInfo, precisions, flags) -> dict[str, tup
 
 def check_cpu_features(target: TargetInfo, precisions, recipe_name: str) -> None:
     """Refuse, before any work, a recipe whose precision this CPU cannot compute."""
-    from evsam_export.manifest import cpu_flags
+    from evsam_export.environment import cpu_flags
 
     flags = cpu_flags()
     missing = missing_cpu_features(target, precisions, flags)

@@ -27,8 +27,8 @@ import numpy as np
 from evsam_export.contract import DECODER, SPLIT_DECODER
 from evsam_export.errors import ExportError, RuntimeUnavailable
 from evsam_export.manifest import Artifact, Manifest
-from evsam_export.pipeline.settings import SettingValueError, StepSettings
-from evsam_export.pipeline.step import StepContext, artifact_filename
+from evsam_export.steps.settings import SettingValueError, StepSettings
+from evsam_export.steps.step import StepContext, artifact_filename
 
 EXECUTION_PROVIDERS = ("wasm", "webgpu")
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -78,7 +78,7 @@ def preflight(values: dict) -> None:
 
 def webgpu_missing() -> str:
     """Why this machine's headless Chromium cannot run the WebGPU EP ("" when it can)."""
-    from evsam_export.web.browser import BrowserPage, browser_availability
+    from evsam_export.runners.browser import BrowserPage, browser_availability
     from evsam_export.web.dist import BUNDLES, find_dist
 
     state = browser_availability()

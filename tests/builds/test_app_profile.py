@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evsam_export import api, contract
+from evsam_export import api, contract, metrics
 from evsam_export.errors import UsageError
 from evsam_export.export.app_encoder import preprocessing_difference
 from evsam_export.manifest import read_manifest
-from evsam_export.parity import metrics
 from evsam_export.progress import Reporter
 from evsam_export.runners import runner_for_artifact
 from evsam_export.runtime.predictor import Predictor
@@ -144,7 +143,7 @@ def test_x_anylabeling_emulated_loads_the_folder_and_matches_the_predictor(app_e
 def test_bench_times_the_app_encoder_on_a_raw_image_against_its_own_host_graph(app_export):
     """bench on an app folder: the app encoder on the raw photo, the same graph without its preprocessing on
     a host-preprocessed tensor, and the host preprocessing; a batch > 1 skips the raw-image subjects."""
-    from evsam_export.bench import HOST_PREPROCESS, run_bench
+    from evsam_export.bench.run import HOST_PREPROCESS, run_bench
 
     result = run_bench(app_export, threads=1, runs=1, warmup=0, batches=(1, 2), compare=(), memory=False,
                        reporter=Reporter(quiet=True))
@@ -181,13 +180,14 @@ def test_decoder_reexport_points_the_app_config_at_the_new_decoder(app_export, t
 
     from evsam_export.apps import X_ANYLABELING_FILE, write_app_configs
     from evsam_export.model.variants import get_variant
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
+    from evsam_export.steps.step import StepContext
     from evsam_export.targets import ort as ort_target
 
     folder = tmp_path / "app"
     shutil.copytree(app_export, folder)
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True))
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), gating=ParityGate())
     (derived,) = ort_target.build(ctx, manifest.artifact("decoder.onnx.fp32"), ort_target.Settings())
     manifest.add(derived)
     manifest.write(folder)

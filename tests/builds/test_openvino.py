@@ -15,18 +15,21 @@ import pytest
 
 ov = pytest.importorskip("openvino")
 
-from evsam_export.calibration.images import synthetic_scene  # noqa: E402
+from evsam_export.data.scenes import synthetic_scene  # noqa: E402
+from evsam_export.environment import cpu_flags  # noqa: E402
 from evsam_export.errors import RecipeError, UsageError  # noqa: E402
 from evsam_export.export.onnx_export import decoder_spec, sample_feeds  # noqa: E402
-from evsam_export.manifest import cpu_flags, read_manifest, sha256_file  # noqa: E402
+from evsam_export.files import sha256_file  # noqa: E402
+from evsam_export.manifest import read_manifest  # noqa: E402
+from evsam_export.metrics import compare_tensors  # noqa: E402
 from evsam_export.model.processing import preprocess_image  # noqa: E402
 from evsam_export.model.variants import get_variant  # noqa: E402
-from evsam_export.parity.metrics import compare_tensors  # noqa: E402
-from evsam_export.pipeline.step import StepContext  # noqa: E402
+from evsam_export.parity.gate import ParityGate  # noqa: E402
 from evsam_export.precision import nncf_int8  # noqa: E402
 from evsam_export.progress import Reporter  # noqa: E402
 from evsam_export.runners.openvino_runner import OpenVINORunner  # noqa: E402
 from evsam_export.runners.ort_runner import OrtRunner  # noqa: E402
+from evsam_export.steps.step import StepContext  # noqa: E402
 from evsam_export.targets import openvino as target  # noqa: E402
 
 # One small scene, two prompt kinds, the shipped default tolerances (as tests/export/test_validate.py does).
@@ -38,7 +41,7 @@ F32 = ("f32", str(ov.Type.f32))  # the runner's actual_precision() returns str(o
 def ctx(copy_export, gate_suite) -> StepContext:
     folder = copy_export("openvino")
     return StepContext(folder=folder, manifest=read_manifest(folder), variant=get_variant("l0"),
-                       reporter=Reporter(quiet=True), suite=str(gate_suite), threads=2)
+                       reporter=Reporter(quiet=True), suite=str(gate_suite), threads=2, gating=ParityGate())
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def built(ctx) -> dict:
 def int8(ctx):
     """Encoder INT8 with fallback on and a stub gate: round 0 (base scope) fails, round 1 passes."""
     pytest.importorskip("nncf")
-    from evsam_export.pipeline import fallback
+    from evsam_export.steps import fallback
 
     rounds = []
 

@@ -14,20 +14,21 @@ import numpy as np
 import onnx
 import pytest
 
-from evsam_export.calibration import data
+from evsam_export import metrics
+from evsam_export.data import calibration as data
 from evsam_export.errors import RecipeError
 from evsam_export.export import regions
 from evsam_export.export.regions import Region
 from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
-from evsam_export.parity import metrics
 from evsam_export.parity.compare import Gate, ParityReport, StageReport
+from evsam_export.parity.gate import ParityGate
 from evsam_export.parity.suites import load_suite, validators_dir
-from evsam_export.pipeline import fallback
-from evsam_export.pipeline.step import StepContext
 from evsam_export.precision import fp16, ort_int8
 from evsam_export.progress import Reporter
 from evsam_export.runners.ort_runner import OrtRunner
+from evsam_export.steps import fallback
+from evsam_export.steps.step import StepContext
 from evsam_export.targets import openvino as openvino_target
 
 CALIBRATION_IMAGES = 4
@@ -51,7 +52,7 @@ def ctx(copy_export, gate_suite, cache_dir) -> StepContext:
     folder = copy_export("precision")
     manifest = read_manifest(folder)
     return StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True),
-                       suite=str(gate_suite), threads=2)
+                       suite=str(gate_suite), threads=2, gating=ParityGate())
 
 
 def parent(ctx, component):

@@ -12,8 +12,9 @@ import pytest
 
 from evsam_export.errors import UsageError
 from evsam_export.manifest import read_manifest
-from evsam_export.pipeline.fallback import graph_nodes
-from evsam_export.precision import ort_int8, sensitivity
+from evsam_export.pipeline import sensitivity
+from evsam_export.precision import ort_int8
+from evsam_export.steps.fallback import graph_nodes
 
 
 def cli(*args, env=None):

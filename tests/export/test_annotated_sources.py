@@ -15,17 +15,17 @@ import pytest
 from coco_scenes import write_coco_set
 from conftest import quick_suite_text
 
-from evsam_export.calibration import data
+from evsam_export.data import calibration as data
 from evsam_export.data.coco import load_coco, point_prompt
 from evsam_export.data.images import files_sha256
 from evsam_export.errors import RecipeError, UsageError
-from evsam_export.manifest import sha256_file
+from evsam_export.files import sha256_file
 from evsam_export.parity.reference import build_cases
 from evsam_export.parity.suites import load_suite
 from evsam_export.pipeline.recipe import load_recipe
 from evsam_export.pipeline.runner import plan_steps, step_payload
-from evsam_export.pipeline.settings import SettingValueError
 from evsam_export.precision import nncf_int8, ort_int8
+from evsam_export.steps.settings import SettingValueError
 
 KINDS = ("point", "box", "points_neg")
 
@@ -215,17 +215,18 @@ def test_an_ort_int8_build_calibrates_on_the_annotated_images(copy_export, gate_
     """A real calibration (ORT static QDQ of the l0 encoder and decoder, no gate rounds) on the annotation file:
     the facts name it, and the encoder keeps the SNR floor test_precision_ort sets for the synthetic set."""
     from evsam_export.manifest import read_manifest
+    from evsam_export.metrics import snr_db
     from evsam_export.model.variants import get_variant
-    from evsam_export.parity.metrics import snr_db
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
     from evsam_export.progress import Reporter
     from evsam_export.runners.ort_runner import OrtRunner
+    from evsam_export.steps.step import StepContext
 
     monkeypatch.setenv("EVSAM_CACHE_DIR", str(tmp_path / "cache"))
     folder = copy_export("annotated-calibration")
     manifest = read_manifest(folder)
     ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True),
-                      suite=str(gate_suite), threads=2)
+                      suite=str(gate_suite), threads=2, gating=ParityGate())
     settings = ort_int8.Settings(calibration_images=4, calibration_data=str(calibration_file), fallback=False)
     held_out = data.encoder_calibration_feeds("l0", 2, seed=99, photos=False)
     for component in ("encoder", "decoder"):

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from evsam_export.environment import HIDE_CPU_FLAGS_ENV, cpu_flags
 from evsam_export.errors import ArtifactError, RecipeError
-from evsam_export.manifest import HIDE_CPU_FLAGS_ENV, cpu_flags, read_manifest
+from evsam_export.manifest import read_manifest
 from evsam_export.pipeline.auto import AUTO_JSON, AUTO_MD, is_auto_recipe, load_auto_recipe
 from evsam_export.pipeline.recipe import load_recipe, recipes_dir
 from evsam_export.runtime import Predictor
-from evsam_export.runtime.predictor import choose_artifact
+from evsam_export.runtime.choice import choose_artifact
 
 BF16_FLAGS = "avx512_bf16,amx_bf16"
 

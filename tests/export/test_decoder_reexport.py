@@ -52,12 +52,13 @@ def test_decoder_reexport_removes_what_was_built_from_the_old_decoder(copy_expor
 
     from evsam_export.apps import X_ANYLABELING_FILE
     from evsam_export.model.variants import get_variant
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
+    from evsam_export.steps.step import StepContext
     from evsam_export.targets import ort as ort_target
 
     folder = copy_export("derived")
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True))
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), gating=ParityGate())
     for component in ("encoder", "decoder"):
         (derived,) = ort_target.build(ctx, manifest.artifact(f"{component}.onnx.fp32"), ort_target.Settings())
         manifest.add(derived)

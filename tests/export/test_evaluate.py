@@ -411,8 +411,8 @@ def test_report_files_replace_all_or_nothing(tmp_path, monkeypatch):
 
 def test_best_only_is_the_best_candidate_of_a_full_prediction(l0_export):
     """The point protocol asks the Predictor for the best candidate only (one full-size upscale, not three)."""
-    from evsam_export.calibration.images import synthetic_scene
     from evsam_export.data.coco import point_prompts
+    from evsam_export.data.scenes import synthetic_scene
     from evsam_export.runtime import Predictor
 
     scene = synthetic_scene(3, 120, 160)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evsam_export.calibration.images import synthetic_scene
 from evsam_export.data.images import ImageFolder, SkippedImage, files_sha256, read_folder, read_image_file
+from evsam_export.data.scenes import synthetic_scene
 from evsam_export.errors import RecipeError, UsageError
 from evsam_export.model import processing
 from evsam_export.parity.reference import build_cases

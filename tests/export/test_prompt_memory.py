@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evsam_export import contract
+from evsam_export import contract, overlay
 from evsam_export.cli import predict_cmd
 from evsam_export.contract import TensorSpec
 from evsam_export.errors import UsageError
@@ -183,8 +183,8 @@ def test_host_memory_beyond_results_does_not_grow_with_prompt_sets(l0_export):
 def _banded(low_res, geometry, band_bytes):
     logits = np.empty(low_res.shape[:-2] + geometry.original_size, np.float32)
     masks = np.empty(logits.shape, bool)
-    predictor_module.postprocess_into(low_res, geometry, logits, band_bytes=band_bytes)
-    predictor_module.postprocess_into(low_res, geometry, masks, band_bytes=band_bytes)
+    processing.postprocess_into(low_res, geometry, logits, band_bytes=band_bytes)
+    processing.postprocess_into(low_res, geometry, masks, band_bytes=band_bytes)
     assert np.array_equal(masks, processing.binarize(logits))
     return logits
 
@@ -225,7 +225,7 @@ def test_opencv_crop_of_the_frame_equals_the_whole_frame_cropped(original_size):
     frame = processing.resize_bilinear_fast(low_res, 1024, 1024)[..., :new_h, :new_w]
     expected = processing.resize_bilinear_fast(frame, *original_size) if original_size != (new_h, new_w) else frame
     got = np.empty(low_res.shape[:-2] + original_size, np.float32)
-    predictor_module.postprocess_into(low_res, geometry, got)
+    processing.postprocess_into(low_res, geometry, got)
     if original_size[0] == new_h:  # no row blend: OpenCV's own values throughout
         assert np.array_equal(got, expected)
     assert np.abs(got - expected).max() < 1e-3
@@ -233,9 +233,9 @@ def test_opencv_crop_of_the_frame_equals_the_whole_frame_cropped(original_size):
 
 def test_frame_crop_source_reads_only_what_the_crop_needs():
     # Output row 767 of the x4 frame reads source rows 191 and 192: 193 rows, all 256 columns.
-    assert predictor_module.frame_crop_source((768, 1024)) == (193, 256)
-    assert predictor_module.frame_crop_source((1, 1024)) == (2, 256)
-    assert predictor_module.frame_crop_source((1024, 1024)) == (256, 256)
+    assert processing.frame_crop_source((768, 1024)) == (193, 256)
+    assert processing.frame_crop_source((1, 1024)) == (2, 256)
+    assert processing.frame_crop_source((1024, 1024)) == (256, 256)
 
 
 # ---------------------------------------------------------------------------------- runner output selection
@@ -313,11 +313,11 @@ def test_overlay_in_bands_equals_whole_image_blend(monkeypatch):
     masks = rng.random((3, 37, 53)) > 0.5
     canvas = rgb.astype(np.float32)  # the whole-image blend the banded one must reproduce
     for index, mask in enumerate(masks):
-        colour = np.asarray(predict_cmd.PALETTE[index], dtype=np.float32)
-        canvas[mask] = canvas[mask] * (1.0 - predict_cmd.OVERLAY_ALPHA) + colour * predict_cmd.OVERLAY_ALPHA
+        colour = np.asarray(overlay.PALETTE[index], dtype=np.float32)
+        canvas[mask] = canvas[mask] * (1.0 - overlay.OVERLAY_ALPHA) + colour * overlay.OVERLAY_ALPHA
     expected = np.clip(canvas.round(), 0, 255).astype(np.uint8)
-    monkeypatch.setattr(predict_cmd, "OVERLAY_BAND_BYTES", 4 * 3 * 53 * 5)  # five rows per band
-    banded = np.asarray(predict_cmd.draw_overlay(rgb, masks, [], []))
+    monkeypatch.setattr(overlay, "BAND_BYTES", 4 * 3 * 53 * 5)  # five rows per band
+    banded = np.asarray(overlay.prompt_overlay(rgb, masks, [], []))
     assert np.array_equal(banded, expected)
 
 

@@ -212,7 +212,8 @@ def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path):
     rebuilt (and says so), r2 matches its manifest, r1 is untouched, and the rebuilt entry replaced the bad one."""
     import io
 
-    from evsam_export.manifest import read_manifest, sha256_file
+    from evsam_export.files import sha256_file
+    from evsam_export.manifest import read_manifest
     from evsam_export.pipeline.cache import verify_entry
     from evsam_export.progress import Reporter
 
@@ -262,13 +263,13 @@ def test_the_validate_key_covers_the_bytes_of_the_files_it_checks(copy_export):
 
 def test_step_code_hash_covers_the_helpers_a_step_imports():
     """A change in the model code or a graph pass must invalidate a cached export, not only a change in
-    the step module itself (evsam_export.api)."""
-    from evsam_export.pipeline.cache import module_code_files, module_code_hash
+    the step module itself (evsam_export.pipeline.export)."""
+    from evsam_export.cache import module_code_files, module_code_hash
 
-    files = module_code_files("evsam_export.api")
+    files = module_code_files("evsam_export.pipeline.export")
     for helper in ("evsam_export.export.graph_passes", "evsam_export.model.layers", "evsam_export.export.simplify"):
         assert helper in files, helper
     assert "evsam_export.precision.ort_int8" in module_code_files("evsam_export.precision.ort_int8")
-    assert "evsam_export.calibration.data" in module_code_files("evsam_export.precision.ort_int8")
-    assert module_code_hash("evsam_export.api") != module_code_hash("evsam_export.targets.ort")
+    assert "evsam_export.data.calibration" in module_code_files("evsam_export.precision.ort_int8")
+    assert module_code_hash("evsam_export.pipeline.export") != module_code_hash("evsam_export.targets.ort")
     assert len(module_code_hash("not_our.module")) == 64

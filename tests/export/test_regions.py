@@ -13,9 +13,9 @@ from evsam_export import api
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export import regions
 from evsam_export.model.variants import VARIANT_NAMES
-from evsam_export.pipeline.fallback import FallbackGroup, graph_nodes
 from evsam_export.precision import fp16, nncf_int8, ort_int8
 from evsam_export.progress import Reporter
+from evsam_export.steps.fallback import FallbackGroup, graph_nodes
 
 _ATTENTION = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)"
 

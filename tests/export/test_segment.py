@@ -10,7 +10,7 @@ merges everything into one mask. The parity cases therefore lower the thresholds
 check that every stage keeps masks, and that our per-stage counts equal upstream's. Any checkpoint can be
 added to PARITY_CHECKPOINTS with its own settings.
 
-The trained weights are our realistic checkpoint (evsam_export.model.realistic, `--checkpoint realistic`):
+The trained weights are our realistic checkpoint (evsam_export.realistic, `--checkpoint realistic`):
 its masks follow the prompt and the image, but its briefly trained IoU head predicts low IoUs. Measured on
 l0 at 16x16 points on astronaut 256x256, coffee 256x192 and chelsea 256x192, predicted IoU over all 768
 candidates spans 0.05..0.56 (median 0.25..0.41) and stability at upstream's offset 1.0 reaches 0.82 at most
@@ -316,7 +316,7 @@ def test_realistic_checkpoint_matches_upstream(realistic_export, upstream_stages
     assert counts["candidates"] > counts["predicted_iou"] > counts["stability"] > 0, counts  # both thresholds filter
     # Parity is only telling on a checkpoint whose masks follow the prompt (test_realistic's criterion): one that
     # does not answers every grid point with the same blob, which box NMS merges into one mask.
-    from evsam_export.model import realistic
+    from evsam_export import realistic
 
     held_out = realistic.read_stats(realistic.ensure_checkpoint(realistic.TrainSettings(variant=variant)))["held_out"]
     assert max(held_out["same_mask_iou"].values()) <= 0.5, held_out["same_mask_iou"]
@@ -423,23 +423,23 @@ def test_prepared_image_gives_the_same_masks(predictor):
 def test_segment_runs_a_gated_lower_precision_decoder(copy_export):
     """Without --decoder, `segment` runs a lower-precision decoder whose decoder stage passed in parity.json,
     unless the folder recommends a pair; never an ungated one."""
-    from evsam_export.cli.segment_cmd import lower_precision_decoder
+    from evsam_export.runtime.choice import segment_decoder
 
     folder = copy_export("lowered")
     manifest = json.loads((folder / "manifest.json").read_text())
     fp32 = next(a for a in manifest["artifacts"] if a["id"] == "decoder.onnx.fp32")
     manifest["artifacts"].append({**fp32, "id": "decoder.onnx.bf16", "precision": "bf16"})
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert lower_precision_decoder(folder) is None  # no parity report
+    assert segment_decoder(folder) is None  # no parity report
     stages = [{"stage": "decoder", "artifact": "decoder.onnx.bf16", "passed": False}]
     (folder / "parity.json").write_text(json.dumps({"stages": stages}))
-    assert lower_precision_decoder(folder) is None  # failed its gate
+    assert segment_decoder(folder) is None  # failed its gate
     stages[0]["passed"] = True
     (folder / "parity.json").write_text(json.dumps({"stages": stages}))
-    assert lower_precision_decoder(folder) == "decoder.onnx.bf16"
+    assert segment_decoder(folder) == "decoder.onnx.bf16"
     manifest["recommended"] = {"encoder": "encoder.onnx.fp32", "decoder": "decoder.onnx.fp32"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert lower_precision_decoder(folder) is None  # the folder's recommendation stands
+    assert segment_decoder(folder) is None  # the folder's recommendation stands
 
 
 @pytest.mark.parametrize(

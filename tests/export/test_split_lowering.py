@@ -15,11 +15,12 @@ import pytest
 from evsam_export import contract
 from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
+from evsam_export.parity.gate import ParityGate
 from evsam_export.pipeline.recipe import build_settings
 from evsam_export.pipeline.split_lowering import lower_split_pair
-from evsam_export.pipeline.step import StepContext
 from evsam_export.progress import Reporter
 from evsam_export.runtime import Predictor
+from evsam_export.steps.step import StepContext
 from evsam_export.targets import ort as ort_target
 
 PAIR = "decoder_image+decoder_prompt.ort.fp32"
@@ -30,7 +31,8 @@ def ort_folder(copy_export):
     """A copy of the l0 export with decoder.ort.fp32 and its lowered halves, as the cpu-ort-fp32 decoder step writes them."""
     folder = copy_export("lowered")
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), threads=2)
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), threads=2,
+                      gating=ParityGate())
     settings = build_settings(ort_target.Settings, {}, "fp32")
     parent = manifest.artifact("decoder.onnx.fp32")
     built = list(ort_target.build(ctx, parent, settings))
@@ -86,7 +88,7 @@ def test_a_recipe_built_pair_runs_only_after_it_passed_its_gate(ort_folder):
 def test_a_step_that_cannot_lower_the_halves_says_so_and_builds_none(copy_export):
     folder = copy_export("unlowered")
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True))
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), gating=ParityGate())
     parent = manifest.artifact("decoder.onnx.fp32")
     lowered = replace(parent, id="decoder.tensorrt.fp16", target="tensorrt", precision="fp16", parent=parent.id, facts={})
     calls = []
@@ -111,7 +113,8 @@ def test_the_openvino_fp16_step_builds_the_halves_and_they_match(copy_export):
 
     folder = copy_export("openvino-fp16")
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), threads=2)
+    ctx = StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True), threads=2,
+                      gating=ParityGate())
     settings = build_settings(openvino_target.Settings, {"precision": "fp16"}, "fp16")
     parent = manifest.artifact("decoder.onnx.fp32")
     built = list(openvino_target.build(ctx, parent, settings))

@@ -21,13 +21,15 @@ from conftest import quick_suite_text
 from onnx import numpy_helper
 
 from evsam_export.errors import RecipeError, UsageError
-from evsam_export.manifest import read_manifest, sha256_file
+from evsam_export.files import sha256_file
+from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import get_variant
+from evsam_export.parity.gate import ParityGate
 from evsam_export.parity.suites import gate_coverage_problems, load_suite
 from evsam_export.parity.task_settings import GroundTruth, parse_max_drop, parse_max_drop_text
-from evsam_export.pipeline.fallback import gate_candidate
 from evsam_export.pipeline.recipe import load_recipe
-from evsam_export.pipeline.step import StepContext
+from evsam_export.steps.fallback import gate_candidate
+from evsam_export.steps.step import StepContext
 
 # Noise per conv weight (dB) -> measured on the two scenes: 30 dB gives embeddings at 20 dB (fp16 wants 30),
 # end-to-end mask IoU 0.966 (wants 0.99) and a box mIoU drop of -0.03 points; 23 dB gives 13.3 dB and IoU
@@ -126,7 +128,7 @@ def test_validate_with_annotations_gates_lower_precisions_on_the_miou_drop(noisy
 def test_the_fallback_gate_uses_the_drop_when_its_suite_has_ground_truth(noisy_export, ground_truth, tmp_path):
     """The fp16-labelled candidate misses the agreement gates (the CLI test shows the int8 one failing on the
     drop, through the same gates): a fallback round accepts it on its drop and records both."""
-    ctx = StepContext(folder=noisy_export, manifest=read_manifest(noisy_export), variant=get_variant("l0"))
+    ctx = StepContext(folder=noisy_export, manifest=read_manifest(noisy_export), variant=get_variant("l0"), gating=ParityGate())
     suite = str(task_suite(tmp_path, ground_truth, f"max_drop = {{box = {MAX_DROP}, point = {MAX_DROP}}}"))
     verdict = gate_candidate(ctx, ctx.manifest.artifact("encoder.onnx.fp16"), suite)
     assert verdict.passed and not verdict.failed and set(verdict.task_drop_points) == {"box", "point"}, verdict

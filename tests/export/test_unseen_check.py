@@ -1,9 +1,9 @@
-"""The independent check on unseen scenes (evsam_export.parity.unseen): an fp32 pair scored against itself
+"""The independent check on unseen scenes (evsam_export.evaluation.unseen): an fp32 pair scored against itself
 agrees perfectly and passes; the verdict names every floor a result misses."""
 
 from __future__ import annotations
 
-from evsam_export.parity import unseen
+from evsam_export.evaluation import unseen
 
 
 def test_fp32_against_itself_passes_with_perfect_agreement(l0_export):
@@ -30,9 +30,13 @@ def test_failures_name_every_missed_floor():
     assert unseen.failures(result, int8_encoder=False)[-1] == "box: mIoU drop 2.5 points > 2.0"
 
 
-def test_a_missing_folder_is_one_line_and_exit_6(tmp_path, capsys):
-    from evsam_export.parity.unseen import main
+def test_a_missing_folder_is_one_line_and_exit_6(tmp_path):
+    from typer.testing import CliRunner
 
-    assert main([str(tmp_path / "nowhere")]) == 6
-    err = capsys.readouterr().err
+    from evsam_export.cli import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, ["unseen", str(tmp_path / "nowhere")])
+    assert result.exit_code == 6
+    err = result.stderr
     assert err.startswith("error: artifact folder not found") and "Traceback" not in err and err.count("\n") == 1

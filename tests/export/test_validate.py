@@ -15,7 +15,8 @@ import pytest
 from onnx import numpy_helper
 
 from evsam_export import api
-from evsam_export.manifest import read_manifest, sha256_file
+from evsam_export.files import sha256_file
+from evsam_export.manifest import read_manifest
 from evsam_export.parity.compare import compare
 from evsam_export.parity.reference import build_cases, pytorch_reference
 from evsam_export.parity.report import report_json

@@ -15,9 +15,10 @@ import pytest
 from evsam_export.errors import ExportError, RuntimeUnavailable
 from evsam_export.manifest import read_manifest
 from evsam_export.model.variants import VARIANTS
-from evsam_export.pipeline.step import StepContext
+from evsam_export.parity.gate import ParityGate
 from evsam_export.progress import Reporter
 from evsam_export.runners import availability_of, runner_for_artifact
+from evsam_export.steps.step import StepContext
 from evsam_export.targets import web
 from evsam_export.web.dist import BUNDLES, find_dist
 
@@ -29,7 +30,7 @@ needs_dist = pytest.mark.skipif(find_dist() is None, reason="onnxruntime-web npm
 def web_build(folder: Path, component: str, precision: str, execution_provider: str = "wasm"):
     """The web target step on `folder`'s fp32 ONNX `component`, added to its manifest."""
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True))
+    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True), gating=ParityGate())
     settings = web.Settings(execution_provider=execution_provider, precision=precision)
     [artifact] = web.build(ctx, manifest.artifact(f"{component}.onnx.fp32"), settings)
     manifest.add(artifact)
@@ -110,7 +111,7 @@ def test_contrib_ops_are_refused_in_one_line(copy_export):
     model.graph.node.append(helper.make_node("FastGelu", ["iou_predictions"], ["unused"], domain="com.microsoft"))
     onnx.save(model, str(source))
     manifest = read_manifest(folder)
-    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True))
+    ctx = StepContext(folder=folder, manifest=manifest, variant=VARIANTS["l0"], reporter=Reporter(quiet=True), gating=ParityGate())
     with pytest.raises(ExportError) as info:
         web.build(ctx, manifest.artifact("decoder.onnx.fp32"), web.Settings())
     assert "com.microsoft.FastGelu" in info.value.one_line() and "graph_passes = []" in info.value.one_line()
@@ -169,7 +170,7 @@ def test_web_wasm_recipe_passes_its_gate_in_the_browser(tmp_path, quick_suite):
 
 def test_bench_times_a_subject_by_its_own_clock():
     """Browser subjects report onnxruntime-web's in-page time, not this process's wall time around the transfer."""
-    from evsam_export.bench import alternate
+    from evsam_export.bench.timing import alternate
 
     class InPage:
         calls = 0

@@ -69,7 +69,7 @@ def app_page(folder, threads: int | None = None):
     """The folder served by the real `evsam-export serve` (stopped with Ctrl-C at the end, which must exit 0) and
     its index.html open in headless Chromium (?threads=N when given), the model loaded; yields (page, the app's
     load info)."""
-    from evsam_export.web.app_bench import open_app
+    from evsam_export.bench.app import open_app
 
     server = serve(folder)
     try:
@@ -174,9 +174,9 @@ def test_the_app_segments_like_the_predictor_through_serve(app_folder):
 
 @needs_browser
 def test_the_app_times_real_clicks_with_the_threads_asked(app_folder):
-    """The benchmark's own path (evsam_export.web.app_bench) with one thread asked: the page runs one, times the
+    """The benchmark's own path (evsam_export.bench.app) with one thread asked: the page runs one, times the
     load, the encoder, real clicks and the pointer preview (numbers, not limits: speed is a benchmark)."""
-    from evsam_export.web.app_bench import click_times, native_decoder_ms, preview_times
+    from evsam_export.bench.app import click_times, native_decoder_ms, preview_times
 
     with app_page(app_folder, threads=1) as (page, info):
         assert info["threads"] == 1 and "1 WASM thread of" in page.locator("#model").inner_text()

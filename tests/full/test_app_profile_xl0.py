@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evsam_export import api
-from evsam_export.parity import metrics
+from evsam_export import api, metrics
 from evsam_export.progress import Reporter
 from evsam_export.runtime.predictor import Predictor
 

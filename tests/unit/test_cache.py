@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from evsam_export.errors import OutputError
-from evsam_export.manifest import sha256_file
+from evsam_export.files import sha256_file
 from evsam_export.pipeline.cache import StepCache, read_entry, verify_entry
 
 KEY = "a" * 64
@@ -324,7 +324,7 @@ def test_an_entry_whose_artifact_records_disagree_with_its_files_is_dropped_and_
 
     cache, files = stored(tmp_path)
     _rewrite_entry(cache.root / KEY, lambda d: d.update(artifacts=[{"id": "encoder.onnx.fp32", "path": "model.onnx"}]))
-    step = Step("export", "evsam_export.api", key=KEY)
+    step = Step("export", "evsam_export.pipeline.export", key=KEY)
     entry, problem = cache.restore(KEY, tmp_path / "out")
     assert problem is None and _cached_artifacts(step, entry) is None and step.cache_problem == "entry.json has malformed artifact records"
 

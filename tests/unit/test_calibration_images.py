@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evsam_export.calibration.images import (
+from evsam_export.data.scenes import (
     PROMPT_KINDS,
     SampleImageSpec,
     SyntheticImageSpec,

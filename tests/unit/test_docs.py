@@ -160,6 +160,31 @@ def test_every_repository_path_named_in_the_docs_exists():
     assert not problems, "\n".join(sorted(set(problems)))
 
 
+_MODULE = re.compile(r"(?<![\w/.])evsam_export(?:\.[A-Za-z_]\w*)+")
+
+
+def _module_problem(dotted: str) -> str | None:
+    """None when `evsam_export.a.b.name` names a package, a module and names defined in it (read as text)."""
+    path = ROOT / "evsam_export"
+    parts = dotted.split(".")[1:]
+    while parts and ((path / parts[0]).is_dir() or (path / f"{parts[0]}.py").is_file()):
+        path = path / parts[0] if (path / parts[0]).is_dir() else path / f"{parts[0]}.py"
+        parts = parts[1:]
+    if not parts:
+        return None
+    source = path / "__init__.py" if path.is_dir() else path
+    text = source.read_text() if source.is_file() else ""
+    if not re.search(rf"\b{re.escape(parts[0])}\b", text):
+        return f"{dotted}: {parts[0]} is not in {source.relative_to(ROOT)}"
+    return None
+
+
+def test_every_module_named_in_the_docs_exists():
+    problems = [f"{_rel(path)}: {problem}" for path in ALL_DOCS for dotted in _MODULE.findall(path.read_text())
+                if (problem := _module_problem(dotted.rstrip(".")))]
+    assert not problems, "\n".join(sorted(set(problems)))
+
+
 # ------------------------------------------------------------------------------------ no development history
 
 # How numbers moved belongs in git history, not in the repository. A fallback *round* of the INT8 gate is a product

@@ -20,7 +20,7 @@ from evsam_export.parity.suites import (
 )
 from evsam_export.pipeline.auto import is_auto_recipe, load_auto_recipe
 from evsam_export.pipeline.recipe import load_recipe, recipes_dir
-from evsam_export.pipeline.settings import GATE_SUITE
+from evsam_export.steps.settings import GATE_SUITE
 
 RELEASE_SUITES = ("default", "full")
 

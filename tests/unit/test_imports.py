@@ -1,18 +1,26 @@
-"""No import cycles between evsam_export modules, counting the imports inside functions too.
+"""No import cycles between evsam_export modules, and no import from a lower layer to a higher one,
+counting the imports inside functions too.
 
 A lazy import inside a function hides a cycle from Python only until that function runs first in an
 unlucky order, so the graph here is read from the source with `ast`, every `import` and `from ... import`
 at any depth, and any cycle fails the test with its modules listed.
+
+Layers: a unit is a sub-package (`evsam_export/model/`) or a top-level module (`evsam_export/errors.py`).
+LAYERS lists them lowest first; a unit may import itself and the units listed before it, nothing after it,
+with no exceptions. A lower layer that needs something from a higher one gets it passed in (a function on
+the step context, an argument). docs/design.md's "Layers" section lists the same units in the same order.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import evsam_export
 
 PACKAGE_ROOT = Path(evsam_export.__file__).resolve().parent
+DESIGN = PACKAGE_ROOT.parent / "docs" / "design.md"
 
 
 def module_files() -> dict[str, Path]:
@@ -142,3 +150,122 @@ def test_cycle_finder_reports_a_two_module_and_a_longer_cycle():
 def test_no_import_cycles_between_modules():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# ------------------------------------------------------------------------------------------ layers
+
+LAYERS = (
+    "evsam_export",  # the package's own __init__: the version
+    "errors",
+    "progress",
+    "signal_stack",
+    "junit",
+    "files",
+    "cache",
+    "output",
+    "folder_report",
+    "environment",
+    "measurements",
+    "model",
+    "metrics",
+    "contract",
+    "manifest",
+    "apps",
+    "data",
+    "realistic",
+    "overlay",
+    "export",
+    "web",
+    "runners",
+    "runtime",
+    "bench",
+    "steps",
+    "precision",
+    "targets",
+    "evaluation",
+    "parity",
+    "pipeline",
+    "api",
+    "cli",
+    "docs_gen",
+)
+
+
+def unit_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[str, int]]:
+    """(imported evsam_export module, line) for every import in the file; `from pkg import name` counts as
+    an import of pkg.name when that is a module, else of pkg."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names if alias.name.split(".")[0] == "evsam_export"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base[: len(base) - node.level + (1 if path.name == "__init__.py" else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "evsam_export":
+                continue
+            for alias in node.names:
+                submodule = f"{target}.{alias.name}"
+                found.append((submodule if submodule in known else target, node.lineno))
+    return found
+
+
+def layer_violations(layers: tuple[str, ...] = LAYERS) -> list[str]:
+    rank = {unit: position for position, unit in enumerate(layers)}
+    files = module_files()
+    known = set(files)
+    problems = []
+    for module, path in files.items():
+        source_unit = unit_of(module)
+        if source_unit not in rank:
+            problems.append(f"{module}: its unit {source_unit!r} has no place in LAYERS")
+            continue
+        for target, line in imports_of(module, path, known):
+            target_unit = unit_of(target)
+            if target_unit not in rank:
+                problems.append(f"{module}:{line} imports {target}, whose unit {target_unit!r} has no place in LAYERS")
+            elif rank[target_unit] > rank[source_unit]:
+                problems.append(f"{module}:{line} imports {target}: {source_unit} may not import the higher {target_unit}")
+    return problems
+
+
+def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
+    problems = layer_violations()
+    assert not problems, "\n".join(problems)
+
+
+def test_every_unit_in_the_layers_exists():
+    units = {unit_of(module) for module in module_files()}
+    assert sorted(set(LAYERS) - units) == []
+    assert len(set(LAYERS)) == len(LAYERS)
+
+
+def test_the_check_sees_lazy_imports_and_upward_edges():
+    files = module_files()
+    graph = {module: {target for target, _ in imports_of(module, path, set(files))} for module, path in files.items()}
+    assert "evsam_export.model.sam" in graph["evsam_export.model.checkpoint"]  # imported inside a function
+    swapped = list(LAYERS)
+    low, high = swapped.index("model"), swapped.index("contract")
+    swapped[low], swapped[high] = swapped[high], swapped[low]
+    assert any("contract may not import the higher model" in problem for problem in layer_violations(tuple(swapped)))
+
+
+def test_design_doc_lists_the_layers_in_order():
+    text = DESIGN.read_text()
+    section = text[text.index("\n## Layers\n"):]
+    following = section.find("\n## ", 1)
+    section = section[: following if following > 0 else None]
+    listed = []
+    for row in section.splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")] if row.startswith("|") else []
+        if cells:
+            listed += re.findall(r"`([a-z_]+)(?:/|\.py)?`", cells[0])
+    assert tuple(listed) == LAYERS

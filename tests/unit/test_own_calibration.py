@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evsam_export.calibration import data
-from evsam_export.calibration.images import synthetic_scene
+from evsam_export.data import calibration as data
 from evsam_export.data.images import files_sha256, read_image_file
+from evsam_export.data.scenes import synthetic_scene
 from evsam_export.errors import RecipeError
 from evsam_export.model import processing
 from evsam_export.pipeline.recipe import load_recipe
 from evsam_export.pipeline.runner import plan_steps, step_payload
-from evsam_export.pipeline.settings import SettingValueError
 from evsam_export.precision import nncf_int8, ort_int8
+from evsam_export.steps.settings import SettingValueError
 
 
 def calibration_folder(root: Path, count: int = 5) -> Path:

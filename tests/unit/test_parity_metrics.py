@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from evsam_export.parity import metrics
+from evsam_export import metrics
 
 
 def square(top: int, left: int, size: int = 2, shape=(6, 6)) -> np.ndarray:
@@ -127,7 +127,7 @@ def test_metrics_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, evsam_export.parity.metrics, evsam_export.parity.suites, evsam_export.calibration.images; " \
+    code = "import sys, evsam_export.metrics, evsam_export.parity.suites, evsam_export.data.scenes; " \
            "print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

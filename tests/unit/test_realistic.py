@@ -1,4 +1,4 @@
-"""The realistic test checkpoint (evsam_export.model.realistic): deterministic, cached by key, loadable as an
+"""The realistic test checkpoint (evsam_export.realistic): deterministic, cached by key, loadable as an
 official checkpoint, and (slow, trained once per cache) image-dependent masks with logits of several units."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from evsam_export.model import realistic
+from evsam_export import realistic
 from evsam_export.model.checkpoint import load_model
 from evsam_export.model.variants import get_variant
 

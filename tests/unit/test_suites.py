@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from evsam_export.calibration.images import PROMPT_KINDS, SampleImageSpec, SyntheticImageSpec
+from evsam_export.data.scenes import PROMPT_KINDS, SampleImageSpec, SyntheticImageSpec
 from evsam_export.errors import RecipeError
 from evsam_export.parity.suites import PRECISIONS, list_suites, load_suite
 

@@ -19,12 +19,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export.onnx_export import decoder_spec, encoder_spec
-from evsam_export.manifest import Artifact, Manifest, TensorSpec, read_manifest, sha256_file, verify_artifact_file
+from evsam_export.files import sha256_file
+from evsam_export.manifest import Artifact, Manifest, TensorSpec, read_manifest, verify_artifact_file
 from evsam_export.model.variants import get_variant
-from evsam_export.pipeline.step import StepContext
+from evsam_export.parity.gate import ParityGate
 from evsam_export.progress import Reporter
 from evsam_export.runners.base import Availability
+from evsam_export.steps.step import StepContext
 from evsam_export.targets import tensorrt as trt_target
+from evsam_export.targets import tensorrt_engine as trt_engine
 
 VARIANT = get_variant("l0")
 SHAPE_FLAGS = ("--minShapes", "--optShapes", "--maxShapes")
@@ -52,7 +55,7 @@ def onnx_artifact(folder: Path, spec, precision: str = "fp32", path: Path | None
 
 def make_ctx(folder: Path) -> StepContext:
     manifest = Manifest(variant=VARIANT.name, encoder_size=VARIANT.encoder_size, weights={}, model={})
-    return StepContext(folder=folder, manifest=manifest, variant=VARIANT, reporter=Reporter(quiet=True))
+    return StepContext(folder=folder, manifest=manifest, variant=VARIANT, reporter=Reporter(quiet=True), gating=ParityGate())
 
 
 @pytest.fixture()
@@ -451,7 +454,7 @@ def network_inputs_of(spec):
 
 @pytest.fixture()
 def fake_gpu(monkeypatch):
-    monkeypatch.setattr(trt_target, "gpu_properties", lambda: {"gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"})
+    monkeypatch.setattr(trt_engine, "gpu_properties", lambda: {"gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"})
 
 
 def test_build_engine_calls_match_profiles_and_settings(tmp_path, monkeypatch, fake_gpu):
@@ -460,7 +463,7 @@ def test_build_engine_calls_match_profiles_and_settings(tmp_path, monkeypatch, f
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     profiles = trt_target.profiles_for(onnx_artifact(tmp_path, spec), trt_target.Settings())
     cache = tmp_path / "tc.bin"
-    facts = trt_target.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(),
+    facts = trt_engine.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(),
                                     timing_cache=cache)
 
     assert ("create_network", 1 << 1) in trt.calls  # STRONGLY_TYPED
@@ -480,7 +483,7 @@ def test_build_engine_calls_match_profiles_and_settings(tmp_path, monkeypatch, f
 
     # a second build reuses the saved timing cache
     trt.calls.clear()
-    trt_target.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(),
+    trt_engine.build_engine(tmp_path / "decoder.fp32.onnx", tmp_path / "d.engine", profiles, trt_target.Settings(),
                             timing_cache=cache)
     assert ("create_timing_cache", b"CACHE") in trt.calls
 
@@ -492,7 +495,7 @@ def test_build_engine_optional_settings(tmp_path, monkeypatch, fake_gpu):
     settings = trt_target.Settings(tf32=True, hardware_compatibility="ampere_plus", version_compatible=True,
                                    builder_optimization_level=5)
     profiles = trt_target.profiles_for(onnx_artifact(tmp_path, spec), settings)
-    facts = trt_target.build_engine(tmp_path / "encoder.fp32.onnx", tmp_path / "e.engine", profiles, settings)
+    facts = trt_engine.build_engine(tmp_path / "encoder.fp32.onnx", tmp_path / "e.engine", profiles, settings)
     assert ("create_network", 0) in trt.calls  # 11.x without the enum member: strongly typed anyway
     assert facts["strongly_typed"] == "always on (TensorRT 11+)"
     assert not any(c == ("clear_flag", "TF32") for c in trt.calls)
@@ -510,22 +513,22 @@ def test_build_engine_failures_are_one_line_errors(tmp_path, monkeypatch, fake_g
     parse_errors = ("In node 3: Unsupported op Foo", "In node 9:\n bad Resize")
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(parse_errors=parse_errors))
     with pytest.raises(ExportError) as caught:
-        trt_target.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
+        trt_engine.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
     assert "Unsupported op Foo" in caught.value.one_line() and "bad Resize" in caught.value.one_line()
     assert "\n" not in caught.value.one_line()
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(plan=None, network_inputs=network_inputs_of(spec)))
     with pytest.raises(ExportError, match="failed to build"):
-        trt_target.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
+        trt_engine.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
     assert not (tmp_path / "e.engine").exists()
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(network_inputs=[("input_image", (-1, 3, 1024, 1024))]))
     with pytest.raises(ExportError, match="does not fit"):
-        trt_target.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
+        trt_engine.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(strongly_typed=False, network_inputs=network_inputs_of(spec)))
     with pytest.raises(ExportError, match="strongly typed"):
-        trt_target.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
+        trt_engine.build_engine(onnx_path, tmp_path / "e.engine", profiles, trt_target.Settings())
 
 
 def test_step_builds_an_engine_where_tensorrt_is_available(tmp_path, monkeypatch, fake_gpu):

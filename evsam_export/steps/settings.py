@@ -10,15 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from evsam_export.errors import RecipeError
-
-
-class SettingValueError(RecipeError):
-    """A setting has a value of the right type that the step cannot use; `field` names it."""
-
-    def __init__(self, field: str, message: str, *, hint: str | None = None) -> None:
-        super().__init__(f"{field}: {message}", hint=hint)
-        self.field = field
+from evsam_export.errors import RecipeError, SettingValueError  # noqa: F401  (the settings' error, re-exported)
 
 
 @dataclass(frozen=True)
@@ -72,7 +64,7 @@ GATE_SUITE = "calibration-gate"
 class PrecisionSettings(StepSettings):
     """What every lower-precision step shares: where calibration data comes from, and the gated fallback."""
 
-    # Calibration images (deterministic synthetic scenes and offline photos, calibration.data).
+    # Calibration images (deterministic synthetic scenes and offline photos, data.calibration).
     calibration_images: int = 16
     # Seed of the calibration set (scene seeds, photo rotation, prompts; the sample of calibration_data).
     calibration_seed: int = 0

@@ -5,14 +5,14 @@ Synthetic weights give tiny logits (median |logit| 0.04-0.28) and masks that fol
 image, so precision steps tuned on them say little about a trained model (issue 22). Training only the
 decoder side gives image-dependent masks and logits of several units in minutes on two CPU cores:
 
-1. draw seeded scenes (calibration.images.synthetic_scene: shapes of varied form and colour on textured
+1. draw seeded scenes (data.scenes.synthetic_scene: shapes of varied form and colour on textured
    backgrounds, with ground-truth masks), disjoint from the parity suites' and the calibration seeds;
 2. run the frozen encoder once per scene and keep the embeddings;
 3. start the decoder's cross attentions "aligned" (k_proj := q_proj, so the prompt token and the image
    positions near it attend to each other from step 0; with random q/k the decoder never learned to follow
    the prompt in this budget), then train prompt_encoder + mask_decoder (AdamW, BCE + dice on the low-res logits against the ground truth,
    min-over-tokens for the multimask tokens as SAM does plus a smaller share for every token, MSE for the IoU
-   head) on the prompts the parity suites use (calibration.images.prompts_for), up to four objects of one
+   head) on the prompts the parity suites use (data.scenes.prompts_for), up to four objects of one
    window of the embedding grid per step (a window costs a fraction of the full grid, and several objects
    of one image make a prompt-independent mask expensive), a quarter of the steps as a mask refinement
    (the first pass's low-res mask fed back as mask_input);
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from evsam_export.calibration.images import prompts_for, synthetic_scene
+from evsam_export.data.scenes import prompts_for, synthetic_scene
 from evsam_export.model import processing
-from evsam_export.model.variants import LOW_RES_MASK_SIZE, get_variant
+from evsam_export.model.variants import LOW_RES_MASK_SIZE, Variant, get_variant
 
 # `--checkpoint realistic` (or `realistic:STEPS`) means: this module's checkpoint for the chosen variant.
 REALISTIC_SPEC = "realistic"
-# Scene seeds far from the parity suites' (0-5) and the calibration scenes' (calibration.data), so no gate
+# Scene seeds far from the parity suites' (0-5) and the calibration scenes' (data.calibration), so no gate
 # or calibration image was trained on; held-out scenes are disjoint from the training scenes.
 TRAIN_SEED_BASE = 500_000
 HELD_OUT_SEED_BASE = 600_000
@@ -380,26 +379,28 @@ def train(settings: TrainSettings, log: Callable[[str], None] = lambda line: Non
 
 
 def realistic_cache_root() -> Path:
-    return Path(os.environ.get("EVSAM_CACHE_DIR", Path.home() / ".cache" / "evsam-export")) / "realistic"
+    from evsam_export.cache import cache_root
+
+    return cache_root("realistic")
 
 
 # The code that shapes the checkpoint's bytes: this module with the model and the scene generator it imports
 # (transitively); helpers it also reaches (errors, the step cache) do not change what is trained.
-_KEY_PACKAGES = ("evsam_export.model", "evsam_export.calibration")
+_KEY_PACKAGES = ("evsam_export.realistic", "evsam_export.model", "evsam_export.data.scenes")
 
 
 def checkpoint_key(settings: TrainSettings) -> str:
     """sha256 of the code that shapes the checkpoint (_KEY_PACKAGES), the settings and the torch version."""
     import torch
 
-    from evsam_export.pipeline.cache import module_code_files
+    from evsam_export.cache import cache_key, module_code_files
 
     digest = hashlib.sha256()
     for name, path in sorted(module_code_files(__name__).items()):
         if name.startswith(_KEY_PACKAGES):
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     payload = {"code": digest.hexdigest(), "settings": asdict(settings), "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return cache_key(payload)
 
 
 def checkpoint_filename(variant: str) -> str:
@@ -453,3 +454,16 @@ def parse_realistic(spec: str) -> TrainSettings | None:
 
         raise CheckpointError(f"bad realistic weights spec {spec!r}", hint="use realistic or realistic:STEPS")
     return TrainSettings(steps=int(steps)) if steps else TrainSettings()
+
+
+def resolve_realistic(spec: str, variant: Variant) -> str:
+    """`realistic` / `realistic:STEPS` -> the path of our trained-decoder test checkpoint for `variant`
+    (trained on first use and cached), any other spec unchanged."""
+    import sys
+    from dataclasses import replace
+
+    settings = parse_realistic(spec)
+    if settings is None:
+        return spec
+    log = lambda line: print(f"realistic checkpoint: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    return str(ensure_checkpoint(replace(settings, variant=variant.name), log=log))

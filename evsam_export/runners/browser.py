@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 from evsam_export.runners.base import Availability
 from evsam_export.web.dist import dist_version, find_dist, missing_reason
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "web" / "assets"
 RUNNER_PAGE = "/__evsam__/runner.html"
 CHROMIUM_ENV_VAR = "EVSAM_CHROMIUM"
 CHROMIUM_INSTALL = "apt-get install -y chromium"

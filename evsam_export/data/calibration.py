@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export import contract
-from evsam_export.calibration.images import ValidationImage, annotated_validation_images, prompts_for, sample_image, synthetic_scene
 from evsam_export.data.coco import AnnotationSet
 from evsam_export.data.images import FolderImage, ImageFolder, SkippedImage, files_sha256, read_folder
+from evsam_export.data.scenes import ValidationImage, annotated_validation_images, prompts_for, sample_image, synthetic_scene
 from evsam_export.errors import RuntimeUnavailable, UsageError
-from evsam_export.manifest import sha256_file
+from evsam_export.files import sha256_file
 from evsam_export.model import processing
 from evsam_export.model.variants import Variant, get_variant
 
@@ -156,7 +156,7 @@ def decoder_calibration_feeds(
     `encoder` is the fp32 encoder (an OrtRunner over encoder.fp32.onnx, or any callable image -> embeddings):
     the embeddings are the encoder's real output for each calibration image. `decoder_inputs` (the decoder
     artifact's TensorSpecs or names) decides the profile: `orig_im_size` is fed only if the graph has it
-    (the tensorrt profile has none). Prompts come from calibration.images.prompts_for through
+    (the tensorrt profile has none). Prompts come from data.scenes.prompts_for through
     processing.build_prompt_tokens, so the padding-point rule is PyTorch SAM's."""
     size = _variant(variant).encoder_size
     embed = _embed(encoder)

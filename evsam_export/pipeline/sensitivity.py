@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -27,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evsam_export.errors import RecipeError, UsageError
-from evsam_export.pipeline.fallback import GATE_SUITE
+from evsam_export.files import write_atomic
 from evsam_export.progress import Reporter
+from evsam_export.steps.fallback import GATE_SUITE
 
 ALL = "all"  # every node the recipe would quantize
 UNGROUPED = "ungrouped"  # quantizable nodes that no fallback group names
@@ -155,16 +155,17 @@ def measure_sensitivity(
     `on_result` is called with each row as soon as it is measured (rows take seconds to minutes)."""
     import numpy as np
 
-    from evsam_export.calibration.images import load_image_spec
+    from evsam_export.data.scenes import load_image_spec
     from evsam_export.manifest import read_manifest
+    from evsam_export.metrics import snr_db
     from evsam_export.model.processing import preprocess_image
     from evsam_export.model.variants import get_variant
-    from evsam_export.parity.metrics import snr_db
+    from evsam_export.parity.gate import ParityGate
     from evsam_export.parity.suites import load_suite
-    from evsam_export.pipeline.fallback import graph_nodes
-    from evsam_export.pipeline.step import StepContext
     from evsam_export.precision import ort_int8
     from evsam_export.runners.ort_runner import OrtRunner
+    from evsam_export.steps.fallback import graph_nodes
+    from evsam_export.steps.step import StepContext
 
     reporter = reporter or Reporter()
     folder = Path(folder)
@@ -193,7 +194,8 @@ def measure_sensitivity(
     work = Path(tempfile.mkdtemp(prefix="evsam-sensitivity-"))
     try:
         (work / parent.path).symlink_to((folder / parent.path).resolve())
-        ctx = StepContext(folder=work, manifest=manifest, variant=variant, reporter=Reporter(quiet=True), threads=threads)
+        ctx = StepContext(folder=work, manifest=manifest, variant=variant, reporter=Reporter(quiet=True), threads=threads,
+                          gating=ParityGate())
         every = {name for name, _ in quantizable}
         for name, quantized in selected.items():
             started = time.perf_counter()
@@ -225,10 +227,7 @@ def _add_row(report, row, on_result: Callable | None) -> None:
 def write_report(report: SensitivityReport, path: Path) -> Path:
     """Write the JSON report atomically (a reader never sees half a report)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report.to_json(), indent=2) + "\n")
     return path
 
 
@@ -244,7 +243,7 @@ _IR_FIELDS = ("precision", "static_batch", "inference_precision")
 @dataclass
 class OpenVINOGroupRow:
     """One row: `group` (regions joined by "+") kept fp32 on top of the base scope, every other node NNCF INT8,
-    scored end to end against the fp32 ONNX pair (parity.unseen.score_pair)."""
+    scored end to end against the fp32 ONNX pair (evaluation.unseen.score_pair)."""
 
     group: str
     ignored_nodes: int  # nodes of the ignored scope (base scope + the group), as NNCF matched them
@@ -316,8 +315,8 @@ def openvino_rows(wanted: Sequence[str]):
     the asked-for rows, each a fallback group name or encoder regions joined by "+" (kept fp32 together)."""
     from evsam_export.errors import ExportError
     from evsam_export.export import regions
-    from evsam_export.pipeline.fallback import FallbackGroup
     from evsam_export.precision.nncf_int8 import ENCODER_GROUPS
+    from evsam_export.steps.fallback import FallbackGroup
 
     if not wanted:
         return {NONE: None, **{g.name: g for g in ENCODER_GROUPS}}
@@ -352,13 +351,14 @@ def measure_openvino_sensitivity(
 
     Unlike the ORT rows (only a group INT8), a row here is what one fallback round would ship with only that group
     reverted, so the rows rank the groups by what reverting each alone buys on this checkpoint."""
+    from evsam_export.evaluation.unseen import FP32_DECODER, reference_scenes, score_pair
     from evsam_export.manifest import read_manifest
-    from evsam_export.model.realistic import HELD_OUT_SEED_BASE
     from evsam_export.model.variants import get_variant
-    from evsam_export.parity.unseen import FP32_DECODER, reference_scenes, score_pair
-    from evsam_export.pipeline.step import StepContext
+    from evsam_export.parity.gate import ParityGate
+    from evsam_export.realistic import HELD_OUT_SEED_BASE
     from evsam_export.runners import runner_for_artifact
     from evsam_export.runtime import Predictor
+    from evsam_export.steps.step import StepContext
     from evsam_export.targets import openvino
 
     if scenes < 1 or bench_runs < 1:
@@ -380,7 +380,8 @@ def measure_openvino_sensitivity(
             with reporter.step(f"fp32 pair on {scenes} held-out scenes"):
                 known = reference_scenes(reference, seeds, variant.encoder_size)
             (work / parent.path).symlink_to((folder / parent.path).resolve())
-            ctx = StepContext(folder=work, manifest=manifest, variant=variant, reporter=Reporter(quiet=True), threads=threads)
+            ctx = StepContext(folder=work, manifest=manifest, variant=variant, reporter=Reporter(quiet=True), threads=threads,
+                          gating=ParityGate())
             for name, group in rows.items():
                 started = time.perf_counter()
                 extra = tuple(r.name for r in group.regions) if group else ()

@@ -4,7 +4,7 @@ A step is a function `build(ctx: StepContext, parent: Artifact, settings) -> lis
 it reads `parent`'s file from `ctx.folder`, writes its own files into `ctx.folder` (named
 `<component>.<target>.<precision>.<ext>`), and returns manifest entries whose `parent` is `parent.id`.
 `ctx.gate(artifacts)` runs the parity comparison on candidate artifacts in memory (used by automatic
-fallback); `ctx.calibration` yields deterministic feeds for quantization.
+fallback) through the gate the context was given (`gating`).
 """
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from evsam_export import contract
-from evsam_export.manifest import Artifact, Manifest, sha256_file, verify_artifact_file
+from evsam_export.files import sha256_file
+from evsam_export.manifest import Artifact, Manifest
 from evsam_export.model.variants import Variant
 from evsam_export.progress import Reporter
-
-if TYPE_CHECKING:  # the parity modules load numpy and images; a step that never gates needs neither
-    from evsam_export.parity.compare import ParityReport
-    from evsam_export.parity.reference import SuiteReference
 
 # What a derived decoder (optimised, fp16, INT8...) computes the same way as its parent graph.
 INHERITED_DECODER_SETTINGS = ("single_mask", "single_mask_rule", "pad_points_in_graph")
@@ -51,6 +46,9 @@ class StepContext:
     references: dict = field(default_factory=dict)
     # parity.task.GroundTruth of the recipe's [validate]: every gate suite runs on it (task gating).
     ground_truth: object = None
+    # The parity gate (parity.gate.ParityGate), passed in by whoever builds the context: the step contract sits
+    # below the parity package, so gating is a function it is given, not one it imports. None: no gating.
+    gating: object = None
 
     def path_of(self, artifact: Artifact) -> Path:
         return self.folder / artifact.path
@@ -88,41 +86,22 @@ class StepContext:
             extra_files=list(extra_files or []),
         )
 
-    def gate(self, candidates: list[Artifact]) -> ParityReport:
-        """Parity report of `candidates` (plus the fp32 ONNX artifacts they pair with) on the suite.
+    def gate(self, candidates: list[Artifact]):
+        """parity.compare.ParityReport of `candidates` (plus the fp32 ONNX artifacts they pair with) on the suite,
+        from the gate this context was given (parity.gate.ParityGate): in memory, nothing written."""
+        return self._gating().report(self, candidates)
 
-        In memory: runners on the files in `folder`, compared with the suite's reference held in
-        `references`; nothing is written, and the folder's manifest.json is left as it was."""
-        from evsam_export.parity.compare import compare, open_runners
-        from evsam_export.parity.task import measure_task
+    def suite_reference(self, reporter: Reporter):
+        """The suite's cases and PyTorch reference (parity.reference.SuiteReference), computed on first use and
+        kept in `references`."""
+        return self._gating().suite_reference(self, reporter)
 
-        # The split decoder's halves compute the fp32 decoder's values (checked at export): gating a candidate
-        # with them too would repeat the decoder and end-to-end stages of every fallback round.
-        chosen = [a for a in self.manifest.artifacts
-                  if a.target == "onnx" and a.precision == "fp32" and a.component not in contract.SPLIT_DECODER]
-        for candidate in candidates:  # a candidate replaces an artifact of its id, as Manifest.add does
-            chosen = [a for a in chosen if a.id != candidate.id] + [candidate]
-        for artifact in chosen:
-            verify_artifact_file(self.folder, artifact)
-        quiet = Reporter(quiet=True)
-        held = self.suite_reference(quiet)
-        with open_runners(self.folder, chosen, self.threads) as (runners, unavailable):
-            report = compare(runners, held.cases, held.reference, held.suite, self.manifest.variant, unavailable, quiet)
-            measure_task(report, runners, self.manifest, held.suite, held.reference.task, quiet)
-        report.folder = self.folder
-        return report
+    def load_suite(self, name: str):
+        """The parity suite `name` (its prompts and tolerances), read by the gate this context was given."""
+        return self._gating().load_suite(name)
 
-    def suite_reference(self, reporter: Reporter) -> SuiteReference:
-        """The suite's cases and PyTorch reference, computed on first use and kept in `references`."""
-        from evsam_export.parity.reference import SuiteReference, build_cases, pytorch_reference
-        from evsam_export.parity.suites import load_suite
-        from evsam_export.parity.task import task_reference
-
-        key = (self.suite, self.manifest.weights.get("sha256"))
-        if key not in self.references:
-            suite = load_suite(self.suite, self.ground_truth)
-            cases = build_cases(suite, self.manifest.encoder_size, reporter)
-            reference = pytorch_reference(self.manifest, self.folder, cases, reporter,
-                                          with_model=task_reference(self.manifest, suite, reporter))
-            self.references[key] = SuiteReference(suite, cases, reference)
-        return self.references[key]
+    def _gating(self):
+        if self.gating is None:
+            raise RuntimeError("this step context was built without a parity gate: pass gating=ParityGate() "
+                               "(evsam_export.parity.gate) to StepContext")
+        return self.gating

@@ -62,7 +62,7 @@ def open_app(origin: str, threads: int | None, extra: str = ""):
     """The app at `origin` in headless Chromium, its model loaded; yields (page, the app's load info)."""
     from playwright.sync_api import sync_playwright
 
-    from evsam_export.web.browser import CHROMIUM_ARGS, chromium_executable
+    from evsam_export.runners.browser import CHROMIUM_ARGS, chromium_executable
 
     with sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=str(chromium_executable()), args=CHROMIUM_ARGS, headless=True)

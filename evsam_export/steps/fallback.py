@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evsam_export.manifest import Artifact
-from evsam_export.pipeline.step import StepContext, artifact_id
+from evsam_export.steps.step import StepContext, artifact_id
 
 # The small suite every candidate is gated on (validators/calibration-gate.toml: 2 scenes + 1 photo,
 # every prompt kind, the default.toml tolerances verbatim). The recipe's own suite still validates the

@@ -1,7 +1,7 @@
-"""An independent check of a lower-precision artifact pair on unseen synthetic scenes (issue 22, "done when").
+"""An independent check of a lower-precision artifact pair on unseen synthetic scenes.
 
 The parity gates score an artifact on the suites' images; this check scores it on scenes no gate, calibration
-or training ever saw (evsam_export.model.realistic.UNSEEN_SEED_BASE), through the torch-free runtime
+or training ever saw (evsam_export.realistic.UNSEEN_SEED_BASE), through the torch-free runtime
 (Predictor) exactly as a user runs it, against the folder's fp32 ONNX pair:
 
 * embedding SNR (dB) of the encoder artifact vs the fp32 encoder, per scene;
@@ -9,22 +9,19 @@ or training ever saw (evsam_export.model.realistic.UNSEEN_SEED_BASE), through th
 * the task score: mIoU against the scenes' ground-truth shapes for both pairs, and the drop in points;
 * the encoder's speed against ORT fp32 as a ratio of medians in one alternated run (bench.alternate_calls).
 
-`check_folder` returns the numbers and the verdict against the issue's floors (DONE_WHEN); run it with
-`python -m evsam_export.parity.unseen FOLDER [--encoder ID] [--decoder ID]` (docs/benchmarks.md has runs).
+`check_folder` returns the numbers and the verdict against the floors (DONE_WHEN); run it with
+`evsam-export unseen FOLDER [--encoder ID] [--decoder ID]` (docs/benchmarks.md has runs).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from evsam_export.calibration.images import prompts_for
-from evsam_export.parity import metrics
+from evsam_export import metrics
+from evsam_export.data.scenes import prompts_for
 
 # Issue 22's floors: embedding SNR >= 10 dB, mask IoU vs fp32 >= 0.9 (mean per kind), shape-mIoU drop
 # <= 2 points per kind, and an INT8 encoder at least 1.5x faster than ORT fp32.
@@ -66,7 +63,7 @@ def check_folder(folder: Path, encoder: str | None = None, decoder: str | None =
                  threads: int = 2, bench_runs: int = 6) -> dict:
     """Score the (encoder, decoder) pair of `folder` against its fp32 ONNX pair on `scenes` unseen scenes."""
     from evsam_export.manifest import read_manifest
-    from evsam_export.model.realistic import UNSEEN_SEED_BASE
+    from evsam_export.realistic import UNSEEN_SEED_BASE
     from evsam_export.runtime import Predictor
 
     manifest = read_manifest(folder)
@@ -93,7 +90,7 @@ class SceneReference:
 
 def reference_scenes(reference, seeds: list[int], encoder_size: int) -> list[SceneReference]:
     """The fp32 pair's outputs on the scenes of `seeds`, to score several test pairs against one reference run."""
-    from evsam_export.model.realistic import scene_for
+    from evsam_export.realistic import scene_for
 
     out = []
     for index, seed in enumerate(seeds):
@@ -118,9 +115,9 @@ def score_pair(reference, test, seeds: list[int], encoder_size: int, bench_runs:
     ground-truth object). `references`: reference_scenes() already run for these seeds (then the reference
     Predictor only runs the speed comparison)."""
     from evsam_export import contract
-    from evsam_export.bench import alternate_calls, latency_summary
+    from evsam_export.bench.timing import alternate_calls, latency_summary
     from evsam_export.model.processing import preprocess_image
-    from evsam_export.model.realistic import scene_for
+    from evsam_export.realistic import scene_for
 
     references = references or reference_scenes(reference, seeds, encoder_size)
     tallies = {kind: _Tally([], [], []) for kind in KINDS}
@@ -172,34 +169,6 @@ def failures(result: dict, int8_encoder: bool) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--encoder", help="encoder artifact id (default: the folder's reduced-precision one)")
-    parser.add_argument("--decoder", help="decoder artifact id (default: the folder's reduced-precision one)")
-    parser.add_argument("--scenes", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bench-runs", type=int, default=6)
-    parser.add_argument("--record", type=Path, metavar="DIR",
-                        help="also write the result as DIR/unseen-check/<variant>-<pair>.json (docs/results for "
-                             "docs/benchmarks.md; default $EVSAM_RESULTS_DIR, unset: none)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    args = parser.parse_args(argv)
-    import typer
-
-    # The same one-line errors and exit codes as the evsam-export commands (a missing folder is not a traceback).
-    from evsam_export.cli.common import run_guarded
-
-    try:
-        result = run_guarded(args.debug, lambda: check_folder(args.folder, args.encoder, args.decoder, args.scenes,
-                                                              args.threads, args.bench_runs))
-    except typer.Exit as stop:
-        return stop.exit_code
-    print(json.dumps(result, indent=2))
-    record_result(result, args.record, " ".join(["python -m evsam_export.parity.unseen", *(argv if argv is not None else sys.argv[1:])]))
-    return 1 if result["failures"] else 0
-
-
 def record_result(result: dict, record: Path | None, command: str) -> Path | None:
     """The check as one row of docs/benchmarks.md's `unseen-check` table (None when not recording)."""
     from evsam_export.manifest import read_manifest
@@ -211,13 +180,10 @@ def record_result(result: dict, record: Path | None, command: str) -> Path | Non
     variant = read_manifest(Path(result["folder"])).variant
     per_kind = result["per_kind"]
     values = {"variant": variant, "encoder": result["encoder"], "decoder": result["decoder"], "scenes": result["scenes"],
-              "snr_min_db": result["embedding_snr_db"]["min"],
+              "snr_min_db": snr if np.isfinite(snr := result["embedding_snr_db"]["min"]) else "identical (inf)",
               "mask_iou_vs_fp32_mean": {kind: entry["mask_iou_vs_fp32"]["mean"] for kind, entry in per_kind.items()},
               "miou_drop_points": {kind: entry["miou_drop_points"] for kind, entry in per_kind.items()},
               "encoder_vs_fp32": f"{result['encoder_ms']['speedup']}x", "failures": "; ".join(result["failures"]) or "none"}
     return record_measurement(directory, "unseen-check", f"{variant}-{result['encoder']}-{result['decoder']}", values, command=command,
                               note=f"folder {Path(result['folder']).name}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from evsam_export.manifest import Artifact
 def looser_precision(first: str, second: str) -> str:
     """The precision whose tolerances an encoder -> decoder pairing is gated with (fp16 encoder + INT8 decoder:
     int8), by PRECISION_ORDER (exact first, loosest last)."""
-    from evsam_export.runtime.predictor import PRECISION_ORDER
+    from evsam_export.runtime.choice import PRECISION_ORDER
 
     rank = {name: index for index, name in enumerate(PRECISION_ORDER)}
     return max(first, second, key=lambda name: rank.get(name, 0))
