@@ -9,7 +9,7 @@
 Upstream is the test reference (`pip install --no-deps efficientsam==1.0.0`), run through tests/upstream.py
 and the torchvision stand-in of tests/torchvision_shim.py, exactly as tests/export/test_segment.py runs it.
 Each round times both generators on a grid size, the order reversed every other round, so load from other
-processes hits both alike (`evsam_export.bench.alternate_calls`, no warm-up: a run is minutes); the load
+processes hits both alike (`evsam_export.bench.timing.alternate_calls`, no warm-up: a run is minutes); the load
 average is sampled around every run. Prints per grid the median seconds
 per image of each, their ratio, the mask counts and how many of upstream's masks ours matches (IoU >= 0.95),
 and with --record DIR writes one row per grid size to DIR/segment-everything-speed/ (evsam_export.measurements).
@@ -89,7 +89,7 @@ def main() -> None:
     import torchvision_shim
     from upstream import build_upstream
 
-    from evsam_export.bench import alternate_calls
+    from evsam_export.bench.timing import alternate_calls
     from evsam_export.manifest import read_manifest
     from evsam_export.measurements import record_measurement
     from evsam_export.model.checkpoint import load_model
