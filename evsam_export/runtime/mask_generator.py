@@ -8,9 +8,12 @@ The algorithm and its settings are upstream's `SamAutomaticMaskGenerator` (segme
 EfficientViT-SAM ships as `EfficientViTSamAutomaticMaskGenerator`), written again for numpy: a point grid per
 crop layer, one encoder run per crop, the grid through the decoder's prompt axis in batches, filtering by
 predicted IoU, by stability of the crop-size logits and by crop edges, box NMS within and across crops, then
-optional small-region and hole removal (OpenCV). Masks are kept as COCO RLE (pycocotools) so memory grows
-with the masks' outlines, not their pixels. Needs numpy, pycocotools, and OpenCV for min_mask_region_area > 0
-(`pip install 'evsam-export[data]'`); never imports torch.
+optional small-region and hole removal (OpenCV). Stability, boxes and masks are decided from the low-res
+logits (CropUpscale: bounds from each pixel's low-res window, exact values only along the outlines), with
+the full-size upscale's own answers, so only the masks NMS keeps are built at the crop's size. Masks are kept
+as COCO RLE (pycocotools) so memory grows with the masks' outlines, not their pixels. Needs numpy,
+pycocotools, and OpenCV for min_mask_region_area > 0 (`pip install 'evsam-export[data]'`); never imports
+torch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from evsam_export.model import processing
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Masks whose box lies within this many pixels of a crop edge (but not of the image edge) were cut by the crop.
 CROP_EDGE_TOLERANCE_PX = 20.0
-# Crop-size float32 logits are upscaled, scored and encoded this many bytes at a time, so a batch of 64
+# Crop-size float32 logits of masks upscaled whole are held this many bytes at a time, so a batch of 64
 # points x 3 candidates on a large photo never holds all its upscaled logits at once.
 UPSCALE_BAND_BYTES = 256 * 2**20
 DATA_EXTRA_HINT = "pip install 'evsam-export[data]'"
