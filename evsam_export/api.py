@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from evsam_export.errors import UsageError
-from evsam_export.pipeline.export import ExportOptions, ExportResult, export, export_decoder
+from evsam_export.pipeline.export import EXPORT_PASSES, ExportOptions, ExportResult, export, export_decoder
 from evsam_export.progress import Reporter
 
 
@@ -307,13 +307,15 @@ def serve_folder(folder: str | Path, host: str = "127.0.0.1", port: int = 8000):
     return FolderServer({"/": Path(folder)}, port=port, host=host, accept_blobs=False)
 
 
-def measure_app(folder: str | Path, image: str | Path, threads: int | None, clicks: int = 10) -> dict:
-    """The demo app of a web folder timed in headless Chromium: page load, encoder, real clicks (bench.app)."""
-    from evsam_export.bench.app import measure_app as measure
+def measure_app(folder: str | Path, image: str | Path, threads: list[int | None], clicks: int = 10, rounds: int = 1,
+                progress=print) -> list[dict]:
+    """The demo app of a web folder timed in headless Chromium: page load, encoder, real clicks, with each of
+    `threads` WASM thread counts in turn for `rounds` rounds; one summary per thread count (bench.app)."""
+    from evsam_export.bench.app import measure_rounds
 
-    return measure(Path(folder), Path(image), threads, clicks)
+    return measure_rounds(Path(folder), Path(image), list(threads), clicks, rounds, progress)
 
 
-__all__ = ["ExportOptions", "ExportResult", "availability", "bench", "check_unseen", "evaluate", "export", "export_decoder",
-           "mask_generator", "measure_app", "predictor", "recipe_readiness", "register_engines", "run", "sensitivity", "serve_folder",
-           "step_cache", "targets", "validate"]
+__all__ = ["EXPORT_PASSES", "ExportOptions", "ExportResult", "availability", "bench", "check_unseen", "evaluate",
+           "export", "export_decoder", "mask_generator", "measure_app", "predictor", "recipe_readiness",
+           "register_engines", "run", "sensitivity", "serve_folder", "step_cache", "targets", "validate"]

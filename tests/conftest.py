@@ -125,3 +125,12 @@ def copy_export(l0_export, tmp_path_factory):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="module")
+def module_cache_dir(tmp_path_factory):
+    """$EVSAM_CACHE_DIR for one test module (calibration ranges, quantized models): never the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("evsam-cache")
+        patch.setenv("EVSAM_CACHE_DIR", str(folder))
+        yield folder

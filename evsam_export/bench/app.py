@@ -111,12 +111,19 @@ def median(values: list[float]) -> float:
 
 def measure_app(folder: Path, image: Path, threads: int | None, clicks: int = 10, extra: str = "") -> dict:
     """Serve `folder` (with `image` beside it), open its app with `threads` WASM threads (None: the app's
-    default) and time the load, the encoder, `clicks` real clicks and the pointer preview."""
+    default) and time the load, the encoder, `clicks` real clicks and the pointer preview, then the same
+    graph natively (native_decoder_ms); the machine's 1-minute load average at the end."""
+    import os
+
     from PIL import Image
 
+    from evsam_export.manifest import read_manifest
     from evsam_export.web.server import FolderServer
 
     width, height = Image.open(image).size
+    web = read_manifest(folder).model["web"]
+    download = web["download_bytes"]["total"]
+    app_bytes = sum((Path(folder) / name).stat().st_size for name in web["app"])
     server = FolderServer({"/": Path(folder), "/__bench__/": Path(image).parent}, accept_blobs=False)
     try:
         with open_app(server.origin, threads, extra) as (page, info):
@@ -126,17 +133,52 @@ def measure_app(folder: Path, image: Path, threads: int | None, clicks: int = 10
             previews = preview_times(page, width, height)
     finally:
         server.close()
-    native = native_decoder_ms(folder, info["threads"], clicks)
     return {
         "variant": info["variant"], "threads": info["threads"], "cores": info["cores"], "isolated": info["isolated"],
-        "encoder": info["encoder"], "decoder": info["decoder"], "image": f"{width}x{height}",
-        "load_ms": round(timings["loadMs"], 1), "encode_ms": round(timings["image"]["encodeMs"], 1),
-        "clicks": len(clicked), "click_to_overlay_ms_median": median([c["ms"] for c in clicked]),
-        "click_to_overlay_ms_max": round(max(c["ms"] for c in clicked), 1),
-        "decoder_ms_median": median([c["decodeMs"] for c in clicked]),
-        "native_decoder_ms_median": native,
-        "mask_ms_median": median([c["maskMs"] for c in clicked]),
-        "preview_ms_median": median([p["ms"] for p in previews]) if previews else None,
+        "encoder": info["encoder"], "decoder": info["decoder"], "image": f"{width}x{height}", "download_bytes": download,
+        "app_bytes": app_bytes,
+        "load_ms": timings["loadMs"], "encode_ms": timings["image"]["encodeMs"],
+        "click_ms": [c["ms"] for c in clicked], "decoder_ms": [c["decodeMs"] for c in clicked],
+        "mask_ms": [c["maskMs"] for c in clicked], "preview_ms": [p["ms"] for p in previews],
+        "native_decoder_ms": native_decoder_ms(folder, info["threads"], clicks), "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def measure_rounds(folder: Path, image: Path, threads: list[int | None], clicks: int = 10, rounds: int = 1, progress=print) -> list[dict]:
+    """`rounds` rounds, each timing the app once per thread count in turn (so a change in the machine's load
+    falls on every thread count alike); one summary per thread count: medians over every click of every
+    round, each round's median click, the load averages seen."""
+    runs: dict = {}
+    for round_index in range(rounds):
+        for count in threads:
+            run = measure_app(folder, image, count, clicks)
+            runs.setdefault(count, []).append(run)
+            progress(f"round {round_index + 1}/{rounds}, {run['threads']} threads: click to overlay "
+                     f"{median(run['click_ms']):.0f} ms median, decoder {median(run['decoder_ms']):.0f} ms "
+                     f"(native {run['native_decoder_ms']:.0f} ms), load average {run['load_average']}")
+    return [_summary(measured) for measured in runs.values()]
+
+
+def _summary(measured: list[dict]) -> dict:
+    """One thread count's rounds (measure_app results) in one row."""
+
+    def every(key: str) -> list[float]:
+        return [value for run in measured for value in run[key]]
+
+    first = measured[0]
+    return {
+        **{key: first[key] for key in ("variant", "threads", "cores", "isolated", "encoder", "decoder", "image", "download_bytes",
+                                           "app_bytes")},
+        "rounds": len(measured), "clicks": len(every("click_ms")),
+        "load_ms": median([run["load_ms"] for run in measured]), "encode_ms": median([run["encode_ms"] for run in measured]),
+        "click_to_overlay_ms_median": median(every("click_ms")),
+        "click_to_overlay_ms_round_medians": [median(run["click_ms"]) for run in measured],
+        "click_to_overlay_ms_max": round(max(every("click_ms")), 1),
+        "decoder_ms_median": median(every("decoder_ms")),
+        "native_decoder_ms_median": median([run["native_decoder_ms"] for run in measured]),
+        "mask_ms_median": median(every("mask_ms")),
+        "preview_ms_median": median(every("preview_ms")) if every("preview_ms") else None,
+        "load_averages": [run["load_average"] for run in measured],
     }
 
 
@@ -149,21 +191,26 @@ def record_app_bench(rows: list[dict], record: Path | None, command: str) -> lis
         values = {
             "what": "demo app",
             "subject": f"{row['variant']}: {row['encoder']}, {row['decoder']}",
-            "workload": f"{row['image']} image, {row['clicks']} real clicks",
+            "workload": f"{row['image']} image, {row['clicks']} real clicks ({row['rounds']} rounds)",
             "threads": row["threads"],
+            "bytes": row["download_bytes"],
+            "app_bytes": row["app_bytes"],
             "load_s": round(row["load_ms"] / 1000, 1),
             "encode_s": round(row["encode_ms"] / 1000, 1),
             "per_click_ms": row["click_to_overlay_ms_median"],
             "per_click_max_ms": row["click_to_overlay_ms_max"],
+            "per_click_round_medians_ms": row["click_to_overlay_ms_round_medians"],
             "decoder_ms": row["decoder_ms_median"],
             "native_decoder_ms": row["native_decoder_ms_median"],
             "mask_ms": row["mask_ms_median"],
             "preview_ms": row["preview_ms_median"],
-            "load_average": row.get("load_average"),
+            "load_average": row["load_averages"],
         }
         note = ("medians; per click: the pointer event to the frame after the overlay is drawn (decoder: its prompt "
                 "half in the page; native decoder: the same graph in native ONNX Runtime with as many threads, right after "
-                "the clicks; mask: the mask graph); load: navigation to the model ready; load average after the row")
+                "the clicks; mask: the mask graph); bytes: what the page downloads (manifest model.web.download_bytes.total), "
+                "app bytes: the demo app's own files (index.html, app/); "
+                "load: navigation to the model ready; load average after each round")
         path = record_measurement(record, BENCH_TABLE, f"demo-app-{row['variant']}-{row['threads']}-threads", values,
                                   command=command, note=note)
         if path is not None:

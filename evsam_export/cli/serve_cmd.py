@@ -53,30 +53,28 @@ def start_server(folder: Path, host: str, port: int):
         raise
 
 
-def measure_app_command(folder: Path, image: Path, threads: list[int | None], clicks: int, record: Path | None) -> None:
+def measure_app_command(folder: Path, image: Path, threads: list[int | None], clicks: int, rounds: int, record: Path | None) -> None:
     """`serve --measure`: one line per thread count (load, encoder, median click to overlay), recorded on demand."""
     import sys
 
     from evsam_export import api
     from evsam_export.bench.app import record_app_bench
     from evsam_export.errors import RuntimeUnavailable, UsageError
-    from evsam_export.measurements import machine_facts, results_dir
+    from evsam_export.measurements import results_dir
 
     if not image.is_file():
         raise UsageError(f"no image {image}", hint="give a PNG or JPEG file to --measure")
     state = api.availability("onnxruntime-web")
     if not state.available:
         raise RuntimeUnavailable(f"cannot time the app: {state.reason}")
-    rows = []
-    for count in threads:
-        typer.echo(f"timing {folder} with {count or 'the default'} WASM threads ({clicks} clicks on {image.name})...")
-        row = {**api.measure_app(folder, image, count, clicks), "load_average": machine_facts()["load"]}
-        rows.append(row)
+    typer.echo(f"timing {folder}: {rounds} rounds of {clicks} clicks on {image.name} per thread count")
+    rows = api.measure_app(folder, image, threads, clicks, rounds, progress=typer.echo)
+    for row in rows:
         typer.echo(f"{row['threads']} threads: load {row['load_ms'] / 1000:.1f} s, encoder {row['encode_ms'] / 1000:.1f} s, "
                    f"click to overlay {row['click_to_overlay_ms_median']:.0f} ms median of {row['clicks']} "
-                   f"(decoder {row['decoder_ms_median']:.0f} ms, native {row['native_decoder_ms_median']:.0f} ms; "
-                   f"mask {row['mask_ms_median']:.0f} ms), "
-                   f"preview {row['preview_ms_median']} ms; machine load {row['load_average']}")
+                   f"(round medians {row['click_to_overlay_ms_round_medians']}; decoder {row['decoder_ms_median']:.0f} ms, "
+                   f"native {row['native_decoder_ms_median']:.0f} ms; mask {row['mask_ms_median']:.0f} ms), "
+                   f"preview {row['preview_ms_median']} ms; load averages {row['load_averages']}")
     for path in record_app_bench(rows, results_dir(record), " ".join(["evsam-export", *sys.argv[1:]])):
         typer.echo(f"recorded {path}")
 
@@ -91,7 +89,8 @@ def serve_command(
                                                       "image (page load, encoder, real mouse clicks), then exit.")] = None,
     threads: Annotated[list[int] | None, typer.Option("--threads", min=1, help="With --measure: WASM threads (repeatable; "
                                                                                "default: the app's own choice).")] = None,
-    clicks: Annotated[int, typer.Option(min=1, help="With --measure: clicks per thread count (the median is reported).")] = 10,
+    clicks: Annotated[int, typer.Option(min=1, help="With --measure: clicks per thread count and round (the median is reported).")] = 10,
+    rounds: Annotated[int, typer.Option(min=1, help="With --measure: rounds, each timing every thread count in turn.")] = 1,
     record: Annotated[Path | None, typer.Option(help="With --measure: write one result file per thread count under "
                                                      "DIR/browser/ (docs/results).")] = None,
     debug: DebugOption = False,
@@ -104,7 +103,7 @@ def serve_command(
 
         check_web_folder(folder)
         if measure is not None:
-            return measure_app_command(folder, measure, threads or [None], clicks, record)
+            return measure_app_command(folder, measure, threads or [None], clicks, rounds, record)
         server = start_server(folder, host, port)
         try:
             typer.echo(f"serving {folder} at {server.origin}/ (Ctrl-C to stop)")

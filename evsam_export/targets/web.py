@@ -209,13 +209,15 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
 def mask_graph():
     """The demo app's mask graph (onnxruntime-web runs it beside the decoder, in WASM): one token of the
     decoder's low-res logits -> the 1024 prompt frame -> the crop that holds the resized image -> the size it
-    is shown at, thresholded at 0 and painted as RGBA (`color` where the mask is on, transparent elsewhere).
+    is shown at, thresholded at 0 and painted as RGBA pixels (`color` where the mask is on, 0 elsewhere).
     This is processing.postprocess_masks + binarize (bilinear, half-pixel centres, no antialias) for one mask;
     at the image's own size it is the Predictor's mask.
 
     Inputs: low_res_masks float32 [1, T, 256, 256], token int64 [1], frame_crop int64 [2] (rows, cols of the
-    resized image in the frame), size int64 [2] (height, width drawn), color uint8 [4]. Output: rgba uint8
-    [height, width, 4]."""
+    resized image in the frame), size int64 [2] (height, width drawn), color int32 [] (the RGBA bytes packed
+    little-endian, R in the low byte). Output: rgba int32 [height, width], whose bytes are the RGBA pixels (a
+    0/1 mask times the packed colour: ONNX Runtime's broadcasting Where to [height, width, 4] uint8 took 13 of
+    the graph's 19 ms on a 640x480 image, this Mul 0.3 ms)."""
     from onnx import TensorProto, helper
 
     from evsam_export.model.processing import MASK_THRESHOLD
@@ -233,8 +235,8 @@ def mask_graph():
         helper.make_node("Resize", ["cropped", "", "", "shown_sizes"], ["logits"], **resize),
         helper.make_node("Greater", ["logits", "threshold"], ["on"]),
         helper.make_node("Squeeze", ["on", "axes01"], ["on_hw"]),
-        helper.make_node("Unsqueeze", ["on_hw", "axis2"], ["on_hw1"]),
-        helper.make_node("Where", ["on_hw1", "color", "transparent"], ["rgba"]),
+        helper.make_node("Cast", ["on_hw"], ["on_int"], to=TensorProto.INT32),
+        helper.make_node("Mul", ["on_int", "color"], ["rgba"]),
     ]
     graph = helper.make_graph(
         nodes, "evsam_mask",
@@ -242,13 +244,12 @@ def mask_graph():
          helper.make_tensor_value_info("token", TensorProto.INT64, [1]),
          helper.make_tensor_value_info("frame_crop", TensorProto.INT64, [2]),
          helper.make_tensor_value_info("size", TensorProto.INT64, [2]),
-         helper.make_tensor_value_info("color", TensorProto.UINT8, [4])],
-        [helper.make_tensor_value_info("rgba", TensorProto.UINT8, ["height", "width", 4])],
+         helper.make_tensor_value_info("color", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info("rgba", TensorProto.INT32, ["height", "width"])],
         [const("frame_sizes", TensorProto.INT64, [1, 1, PROMPT_FRAME, PROMPT_FRAME]),
          const("zeros2", TensorProto.INT64, [0, 0]), const("axes23", TensorProto.INT64, [2, 3]),
          const("ones2", TensorProto.INT64, [1, 1]), const("axes01", TensorProto.INT64, [0, 1]),
-         const("axis2", TensorProto.INT64, [2]), helper.make_tensor("threshold", TensorProto.FLOAT, [], [MASK_THRESHOLD]),
-         const("transparent", TensorProto.UINT8, [0, 0, 0, 0])])
+         helper.make_tensor("threshold", TensorProto.FLOAT, [], [MASK_THRESHOLD])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="evsam-export")
     model.ir_version = 8  # what onnxruntime-web reads (MAX_IR_VERSION)
     return model

@@ -91,8 +91,10 @@ def test_the_apps_mask_graph_is_the_predictors_postprocessing_for_one_token():
     low = (np.random.default_rng(3).standard_normal((1, 4, 256, 256)) * 4).astype(np.float32)
     geometry = processing.image_geometry(480, 640, 512)
     for token, size in ((2, (480, 640)), (0, (240, 320))):
-        rgba = session.run(None, {"low_res_masks": low, "token": np.array([token]), "frame_crop": np.array(geometry.input_size),
-                                  "size": np.array(size), "color": np.array([0, 0, 255, 110], np.uint8)})[0]
+        color = np.frombuffer(bytes([0, 0, 255, 110]), np.int32).reshape(())  # RGBA bytes packed in one int32
+        pixels = session.run(None, {"low_res_masks": low, "token": np.array([token]), "frame_crop": np.array(geometry.input_size),
+                                    "size": np.array(size), "color": color})[0]
+        rgba = pixels.view(np.uint8).reshape(*size, 4)
         frame = processing.resize_bilinear(low[0, token], 1024, 1024)[: geometry.input_size[0], : geometry.input_size[1]]
         logits = processing.resize_bilinear(frame, *size)
         on = rgba[..., 3] == 110

@@ -119,7 +119,7 @@ async function decodeShown(asked, keep) {
 
 // startedAt: the pointer event's time (performance.now() clock), or now for calls from evsam.click/box.
 async function segment(startedAt = performance.now()) {
-  showProgress("segmenting...", "busy");
+  showProgress("segmenting...");  // text only: a click takes a fraction of a second, an animated bar would repaint through it
   const asked = {points: prompts.points.slice(), labels: prompts.labels.slice(), box: prompts.box};
   const answer = await decodeShown(asked, true);
   if (!answer) return null;  // cleared or superseded while it ran
@@ -136,7 +136,8 @@ async function segment(startedAt = performance.now()) {
 function draw(answer, asked) {
   const context = overlay.getContext("2d");
   if (!answer) { context.clearRect(0, 0, overlay.width, overlay.height); return; }
-  context.putImageData(new ImageData(new Uint8ClampedArray(answer.rgba.buffer), answer.width, answer.height), 0, 0);
+  const pixels = new Uint8ClampedArray(answer.rgba.buffer, answer.rgba.byteOffset, answer.rgba.byteLength);
+  context.putImageData(new ImageData(pixels, answer.width, answer.height), 0, 0);
   const scale = overlay.width / picture.width;
   const radius = Math.max(3, Math.round(Math.max(overlay.width, overlay.height) / 150));
   if (asked.box) {

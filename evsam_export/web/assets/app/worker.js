@@ -118,16 +118,18 @@ async function encode({rgba, width, height, shownWidth, shownHeight}) {
   return {encodeMs, warmupMs: performance.now() - warmStarted, totalMs: performance.now() - started};
 }
 
-// The best token's mask at width x height, painted `color` (RGBA bytes) where it is on.
+// The best token's mask at width x height, painted `color` (RGBA bytes) where it is on: RGBA bytes.
 async function paint(lowRes, token, width, height, color) {
+  const packed = new Int32Array(new Uint8Array(color).buffer);  // the graph's colour: RGBA bytes as one int32
   const out = await sessions.mask.session.run({
     low_res_masks: lowRes,
     token: new ort.Tensor("int64", BigInt64Array.of(BigInt(token)), [1]),
     frame_crop: image.frameCrop,
     size: new ort.Tensor("int64", BigInt64Array.of(BigInt(height), BigInt(width)), [2]),
-    color: new ort.Tensor("uint8", Uint8Array.from(color), [4]),
+    color: new ort.Tensor("int32", packed, []),
   });
-  return out.rgba.data;
+  const pixels = out.rgba.data;
+  return new Uint8Array(pixels.buffer, pixels.byteOffset, pixels.byteLength);
 }
 
 const TINT = [0, 0, 255, 110];
