@@ -73,3 +73,11 @@ class ParityFailure(EvsamError):
     """At least one parity gate failed; the report says which."""
 
     exit_code = 10
+
+
+class NothingGained(EvsamError):
+    """Built and gated, but a lower-precision step gained nothing (no layer left in the lower precision, or less
+    than its min_speedup over the fp32 parent), so its fp32 parent ships: a CI job can tell this from "built
+    and faster" (exit 0). The release gate failing (10) takes precedence."""
+
+    exit_code = 11

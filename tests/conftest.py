@@ -137,6 +137,13 @@ def copy_export(l0_export, tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def module_cache_dir(tmp_path_factory):
+    """$EVSAM_CACHE_DIR for one test module (calibration ranges, quantized models): never the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("evsam-cache")
+        patch.setenv("EVSAM_CACHE_DIR", str(folder))
+        yield folder
 
 @pytest.fixture(scope="session")
 def variant_export(tmp_path_factory):
@@ -162,6 +169,7 @@ def variant_export(tmp_path_factory):
         return folders[name]
 
     return get
+
 
 # A cpu-ort-fp32 recipe without the split decoder and without validation: export, ORT encoder, ORT decoder.
 # The step-cache tests are about the cache; the split halves through the ORT step are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -32,9 +33,14 @@ def run_command(
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     threads: Annotated[int | None, typer.Option(help="Runtime threads for calibration and validation.")] = None,
+    record: Annotated[Path | None, typer.Option(
+        "--record", metavar="DIR",
+        help="Also write the run's wall time, peak memory and outcome as a result row under DIR/recipes/ "
+             "(docs/results for docs/benchmarks.md; default $EVSAM_RESULTS_DIR, unset: none).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Export -> precision -> target build -> validate, as the recipe says; each step cached by content."""
+    started = time.perf_counter()
 
     def body() -> None:
         from evsam_export import api
@@ -44,7 +50,7 @@ def run_command(
         from evsam_export.progress import Reporter
 
         if is_auto_recipe(recipe):
-            _run_auto(recipe, variant.value, output, checkpoint, overrides or [], dry_run, no_cache, force, threads)
+            _run_auto(recipe, variant.value, output, checkpoint, overrides or [], dry_run, no_cache, force, threads, record, started)
             return
         reporter = Reporter()
         loaded, folder, result = api.run(recipe, variant.value, output, checkpoint, overrides or [], force, dry_run, not no_cache,
@@ -56,18 +62,56 @@ def run_command(
                 typer.echo(f"  {step.name:<18} {step.status:<6} parent={step.parent or '-'} key={key} settings={step.settings}")
             return
         reporter.print_summary()
+        _record_build(record, loaded.name, variant.value, checkpoint, started, result.manifest,
+                      10 if result.passed is False else 11 if result.declined else 0)
         if result.report is not None and hasattr(result.report, "stages"):
             typer.echo(console_table(result.report))
         elif result.passed:
             typer.echo(f"parity: pass (reused: no artifact changed since the last validation; {folder / 'parity.md'})")
         if result.passed is False:
             raise ParityFailure("the recipe's artifacts failed their parity gate", hint=f"see {folder / 'parity.md'}")
+        if result.declined:
+            from evsam_export.errors import NothingGained
+
+            raise NothingGained(f"{loaded.name}: built, but nothing gained ({'; '.join(result.declined)})",
+                                hint="the fp32 artifacts ship under fp32 names; see the manifest's facts.lowering")
 
     run_guarded(debug, body)
 
 
+def _record_build(record: Path | None, recipe: str, variant: str, checkpoint: str | None, started: float, manifest,
+                  exit_code: int) -> None:
+    """One row of docs/results/recipes/: the run's wall time, this process's peak RSS, its exit code, what each
+    lower-precision artifact holds and how its build gate went (the step cache was used as the run was told;
+    the row counts the steps it built and reused)."""
+    import resource
+
+    from evsam_export.measurements import record_measurement, results_dir
+    from evsam_export.steps.fallback import summary_outcome
+
+    directory = results_dir(record)
+    if directory is None:
+        return
+    history = manifest.history[-1] if manifest is not None and manifest.history else {}
+    steps = history.get("steps", [])
+    lowered = [a for a in (manifest.artifacts if manifest is not None else [])
+               if isinstance(a.facts.get("lowered"), dict) or isinstance(a.facts.get("lowering"), dict)]
+    values = {"recipe": recipe, "variant": variant, "checkpoint": checkpoint or "synthetic:0", "exit": exit_code,
+              "wall": f"{time.perf_counter() - started:.0f} s",
+              "peak_rss": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB",
+              "lower_precision_artifact": "; ".join(f"{a.id} ({a.facts['lowered']['text']})" if "lowered" in a.facts
+                                                    else a.id for a in lowered),
+              "speedup_over_fp32_parent": "; ".join(f"{a.facts['speedup_over_parent']['speedup']:.2f}x" for a in lowered
+                                                    if isinstance(a.facts.get("speedup_over_parent"), dict)),
+              "build_gate": "; ".join(summary_outcome(a.facts)[1] for a in lowered),
+              "steps": f"{sum(1 for s in steps if s.get('status') == 'built')} built, "
+                       f"{sum(1 for s in steps if s.get('status') == 'reused')} reused"}
+    path = record_measurement(directory, "recipes", f"{variant}-{recipe}" + (f"-{Path(checkpoint).stem}" if checkpoint else ""), values)
+    typer.echo(f"recorded the build under {path}")
+
+
 def _run_auto(recipe: str, variant: str, output: Path | None, checkpoint, overrides: list[str], dry_run: bool, no_cache: bool,
-              force: bool, threads: int | None) -> None:
+              force: bool, threads: int | None, record: Path | None = None, started: float = 0.0) -> None:
     """An auto recipe (recipes/cpu-auto.toml): every supported candidate built and gated, the fastest gated pair
     recommended; the table it decided from is printed and kept as auto.md."""
     from evsam_export import api
@@ -85,6 +129,9 @@ def _run_auto(recipe: str, variant: str, output: Path | None, checkpoint, overri
             typer.echo(f"  {name:<20} {'skip: ' + reason if reason else 'build, gate, time'}")
         return
     reporter.print_summary()
+    from evsam_export.manifest import read_manifest
+
+    _record_build(record, auto.name, variant, checkpoint, started, read_manifest(result.output), 0 if result.passed else 10)
     typer.echo((result.output / AUTO_MD).read_text())
     if not result.passed:
         raise ParityFailure(f"{auto.name}: no gated encoder/decoder pair passed end to end", hint=f"see {folder / AUTO_MD}")

@@ -13,7 +13,7 @@ Plus a NaN/Inf gate on every output. `open_runners` makes and loads the runners 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,17 +278,31 @@ def compare(
     variant: str,
     unavailable: Mapping[str, str] | None = None,
     reporter: Reporter | None = None,
+    subjects: Collection[str] | None = None,
 ) -> ParityReport:
     """Gate every runner against `reference` on `cases` with `suite`'s tolerances for its precision.
 
     `runners` pairs each loaded runner with the manifest entry of what it runs (id, component, precision,
-    IO contract); `unavailable` (artifact id -> reason) is carried into the report as is."""
+    IO contract); `unavailable` (artifact id -> reason) is carried into the report as is. `subjects` (a build
+    gate's candidates): only their stages are measured (the other runners only feed their end-to-end pairings),
+    cheap stages first, and when the suite's agreement gates decide (no [task]) a subject whose encoder or
+    decoder stage failed gets no end-to-end stage: its verdict is already known."""
     reporter = reporter or Reporter()
     report = ParityReport(variant=variant, suite=suite.name, reference_source=reference.source,
                           unavailable=dict(unavailable or {}), images=len(cases.images), skipped_images=list(cases.skipped))
     runner_of = {artifact.id: runner for artifact, runner in runners}
     encoders = [a for a, _ in runners if a.component == "encoder"]
     decoders = [a for a, _ in runners if a.component == "decoder"]
+    split = [d for d in decoders if is_split_decoder(d)]
+    single = [d for d in decoders if not is_split_decoder(d)]
+    pairings = end_to_end_pairings(encoders, single, split)
+    if subjects is not None:
+        pairings = [(e, d) for e, d in pairings if e.id in subjects or d.id in subjects]
+        needed = {e.id for e, _ in pairings} | set(subjects)
+        encoders = [a for a in encoders if a.id in needed]
+        decoders = [a for a in decoders if a.id in subjects]
+    stop_early = subjects is not None and suite.task is None
+    failed: set[str] = set()
 
     embeddings_of: dict[str, dict[str, np.ndarray]] = {}
     for artifact in encoders:
@@ -313,7 +327,9 @@ def compare(
         _gate_min(stage, "all", "embedding_cosine.min", cos, tol.embedding_cosine_min)
         if not tol.allow_nonfinite:
             stage.gates.append(Gate(artifact.id, "encoder", "all", "nonfinite", float(nonfinite), 0.0, "=="))
-        report.stages.append(stage)
+        if subjects is None or artifact.id in subjects:
+            report.stages.append(stage)
+            failed |= set() if stage.passed else {artifact.id}
 
     for artifact in decoders:
         stage = StageReport(artifact.id, "decoder", artifact.precision)
@@ -322,10 +338,11 @@ def compare(
             outputs[case.key] = runner_of[artifact.id].infer(decoder_feeds(case, reference.embeddings[case.image.name], artifact.inputs))
         evaluate_decoder_outputs(stage, suite.tolerance(artifact.precision), cases.cases, outputs, reference, artifact)
         report.stages.append(stage)
+        failed |= set() if stage.passed else {artifact.id}
 
-    split = [d for d in decoders if is_split_decoder(d)]
-    single = [d for d in decoders if not is_split_decoder(d)]
-    for encoder, decoder in end_to_end_pairings(encoders, single, split):
+    for encoder, decoder in pairings:
+        if stop_early and (encoder.id in failed or decoder.id in failed):
+            continue
         precision = looser_precision(encoder.precision, decoder.precision)
         stage = StageReport(encoder.id, "end_to_end", precision, pairing=f"{encoder.id} -> {decoder.id}")
         outputs = {}

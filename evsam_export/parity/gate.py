@@ -16,11 +16,12 @@ class ParityGate:
     """Parity reports of candidate artifacts in memory, against the PyTorch reference of the context's suite
     (computed once per suite and weights, kept in `ctx.references`)."""
 
-    def report(self, ctx, candidates):
+    def report(self, ctx, candidates, only_candidates: bool = False):
         """Parity report of `candidates` (plus the fp32 ONNX artifacts they pair with) on `ctx.suite`.
 
         Runners on the files in `ctx.folder`, compared with the suite's reference held in `ctx.references`;
-        nothing is written, and the folder's manifest.json is left as it was."""
+        nothing is written, and the folder's manifest.json is left as it was. `only_candidates` (a build gate):
+        only the candidates' stages, stopping at a failed one (parity.compare's `subjects`)."""
         from evsam_export.parity.compare import compare, open_runners
         from evsam_export.parity.task import measure_task
 
@@ -35,7 +36,8 @@ class ParityGate:
         quiet = Reporter(quiet=True)
         held = self.suite_reference(ctx, quiet)
         with open_runners(ctx.folder, chosen, ctx.threads) as (runners, unavailable):
-            report = compare(runners, held.cases, held.reference, held.suite, ctx.manifest.variant, unavailable, quiet)
+            report = compare(runners, held.cases, held.reference, held.suite, ctx.manifest.variant, unavailable, quiet,
+                             subjects={c.id for c in candidates} if only_candidates else None)
             measure_task(report, runners, ctx.manifest, held.suite, held.reference.task, quiet)
         report.folder = ctx.folder
         return report

@@ -122,7 +122,7 @@ def load_auto_recipe(name_or_path: str | Path, overrides: list[str] | None = Non
 @dataclass
 class Candidate:
     recipe: str
-    status: str = "planned"  # skipped | failed | passed | error
+    status: str = "planned"  # skipped | failed | passed | error | no gain (its lower precision shipped fp32)
     reason: str = ""
     seconds: float = 0.0
     artifacts: list[str] = field(default_factory=list)  # its deployable artifacts (the target steps' outputs)
@@ -267,6 +267,10 @@ def run_auto(auto: AutoRecipe, variant_name: str, output: Path, checkpoint: str 
             if manifest is None:  # the first candidate's model facts and environment; artifacts merged below
                 manifest = copy.deepcopy(result.manifest)
                 manifest.artifacts, manifest.history = [], []
+            if result.declined:  # its lower precision gained nothing: its fp32 artifacts are another candidate's job
+                candidate.status, candidate.reason, candidate.artifacts = "no gain", "; ".join(result.declined), []
+                reporter.line(f"{candidate.recipe}: {candidate.reason}")
+                continue
             _merge_candidate(staging, manifest, built, result.manifest, candidate.recipe)
         gated = list(dict.fromkeys(i for c in candidates if c.status == "passed" for i in c.artifacts))
         if manifest is None or not gated:
@@ -315,7 +319,9 @@ def _decision(auto, candidates, timings, recommended, tried, manifest) -> dict:
             "machine": {"cpu": manifest.environment.get("cpu"), "cpu_flags": manifest.environment.get("cpu_flags")},
             "candidates": [{"recipe": c.recipe, "status": c.status, "reason": c.reason, "artifacts": c.artifacts,
                             "seconds": round(c.seconds, 1)} for c in candidates],
-            "median_ms": timings, "pairs_tried": tried, "recommended": recommended}
+            "median_ms": timings, "pairs_tried": tried, "recommended": recommended,
+            # what each artifact really runs in its lower precision (precision/lowered.py), e.g. "56 of 69 Conv INT8"
+            "lowered": {i: a.facts["lowered"]["text"] for i in timings if (a := manifest.artifact(i)).facts.get("lowered")}}
 
 
 def decision_markdown(decision: dict) -> str:
@@ -331,7 +337,9 @@ def decision_markdown(decision: dict) -> str:
             cells = [f"{ms[w]:.1f}" if w in ms else "" for w in ("1 image", "1 click", "16 boxes")]
             mark = "recommended" if artifact_id in (recommended.get("encoder"), recommended.get("decoder")) else ""
             gate = candidate["status"] + (f": {candidate['reason']}" if candidate["reason"] else "")
-            lines.append(f"| {candidate['recipe']} | {gate} | {artifact_id} | {' | '.join(cells)} | {mark} |")
+            held = decision.get("lowered", {}).get(artifact_id)
+            shown = f"{artifact_id} ({held})" if held else artifact_id
+            lines.append(f"| {candidate['recipe']} | {gate} | {shown} | {' | '.join(cells)} | {mark} |")
     lines.append("")
     for pair in decision["pairs_tried"]:
         lines.append(f"- end-to-end gate {pair['encoder']} + {pair['decoder']}: {'passed' if pair['passed'] else 'FAILED'}")

@@ -77,6 +77,10 @@ def step_payload(step: Step, parent_sha: str | None, versions: dict, suite_hash:
         # the files, not only the name: editing the annotations, adding or rewriting an image must rebuild the step
         source = Path(step.settings["calibration_data"]).expanduser()
         payload["calibration_data"] = (AnnotationSet(source) if source.is_file() else ImageFolder(source)).fingerprint()
+    if step.precision == "int8":  # INT8 numerics and settings resolved by CPU class (VNNI: saturation fixes)
+        from evsam_export.environment import cpu_flags
+
+        payload["cpu_flags"] = cpu_flags()
     if step.component == "decoder":  # the step also builds the split decoder's halves (pipeline/split_lowering.py)
         payload["split_lowering"] = module_code_hash("evsam_export.pipeline.split_lowering")
     if step.module == "evsam_export.targets.tensorrt":
@@ -102,6 +106,9 @@ class RunResult:
     manifest: Manifest | None
     passed: bool | None  # parity gate (None: not validated / dry run)
     report: object = None
+    # One line per lower-precision step that gained nothing and shipped its fp32 parent (facts["lowering"]):
+    # `run` exits with NothingGained's code.
+    declined: list[str] = field(default_factory=list)
 
 
 def _artifact_files(artifact: Artifact) -> list[str]:
@@ -183,7 +190,7 @@ def run_recipe(
             step.parent = parent_id
             step.key = key_for(step, parent.sha256 if parent else None)
             entry, step.cache_problem = cache.restore(step.key, staging)
-            artifacts = _cached_artifacts(step, entry)
+            artifacts = _cached_artifacts(step, entry, parent)
             if artifacts is None and entry is not None:
                 cache.discard(step.key, staging)  # its files verified, so a store would keep it: drop it first
             if artifacts is not None:
@@ -195,7 +202,8 @@ def run_recipe(
                 except EvsamError:
                     step.status = "failed"
                     raise
-                _store(cache, reporter, step.key, staging, [f for a in artifacts for f in _artifact_files(a)],
+                own = [a for a in artifacts if not _is_parent(a, parent)]  # a parent handed back is the parent step's file
+                _store(cache, reporter, step.key, staging, [f for a in own for f in _artifact_files(a)],
                        {"step": step.name, "artifacts": [a.to_json() for a in artifacts]})
                 step.status = "built"
             for artifact in artifacts:
@@ -216,10 +224,16 @@ def run_recipe(
         manifest.history.append({"command": command, "recipe": recipe.name, "steps": [
             {"step": s.name, "status": s.status, "key": s.key, "outputs": s.outputs, "seconds": round(s.seconds, 2)} for s in steps]})
         manifest.write(staging)
+    declined = []
     for step in steps:
         for artifact_id in step.outputs:
             artifact = manifest.artifact(artifact_id)
-            status, outcome = summary_outcome(artifact.facts)
+            facts = artifact.facts
+            if step.name == "export":  # a later step may have handed this artifact back (facts["lowering"])
+                facts = {k: v for k, v in facts.items() if k != "lowering"}
+            elif isinstance(facts.get("lowering"), dict):
+                declined.append(f"{step.name}: {facts['lowering']['line']}")
+            status, outcome = summary_outcome(facts)
             if step.status == "reused" and status == "ok":
                 status = "reused"
             note = f"{artifact_id} · {outcome}" if outcome else artifact_id
@@ -232,12 +246,18 @@ def run_recipe(
                 note += " · rebuilt: its cache entry was bad"
             reporter.artifact(status, step.seconds, output / artifact.path, size_bytes=artifact.size_bytes,  # incl. .bin
                               note=note)
-    return RunResult(output, steps, manifest, None if report is None else report.passed, report)
+    return RunResult(output, steps, manifest, None if report is None else report.passed, report, declined)
 
 
-def _cached_artifacts(step: Step, entry: dict | None) -> list[Artifact] | None:
+def _is_parent(artifact: Artifact, parent: Artifact | None) -> bool:
+    """A step that gained nothing hands its parent back (precision/lowered.py): same id, file and bytes."""
+    return parent is not None and (artifact.id, artifact.path, artifact.sha256) == (parent.id, parent.path, parent.sha256)
+
+
+def _cached_artifacts(step: Step, entry: dict | None, parent: Artifact | None = None) -> list[Artifact] | None:
     """The artifacts a restored entry records, or None (with the reason on the step) when they do not
-    parse or do not match the file records the restore verified."""
+    parse or do not match the file records the restore verified (a parent handed back has no file record:
+    its file is the parent's, already in the folder)."""
     if entry is None:
         return None
     try:
@@ -247,6 +267,8 @@ def _cached_artifacts(step: Step, entry: dict | None) -> list[Artifact] | None:
         return None
     for artifact in artifacts:
         record = entry["files"].get(artifact.path)
+        if record is None and _is_parent(artifact, parent):
+            continue
         if record is None or record["sha256"] != artifact.sha256:
             step.cache_problem = f"{artifact.path}: the artifact record and the file record disagree"
             return None

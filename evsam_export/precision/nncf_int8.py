@@ -4,20 +4,25 @@
 
 targets/openvino.py reads the fp32 ONNX into an ov.Model and saves IRs; this module decides what is
 quantized. NNCF INT8 of this encoder needs an ignored scope: quantizing LiteMLA's linear attention wrecks
-the embedding. The scope is built from op types and regions (evsam_export.export.regions), and when the
-parity gate refuses a candidate, evsam_export.steps.fallback widens it group by group (ordered below)
-and records each round.
+the embedding. The scope is built from op types and regions (evsam_export.export.regions). NNCF runs once
+per build (`quantize_once`, cached by content); when the parity gate refuses a candidate, a round takes the
+FakeQuantize nodes of the ops it reverts out of that model (`strip_quantizers`): which ops, the "rank" fallback
+decides from a ranking measured on the checkpoint (evsam_export.steps.fallback.build_with_ranking), the
+"widen" fallback from the group order below. Every round is recorded.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from evsam_export.errors import ExportError, RecipeError, RuntimeUnavailable
 from evsam_export.export import regions
 from evsam_export.manifest import Artifact
+from evsam_export.precision import lowered
 from evsam_export.steps.fallback import FallbackGroup, build_with_fallback
 from evsam_export.steps.settings import PrecisionSettings
 from evsam_export.steps.step import StepContext
@@ -25,7 +30,7 @@ from evsam_export.steps.step import StepContext
 PRESETS = ("mixed", "performance")
 MODEL_TYPES = ("transformer", None)
 OVERFLOW_FIXES = ("auto", "first_layer", "enable", "disable")
-FALLBACK_METHODS = ("widen", "accuracy_control")
+FALLBACK_METHODS = ("rank", "widen", "accuracy_control")
 # nncf RangeEstimatorParametersSet members for the activation quantizers (weights stay MINMAX).
 ACTIVATION_RANGES = ("mean_minmax", "minmax", "mean_quantile", "mean_no_outliers_minmax", "median_minmax", "histogram")
 
@@ -98,10 +103,12 @@ class Settings(PrecisionSettings):
     # CPU has VNNI (no saturation), else "first_layer". An artifact shipped to a non-VNNI CPU must be gated
     # there.
     overflow_fix: str = "auto"
-    # "widen": put ENCODER_GROUPS / DECODER_GROUPS back to fp32 one round at a time; "accuracy_control":
-    # one nncf.quantize_with_accuracy_control round whose validation_fn is mask IoU vs the fp32 ONNX.
-    # "widen" is the default: it passed where accuracy control did not (docs/benchmarks.md).
-    fallback_method: str = "widen"
+    # "rank": quantize once, rank every block of quantized ops by the output noise it causes quantized alone on
+    # this checkpoint, and bisect over how many of the worst to take back (fallback.build_with_ranking);
+    # "widen": put ENCODER_GROUPS / DECODER_GROUPS back to fp32 one round at a time (fallback_groups' order);
+    # "accuracy_control": one nncf.quantize_with_accuracy_control round whose validation_fn is mask IoU vs the
+    # fp32 ONNX (it recollects statistics; measured slower than widening, docs/precision.md).
+    fallback_method: str = "rank"
     # The groups the rounds revert, in order: names of ENCODER_GROUPS / DECODER_GROUPS or regions joined by "+"
     # (reverted together), e.g. an order measured on your checkpoint with `evsam-export sensitivity --backend
     # openvino`. A component none of them belongs to keeps its table order; () = the tables' order.
@@ -110,6 +117,11 @@ class Settings(PrecisionSettings):
     max_rounds: int = len(ENCODER_GROUPS) + 1
     # accuracy_control: NNCF's limit on quantizer-reverting iterations (each one re-validates).
     accuracy_control_max_iterations: int = 8
+    # A gated build ships only when its INT8 IR is at least this many times faster than the fp32 parent compiled
+    # by OpenVINO (alternated timing on the build machine, `speedup_runs` runs each); else the fp32 IR is the
+    # artifact and `run` exits 11. 0: no timing.
+    min_speedup: float = lowered.MIN_SPEEDUP
+    speedup_runs: int = 5
 
     def check(self) -> None:
         super().check()
@@ -117,6 +129,8 @@ class Settings(PrecisionSettings):
                               ("fallback_method", FALLBACK_METHODS), ("activations_range", ACTIVATION_RANGES)):
             self.require_one_of(name, allowed)
         self.require_at_least("accuracy_control_max_iterations", 1)
+        self.require_at_least("min_speedup", 0.0)
+        self.require_at_least("speedup_runs", 1)
         regions.check_region_names("fp32_regions", self.fp32_regions)
         regions.check_patterns("fp32_patterns", self.fp32_patterns)
         for name in self.fallback_groups:
@@ -311,15 +325,31 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
         "nncf_version": nncf.__version__,
     }
     dataset = as_nncf_dataset(feeds)
+    once: dict = {}
+
+    def quantized_once():
+        if not once:  # statistics collected once; every round takes quantizers out of this model
+            once["model"], once["facts"] = quantize_once(ctx, parent, model, settings, dataset, len(feeds), overflow_fix,
+                                                         round_scope(settings, (), nodes, parent.component, base),
+                                                         common["calibration"]["fingerprint"])
+            once["ops"] = quantized_ops(once["model"])
+        return once["model"]
 
     def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
+        return build_round({n for g in kept for n in g.select(nodes)}, kept)
+
+    def build_round(kept_names: set[str], kept: tuple[FallbackGroup, ...] = ()) -> Artifact:
+        from openvino._offline_transformations import compress_quantize_weights_transformation
+
         scope = round_scope(settings, kept, nodes, parent.component, base)
-        with ctx.reporter.step(f"{parent.component}: NNCF INT8 (fp32 groups: {', '.join(scope.groups) or 'base scope'})"), quiet_nncf():
-            quantized = nncf.quantize(
-                model.clone(), dataset, ignored_scope=scope.nncf(), **quantize_kwargs(settings, overflow_fix, len(feeds))
-            )
-        artifact = write_ir(ctx, parent, quantized, settings, started, {**common, "ignored_scope": scope.to_json(nodes)})
-        require_int8(artifact)
+        quantized = quantized_once().clone()
+        taken = strip_quantizers(quantized, model, [n for n in once["ops"] if n in kept_names])
+        compress_quantize_weights_transformation(quantized)
+        facts = {**common, "ignored_scope": scope.to_json(nodes), "quantized_once": once["facts"],
+                 "quantizers_taken_back": {"ops": len(taken), "of": len(once["ops"])}}
+        artifact = write_ir(ctx, parent, quantized, settings, started, facts)
+        if not settings.fallback:
+            require_int8(artifact)
         return artifact
 
     if not settings.fallback:
@@ -329,9 +359,63 @@ def quantize(ctx: StepContext, parent: Artifact, model, settings: Settings, star
         def controlled(kept: tuple[FallbackGroup, ...]) -> Artifact:
             return accuracy_controlled(ctx, parent, model, settings, feeds, overflow_fix, common, nodes, base, started, write_ir)
 
-        return build_with_fallback(ctx, parent, controlled, max_rounds=1, suite=settings.gate_suite)
-    return build_with_fallback(ctx, parent, candidate, max_rounds=settings.max_rounds, groups=groups, nodes=nodes,
-                               suite=settings.gate_suite)
+        built = build_with_fallback(ctx, parent, controlled, max_rounds=1, suite=settings.gate_suite)
+        return settle(ctx, parent, model, built, settings, started, write_ir, feeds[0])
+    if settings.fallback_method == "rank":
+        built = ranked(ctx, parent, model, settings, quantized_once, lambda: once["ops"], build_round, feeds[0])
+        return settle(ctx, parent, model, built, settings, started, write_ir, feeds[0])
+    built = build_with_fallback(ctx, parent, candidate, max_rounds=settings.max_rounds, groups=groups, nodes=nodes,
+                                suite=settings.gate_suite)
+    return settle(ctx, parent, model, built, settings, started, write_ir, feeds[0])
+
+
+def ranked(ctx: StepContext, parent: Artifact, model, settings: Settings, quantized_once, ops_of, build_round, feed: dict) -> Artifact:
+    """The "rank" fallback: every block of quantized ops ranked by the output noise it causes quantized alone,
+    then a search over how many of the worst to take back (fallback.build_with_ranking)."""
+    from evsam_export.runners.openvino_runner import openvino_core
+    from evsam_export.steps.fallback import build_with_ranking, rank_units
+
+    core = openvino_core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": ctx.threads} if ctx.threads else {})}
+
+    def run(candidate) -> dict:
+        compiled = core.compile_model(candidate, "CPU", config)
+        inputs = {port.get_any_name() for port in compiled.inputs}
+        outputs = compiled({k: v for k, v in feed.items() if k in inputs})
+        return {port.get_any_name(): outputs[port] for port in compiled.outputs}
+
+    full = quantized_once()
+    ops = ops_of()
+
+    def only(names: set[str]) -> dict:
+        candidate = full.clone()
+        strip_quantizers(candidate, model, [n for n in ops if n not in names])
+        return run(candidate)
+
+    target = ctx.load_suite(settings.gate_suite).tolerance("int8").embedding_snr_db_min + SNR_MARGIN_DB
+    return build_with_ranking(ctx, parent, lambda kept: build_round(set(kept)),
+                              lambda: rank_units(ctx, f"{parent.component} INT8", ops, only, run(model)), settings.max_rounds,
+                              target, suite=settings.gate_suite)
+
+
+# The ranking's additive noise model is an estimate: the first probe aims this far above the gate's SNR floor.
+SNR_MARGIN_DB = 1.0
+
+
+def settle(ctx: StepContext, parent: Artifact, model, built: Artifact, settings: Settings, started: float, write_ir: WriteIR,
+           feed: dict) -> Artifact:
+    """`built` when it earned its INT8 name (lowered.settle), else the fp32 IR of the parent."""
+    from evsam_export.runners.openvino_runner import OpenVINORunner
+
+    def timer() -> dict:
+        with OpenVINORunner(ctx.path_of(parent), parent.inputs, parent.outputs, precision="fp32", threads=ctx.threads) as fp32, \
+                OpenVINORunner(ctx.path_of(built), built.inputs, built.outputs, precision="int8", threads=ctx.threads) as int8:
+            return lowered.measure_speedup(lambda: fp32.infer(feed), lambda: int8.infer(feed), settings.speedup_runs)
+
+    def fp32_ir() -> Artifact:
+        return write_ir(ctx, parent, model, replace(settings, precision="fp32"), started, {})
+
+    return lowered.settle(ctx, parent, built, settings.min_speedup, timer, fallback_artifact=fp32_ir)
 
 
 # ------------------------------------------------------------------------------------------ accuracy control
@@ -369,9 +453,7 @@ def accuracy_controlled(ctx, parent, model, settings, feeds, overflow_fix, commo
              "accuracy_control": {"metric": "mean low-res mask IoU vs fp32 ONNX", "max_drop": max_drop,
                                   "validation_items": len(items),
                                   "max_num_iterations": settings.accuracy_control_max_iterations}}
-    artifact = write_ir(ctx, parent, quantized, settings, started, facts)
-    require_int8(artifact)
-    return artifact
+    return write_ir(ctx, parent, quantized, settings, started, facts)
 
 
 def require_int8(artifact: Artifact) -> None:
@@ -427,3 +509,114 @@ def validation_items(ctx: StepContext, parent: Artifact, settings: Settings):
         return float(np.mean(scores)), scores
 
     return items, validate
+
+
+# ------------------------------------------------------------------------------------------ quantize once
+
+
+def strip_quantizers(quantized, original, names) -> list[str]:
+    """Take the ops `names` of `quantized` (an NNCF model before weight compression) back to fp32 in place,
+    without recalibrating: each of their inputs fed by a FakeQuantize is rewired to that quantizer's input
+    (the activation, or the fp32 weight constant), and a bias Add right after the op gets the original
+    model's bias back (bias correction tuned it for the quantization error that is gone). Quantizers still
+    feeding other ops stay; an unused one drops out of the graph. Returns the names it found."""
+    import openvino as ov
+
+    wanted = set(names)
+    originals = {op.get_friendly_name(): op for op in original.get_ops()}
+    done = []
+    for op in quantized.get_ops():
+        name = op.get_friendly_name()
+        if name not in wanted:
+            continue
+        for index in range(op.get_input_size()):
+            source = op.input_value(index).get_node()
+            if source.get_type_name() == "FakeQuantize":
+                op.input(index).replace_source_output(source.input_value(0))
+        for target in op.output(0).get_target_inputs():
+            consumer = target.get_node()
+            before = originals.get(consumer.get_friendly_name())
+            if consumer.get_type_name() != "Add" or before is None or consumer.input_value(1).get_node().get_type_name() != "Constant":
+                continue
+            bias = before.input_value(1).get_node()
+            if bias.get_type_name() == "Constant":
+                consumer.input(1).replace_source_output(ov.op.Constant(bias.get_data().copy()).output(0))
+        done.append(name)
+    quantized.validate_nodes_and_infer_types()
+    return done
+
+
+def quantized_ops(model) -> list[str]:
+    """Friendly names of the ops with a FakeQuantize directly on an input, in graph order: what a fallback can
+    take back one by one (Convolutions, and whatever else NNCF put a quantizer in front of)."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() != "FakeQuantize"
+            and any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))]
+
+
+def quantized_cache_dir() -> Path:
+    """Where NNCF-quantized models (before weight compression) are kept between builds
+    ($EVSAM_CACHE_DIR/nncf-quantized/<key>/)."""
+    from evsam_export.cache import cache_root
+
+    return cache_root("nncf-quantized")
+
+
+def quantize_key(parent: Artifact, model, settings: Settings, overflow_fix: str, scope: Scope, fingerprint: str) -> str:
+    """Everything the quantized model depends on: the parent's bytes and input shapes, the quantization settings,
+    the base scope, the calibration feeds, this code and the tools' versions (full 64 hex digits)."""
+    import nncf
+    import openvino as ov
+
+    from evsam_export.cache import cache_key, module_code_hash
+
+    return cache_key({
+        "what": "nncf-quantized-v1", "parent_sha256": parent.sha256,
+        "inputs": [str(port.get_partial_shape()) for port in model.inputs],
+        "preset": settings.preset, "model_type": settings.model_type, "activations_range": settings.activations_range,
+        "fast_bias_correction": settings.fast_bias_correction, "overflow_fix": overflow_fix,
+        "ignored_types": list(scope.types), "ignored_names": list(scope.names),
+        "calibration_fingerprint": fingerprint, "code": module_code_hash(__name__),
+        "nncf": nncf.__version__, "openvino": ov.get_version(),
+    })
+
+
+def quantize_once(ctx: StepContext, parent: Artifact, model, settings: Settings, dataset, feeds: int, overflow_fix: str,
+                  scope: Scope, fingerprint: str):
+    """(model, facts): `model` quantized by NNCF with the base scope and its weight quantizers left as
+    FakeQuantize (so `strip_quantizers` can put the fp32 weights back), read from the cache when the same
+    content was quantized before; written there atomically otherwise."""
+    import shutil
+    import tempfile
+
+    import nncf
+    import openvino as ov
+
+    from evsam_export.runners.openvino_runner import openvino_core
+
+    key = quantize_key(parent, model, settings, overflow_fix, scope, fingerprint)
+    folder = quantized_cache_dir() / key
+    facts = {"key": key, "reused": False}
+    if (folder / "model.xml").is_file() and (folder / "model.bin").is_file():
+        try:
+            with ctx.reporter.step(f"{parent.component}: NNCF-quantized model from the cache ({key[:12]})"):
+                quantized = openvino_core().read_model(str(folder / "model.xml"))
+            return quantized, {**facts, "reused": True}
+        except RuntimeError:  # a damaged entry: quantize again and replace it
+            shutil.rmtree(folder, ignore_errors=True)
+    kwargs = quantize_kwargs(settings, overflow_fix, feeds)
+    kwargs["advanced_parameters"].backend_params = {"compress_weights": False}
+    started = time.perf_counter()
+    with ctx.reporter.step(f"{parent.component}: NNCF INT8 statistics and quantizers (once per build)"), quiet_nncf():
+        quantized = nncf.quantize(model.clone(), dataset, ignored_scope=scope.nncf(), **kwargs)
+    facts["seconds"] = round(time.perf_counter() - started, 1)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=folder.parent))
+        ov.save_model(quantized, str(scratch / "model.xml"), compress_to_fp16=False)
+        try:
+            scratch.rename(folder)
+        except OSError:  # another build stored the same key meanwhile
+            shutil.rmtree(scratch, ignore_errors=True)
+    except OSError as exc:
+        ctx.reporter.line(f"warning: the NNCF-quantized model was not cached ({exc})")
+    return quantized, facts

@@ -22,8 +22,10 @@ attention "exhibits extreme outliers" (optimum-intel keeps it fp32, Geti saw no 
 With op_types_to_quantize = ["Conv"] only the three mask_downscaling convs would qualify, and they are
 excluded (calibration feeds carry no mask input), so a decoder recipe should name ["Gemm", "MatMul"].
 
-When the gate fails, `fallback` keeps further groups of convs in fp32 (INT8_GROUPS, most sensitive first)
-and re-quantizes from the cached calibration ranges (the calibration pass runs once per build).
+When the gate fails, the "rank" fallback (the default) ranks every block of quantized ops by the output noise
+it causes quantized alone and bisects over how many of the worst to take back, stripping their Q/DQ pairs from
+the once-quantized graph (`strip_qdq`); the "groups" fallback keeps INT8_GROUPS in fp32 one round at a time and
+re-quantizes from the cached calibration ranges. Either way the calibration pass runs once per build.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from evsam_export.export import regions
 from evsam_export.export.graph_passes import ORT_PASSES, check_pass_names
 from evsam_export.files import replacing
 from evsam_export.manifest import Artifact
+from evsam_export.precision import lowered
 from evsam_export.steps.fallback import FallbackGroup, build_with_fallback, graph_nodes
 from evsam_export.steps.settings import PrecisionSettings, SettingValueError
 from evsam_export.steps.step import StepContext, artifact_filename
@@ -95,8 +98,10 @@ class Settings(PrecisionSettings):
     symmetric: bool = False
     # Per-output-channel weight scales (ORT's static QDQ speed-up on CPU is measured with them).
     per_channel: bool = True
-    # 7-bit weights for CPUs without VNNI, where u8s8 int16 accumulation can saturate.
-    reduce_range: bool = False
+    # 7-bit weights, for CPUs without VNNI, where ORT's u8s8 kernels (VPMADDUBSW) add pairs of products into
+    # saturating int16. "auto": on when the build CPU has no VNNI (AVX512-VNNI, AVX-VNNI, AMX), off with it
+    # (resolve_reduce_range); an artifact built with VNNI must be gated again before it ships to a CPU without.
+    reduce_range: bool | str = "auto"
     # How activation ranges are chosen: "minmax" (observed extremes), "percentile" (the `percentile`-th
     # percentile of |x|, clipping the rare GELU/residual outliers MinMax spends the 8 bits on), "entropy"
     # (KL divergence, TensorRT's classic choice). Percentile measured best (docs/benchmarks.md).
@@ -117,6 +122,15 @@ class Settings(PrecisionSettings):
     graph_passes: tuple[str, ...] | None = None
     # The default tries every group: re-quantizing from cached ranges is cheap next to a gate run.
     max_rounds: int = len(INT8_GROUPS) + 1
+    # "rank": quantize once, rank every block of quantized ops by the output noise it causes quantized alone on
+    # this checkpoint, and bisect over how many of the worst to keep fp32 (fallback.build_with_ranking);
+    # "groups": INT8_GROUPS back to fp32 one round at a time, in their fixed order.
+    fallback_method: str = "rank"
+    # A gated build ships only when its INT8 graph is at least this many times faster than the fp32 parent
+    # (alternated timing on the build machine, `speedup_runs` runs each); else the fp32 parent is the
+    # artifact and `run` exits 11. 0: no timing.
+    min_speedup: float = lowered.MIN_SPEEDUP
+    speedup_runs: int = 5
 
     def check(self) -> None:
         super().check()
@@ -129,6 +143,10 @@ class Settings(PrecisionSettings):
             except RecipeError as exc:
                 raise SettingValueError("graph_passes", exc.message, hint=exc.hint) from exc
         self.require_one_of("calibrate_method", CALIBRATE_METHODS)
+        self.require_one_of("reduce_range", (True, False, "auto"))
+        self.require_one_of("fallback_method", ("rank", "groups"))
+        self.require_at_least("min_speedup", 0.0)
+        self.require_at_least("speedup_runs", 1)
         self.require_between("percentile", 90.0, 100.0)
         if self.calibration_memory_gib <= 0:
             raise SettingValueError("calibration_memory_gib", f"{self.calibration_memory_gib!r} must be > 0")
@@ -142,6 +160,20 @@ class Settings(PrecisionSettings):
         if self.graph_passes is not None:
             return self.graph_passes
         return () if self.symmetric else ORT_PASSES
+
+
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def resolve_reduce_range(setting: bool | str, flags: list[str]) -> tuple[bool, str]:
+    """(reduce_range, why) for the setting on a CPU with `flags` (manifest.cpu_flags)."""
+    if setting != "auto":
+        return bool(setting), "set explicitly"
+    vnni = [flag for flag in _VNNI_FLAGS if flag in flags]
+    if vnni:
+        return False, f"build CPU has {vnni[0]}: u8s8 dot products accumulate in int32 and do not saturate"
+    return True, ("build CPU has no VNNI: ORT's u8s8 kernels add product pairs in saturating int16, so weights "
+                  "keep 7 bits (onnxruntime quantization docs, reduce_range)")
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -186,6 +218,15 @@ def qdq_structure(model) -> dict:
         "nonzero_zero_points": zero_points_nonzero,
         "nodes": len(graph.node),
     }
+
+
+def quantized_nodes(model) -> list[str]:
+    """Names of the Conv/ConvTranspose/Gemm/MatMul nodes of a QDQ graph whose input 1 (the weights, a MatMul's
+    second operand) is a DequantizeLinear output: what runs in INT8 and what a fallback can take back. (Other
+    readers of a dequantized activation, a residual Add, only share the pair quantize_static made for these.)"""
+    dequantized = {output for node in model.graph.node if node.op_type == "DequantizeLinear" for output in node.output}
+    return [node.name for node in model.graph.node
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.input[1] in dequantized]
 
 
 @contextlib.contextmanager
@@ -355,6 +396,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
         if shared.is_file():
             shutil.copyfile(shared, cache)
         ranges_reused = cache.exists()
+        reduce_range, reduce_range_why = resolve_reduce_range(settings.reduce_range, cpu_flags())
         activation = QuantType.QInt8 if settings.symmetric else QuantType.QUInt8
         extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if settings.symmetric else {}
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -367,7 +409,10 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
 
         def candidate(kept: tuple[FallbackGroup, ...]) -> Artifact:
             kept_nodes = sorted({n for g in kept for n in g.select(quantizable)})
-            exclude = sorted(set(excluded) | set(kept_nodes))
+            quantize(sorted(set(excluded) | set(kept_nodes)))
+            return describe(kept_nodes)
+
+        def quantize(exclude: list[str]) -> None:
             first = not cache.exists()
             step = f"{parent.component}: quantize_static" + (
                 f" + {settings.calibrate_method} calibration ({passes_note})" if first else " (cached ranges)"
@@ -381,7 +426,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                     quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(settings.op_types_to_quantize),
                     per_channel=settings.per_channel,
-                    reduce_range=settings.reduce_range,
+                    reduce_range=reduce_range,
                     activation_type=activation,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
@@ -389,12 +434,15 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                     extra_options=dict(extra),
                     calibration_cache_path=str(cache),
                 )
+
+        def describe(kept_nodes: list[str], taken_back: str | None = None) -> Artifact:
             model = onnx.load(str(path))
             structure = qdq_structure(model)
+            exclude = sorted(set(excluded) | set(kept_nodes))
             problems = []
             if structure["integer_ops"]:
                 problems.append(f"integer ops {structure['integer_ops']} (dynamic-quantization form)")
-            if not structure["quantize_linear"]:
+            if not structure["quantize_linear"] and not kept_nodes:  # (a fallback round may take every op back)
                 problems.append(f"nothing was quantized: no {list(settings.op_types_to_quantize)} node outside the exclusions"
                                 + (' (the decoder has no eligible Conv; set op_types_to_quantize = ["Gemm", "MatMul"])'
                                    if parent.component == "decoder" else ""))
@@ -420,7 +468,10 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
                 "excluded_nodes": exclude,
                 "excluded_by_region": len(excluded),
                 "kept_fp32_by_fallback": kept_nodes,
+                **({"taken_back": taken_back} if taken_back else {}),
+                "reduce_range": {"setting": settings.reduce_range, "resolved": reduce_range, "why": reduce_range_why},
                 "qdq": {k: v for k, v in structure.items() if k != "float_nodes"},
+                "lowered": lowered.qdq_census(structure),
                 "float_nodes": structure["float_nodes"],
                 "parent_nodes": len(nodes),
                 "cpu_flags": cpu_flags(),
@@ -428,12 +479,160 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             return ctx.new_artifact(parent, path, target=settings.target, precision="int8", step="int8",
                                     settings=asdict(settings), facts=facts, started=started)
 
+        def timer() -> dict:
+            from evsam_export.runners.ort_runner import OrtRunner
+
+            feed = feeds[0]
+            with OrtRunner(ctx.path_of(parent), parent.inputs, parent.outputs, threads=ctx.threads) as fp32, \
+                    OrtRunner(path, parent.inputs, parent.outputs, threads=ctx.threads) as int8:
+                return lowered.measure_speedup(lambda: fp32.infer(feed), lambda: int8.infer(feed), settings.speedup_runs)
+
+        timing = None if settings.symmetric else timer  # a TensorRT input's speed is the engine's, not ORT's on this CPU
         if not settings.fallback:
             artifacts = [candidate(())]
+        elif settings.fallback_method == "rank":
+            built = ranked_build(ctx, parent, settings, source, path, quantize, describe, excluded, feeds[0])
+            artifacts = [lowered.settle(ctx, parent, built, settings.min_speedup, timing)]
         else:
-            artifacts = [build_with_fallback(ctx, parent, candidate, settings.max_rounds, groups, quantizable, suite=settings.gate_suite)]
+            built = build_with_fallback(ctx, parent, candidate, settings.max_rounds, groups, quantizable, suite=settings.gate_suite)
+            artifacts = [lowered.settle(ctx, parent, built, settings.min_speedup, timing)]
         if cache.is_file() and not shared.is_file():  # only ranges of a calibration that completed
             _store_atomically(cache, shared)
         return artifacts
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ taking ops back
+
+
+def ranked_build(ctx: StepContext, parent: Artifact, settings: Settings, source: Path, path: Path, quantize, describe,
+                 excluded: list[str], feed: dict) -> Artifact:
+    """The "rank" fallback: quantize once (base exclusions, cached ranges), rank every block of quantized ops by
+    the output noise it causes quantized alone, and search how many of the worst to take back (strip_qdq),
+    gating each candidate (fallback.build_with_ranking)."""
+    import onnx
+
+    from evsam_export.steps.fallback import build_with_ranking, rank_units
+
+    quantize(sorted(excluded))
+    full = onnx.load(str(path))
+    fp32 = onnx.load(str(source))
+    ops = quantized_nodes(full)
+
+    def stripped(back) -> object:
+        model = onnx.ModelProto()
+        model.CopyFrom(full)
+        strip_qdq(model, fp32, back)
+        return model
+
+    def ranking():
+        reference = _run(fp32, feed, ctx.threads)
+        return rank_units(ctx, f"{parent.component} INT8", ops, lambda only: _run(stripped(set(ops) - only), feed, ctx.threads),
+                          reference)
+
+    def candidate(kept: frozenset) -> Artifact:
+        if not kept:
+            onnx.save(full, str(path))
+            return describe([])
+        onnx.save(stripped(kept), str(path))
+        return describe(sorted(kept), taken_back="Q/DQ pairs stripped from the once-quantized graph (no re-quantization)")
+
+    target = ctx.load_suite(settings.gate_suite).tolerance("int8").embedding_snr_db_min + SNR_MARGIN_DB
+    return build_with_ranking(ctx, parent, candidate, ranking, settings.max_rounds, target, suite=settings.gate_suite)
+
+
+# The ranking's additive noise model is an estimate: the first probe aims this far above the gate's SNR floor.
+SNR_MARGIN_DB = 1.0
+
+
+def _run(model, feed: dict, threads: int | None) -> dict:
+    """The outputs of an in-memory ONNX model on one feed (ONNX Runtime, CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})))
+
+
+def strip_qdq(model, source, names) -> list[str]:
+    """Take the nodes `names` of a QDQ `model` back to fp32 in place, without re-quantizing: each gets the
+    inputs it has in `source` (the fp32 graph quantize_static read; node names are kept), so a quantized
+    activation is read before its QuantizeLinear and a weight or bias from its fp32 initializer again. Q/DQ
+    nodes and initializers nothing reads any more are removed. Returns the names it found."""
+    wanted = set(names)
+    original = {node.name: node for node in source.graph.node if node.name in wanted}
+    initializers = {init.name for init in model.graph.initializer}
+    produced = {output for node in model.graph.node for output in node.output}
+    quantized_before = set(quantized_nodes(model))
+    source_initializers = {init.name: init for init in source.graph.initializer}
+    done = []
+    for node in model.graph.node:
+        if node.name not in original:
+            continue
+        inputs = []
+        for name in original[node.name].input:
+            if name in source_initializers:
+                # quantize_static names a weight's DequantizeLinear output after the weight: the fp32 copy
+                # gets a name of its own
+                own = f"{name}.fp32" if name in produced else name
+                if own not in initializers:
+                    tensor = model.graph.initializer.add()
+                    tensor.CopyFrom(source_initializers[name])
+                    tensor.name = own
+                    initializers.add(own)
+                name = own
+            inputs.append(name)
+        del node.input[:]
+        node.input.extend(inputs)
+        done.append(node.name)
+    _unshare_pairs(model, quantized_before - set(done))
+    _drop_unread(model)
+    return done
+
+
+def _unshare_pairs(model, still_quantized: set[str]) -> None:
+    """quantize_static quantizes the activations a quantized node reads and the outputs it writes, and lets every
+    reader of such a tensor read its DequantizeLinear output (a residual Add as well as the Conv). A Q/DQ pair
+    that neither a still-quantized node reads nor one writes is taken out: its readers get the fp32 tensor back."""
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for dq in list(graph.node):
+        if dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue  # a weight's DequantizeLinear: its initializer goes with its last reader
+        source = producer.get(q.input[0])
+        if source is not None and source.name in still_quantized:
+            continue
+        users = readers.get(dq.output[0], [])
+        if any(user.name in still_quantized for user in users):
+            continue
+        for user in users:
+            for index, name in enumerate(user.input):
+                if name == dq.output[0]:
+                    user.input[index] = q.input[0]
+
+
+def _drop_unread(model) -> None:
+    """Remove nodes none of whose outputs is read (by a node or as a graph output), then unread initializers."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [i for i, node in enumerate(graph.node) if not any(o in read for o in node.output)]
+        if not dead:
+            break
+        for index in reversed(dead):
+            del graph.node[index]
+    read = {name for node in graph.node for name in node.input}
+    for index in reversed([i for i, init in enumerate(graph.initializer) if init.name not in read]):
+        del graph.initializer[index]

@@ -297,6 +297,11 @@ class Predictor:
             raise UsageError(" ".join(str(exc).split())[:160] or f"cannot use the image ({type(exc).__name__})") from None
         if image_format == "BGR":
             rgb = np.ascontiguousarray(rgb[:, :, ::-1])
+        self.set_embeddings(*self.encode(rgb))
+
+    def encode(self, rgb: np.ndarray) -> tuple[np.ndarray, ImageGeometry]:
+        """(image embeddings, geometry) of an HxWx3 uint8 RGB image: the encoder alone, without changing the
+        image set here, so another thread can encode the next image while this one decodes (set_embeddings)."""
         input_image, geometry = processing.encoder_input(rgb, self.encoder_spec.profile, self.encoder_size)
         out = self.encoder.infer(contract.encoder_feeds(self.encoder_spec, input_image))[contract.IMAGE_EMBEDDINGS]
         embeddings = np.ascontiguousarray(out[:1], dtype=np.float32)
@@ -307,6 +312,10 @@ class Predictor:
             )
         # Read-only: the split decoder keeps the image half's outputs for exactly these embeddings.
         embeddings.flags.writeable = False
+        return embeddings, geometry
+
+    def set_embeddings(self, embeddings: np.ndarray, geometry: ImageGeometry) -> None:
+        """Make the image that encode() returned `embeddings` and `geometry` for the current one."""
         if self.split_artifacts is not None:
             self.decoder.prepare(embeddings)
         self.image_embeddings = embeddings

@@ -112,7 +112,7 @@ def gate_candidate(ctx: StepContext, artifact: Artifact, suite: str = GATE_SUITE
     """Run the parity gate on one candidate; judge only the candidate's own stages."""
     started = time.perf_counter()
     view = _gate_view(artifact)
-    report = gate_context(ctx, suite).gate([view])
+    report = gate_context(ctx, suite).gate([view], only_candidates=True)
     own = [s for s in report.stages if s.artifact == view.id]
     # Only deciding gates count: with ground truth in the gate suite, the mIoU drop decides for the candidate
     # and its agreement gates are advisory (parity.task).
@@ -191,7 +191,9 @@ def build_with_fallback(
     history: list[dict] = []
     artifact = None
     verdict = None
-    for round_index in range(min(max_rounds, len(usable) + 1)):
+    rounds = min(max_rounds, len(usable) + 1)
+    began = time.perf_counter()
+    for round_index in range(rounds):
         kept = tuple(usable[:round_index])
         started = time.perf_counter()
         artifact = candidates_fn(kept)
@@ -215,6 +217,7 @@ def build_with_fallback(
         ctx.reporter.line(
             f"  {artifact.id} round {round_index}: fp32 groups {[g.name for g in kept] or 'none'} -> "
             + ("gate passed" if verdict.passed else f"gate failed ({gate_line(verdict.worst) if verdict.worst else verdict.note})")
+            + progress_note(time.perf_counter() - began, round_index + 1, 0 if verdict.passed else rounds - round_index - 1)
         )
         if verdict.passed:
             break
@@ -236,10 +239,23 @@ def build_with_fallback(
     return replace(artifact, facts=facts)
 
 
+def progress_note(elapsed: float, done: int, left: int) -> str:
+    """' [312 s so far; at most 3 more rounds, about 290 s]': the elapsed time of a round loop and, from the mean
+    round so far, what the rounds still allowed would cost (an upper bound: the loop stops at the first pass)."""
+    note = f" [{elapsed:.0f} s so far"
+    if left > 0:
+        note += f"; at most {left} more round{'s' if left > 1 else ''}, about {elapsed / max(done, 1) * left:.0f} s"
+    return note + "]"
+
+
 def summary_outcome(facts: dict) -> tuple[str, str]:
     """(status, note) for an artifact's summary line: what the build-time gate and the fallback did, so a
     precision kept higher or a build gate that never passed shows on the line, not only in the manifest.
-    Status "warn" when the gate never passed; ("ok", "") for artifacts built without a gate."""
+    Status "warn" when the gate never passed or a lower precision gained nothing (the fp32 parent ships:
+    facts["lowering"]); ("ok", "") for artifacts built without a gate."""
+    lowering = facts.get("lowering")
+    if isinstance(lowering, dict):
+        return "warn", lowering["line"]
     history = facts.get("fallback")
     if not history:
         return "ok", ""
@@ -247,6 +263,8 @@ def summary_outcome(facts: dict) -> tuple[str, str]:
     rounds = len(history)
     kept = last["kept_fp32_groups"]
     share = _quantized_share(facts)
+    if facts.get("fallback_method") == "rank":
+        return _ranked_outcome(facts, history, share)
     if facts.get("gate_passed"):
         if not kept:
             return "ok", "build gate passed in round 0"
@@ -259,10 +277,25 @@ def summary_outcome(facts: dict) -> tuple[str, str]:
                     "kept for inspection, only a passing release gate accepts it")
 
 
+def _ranked_outcome(facts: dict, history: list[dict], share: str) -> tuple[str, str]:
+    """The summary of a ranked search: how many regions went back to fp32, the first of them, the census."""
+    rounds = len(history)
+    if facts.get("gate_passed"):
+        kept = facts.get("kept_fp32_regions") or []
+        if not kept:
+            return "ok", f"build gate passed in round 0{share}"
+        of = history[0]["of_regions"]
+        named = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        return "ok", f"build gate passed after {rounds} round(s), kept {len(kept)} of {of} ranked regions fp32 ({named}){share}"
+    return "warn", f"BUILD GATE FAILED in all {rounds} round(s) (last: {history[-1].get('worst_gate') or history[-1].get('note')}){share}"
+
+
 def _quantized_share(facts: dict) -> str:
     """' (56 of 69 Conv INT8)' for a QDQ artifact, ' (3 FakeQuantize ops)' for an NNCF IR: after a fallback,
     how much is still INT8, so a build that passed by reverting nearly everything says so on its summary
     line (OpenVINO l1 passed its build gate with 3 FakeQuantize ops left, session 4)."""
+    if isinstance(facts.get("lowered"), dict) and facts["lowered"].get("text"):  # precision/lowered.py's census
+        return f" ({facts['lowered']['text']})"
     qdq = facts.get("qdq")
     if not isinstance(qdq, dict) or "quantized" not in qdq:
         count = facts.get("fake_quantize")
@@ -272,3 +305,165 @@ def _quantized_share(facts: dict) -> str:
     parts = [f"{quantized.get(op, 0)} of {quantized.get(op, 0) + kept_float.get(op, 0)} {op}"
              for op in ops if quantized.get(op, 0) + kept_float.get(op, 0)]
     return f" ({', '.join(parts)} INT8)" if parts else ""
+
+
+# ------------------------------------------------------------------------------------------ ranking and search
+
+# A small region: the ops of one block (".../op_list.3/", the neck's ".../input_ops.2/"); an op outside any is its own.
+_BLOCK = re.compile(r"^(.*?/(?:op_list|input_ops|output_ops)\.\d+)/")
+
+
+@dataclass(frozen=True)
+class RankedUnit:
+    """A small region of quantized ops and its measured effect: the relative noise power (error power over signal
+    power, over the probe's outputs) with only this region quantized and everything else fp32."""
+
+    name: str
+    ops: tuple[str, ...]
+    noise: float
+
+    @property
+    def snr_db(self) -> float:
+        import math
+
+        return math.inf if self.noise <= 0 else -10.0 * math.log10(self.noise)
+
+    def to_json(self) -> dict:
+        return {"region": self.name, "ops": len(self.ops), "alone_snr_db": round(self.snr_db, 2)}
+
+
+def units_of(ops: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The quantized ops grouped into small regions (blocks), in graph order."""
+    grouped: dict[str, list[str]] = {}
+    for name in ops:
+        match = _BLOCK.match(name)
+        grouped.setdefault(match.group(1) if match else name, []).append(name)
+    return [(unit, tuple(names)) for unit, names in grouped.items()]
+
+
+def relative_noise(reference: dict, test: dict) -> float:
+    """Error power over signal power, averaged over the float outputs both dicts hold."""
+    import numpy as np
+
+    ratios = []
+    for name, ref in reference.items():
+        ref = np.asarray(ref, dtype=np.float64)
+        if name not in test or ref.dtype.kind != "f" or not ref.size:
+            continue
+        error = np.asarray(test[name], dtype=np.float64) - ref
+        if not np.all(np.isfinite(error)):
+            return float("inf")
+        ratios.append(float(np.mean(error**2) / max(float(np.mean(ref**2)), 1e-30)))
+    return float(np.mean(ratios)) if ratios else 0.0
+
+
+def rank_units(ctx: StepContext, label: str, ops: Sequence[str], run_with_only: Callable[[set[str]], dict],
+               reference: dict) -> list[RankedUnit]:
+    """Every small region of `ops` measured alone (`run_with_only(names)`: the outputs with only those ops
+    quantized), most harmful first."""
+    units = units_of(ops)
+    ranked = []
+    started = time.perf_counter()
+    with ctx.reporter.step(f"{label}: ranking {len(units)} regions of {len(ops)} quantized ops, each quantized alone"):
+        for name, names in units:
+            ranked.append(RankedUnit(name, names, relative_noise(reference, run_with_only(set(names)))))
+    ranked.sort(key=lambda unit: -unit.noise)
+    ctx.reporter.line(f"  {label}: ranked in {time.perf_counter() - started:.0f} s; most harmful alone: "
+                      + ", ".join(f"{u.name} {u.snr_db:.1f} dB" for u in ranked[:3]))
+    return ranked
+
+
+def predicted_snr_db(ranked: Sequence[RankedUnit], kept: int) -> float:
+    """The SNR with the `kept` most harmful regions in fp32, if the regions' noise powers add."""
+    import math
+
+    noise = sum(unit.noise for unit in ranked[kept:])
+    return math.inf if noise <= 0 else -10.0 * math.log10(noise)
+
+
+def first_probe(ranked: Sequence[RankedUnit], target_snr_db: float) -> int:
+    """The fewest regions to keep in fp32 whose predicted SNR reaches `target_snr_db` (at least 1, at most all
+    but one)."""
+    for kept in range(1, len(ranked)):
+        if predicted_snr_db(ranked, kept) >= target_snr_db:
+            return kept
+    return max(len(ranked) - 1, 1)
+
+
+def build_with_ranking(
+    ctx: StepContext,
+    parent: Artifact,
+    candidates_fn: Callable[[frozenset], Artifact],
+    ranking: Callable[[], Sequence[RankedUnit]],
+    max_rounds: int,
+    target_snr_db: float,
+    suite: str = GATE_SUITE,
+    gate: Callable[[StepContext, Artifact], Verdict] | None = None,
+) -> Artifact:
+    """Gate the candidate with every region quantized; while it fails, search how many of the most harmful
+    regions (`ranking()`, measured only once round 0 failed) to keep in fp32: the first probe is the fewest whose predicted SNR reaches
+    `target_snr_db`, then bisection between the largest count that failed and the smallest that passed (all
+    regions fp32 counts as passing and is never built: that is the fp32 parent). `candidates_fn(kept_ops)`
+    writes the artifact with those ops in fp32. Returns the passing candidate with the fewest regions kept
+    (rebuilt when a later round overwrote it), or the last one with facts["gate_passed"] = False and
+    facts["error_carriers"]: the regions that carry the error and their measured effect."""
+    gate = gate or (lambda c, a: gate_candidate(c, a, suite))
+    history: list[dict] = []
+    began = time.perf_counter()
+    ranked: Sequence[RankedUnit] = []
+    total = None  # known once ranked
+    lo, hi, best = -1, None, None  # lo: most regions kept that failed; hi: fewest that passed
+    probe = 0
+    artifact = verdict = None
+    while len(history) < max_rounds and probe is not None:
+        kept = frozenset(op for unit in ranked[:probe] for op in unit.ops)
+        started = time.perf_counter()
+        artifact = candidates_fn(kept)
+        built_s = time.perf_counter() - started
+        verdict = gate(ctx, artifact)
+        history.append({
+            "round": len(history), "kept_fp32_regions": probe, "of_regions": total,
+            "kept_fp32_groups": [unit.name for unit in ranked[:probe]], "kept_fp32_nodes": len(kept),
+            "predicted_snr_db": round(predicted_snr_db(ranked, probe), 2) if ranked else None,
+            "passed": verdict.passed, "failed_gates": verdict.failed,
+            "worst_gate": gate_line(verdict.worst) if verdict.worst else None, "note": verdict.note or None,
+            "task_drop_points": verdict.task_drop_points, "advisory_misses": len(verdict.advisory_misses) or None,
+            "build_s": round(built_s, 1), "gate_s": verdict.seconds,
+        })
+        if verdict.passed:
+            hi, best = probe, dict(history[-1])
+        else:
+            lo = probe
+        if total is None and not verdict.passed and len(history) < max_rounds:  # rank only when round 0 failed
+            ranked = list(ranking())
+            total = hi = len(ranked)
+            history[-1]["of_regions"] = total
+        following = None
+        if total is not None and hi - lo > 1:
+            following = first_probe(ranked, target_snr_db) if lo == 0 and hi == total else (lo + hi) // 2
+            following = min(max(following, lo + 1), hi - 1)
+        left = 0 if following is None else max(1, (hi - lo - 1).bit_length())
+        ctx.reporter.line(
+            f"  {artifact.id} round {len(history) - 1}: "
+            + (f"{probe} of {total} regions fp32 -> " if probe else "every region INT8 -> ")
+            + ("gate passed" if verdict.passed else f"gate failed ({gate_line(verdict.worst) if verdict.worst else verdict.note})")
+            + progress_note(time.perf_counter() - began, len(history), min(left, max_rounds - len(history)))
+        )
+        probe = following
+    assert artifact is not None and verdict is not None
+    if best is not None and best["kept_fp32_regions"] != history[-1]["kept_fp32_regions"]:
+        with ctx.reporter.step(f"{artifact.component}: the passing candidate of round {best['round']} again"):
+            artifact = candidates_fn(frozenset(op for unit in ranked[:best["kept_fp32_regions"]] for op in unit.ops))
+    facts = dict(artifact.facts)
+    facts.update(gate_suite=suite, gate_passed=best is not None, fallback=history, fallback_method="rank",
+                 ranking=[unit.to_json() for unit in ranked])
+    if best is not None:
+        facts["kept_fp32_regions"] = best["kept_fp32_groups"]
+    else:
+        carriers = [unit.to_json() for unit in ranked[:5]]
+        facts["error_carriers"] = carriers
+        facts["gate_note"] = (
+            f"{artifact.id} failed the {suite} gate in all {len(history)} round(s) (at most {max(lo, 0)} of {total} regions "
+            f"fp32 tried); worst in the last round: {gate_line(verdict.worst) if verdict.worst else verdict.note}. "
+            "The error is carried by " + ", ".join(f"{c['region']} ({c['alone_snr_db']} dB alone)" for c in carriers))
+    return replace(artifact, facts=facts)

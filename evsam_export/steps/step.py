@@ -86,10 +86,12 @@ class StepContext:
             extra_files=list(extra_files or []),
         )
 
-    def gate(self, candidates: list[Artifact]):
+    def gate(self, candidates: list[Artifact], only_candidates: bool = False):
         """parity.compare.ParityReport of `candidates` (plus the fp32 ONNX artifacts they pair with) on the suite,
-        from the gate this context was given (parity.gate.ParityGate): in memory, nothing written."""
-        return self._gating().report(self, candidates)
+        from the gate this context was given (parity.gate.ParityGate): in memory, nothing written.
+        `only_candidates` (a build gate): the fp32 artifacts only feed the candidates' end-to-end stages, and a
+        candidate that already failed a stage stops there (parity.compare's `subjects`)."""
+        return self._gating().report(self, candidates, only_candidates=only_candidates)
 
     def suite_reference(self, reporter: Reporter):
         """The suite's cases and PyTorch reference (parity.reference.SuiteReference), computed on first use and

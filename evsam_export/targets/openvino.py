@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 
 from evsam_export.errors import RecipeError
 from evsam_export.manifest import Artifact, TensorSpec
-from evsam_export.precision import nncf_int8
+from evsam_export.precision import lowered, nncf_int8
 from evsam_export.precision.nncf_int8 import (  # noqa: F401  (the target's INT8 vocabulary, re-exported)
     DECODER_GROUPS,
     ENCODER_GROUPS,
@@ -153,6 +153,9 @@ def write_ir(ctx: StepContext, parent: Artifact, model, settings: Settings, star
         facts["static_batch_note"] = "decoder prompt axes stay dynamic; static_batch applies to the encoder"
     if settings.precision == "int8":
         facts["int8_fed_matmuls"] = int8_fed_matmuls(saved)
+        facts["lowered"] = lowered.openvino_census(saved)
+    elif settings.precision == "bf16" and actual == "bf16":
+        facts["lowered"] = lowered.whole_graph_census(nncf_int8.model_nodes(saved), "bf16")
     recorded = asdict(settings)
     recorded["inference_precision"] = runner.compile_config()["INFERENCE_PRECISION_HINT"]
     return ctx.new_artifact(

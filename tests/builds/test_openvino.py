@@ -29,6 +29,7 @@ from evsam_export.precision import nncf_int8  # noqa: E402
 from evsam_export.progress import Reporter  # noqa: E402
 from evsam_export.runners.openvino_runner import OpenVINORunner  # noqa: E402
 from evsam_export.runners.ort_runner import OrtRunner  # noqa: E402
+from evsam_export.steps import fallback  # noqa: E402
 from evsam_export.steps.step import StepContext  # noqa: E402
 from evsam_export.targets import openvino as target  # noqa: E402
 
@@ -58,11 +59,9 @@ def built(ctx) -> dict:
 
 
 @pytest.fixture(scope="module")
-def int8(ctx):
+def int8(ctx, module_cache_dir):
     """Encoder INT8 with fallback on and a stub gate: round 0 (base scope) fails, round 1 passes."""
     pytest.importorskip("nncf")
-    from evsam_export.steps import fallback
-
     rounds = []
 
     def stub_gate(_ctx, artifact, suite=fallback.GATE_SUITE):
@@ -72,7 +71,9 @@ def int8(ctx):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fallback, "gate_candidate", stub_gate)
-        (artifact,) = target.build(ctx, ctx.manifest.artifact("encoder.onnx.fp32"), target.Settings(precision="int8", calibration_images=4))
+        settings = target.Settings(precision="int8", calibration_images=4, min_speedup=0,  # (timing: tests/builds/test_int8_gain.py)
+                                   fallback_method="widen")
+        (artifact,) = target.build(ctx, ctx.manifest.artifact("encoder.onnx.fp32"), settings)
     return artifact, rounds
 
 
@@ -196,6 +197,37 @@ def test_int8_fallback_widens_scope_and_records_every_round(int8):
     assert artifact.facts["ignored_scope"]["names"] > 0  # the group reaches NNCF by node name
     overflow = artifact.facts["overflow_fix"]
     assert overflow["resolved"] == target.resolve_overflow_fix("auto", cpu_flags())[0]
+
+
+def test_int8_rounds_share_one_quantization_and_say_what_they_hold(ctx, int8):
+    """Statistics are collected once per build (cached by content): round 1 takes quantizers out of round 0's
+    model instead of quantizing again, and the artifact's census counts what runs in INT8."""
+    artifact, _ = int8
+    once = artifact.facts["quantized_once"]
+    assert (nncf_int8.quantized_cache_dir() / once["key"] / "model.xml").is_file()
+    taken = artifact.facts["quantizers_taken_back"]
+    assert 0 < taken["ops"] < taken["of"]
+    counted = artifact.facts["lowered"]
+    assert counted["precision"] == "int8" and 0 < counted["ops"]["Conv"]["lowered"] < counted["ops"]["Conv"]["total"]
+    assert counted["ops"]["MatMul"]["lowered"] == 0  # the ignored scope keeps LiteMLA's MatMuls fp32
+    assert counted["text"] in fallback.summary_outcome(artifact.facts)[1]
+
+
+def test_stripping_every_quantizer_gives_back_the_fp32_model(ctx, int8):
+    """strip_quantizers restores the fp32 weights and the biases that bias correction tuned: with every
+    quantizer taken out, the quantized model computes the fp32 IR's embedding."""
+    artifact, _ = int8
+    core = ov.Core()
+    original = core.read_model(str(ctx.path_of(ctx.manifest.artifact("encoder.onnx.fp32"))))
+    quantized = core.read_model(str(nncf_int8.quantized_cache_dir() / artifact.facts["quantized_once"]["key"] / "model.xml"))
+    ops = nncf_int8.quantized_ops(quantized)
+    assert sorted(nncf_int8.strip_quantizers(quantized, original, ops)) == sorted(ops)
+    assert not [op for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize"]
+    image = scene_input()
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    reference = core.compile_model(original, "CPU", config)({"input_image": image})[0]
+    stripped = core.compile_model(quantized, "CPU", config)({"input_image": image})[0]
+    assert compare_tensors(reference, stripped).snr_db > 80.0
 
 
 def test_stage_groups_reach_nncf_by_name(ctx):

@@ -40,15 +40,7 @@ LITEMLA = re.compile(r"context_module/main/[^/]+$")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("evsam-cache")
-        patch.setenv("EVSAM_CACHE_DIR", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
-def ctx(copy_export, gate_suite, cache_dir) -> StepContext:
+def ctx(copy_export, gate_suite, module_cache_dir) -> StepContext:
     folder = copy_export("precision")
     manifest = read_manifest(folder)
     return StepContext(folder=folder, manifest=manifest, variant=get_variant("l0"), reporter=Reporter(quiet=True),
@@ -290,6 +282,49 @@ def test_int8_ranges_are_reused_by_a_build_that_only_changes_post_calibration_se
     (artifact,) = ort_int8.build(replace(ctx, folder=tmp_path), encoder, settings)
     assert artifact.facts["calibration"]["ranges_key"] == int8_encoder[0].facts["calibration"]["ranges_key"]
     assert artifact.facts["calibration"]["ranges_reused"]  # no second calibration pass
+
+
+def test_int8_strip_qdq_takes_ops_back_exactly(ctx, held_out_feeds, fp32_embeddings, tmp_path):
+    """strip_qdq puts a node's fp32 inputs back without re-quantizing: round 0 is quantize_static's graph, and
+    with every quantized node taken back the graph has no Q/DQ left and computes the fp32 embedding. (No
+    pre-processing or graph passes here, so the parent is the graph quantize_static read.)"""
+    encoder = parent(ctx, "encoder")
+    (tmp_path / encoder.path).symlink_to(ctx.path_of(encoder))
+    settings = ort_int8.Settings(calibration_images=2, fallback=False, preprocess=False, graph_passes=())
+    (artifact,) = ort_int8.build(replace(ctx, folder=tmp_path), encoder, settings)
+    model = onnx.load(str(tmp_path / artifact.path))
+    source = onnx.load(str(ctx.path_of(encoder)))
+    ops = ort_int8.quantized_nodes(model)
+    assert len(ops) == ort_int8.qdq_structure(model)["quantized"]["Conv"]
+    untouched = onnx.ModelProto()
+    untouched.CopyFrom(model)
+    assert ort_int8.strip_qdq(untouched, source, []) == []
+    assert untouched.graph.node == model.graph.node  # round 0: nothing taken back, nothing changed
+    assert ort_int8.strip_qdq(model, source, ops) == ops
+    structure = ort_int8.qdq_structure(model)
+    assert structure["quantize_linear"] == structure["dequantize_linear"] == 0 and not structure["quantized"]
+    onnx.save(model, str(tmp_path / "stripped.onnx"))
+    with OrtRunner(tmp_path / "stripped.onnx", artifact.inputs, artifact.outputs, threads=2) as runner:
+        assert metrics.snr_db(fp32_embeddings[0], runner.infer(held_out_feeds[0])["image_embeddings"]) > 60.0
+
+
+def test_int8_rank_fallback_that_never_passes_ships_the_parent_and_names_the_carriers(ctx, int8_encoder, tmp_path):
+    """The ranked search with a gate that never passes: the fp32 parent comes back with one line naming the
+    regions that carry the error (measured alone on this checkpoint), and no INT8 file is left."""
+    encoder = parent(ctx, "encoder")
+    (tmp_path / encoder.path).symlink_to(ctx.path_of(encoder))  # another folder: int8_encoder's file stays
+    settings = ort_int8.Settings(calibration_images=CALIBRATION_IMAGES, max_rounds=2)
+    failing = fallback.Verdict(passed=False, failed=[{"stage": "encoder", "kind": "all", "metric": "embedding_snr_db.min",
+                                                      "value": 3.0, "threshold": 10.0, "op": ">="}])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fallback, "gate_candidate", lambda *_args, **_kwargs: failing)
+        (artifact,) = ort_int8.build(replace(ctx, folder=tmp_path), encoder, settings)
+    assert artifact.id == "encoder.onnx.fp32" and artifact.sha256 == encoder.sha256
+    lowering = artifact.facts["lowering"]
+    assert lowering["line"].startswith("no INT8 candidate passed the gate; the artifact is the fp32 parent; the error is carried by /")
+    assert [r["kept_fp32_regions"] for r in lowering["fallback"]][0] == 0 and len(lowering["fallback"]) == 2
+    assert lowering["error_carriers"][0]["alone_snr_db"] <= lowering["error_carriers"][-1]["alone_snr_db"]
+    assert not (tmp_path / "encoder.ort.int8.onnx").exists()
 
 
 def test_calibration_pass_size_is_the_largest_fitting_divisor():
@@ -561,15 +596,15 @@ def test_gate_judges_only_the_candidate_and_refuses_missing_runners(fake_parent,
         return s
 
     ctx = type("Ctx", (), {"suite": fallback.GATE_SUITE})()
-    ctx.gate = lambda candidates: report([stage("encoder.ort.int8", 20.0, 10.0), stage("encoder.onnx.fp32", 50.0, 60.0)])
+    ctx.gate = lambda candidates, **_: report([stage("encoder.ort.int8", 20.0, 10.0), stage("encoder.onnx.fp32", 50.0, 60.0)])
     verdict = fallback.gate_candidate(ctx, candidate)
     assert verdict.passed and "fp32 reference artifacts failed too" in verdict.note
-    ctx.gate = lambda candidates: report([stage("encoder.onnx.fp32", 80.0, 60.0)], {"encoder.ort.int8": "no onnxruntime"})
+    ctx.gate = lambda candidates, **_: report([stage("encoder.onnx.fp32", 80.0, 60.0)], {"encoder.ort.int8": "no onnxruntime"})
     verdict = fallback.gate_candidate(ctx, candidate)
     assert not verdict.passed and "no runner" in verdict.note
     # an ONNX made for a runtime the validator has no runner for is gated as the ONNX it is (ORT CPU)
     seen = []
-    ctx.gate = lambda candidates: seen.extend(candidates) or report([stage("encoder.onnx.int8", 20.0, 10.0)])
+    ctx.gate = lambda candidates, **_: seen.extend(candidates) or report([stage("encoder.onnx.int8", 20.0, 10.0)])
     other = replace(candidate, id="encoder.npu.int8", target="npu", path="encoder.npu.int8.onnx")
     assert fallback.gate_candidate(ctx, other).passed and seen[0].target == "onnx"
 

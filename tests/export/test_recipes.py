@@ -94,6 +94,8 @@ BAD_STEP_VALUES = [
     ("orin-trt-fp16", 'target.device_name=" "', "[target] device_name:"),
     ("cpu-openvino-int8", "precision.int8.preset=bogus", "[precision.int8] preset:"),
     ("cpu-ort-int8", "precision.int8.calibrate_method=bogus", "[precision.int8] calibrate_method:"),
+    ("cpu-ort-int8", "precision.int8.reduce_range=sometimes", "[precision.int8] reduce_range:"),
+    ("cpu-openvino-int8", "precision.int8.min_speedup=-1", "[precision.int8] min_speedup:"),
     ("web-wasm", "target.execution_provider=webgl", "[target] execution_provider:"),
     ("web-wasm", "target.fp16_min_elements=0", "[target] fp16_min_elements:"),
 ]

@@ -119,7 +119,7 @@ async function decodeShown(asked, keep) {
 
 // startedAt: the pointer event's time (performance.now() clock), or now for calls from evsam.click/box.
 async function segment(startedAt = performance.now()) {
-  showProgress("segmenting...", "busy");
+  showProgress("segmenting...");  // text only: a click takes a fraction of a second, an animated bar would repaint through it
   const asked = {points: prompts.points.slice(), labels: prompts.labels.slice(), box: prompts.box};
   const answer = await decodeShown(asked, true);
   if (!answer) return null;  // cleared or superseded while it ran
