@@ -15,6 +15,7 @@ from evsam_export.model.variants import get_variant
 TINY = realistic.TrainSettings(train_scenes=2, held_out_scenes=1, steps=3, objects_per_step=1)
 
 
+@pytest.mark.builds  # trains a tiny checkpoint twice
 def test_tiny_training_is_deterministic_cached_and_loads_as_a_checkpoint(tmp_path, monkeypatch):
     path = realistic.ensure_checkpoint(TINY, root=tmp_path)
     assert path.parent.name == realistic.checkpoint_key(TINY) and path.name == "efficientvit_sam_l0_realistic.pt"
