@@ -32,9 +32,8 @@ from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_M
 from evsam_export.runtime.choice import DEFAULT_PREFER, choose_artifact, choose_split_decoder, normalize_prefer
 from evsam_export.runtime.prompts import as_flag, check_prompts, is_pil_image, mask_feed
 
-# Memory per prompt-set chunk (docs/benchmarks.md, "predict: peak memory per prompt batch"): the default
-# budget runs an app's batch of 16 boxes as one decoder call (1.12x faster than two calls of 8, docs/benchmarks.md
-# "Session 9: prompt speed"), far from a small machine's RAM.
+# Memory per prompt-set chunk (docs/benchmarks.md "Memory"): the default budget runs an app's batch of 16
+# boxes as one decoder call (1.12x faster than two calls of 8), far from a small machine's RAM.
 DEFAULT_MEMORY_BUDGET_MIB = 1024
 # The decoder's own working memory per prompt set (two-way transformer over the 64x64 image tokens and the
 # upscaling convolutions), measured with ONNX Runtime on CPU; the same for every variant (one decoder design).

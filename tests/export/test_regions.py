@@ -17,8 +17,8 @@ from evsam_export.steps.fallback import FallbackGroup, graph_nodes
 
 _ATTENTION = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)"
 
-# The regex lists and fallback groups the precision steps used before the region table, verbatim except the
-# attention products (MatMul..MatMul_3 since the token layout, issue 22): the regions must select the same
+# The regions spelled a second way, as hand-written regex lists and fallback groups over the scoped node names
+# (the attention products are MatMul..MatMul_3 in the token layout): the regions must select the same
 # nodes. Groups: (patterns, stages), in fallback order.
 LEGACY_FP16_PATTERNS = (
     r"context_module/main/[^/]+$",

@@ -15,7 +15,7 @@ its masks follow the prompt and the image, but its briefly trained IoU head pred
 l0 at 16x16 points on astronaut 256x256, coffee 256x192 and chelsea 256x192, predicted IoU over all 768
 candidates spans 0.05..0.56 (median 0.25..0.41) and stability at upstream's offset 1.0 reaches 0.82 at most
 (median 0.28), so upstream's defaults (0.88, 0.95) keep nothing on any photo. REALISTIC_SETTINGS therefore
-lowers only those two thresholds, to the median of the measured distributions (0.4, 0.4). On the session-10
+lowers only those two thresholds, to the median of the measured distributions (0.4, 0.4). On the realistic
 checkpoint (1200 steps, docs/precision.md) upstream's defaults still keep nothing at 16x16, while 0.4 / 0.4
 keep 547 / 536 of 768 candidates after the IoU filter and 423 / 516 after stability on astronaut / coffee,
 which upstream's default box NMS (0.7) merges to 98 / 117 masks. The heavy realistic cases check those

@@ -1,4 +1,4 @@
-"""Task-level gating with ground truth (issue 22, evsam_export.parity.task): a lower-precision artifact that
+"""Task-level gating with ground truth (evsam_export.parity.task): a lower-precision artifact that
 misses the agreement-with-fp32 tolerances passes when its mIoU drop against PyTorch is within max_drop (the
 floors and NaN/Inf still decide), one whose drop is larger fails on it, and the fallback rounds use the same
 criterion. The artifacts are the l0 fp32 encoder with seeded weight noise, labelled as a lower precision;

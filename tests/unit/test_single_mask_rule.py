@@ -1,5 +1,5 @@
 """--single-mask-rule sam-onnx: SAM's ONNX wrapper's token choice, checked against a reference written here
-from the rule's description (issue 17), on the exported graph and in the parity gate."""
+from the rule's description, on the exported graph and in the parity gate."""
 
 from __future__ import annotations
 
