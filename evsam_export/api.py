@@ -245,6 +245,14 @@ def mask_generator(predictor, **settings):
     return MaskGenerator(predictor, **settings)
 
 
+def segment_decoder(folder: str | Path) -> str | None:
+    """The decoder segment everything runs on `folder` when none is named (runtime.choice.segment_decoder: a
+    gated lower-precision one, else None for the Predictor's own choice)."""
+    from evsam_export.runtime.choice import segment_decoder as choose
+
+    return choose(Path(folder))
+
+
 def availability(runtime: str | None = None):
     """Every runtime backend's availability here (runners.BACKENDS), by runtime name; or one runtime's (only that
     runtime is imported)."""

@@ -6,7 +6,7 @@ docs/benchmarks.md rendered from the result files under docs/results/.
 
 The CLI page comes from the Typer app, the recipes page from the shipped recipes/*.toml, the manifest page
 from the manifest's dataclasses and the IO contract page from evsam_export.contract, so a new option, recipe
-or tensor shows up on the next run and tests/test_docs.py fails while a page is stale. Nothing in the
+or tensor shows up on the next run and tests/unit/test_docs.py fails while a page is stale. Nothing in the
 package imports this module: it sits above the CLI.
 """
 

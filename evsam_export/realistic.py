@@ -2,7 +2,7 @@
 minutes on synthetic scenes with ground truth, over the FROZEN synthetic-weight encoder.
 
 Synthetic weights give tiny logits (median |logit| 0.04-0.28) and masks that follow the prompt, not the
-image, so precision steps tuned on them say little about a trained model (issue 22). Training only the
+image, so precision steps tuned on them say little about a trained model. Training only the
 decoder side gives image-dependent masks and logits of several units in minutes on two CPU cores:
 
 1. draw seeded scenes (data.scenes.synthetic_scene: shapes of varied form and colour on textured
@@ -79,12 +79,12 @@ class TrainSettings:
     variant: str = "l0"
     # The frozen encoder (and the decoder's starting point): synthetic weights of this seed.
     encoder_seed: int = 0
-    # 64 scenes since session 10: with 32 the held-out mIoU trailed the training scenes' by 0.1-0.13.
+    # 64 scenes: with 32 the held-out mIoU trailed the training scenes' by 0.1-0.13.
     train_scenes: int = 64
     held_out_scenes: int = 8
     # Optimizer steps; each step is up to `objects_per_step` objects of one window of a scene, one prompt kind.
-    # 1200 since session 10: at 300 the loss was still falling and whether the masks followed the prompt
-    # depended on rounding noise (xl0 lost it when the decoder code was re-expressed; docs/precision.md).
+    # 1200: at 300 the loss is still falling and whether the masks follow the prompt depends on rounding
+    # noise (docs/precision.md "The realistic test checkpoint").
     steps: int = 1200
     objects_per_step: int = 4
     # Each step decodes a window of this many embedding cells square (of 64) around its objects: a 40-cell

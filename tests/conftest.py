@@ -7,18 +7,20 @@ Tiers, one folder each, slowest last (the marker of a test is its folder's, set 
   built from it.
 - `builds`: real precision and target builds (INT8 calibration, OpenVINO IR, the browser runtime), exports
   with other options.
-- `full`: every variant, whole recipe runs, upstream sweeps.
+- `full`: every variant, whole recipe runs, upstream sweeps, whole command runs over data sets (evaluate on a
+  COCO set, validate on annotations or an image folder, task gating on ground truth).
 
 `python -m pytest -q` runs the default tiers (unit, export); naming paths runs every tier under them, and
-`-m` selects tiers by marker (CI: `-m "builds or full"`). A test in a fast folder that needs more says so
-with the slower tier's marker (`@pytest.mark.full`, also on a parameter); a marker may only move a test to
-a slower tier. `heavy` tests (whole recipes on the user's data, checkpoint training) are skipped on top
-unless `--run-heavy`.
+`-m` selects tiers by marker (CI: `-m "builds or full"`). A test in a fast folder that needs more says so with
+the slower tier's marker (`@pytest.mark.full`, also on a parameter); a marker may only move a test to a slower
+tier. `heavy` tests (whole recipes on the user's data, checkpoint training) are skipped on top unless
+`--run-heavy`, which without a path or -m also adds them to the default tiers' run.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,8 @@ from evsam_export.progress import Reporter
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "export", "builds", "full")
 DEFAULT_TIERS = ("unit", "export")
+# Fixtures that export: a unit test may not use them.
+EXPORT_FIXTURES = {"l0_export", "copy_export", "seeded_step_cache", "variant_export"}
 
 
 def pytest_addoption(parser):
@@ -45,7 +49,11 @@ def tier_of(item) -> str:
     for name in asked:
         if TIERS.index(name) < TIERS.index(folder):
             raise pytest.UsageError(f"{item.nodeid}: marked {name} but lives in tests/{folder}; move it to tests/{name}")
-    return max([folder, *asked], key=TIERS.index)
+    tier = max([folder, *asked], key=TIERS.index)
+    exports = sorted(EXPORT_FIXTURES & set(getattr(item, "fixturenames", ())))
+    if tier == "unit" and exports:
+        raise pytest.UsageError(f"{item.nodeid}: a unit test uses {', '.join(exports)}; move it to tests/export (or mark it export)")
+    return tier
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection, which reads the tier markers
@@ -58,12 +66,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(tier)
         item.user_properties.append(("tier", tier))
     chose_paths = config.args_source == pytest.Config.ArgsSource.ARGS
-    if not chose_paths and not config.option.markexpr:
-        kept = [item for item in items if dict(item.user_properties)["tier"] in DEFAULT_TIERS]
+    run_heavy = config.getoption("--run-heavy")
+    if not chose_paths and not config.option.markexpr:  # the default tiers, and the heavy tests if asked
+        kept = [item for item in items
+                if dict(item.user_properties)["tier"] in DEFAULT_TIERS or (run_heavy and "heavy" in item.keywords)]
         if len(kept) < len(items):
             config.hook.pytest_deselected(items=[item for item in items if item not in kept])
             items[:] = kept
-    if not config.getoption("--run-heavy"):
+    if not run_heavy:
         skip = pytest.mark.skip(reason="heavy (a whole recipe run or checkpoint training): run with --run-heavy")
         for item in items:
             if "heavy" in item.keywords:
@@ -134,3 +144,66 @@ def module_cache_dir(tmp_path_factory):
         folder = tmp_path_factory.mktemp("evsam-cache")
         patch.setenv("EVSAM_CACHE_DIR", str(folder))
         yield folder
+
+@pytest.fixture(scope="session")
+def variant_export(tmp_path_factory):
+    """variant_export(name) -> that variant's export of its synthetic:5 weights, loaded from a checkpoint saved
+    in the upstream release layout; exported once per session for every test of the variant sweeps."""
+    folders: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in folders:
+            import torch
+
+            from evsam_export.model.checkpoint import load_model
+            from evsam_export.model.variants import VARIANTS
+
+            folder = tmp_path_factory.mktemp(f"variant-{name}")
+            checkpoint = folder / f"efficientvit_sam_{name}.pt"
+            ours, _ = load_model(VARIANTS[name], "synthetic:5")
+            torch.save({"state_dict": ours.state_dict()}, checkpoint)  # the upstream release layout
+            del ours
+            api.export(name, folder / "out", checkpoint=str(checkpoint), reporter=Reporter(quiet=True))
+            checkpoint.unlink()
+            folders[name] = folder / "out"
+        return folders[name]
+
+    return get
+
+
+# A cpu-ort-fp32 recipe without the split decoder and without validation: export, ORT encoder, ORT decoder.
+# The step-cache tests are about the cache; the split halves through the ORT step are
+# tests/export/test_split_lowering.py's, the release gate tests/export/test_validate.py's.
+UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[export]\nsplit_decoder = false\n[validate]\nenabled = false\n'
+
+
+@dataclass
+class SeededCache:
+    """One real run of UNVALIDATED_ORT_FP32 on l0 into an empty step cache: `first` is its result (every
+    step built), `output` its folder, `root` the cache it filled. Tests take private copies (`copy`) to run
+    against, store into or damage."""
+
+    recipe_file: Path
+    first: object  # pipeline.runner.RunResult
+    output: Path
+    root: Path
+
+    def copy(self, folder: Path):
+        from evsam_export.pipeline.cache import StepCache
+
+        shutil.copytree(self.root, Path(folder) / "steps")
+        return StepCache(Path(folder) / "steps")
+
+
+@pytest.fixture(scope="session")
+def seeded_step_cache(tmp_path_factory) -> SeededCache:
+    """The recipe tests' one export: later runs of the same recipe reuse its steps from a copy of this cache."""
+    from evsam_export.pipeline.recipe import load_recipe
+    from evsam_export.pipeline.runner import StepCache, run_recipe
+
+    base = tmp_path_factory.mktemp("seeded")
+    recipe_file = base / "r.toml"
+    recipe_file.write_text(UNVALIDATED_ORT_FP32)
+    cache = StepCache(base / "cache" / "steps")
+    first = run_recipe(load_recipe(recipe_file), "l0", base / "out", cache=cache, reporter=Reporter(quiet=True))
+    return SeededCache(recipe_file, first, base / "out", cache.root)

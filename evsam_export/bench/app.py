@@ -121,7 +121,9 @@ def measure_app(folder: Path, image: Path, threads: int | None, clicks: int = 10
     from evsam_export.web.server import FolderServer
 
     width, height = Image.open(image).size
-    download = read_manifest(folder).model["web"]["download_bytes"]["total"]
+    web = read_manifest(folder).model["web"]
+    download = web["download_bytes"]["total"]
+    app_bytes = sum((Path(folder) / name).stat().st_size for name in web["app"])
     server = FolderServer({"/": Path(folder), "/__bench__/": Path(image).parent}, accept_blobs=False)
     try:
         with open_app(server.origin, threads, extra) as (page, info):
@@ -134,6 +136,7 @@ def measure_app(folder: Path, image: Path, threads: int | None, clicks: int = 10
     return {
         "variant": info["variant"], "threads": info["threads"], "cores": info["cores"], "isolated": info["isolated"],
         "encoder": info["encoder"], "decoder": info["decoder"], "image": f"{width}x{height}", "download_bytes": download,
+        "app_bytes": app_bytes,
         "load_ms": timings["loadMs"], "encode_ms": timings["image"]["encodeMs"],
         "click_ms": [c["ms"] for c in clicked], "decoder_ms": [c["decodeMs"] for c in clicked],
         "mask_ms": [c["maskMs"] for c in clicked], "preview_ms": [p["ms"] for p in previews],
@@ -164,7 +167,8 @@ def _summary(measured: list[dict]) -> dict:
 
     first = measured[0]
     return {
-        **{key: first[key] for key in ("variant", "threads", "cores", "isolated", "encoder", "decoder", "image", "download_bytes")},
+        **{key: first[key] for key in ("variant", "threads", "cores", "isolated", "encoder", "decoder", "image", "download_bytes",
+                                           "app_bytes")},
         "rounds": len(measured), "clicks": len(every("click_ms")),
         "load_ms": median([run["load_ms"] for run in measured]), "encode_ms": median([run["encode_ms"] for run in measured]),
         "click_to_overlay_ms_median": median(every("click_ms")),
@@ -190,6 +194,7 @@ def record_app_bench(rows: list[dict], record: Path | None, command: str) -> lis
             "workload": f"{row['image']} image, {row['clicks']} real clicks ({row['rounds']} rounds)",
             "threads": row["threads"],
             "bytes": row["download_bytes"],
+            "app_bytes": row["app_bytes"],
             "load_s": round(row["load_ms"] / 1000, 1),
             "encode_s": round(row["encode_ms"] / 1000, 1),
             "per_click_ms": row["click_to_overlay_ms_median"],
@@ -203,7 +208,8 @@ def record_app_bench(rows: list[dict], record: Path | None, command: str) -> lis
         }
         note = ("medians; per click: the pointer event to the frame after the overlay is drawn (decoder: its prompt "
                 "half in the page; native decoder: the same graph in native ONNX Runtime with as many threads, right after "
-                "the clicks; mask: the mask graph); bytes: what the page downloads (manifest model.web.download_bytes.total); "
+                "the clicks; mask: the mask graph); bytes: what the page downloads (manifest model.web.download_bytes.total), "
+                "app bytes: the demo app's own files (index.html, app/); "
                 "load: navigation to the model ready; load average after each round")
         path = record_measurement(record, BENCH_TABLE, f"demo-app-{row['variant']}-{row['threads']}-threads", values,
                                   command=command, note=note)

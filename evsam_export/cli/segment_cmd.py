@@ -113,6 +113,7 @@ def segment_command(
     def body() -> None:
         import json
         import time
+        from concurrent.futures import ThreadPoolExecutor
 
         from evsam_export import api
         from evsam_export.data.images import read_image_file as read_image
@@ -156,38 +157,51 @@ def segment_command(
         budget = {} if memory_budget is None else {"memory_budget_mib": memory_budget}
         reporter = Reporter()
         results, skipped = [], []
-        with api.predictor(folder, encoder=encoder, decoder=decoder, threads=threads, **budget) as predictor:
+        chosen_decoder = decoder or api.segment_decoder(folder)
+        with api.predictor(folder, encoder=encoder, decoder=chosen_decoder, threads=threads, **budget) as predictor:
             generator = api.mask_generator(predictor, **settings)
             with staged_folder(output, force) as staging:
                 items = list(zip(files, output_names(files)))
-                for path, name in (items if single else reporter.track(items, f"segmenting {len(items)} files")):
-                    if single:
-                        rgb = first_image
-                    else:
-                        try:
-                            rgb = read_image(path)
-                        except UsageError as exc:
-                            skipped.append({"file": path.name, "reason": exc.one_line()})
+
+                def encode(path: Path):
+                    """The image read and encoded (every crop), or the UsageError that says why it cannot be."""
+                    try:
+                        return generator.prepare(first_image if single else read_image(path))
+                    except UsageError as exc:
+                        return exc
+
+                # The encoder of the next image runs in a second thread while this one decodes.
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    upcoming = pool.submit(encode, items[0][0])
+                    tracked = items if single else reporter.track(items, f"segmenting {len(items)} files")
+                    for index, (path, name) in enumerate(tracked):
+                        encoded = upcoming.result()
+                        if index + 1 < len(items):
+                            upcoming = pool.submit(encode, items[index + 1][0])
+                        if isinstance(encoded, UsageError):
+                            if single:
+                                raise encoded
+                            skipped.append({"file": path.name, "reason": encoded.one_line()})
                             continue
-                    started = time.perf_counter()
-                    records = generator.generate(rgb)
-                    seconds = time.perf_counter() - started
-                    json_path, overlay_path = staging / f"{name}.json", staging / f"{name}.overlay.png"
-                    json_path.write_text(json.dumps(records) + "\n")
-                    segmentations = [record["segmentation"] for record in records]
-                    segments_overlay(rgb, [record["area"] for record in records],
-                                     lambda index, masks=segmentations: decode_mask(masks[index])).save(overlay_path, format="PNG")
-                    stats = generator.last_stats["seconds"]
-                    results.append({
-                        "image": str(path), "masks": len(records), "seconds": round(seconds, 3),
-                        "json": json_path.name, "overlay": overlay_path.name,
-                        "counts": generator.last_stats["counts"],
-                        "stage_seconds": {key: round(value, 3) for key, value in stats.items()},
-                    })
-                    typer.echo(
-                        f"{path.name}: {len(records)} masks in {seconds:.1f} s (encoder {stats['encoder']:.1f} s, "
-                        f"decoder {stats['decoder']:.1f} s, post-processing {stats['postprocess']:.1f} s)"
-                    )
+                        started = time.perf_counter()
+                        records = generator.generate(encoded.rgb, encoded)
+                        seconds = time.perf_counter() - started + encoded.seconds
+                        json_path, overlay_path = staging / f"{name}.json", staging / f"{name}.overlay.png"
+                        json_path.write_text(json.dumps(records) + "\n")
+                        segmentations = [record["segmentation"] for record in records]
+                        segments_overlay(encoded.rgb, [record["area"] for record in records],
+                                         lambda index, masks=segmentations: decode_mask(masks[index])).save(overlay_path, format="PNG")
+                        stats = generator.last_stats["seconds"]
+                        results.append({
+                            "image": str(path), "masks": len(records), "seconds": round(seconds, 3),
+                            "json": json_path.name, "overlay": overlay_path.name,
+                            "counts": generator.last_stats["counts"],
+                            "stage_seconds": {key: round(value, 3) for key, value in stats.items()},
+                        })
+                        typer.echo(
+                            f"{path.name}: {len(records)} masks in {seconds:.1f} s (encoder {stats['encoder']:.1f} s, "
+                            f"decoder {stats['decoder']:.1f} s, post-processing {stats['postprocess']:.1f} s)"
+                        )
                 if not results:
                     unreadable = f"none of the {len(files)} files in {source} is a readable image"
                     raise UsageError(unreadable, hint="use PNG, JPEG, BMP, TIFF or WebP")
@@ -196,6 +210,7 @@ def segment_command(
                     "source": str(source),
                     "encoder": predictor.encoder_artifact.id,
                     "decoder": predictor.decoder_artifact.id,
+                    "split_decoder": predictor.info["split_decoder"],
                     "settings": {key: value for key, value in settings.items() if key != "point_grids"}
                     | {"point_grids": grids is not None},
                     "images": results,
@@ -210,6 +225,6 @@ def segment_command(
         if skipped:
             typer.echo(f"warning: skipped {len(skipped)} unreadable file(s): " + ", ".join(s["file"] for s in skipped)[:300], err=True)
         typer.echo(f"{len(results)} image(s), {sum(r['masks'] for r in results)} masks, "
-                   f"{total / len(results):.1f} s per image; wrote {output}")
+                   f"{total / len(results):.1f} s per image ({summary['encoder']} + {summary['decoder']}); wrote {output}")
 
     run_guarded(debug, body)

@@ -23,7 +23,7 @@ import numpy as np
 from evsam_export import metrics
 from evsam_export.data.scenes import prompts_for
 
-# Issue 22's floors: embedding SNR >= 10 dB, mask IoU vs fp32 >= 0.9 (mean per kind), shape-mIoU drop
+# The floors a lower-precision pair must meet: embedding SNR >= 10 dB, mask IoU vs fp32 >= 0.9 (mean per kind), shape-mIoU drop
 # <= 2 points per kind, and an INT8 encoder at least 1.5x faster than ORT fp32.
 DONE_WHEN = {"embedding_snr_db_min": 10.0, "mask_iou_vs_fp32_min": 0.9, "miou_drop_points_max": 2.0,
              "int8_encoder_speedup_min": 1.5}

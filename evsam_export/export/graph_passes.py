@@ -7,7 +7,7 @@ weights, ORT 1.32; the profile tables are in docs/benchmarks.md). Every pass
 * matches a narrow, fully checked pattern and leaves anything else alone (a pass that finds nothing is a
   no-op, never an error);
 * is followed, wherever it runs, by an output-equivalence check against the graph before the pass
-  (`check_equivalence`, max |diff| <= 1e-4 at every test shape); tests/test_graph_passes.py checks each
+  (`check_equivalence`, max |diff| <= 1e-4 at every test shape); tests/export/test_graph_passes.py checks each
   pass on its own against ORT and PyTorch.
 
 Two kinds: *portable* passes emit standard ONNX at the graph's opset and run at export, so every target

@@ -67,7 +67,7 @@ def _simplify_and_run(name: str, path: Path, candidate_path: Path, spec: Compone
     Returns (nodes before, nodes after, outputs per feed). onnxsim goes file to file, so no Python copy of
     the input, no serialized bytes and no second ModelProto sit beside its C++ working copy (same output
     bytes as simplifying a loaded ModelProto); onnxslim needs a ModelProto and drops the original as soon
-    as it returns. For xl1 each copy is 0.8 GB (docs/benchmarks.md, "Export memory")."""
+    as it returns. For xl1 each copy is 0.8 GB (docs/reliability.md, "Export memory")."""
     import gc
 
     import onnx

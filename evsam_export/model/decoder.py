@@ -451,9 +451,9 @@ class MaskDecoder(nn.Module):
 
     def _token_layout_masks(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`predict_masks` in token layout (image = embeddings + dense prompt, [1|B,C,H,W]): same parameters,
-        same values up to float summation order (tests/test_decoder_layout.py), faster on CPU.
+        same values up to float summation order (tests/unit/test_decoder_layout.py), faster on CPU.
 
-        Measured on ONNX Runtime CPU (docs/benchmarks.md, "Prompt speed"): the image stays [1|mask batch, HW, C]
+        Measured on ONNX Runtime CPU (docs/benchmarks.md, "Prompt latency after set_image"): the image stays [1|mask batch, HW, C]
         until the first layer's image-to-token update, so its projections run once per call, not per prompt
         set; each stride-2 ConvTranspose is a per-pixel MatMul to (j, channel) columns per i, so LayerNorm2d
         becomes a LayerNormalization over the last axis and no NCHW transpose, col2im scatter or ReduceMean

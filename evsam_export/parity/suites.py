@@ -148,7 +148,7 @@ def _resolve_extends(document: dict, path: Path, chain: tuple[Path, ...] = ()) -
     """A suite with `extends = "PARENT"` is the parent's prompt kinds and tolerances with its own name,
     description, images (and prompt seed). It may not set kinds or tolerances: a build gate derived from a
     release suite then checks every prompt kind and stage of it with the same gates, by construction
-    (issue 22: a build gate that passes and a release gate that fails means the suites disagree)."""
+    (a build gate that passes and a release gate that fails would mean the suites disagree)."""
     if "extends" not in document:
         return document
     parent_name = document["extends"]

@@ -1,4 +1,4 @@
-"""Task-level gating when ground truth exists (issue 22): the mIoU drop against PyTorch per prompt kind,
+"""Task-level gating when ground truth exists: the mIoU drop against PyTorch per prompt kind,
 measured with the zero-shot protocol of `evsam-export evaluate` (evaluation.protocol), decides for
 lower-precision artifacts; agreement with fp32 is still measured and reported.
 

@@ -15,7 +15,7 @@ from evsam_export.errors import UsageError
 TASK_KINDS = ("box", "point")
 TASK_STAGE = "task"
 DROP_METRIC = "miou_drop_points"
-# Hard floors under task gating (issue 22 "Done when": embedding SNR >= 10 dB, mask IoU vs fp32 >= 0.9): an
+# Hard floors under task gating (embedding SNR >= 10 dB, mask IoU vs fp32 >= 0.9): an
 # artifact this far from fp32 is broken even when the annotated set happens not to show it.
 SNR_FLOOR_DB = 10.0
 MASK_IOU_FLOOR = 0.9

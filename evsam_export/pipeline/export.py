@@ -185,7 +185,7 @@ def export_components(model, variant: Variant, folder: Path, options: ExportOpti
     """Trace both components, then simplify, rewrite and check them with the PyTorch model freed.
 
     The model is released once both graphs and their PyTorch reference outputs exist, so a caller that
-    passes its only reference lets simplification and the ORT checks run without it (docs/benchmarks.md,
+    passes its only reference lets simplification and the ORT checks run without it (docs/reliability.md,
     "Export memory")."""
     import gc
 

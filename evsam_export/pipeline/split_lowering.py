@@ -1,4 +1,4 @@
-"""The split decoder through a recipe's decoder steps (issue 18): when a step lowers or converts the decoder,
+"""The split decoder through a recipe's decoder steps: when a step lowers or converts the decoder,
 the same step builds the two halves exported beside the decoder it started from, so the Predictor can run the
 lowered pair in the lowered decoder's place.
 

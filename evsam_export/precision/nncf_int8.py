@@ -47,7 +47,7 @@ FP32_REGIONS = ("encoder-norm", "decoder-transformer-norms", "decoder-mask-downs
 IGNORED_TYPES = ("MatMul", "MVN")
 
 # Fallback groups, most sensitive first: round k keeps groups[:k] in fp32 on top of the base scope (the
-# measured gain of each is in docs/benchmarks.md, "OpenVINO INT8 fallback groups").
+# measured gain of each is in docs/precision.md, "Measurements behind the defaults").
 ENCODER_GROUPS = (
     FallbackGroup(("litemla-qkv",), "their INT8 error is summed over all tokens in the linear attention; alone they "
                   "lift the embedding SNR the most"),

@@ -8,7 +8,7 @@ QuantizeLinear/DequantizeLinear pair that ORT (and TensorRT) fuse into int8 kern
 
 Why not `quantize_dynamic`: it rewrites every Conv into ConvInteger + DynamicQuantizeLinear, which ORT
 has no fast kernels for: measured on L0 2.4x *slower* than fp32 with QInt8 weights, about equal with
-QUInt8, while static per-channel QDQ was 2.15x faster (ORT maintainers: "use
+QUInt8, while static per-channel QDQ measured 2.15x faster (ORT maintainers: "use
 static quantization for CNN based models", microsoft/onnxruntime#12854). Dynamic quantization also
 computes activation ranges at run time, so the graph would not say what it computes.
 
@@ -65,7 +65,7 @@ FP32_REGIONS = (
 
 # Fallback order, most sensitive first (cumulative). The neck was measured the most sensitive part and its
 # 1x1 convs carry that sensitivity at a fraction of the cost; its 3x3 convs are a quarter of the encoder's
-# time, so they go back only after the cheap 1x1 groups (docs/benchmarks.md, "INT8 fallback order").
+# time, so they go back only after the cheap 1x1 groups (docs/precision.md "Measurements behind the defaults").
 INT8_GROUPS = (
     FallbackGroup(("neck-pointwise",), "the neck's 1x1 convs carry most of its sensitivity at little fp32 cost"),
     FallbackGroup(("neck-inputs", "stem"), "four more cheap convs: the neck's input projections and the stem conv on "
@@ -104,7 +104,7 @@ class Settings(PrecisionSettings):
     reduce_range: bool | str = "auto"
     # How activation ranges are chosen: "minmax" (observed extremes), "percentile" (the `percentile`-th
     # percentile of |x|, clipping the rare GELU/residual outliers MinMax spends the 8 bits on), "entropy"
-    # (KL divergence, TensorRT's classic choice). Percentile measured best (docs/benchmarks.md).
+    # (KL divergence, TensorRT's classic choice). Percentile measured best (docs/precision.md "Measurements behind the defaults").
     calibrate_method: str = "percentile"
     # Percentile of |activation| kept by calibrate_method = "percentile".
     percentile: float = 99.99

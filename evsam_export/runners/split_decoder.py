@@ -19,7 +19,7 @@ from evsam_export import contract
 from evsam_export.manifest import Artifact
 from evsam_export.runners.base import Runner
 
-# What `evsam-export targets` says about the split decoder (docs/benchmarks.md, "Session 8: split decoder").
+# What `evsam-export targets` says about the split decoder (docs/design.md "The split decoder").
 SPLIT_DECODER_SUMMARY = (
     f"{contract.DECODER_IMAGE:<26} once per image (or mask prompt): image tokens, layer 0's image-side q/k/v projections",
     f"{contract.DECODER_PROMPT:<26} per decoder call: the rest; checked against the single graph at export and by the parity gate",

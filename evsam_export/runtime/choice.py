@@ -93,6 +93,29 @@ def gated_decoder_stages(folder: Path | None) -> dict[str, bool]:
         return {}
 
 
+# The decoder segment everything prefers among gated lower precisions, fastest on CPUs first.
+SEGMENT_PRECISIONS = ("bf16", "fp16", "int8")
+
+
+def segment_decoder(folder: Path) -> str | None:
+    """The decoder `evsam-export segment` runs when none is named: None (the Predictor's own choice: the
+    folder's recommended pair, else fp32) unless the folder recommends nothing and holds a lower-precision
+    decoder whose decoder stage passed in its parity.json, which then runs (SEGMENT_PRECISIONS order)."""
+    from evsam_export.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest.recommended.get("decoder"):
+        return None
+    passed = gated_decoder_stages(folder)
+    cache: dict = {}
+    for precision in SEGMENT_PRECISIONS:
+        for artifact in manifest.artifacts:
+            if (artifact.component == "decoder" and artifact.precision == precision and passed.get(artifact.id)
+                    and _runtime_available(artifact.target, cache)[0]):
+                return artifact.id
+    return None
+
+
 def choose_split_decoder(manifest: Manifest, decoder: Artifact, wanted: bool | None, prefer: Sequence[str],
                          cache: dict | None = None, folder: Path | None = None,
                          chosen: dict | None = None) -> tuple[Artifact, Artifact] | None:

@@ -8,9 +8,12 @@ The algorithm and its settings are upstream's `SamAutomaticMaskGenerator` (segme
 EfficientViT-SAM ships as `EfficientViTSamAutomaticMaskGenerator`), written again for numpy: a point grid per
 crop layer, one encoder run per crop, the grid through the decoder's prompt axis in batches, filtering by
 predicted IoU, by stability of the crop-size logits and by crop edges, box NMS within and across crops, then
-optional small-region and hole removal (OpenCV). Masks are kept as COCO RLE (pycocotools) so memory grows
-with the masks' outlines, not their pixels. Needs numpy, pycocotools, and OpenCV for min_mask_region_area > 0
-(`pip install 'evsam-export[data]'`); never imports torch.
+optional small-region and hole removal (OpenCV). Stability, boxes and masks are decided from the low-res
+logits (CropUpscale: bounds from each pixel's low-res window, exact values only along the outlines), with
+the full-size upscale's own answers, so only the masks NMS keeps are built at the crop's size. Masks are kept
+as COCO RLE (pycocotools) so memory grows with the masks' outlines, not their pixels. Needs numpy,
+pycocotools, and OpenCV for min_mask_region_area > 0 (`pip install 'evsam-export[data]'`); never imports
+torch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -29,7 +33,7 @@ from evsam_export.model import processing
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Masks whose box lies within this many pixels of a crop edge (but not of the image edge) were cut by the crop.
 CROP_EDGE_TOLERANCE_PX = 20.0
-# Crop-size float32 logits are upscaled, scored and encoded this many bytes at a time, so a batch of 64
+# Crop-size float32 logits of masks upscaled whole are held this many bytes at a time, so a batch of 64
 # points x 3 candidates on a large photo never holds all its upscaled logits at once.
 UPSCALE_BAND_BYTES = 256 * 2**20
 DATA_EXTRA_HINT = "pip install 'evsam-export[data]'"
@@ -190,6 +194,256 @@ def decode_mask(rle: dict) -> np.ndarray:
         return coco_mask.decode(rle).astype(bool)
 
 
+# ------------------------------------------------------------------------------------------ crop-size logits
+
+
+# A convex combination computed in float32 can leave [min, max] of its inputs by a few ulps: bounds widen by this
+# much (relative to the threshold's magnitude, at least absolute) so they stay bounds.
+BOUND_SLACK = 1e-4
+# A mask whose outline band holds more than this share of the crop's pixels is upscaled whole: one pixel of the
+# band costs about as much as 2-3 pixels of the whole upscale.
+DENSE_BAND_SHARE = 0.25
+
+
+class CropUpscale:
+    """The crop-size logits of low-res logits, exactly as processing.postprocess_masks computes them (torch's
+    bilinear to the 1024 frame, the crop to the input size, bilinear to the crop's size: the same index and
+    weight tables and the same float32 operations, so bit-identical), for any block of output pixels, plus
+    cheap bounds on them from the low-res logits alone.
+
+    Every output pixel is a convex combination of a window of low-res logits: output row r reads frame rows
+    f0(r), f1(r), which read low-res rows lo(r)..hi(r) (at most a few). A window of `span` rows and columns
+    starting at (lo(r), lo(c)) holds all of them, so its min and max bound the pixel, and pixels that share
+    (lo(r), lo(c)) share the window: counting thresholded window extremes weighted by how many output rows
+    and columns start there bounds a mask's pixel count without the full-size upscale."""
+
+    def __init__(self, geometry) -> None:
+        from evsam_export.model.variants import LOW_RES_MASK_SIZE, PROMPT_FRAME
+
+        height, width = geometry.original_size
+        self.geometry = geometry
+        self.size = (int(height), int(width))
+        # Ragged masks (see above()) are upscaled whole by the fast path unless this is set.
+        self.exact_dense = False
+        self.low = LOW_RES_MASK_SIZE
+        frame = processing._bilinear_axis(LOW_RES_MASK_SIZE, PROMPT_FRAME)  # the same table for rows and columns
+        self.axes = []
+        for size_in, size_out in zip(geometry.input_size, self.size):
+            second = processing._bilinear_axis(int(size_in), int(size_out))
+            lo = frame[0][second[0]]
+            hi = frame[1][second[1]]
+            starts = np.bincount(lo, minlength=self.low)  # output pixels per window start
+            first = np.full(self.low, -1, np.int64)
+            last = np.full(self.low, -1, np.int64)
+            index = np.arange(size_out)
+            first[lo[::-1]] = index[::-1]
+            last[lo] = index
+            self.axes.append({"second": second, "lo": lo, "span": int((hi - lo).max()) + 1, "used": int(hi.max()) + 1,
+                              "starts": starts, "first": first, "last": last})
+        self.frame = frame
+
+    # -- exact values --------------------------------------------------------------------------------
+    def values(self, low_res: np.ndarray, rows=None, cols=None) -> np.ndarray:
+        """Crop-size logits [m, len(rows), len(cols)] of low-res logits [m, 256, 256] at output rows x cols
+        (default all), bit-identical to the same pixels of processing.postprocess_masks."""
+        rows = np.arange(self.size[0]) if rows is None else np.asarray(rows, np.int64)
+        cols = np.arange(self.size[1]) if cols is None else np.asarray(cols, np.int64)
+        low_res = np.asarray(low_res, np.float32)
+        (r0, r1, rw), (c0, c1, cw) = self.axes[0]["second"], self.axes[1]["second"]
+        frame_rows, (top_at, bottom_at) = _needed(r0[rows], r1[rows])
+        frame_cols, (left_at, right_at) = _needed(c0[cols], c1[cols])
+        f0, f1, fw = self.frame
+        # The 1024 frame at the frame rows and columns these pixels read: rows first, then columns, as torch.
+        top, bottom = low_res[:, f0[frame_rows], :], low_res[:, f1[frame_rows], :]
+        blended = top + (bottom - top) * fw[frame_rows, None]
+        left, right = blended[..., f0[frame_cols]], blended[..., f1[frame_cols]]
+        frame = left + (right - left) * fw[frame_cols]
+        # Then the frame to the crop's size.
+        top, bottom = frame[:, top_at, :], frame[:, bottom_at, :]
+        blended = top + (bottom - top) * rw[rows, None]
+        left, right = blended[..., left_at], blended[..., right_at]
+        return left + (right - left) * cw[cols]
+
+    def dense_values(self, low_res: np.ndarray) -> np.ndarray:
+        """Whole crop-size logits for masks upscaled whole: values() when `exact_dense`, else the runtime's
+        shared fast upscale (processing.postprocess_into: OpenCV when installed, within 4e-4 of values())."""
+        if self.exact_dense or processing.opencv() is None:
+            return self.values(low_res)
+        padded = np.zeros((len(low_res), self.low, self.low), np.float32)  # the 256x256 grid it reads
+        padded[:, : low_res.shape[1], : low_res.shape[2]] = low_res
+        out = np.empty((len(low_res), *self.size), np.float32)
+        processing.postprocess_into(padded, self.geometry, out)
+        return out
+
+    def pixel_values(self, low_res: np.ndarray, index: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Crop-size logits of the scattered pixels (index, rows, cols): low_res[index] at (rows, cols), the same
+        float32 operations on the same elements as values(), so bit-identical to it."""
+        (r0, r1, rw), (c0, c1, cw) = self.axes[0]["second"], self.axes[1]["second"]
+        f0, f1, fw = self.frame
+        flat = np.ascontiguousarray(low_res, dtype=np.float32).reshape(-1)
+        base = np.asarray(index, np.int64) * (low_res.shape[-2] * low_res.shape[-1])
+        stride = low_res.shape[-1]
+
+        def frame(frame_row, frame_col):
+            top, bottom = base + f0[frame_row] * stride, base + f1[frame_row] * stride
+            left_col, right_col, row_weight = f0[frame_col], f1[frame_col], fw[frame_row]
+            top_left, bottom_left = flat.take(top + left_col), flat.take(bottom + left_col)
+            top_right, bottom_right = flat.take(top + right_col), flat.take(bottom + right_col)
+            left = top_left + (bottom_left - top_left) * row_weight
+            right = top_right + (bottom_right - top_right) * row_weight
+            return left + (right - left) * fw[frame_col]
+
+        top_row, bottom_row, left_col, right_col = r0[rows], r1[rows], c0[cols], c1[cols]
+        top_left, bottom_left = frame(top_row, left_col), frame(bottom_row, left_col)
+        top_right, bottom_right = frame(top_row, right_col), frame(bottom_row, right_col)
+        left = top_left + (bottom_left - top_left) * rw[rows]
+        right = top_right + (bottom_right - top_right) * rw[rows]
+        return left + (right - left) * cw[cols]
+
+    # -- from the low-res logits -----------------------------------------------------------------------
+    def extremes(self, low_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(window max, window min) [m, used rows, used cols]: at (i, j), bounds on every crop-size pixel whose
+        window starts there."""
+        rows, cols = self.axes
+        used = np.asarray(low_res, np.float32)[:, : rows["used"], : cols["used"]]
+        result = []
+        for reduce in (np.maximum, np.minimum):
+            # A window that runs past the last row or column is cut there: it still holds the pixel's own.
+            window = used.copy()
+            for shift in range(1, rows["span"]):
+                reduce(window[:, :-shift], used[:, shift:], out=window[:, :-shift])
+            along_rows = window.copy() if cols["span"] > 1 else window
+            for shift in range(1, cols["span"]):
+                reduce(window[..., :-shift], along_rows[..., shift:], out=window[..., :-shift])
+            result.append(window)
+        return result[0], result[1]
+
+    def count_bounds(self, window_max: np.ndarray, window_min: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """(at most, at least) [m] int64 crop-size pixels above `threshold` per mask, from the windows alone."""
+        inside, band = self._windows(window_max, window_min, threshold)
+        least = self._weighted_count(inside)
+        return least + self._weighted_count(band), least
+
+    def _windows(self, window_max: np.ndarray, window_min: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """(inside, band) [m, used rows, used cols]: windows whose every pixel is above `threshold`, and windows
+        where some may be."""
+        rows, cols = self.axes
+        slack = np.float32(BOUND_SLACK * max(1.0, abs(threshold)))
+        valid = (rows["starts"][: rows["used"], None] > 0) & (cols["starts"][None, : cols["used"]] > 0)
+        inside = (window_min > np.float32(threshold) + slack) & valid
+        band = (window_max > np.float32(threshold) - slack) & ~inside & valid
+        return inside, band
+
+    def _weighted_count(self, windows: np.ndarray) -> np.ndarray:
+        """[m] int64: crop-size pixels whose window is set."""
+        rows, cols = self.axes
+        col_weight = cols["starts"][: cols["used"]].astype(np.float32)  # < 2**24 pixels per row: exact in float32
+        per_row = np.rint(windows.astype(np.float32) @ col_weight).astype(np.int64)
+        return per_row @ rows["starts"][: rows["used"]].astype(np.int64)
+
+    def above(self, low_res: np.ndarray, window_max: np.ndarray, window_min: np.ndarray, thresholds) -> list[Above]:
+        """Which crop-size pixels of each mask have logits > threshold, exactly, for each of `thresholds` (one
+        Above each; a single threshold gives a single Above): windows whose min is above it are inside, windows
+        whose max is not are outside, and only the pixels of the windows in between (a band along the mask's
+        outline) are computed (pixel_values). A mask whose band covers more than DENSE_BAND_SHARE of the crop
+        (a ragged, noisy mask) is computed whole instead (values), once for all thresholds."""
+        single = not isinstance(thresholds, (tuple, list))
+        thresholds = [thresholds] if single else list(thresholds)
+        rows, cols = self.axes
+        windows = [self._windows(window_max, window_min, t) for t in thresholds]
+        band_pixels = np.max([self._weighted_count(band) for _, band in windows], axis=0)
+        dense = np.flatnonzero(band_pixels > DENSE_BAND_SHARE * self.size[0] * self.size[1])
+        dense_masks: list[dict[int, np.ndarray]] = [{} for _ in thresholds]
+        per_chunk = max(1, UPSCALE_BAND_BYTES // (4 * self.size[0] * self.size[1]))
+        for start in range(0, len(dense), per_chunk):
+            chunk = dense[start : start + per_chunk]
+            logits = self.dense_values(low_res[chunk])
+            for masks, threshold in zip(dense_masks, thresholds):
+                masks.update({int(j): logits[k] > np.float32(threshold) for k, j in enumerate(chunk)})
+            del logits
+        result = []
+        for (inside, band), masks, threshold in zip(windows, dense_masks, thresholds):
+            inside[dense] = False
+            band[dense] = False
+            index, row_start, col_start = np.unravel_index(np.flatnonzero(band), band.shape)
+            # Every pixel of each band window: nr x nc pixels starting at the window's first row and column.
+            per_row, per_col = rows["starts"][row_start], cols["starts"][col_start]
+            sizes = per_row * per_col
+            cell = np.repeat(np.arange(len(sizes)), sizes)
+            local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            pixel_rows = rows["first"][row_start][cell] + local // per_col[cell]
+            pixel_cols = cols["first"][col_start][cell] + local % per_col[cell]
+            pixel_index = index[cell]
+            positive = self.pixel_values(low_res, pixel_index, pixel_rows, pixel_cols) > np.float32(threshold)
+            result.append(Above(self, inside, pixel_index[positive], pixel_rows[positive], pixel_cols[positive],
+                                len(low_res), masks))
+        return result[0] if single else result
+
+    def expand(self, grid: np.ndarray) -> np.ndarray:
+        """A [used rows, used cols] grid of windows as the crop-size grid of the pixels that start there."""
+        rows, cols = self.axes
+        full = np.repeat(grid, rows["starts"][: rows["used"]], axis=0)
+        return np.repeat(full, cols["starts"][: cols["used"]], axis=1)
+
+
+@dataclass
+class Above:
+    """Crop-size pixels above a threshold, per mask: whole windows (`inside`, [m, used rows, used cols]) plus the
+    band pixels computed exactly (mask index, row, column)."""
+
+    upscale: CropUpscale
+    inside: np.ndarray
+    index: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    count_masks: int
+    dense: dict = field(default_factory=dict)  # mask index -> its whole crop-size mask, for masks computed whole
+
+    def counts(self) -> np.ndarray:
+        """[m] int64 pixels above the threshold."""
+        counts = self.upscale._weighted_count(self.inside) + np.bincount(self.index, minlength=self.count_masks)
+        for which, mask in self.dense.items():
+            counts[which] = np.count_nonzero(mask)
+        return counts
+
+    def boxes(self) -> np.ndarray:
+        """XYXY boxes [m,4] (inclusive, as mask_boxes; zeros for an empty mask)."""
+        rows, cols = self.upscale.axes
+        big = np.iinfo(np.int64).max
+        low = np.full((self.count_masks, 2), big, np.int64)
+        high = np.full((self.count_masks, 2), -1, np.int64)
+        for axis, (info, any_axis) in enumerate(((cols, 1), (rows, 2))):
+            present = self.inside.any(axis=any_axis)
+            found = present.any(axis=1)
+            first = np.argmax(present, axis=1)
+            last = present.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
+            low[found, axis] = info["first"][first[found]]
+            high[found, axis] = info["last"][last[found]]
+            coords = self.cols if axis == 0 else self.rows
+            np.minimum.at(low[:, axis], self.index, coords)
+            np.maximum.at(high[:, axis], self.index, coords)
+        boxes = np.concatenate([low, high], axis=1)
+        boxes[high[:, 0] < 0] = 0
+        for which, mask in self.dense.items():
+            boxes[which] = mask_boxes(mask[None])[0]
+        return boxes
+
+    def mask(self, which: int) -> np.ndarray:
+        """The crop-size boolean mask of mask `which`."""
+        if which in self.dense:
+            return self.dense[which].copy()
+        mask = self.upscale.expand(self.inside[which])
+        own = self.index == which
+        mask[self.rows[own], self.cols[own]] = True
+        return mask
+
+
+def _needed(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The sorted distinct indices two index arrays read, and each array's positions among them."""
+    needed = np.unique(np.concatenate([first, second]))
+    return needed, (np.searchsorted(needed, first), np.searchsorted(needed, second))
+
+
 # ------------------------------------------------------------------------------------------ kept masks
 
 
@@ -348,6 +602,66 @@ def check_settings(
 
 
 
+@dataclass
+class Encoded:
+    """MaskGenerator.prepare's result: the image as RGB uint8, (embeddings, geometry) per crop, encoder seconds."""
+
+    rgb: np.ndarray
+    embeddings: list
+    seconds: float
+
+
+def _as_rgb(image) -> np.ndarray:
+    from evsam_export.runtime.prompts import is_pil_image
+
+    try:
+        return processing.pil_to_rgb_uint8(image) if is_pil_image(image) else processing.as_rgb_uint8(image)
+    except (ValueError, OSError, TypeError) as exc:
+        raise UsageError(f"cannot use the image: {' '.join(str(exc).split())[:160]}") from None
+
+
+def _encode_dense(above: Above, count: int, wanted: np.ndarray | None = None) -> list:
+    """[count] crop-size RLEs of the masks `above` built whole (None for the others, and where not `wanted`)."""
+    rles: list = [None] * count
+    for which, mask in above.dense.items():
+        if wanted is None or wanted[which]:
+            rles[which] = encode_masks(mask[None])[0]
+    return rles
+
+
+class _Survivors:
+    """A crop's masks that passed the filters, until box NMS: their low-res logits (the rows and columns the crop
+    reads) with crop-frame boxes, predicted IoU, stability (NaN where not computed yet) and prompt points."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, low, boxes, predicted_iou, stability, points, rles) -> None:
+        self.parts.append((low, boxes, predicted_iou, stability, points, list(rles)))
+
+    def _field(self, index: int, empty: np.ndarray) -> np.ndarray:
+        return np.concatenate([part[index] for part in self.parts]) if self.parts else empty
+
+    def boxes(self) -> np.ndarray:
+        return self._field(1, np.zeros((0, 4), np.int64))
+
+    def predicted_iou(self) -> np.ndarray:
+        return self._field(2, np.zeros((0,), np.float32))
+
+    def take(self, keep: np.ndarray) -> tuple:
+        """(low, boxes, predicted_iou, stability, points, rles) of the survivors at `keep`, in that order; an
+        RLE (crop-size) where the mask was built whole on the way, else None."""
+        keep = np.asarray(keep, np.int64)
+        if not self.parts or not len(keep):
+            return (np.zeros((0, 1, 1), np.float32), np.zeros((0, 4), np.int64), np.zeros((0,), np.float32),
+                    np.zeros((0,), np.float32), np.zeros((0, 2), np.float64), [])
+        sizes = np.cumsum([0] + [len(part[0]) for part in self.parts])
+        part_of = np.searchsorted(sizes, keep, side="right") - 1
+        where = list(zip(part_of, keep - sizes[part_of]))
+        arrays = tuple(np.stack([self.parts[p][field][i] for p, i in where]) for field in range(5))
+        return (*arrays, [self.parts[p][5][i] for p, i in where])
+
+
 class MaskGenerator:
     """Every mask in an image from a point grid: upstream's automatic mask generator over a Predictor.
 
@@ -392,24 +706,33 @@ class MaskGenerator:
         self.last_stats: dict = {}
 
     # -- one image ---------------------------------------------------------------------------------
-    def generate(self, image) -> list[dict]:
+    def prepare(self, image) -> Encoded:
+        """Run the encoder on every crop of `image` without touching the predictor's current image: another
+        thread can prepare the next image while generate() decodes this one (ONNX Runtime and OpenVINO release
+        the GIL while they run). Pass the result to generate(image, encoded)."""
+        started = time.perf_counter()
+        rgb = _as_rgb(image)
+        crops = crop_boxes(rgb.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+        embeddings = [self.predictor.encode(rgb[y0:y1, x0:x1]) for (x0, y0, x1, y1), _ in crops]
+        return Encoded(rgb, embeddings, time.perf_counter() - started)
+
+    def generate(self, image, encoded: Encoded | None = None) -> list[dict]:
         """Records for every mask of `image` (numpy HxW / HxWx3 / HxWx4 or a PIL image), upstream's fields:
         segmentation (per output_mode), area, bbox (XYWH), predicted_iou, point_coords, stability_score,
-        crop_box (XYWH)."""
-        from evsam_export.runtime.prompts import is_pil_image
-
+        crop_box (XYWH). `encoded`: what prepare(image) returned, so the encoder does not run again."""
         started = time.perf_counter()
-        try:
-            rgb = processing.pil_to_rgb_uint8(image) if is_pil_image(image) else processing.as_rgb_uint8(image)
-        except (ValueError, OSError, TypeError) as exc:
-            raise UsageError(f"cannot use the image: {' '.join(str(exc).split())[:160]}") from None
+        rgb = encoded.rgb if encoded is not None else _as_rgb(image)
         image_size = rgb.shape[:2]
         self.last_stats = {
-            "counts": dict.fromkeys(("candidates", "predicted_iou", "stability", "crop_edge", "box_nms"), 0),
+            "counts": dict.fromkeys(("candidates", "predicted_iou", "stability", "stability_exact", "crop_edge", "box_nms"), 0),
             "seconds": dict.fromkeys(("encoder", "decoder", "postprocess"), 0.0),
         }
         crops = crop_boxes(image_size, self.crop_n_layers, self.crop_overlap_ratio)
-        masks = MaskSet.concat([self._process_crop(rgb, box, layer) for box, layer in crops])
+        embedded = [None] * len(crops)
+        if encoded is not None:
+            embedded = encoded.embeddings
+            self.last_stats["seconds"]["encoder"] = encoded.seconds  # spent in prepare(), maybe in another thread
+        masks = MaskSet.concat([self._process_crop(rgb, box, layer, emb) for (box, layer), emb in zip(crops, embedded)])
         if len(crops) > 1 and len(masks):
             # Across crops, prefer the mask from the smaller crop.
             widths = masks.crop_boxes[:, 2] - masks.crop_boxes[:, 0]
@@ -424,81 +747,175 @@ class MaskGenerator:
         self.last_stats["seconds"]["total"] = time.perf_counter() - started
         return records
 
-    def _process_crop(self, rgb: np.ndarray, crop_box, layer: int) -> MaskSet:
+    def _process_crop(self, rgb: np.ndarray, crop_box, layer: int, embedded=None) -> MaskSet:
         x0, y0, x1, y1 = crop_box
         started = time.perf_counter()
-        self.predictor.set_image(rgb[y0:y1, x0:x1])
+        if embedded is None:
+            self.predictor.set_image(rgb[y0:y1, x0:x1])
+        else:
+            self.predictor.set_embeddings(*embedded)
         self.last_stats["seconds"]["encoder"] += time.perf_counter() - started
         geometry = self.predictor.geometry
         crop_h, crop_w = geometry.original_size
+        upscale = CropUpscale(geometry)
         points = self.point_grids[layer] * np.array([[crop_w, crop_h]], dtype=np.float64)
-        parts = [
-            self._process_batch(points[start : start + self.points_per_batch], crop_box, rgb.shape[:2])
-            for start in range(0, len(points), self.points_per_batch)
-        ]
+        survivors = _Survivors()
+        batches = [points[start : start + self.points_per_batch] for start in range(0, len(points), self.points_per_batch)]
+        # The decoder works on the next batch (in a second thread: the runtimes release the GIL) while this
+        # thread filters the last one.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(self._decode, batches[0])
+            for index, batch in enumerate(batches):
+                decoded = upcoming.result()
+                if index + 1 < len(batches):
+                    upcoming = pool.submit(self._decode, batches[index + 1])
+                self._process_batch(batch, decoded, crop_box, rgb.shape[:2], upscale, survivors)
         self.predictor.reset_image()
-        masks = MaskSet.concat(parts)
+        started = time.perf_counter()
         # Within a crop, duplicates go by box overlap; the higher predicted IoU wins. Boxes are still crop-frame.
-        masks = masks.take(box_nms(masks.boxes, masks.predicted_iou, self.box_nms_thresh))
-        self.last_stats["counts"]["box_nms"] += len(masks)
+        keep = box_nms(survivors.boxes(), survivors.predicted_iou(), self.box_nms_thresh)
+        self.last_stats["counts"]["box_nms"] += len(keep)
+        # Only the masks left now are upscaled in full (one band of logits at a time) and encoded.
+        masks = self._final_masks(survivors, keep, upscale, crop_box, rgb.shape[:2])
         offset = np.array([x0, y0, x0, y0], dtype=np.int64)
         masks.boxes = masks.boxes + offset
         masks.points = masks.points + offset[:2]
         masks.crop_boxes = np.tile(np.asarray(crop_box, dtype=np.int64), (len(masks), 1))
+        self.last_stats["seconds"]["postprocess"] += time.perf_counter() - started
         return masks
 
-    def _process_batch(self, points: np.ndarray, crop_box, image_size: tuple[int, int]) -> MaskSet:
-        from evsam_export.model.processing import postprocess_into
+    def _decode(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Low-res logits and predicted IoU of every point, in decoder calls of equal size up to the predictor's
+        chunk (a batch of 64 at a chunk of 21 is 22 + 21 + 21 prompt sets, not 21 + 21 + 21 + 1)."""
+        from evsam_export.runtime.predictor import prompt_sets_per_chunk
 
+        predictor = self.predictor
+        chunk = (getattr(predictor, "_prompt_batch_limit", None) or getattr(predictor, "max_prompt_batch", None)
+                 or prompt_sets_per_chunk(predictor.memory_budget_mib, 0))
+        calls = -(-len(points) // chunk)
         started = time.perf_counter()
-        low_res, predicted_iou = self.predictor.predict_low_res(points[:, None, :], np.ones((len(points), 1)), multimask_output=True)
+        low_res, scores = [], []
+        for part in np.array_split(points, calls):
+            low, iou = predictor.predict_low_res(part[:, None, :], np.ones((len(part), 1)), multimask_output=True)
+            low_res.append(low)
+            scores.append(iou)
         self.last_stats["seconds"]["decoder"] += time.perf_counter() - started
+        return np.concatenate(low_res), np.concatenate(scores)
+
+    def _process_batch(self, points: np.ndarray, decoded, crop_box, image_size: tuple[int, int], upscale: CropUpscale,
+                       survivors: _Survivors) -> None:
+        low_res, predicted_iou = decoded
         started = time.perf_counter()
         candidates = low_res.shape[1]
-        low_res = low_res.reshape(-1, *low_res.shape[2:])
         predicted_iou = predicted_iou.reshape(-1)
         points = np.repeat(points, candidates, axis=0)
         self.last_stats["counts"]["candidates"] += len(predicted_iou)
+        keep = np.ones(len(predicted_iou), bool)
         if self.pred_iou_thresh > 0:
             keep = predicted_iou > np.float32(self.pred_iou_thresh)
-            low_res, predicted_iou, points = low_res[keep], predicted_iou[keep], points[keep]
+        rows, cols = upscale.axes[0]["used"], upscale.axes[1]["used"]
+        # Only the low-res rows and columns the crop reads are kept (a copy: the decoder's output is let go).
+        low = np.ascontiguousarray(low_res.reshape(-1, *low_res.shape[2:])[keep, :rows, :cols])
+        predicted_iou, points = predicted_iou[keep], points[keep]
+        del low_res
         self.last_stats["counts"]["predicted_iou"] += len(predicted_iou)
 
-        geometry = self.predictor.geometry
-        crop_h, crop_w = geometry.original_size
+        window_max, window_min = upscale.extremes(low)
+        stability = np.full(len(low), np.nan, np.float32)  # exact where computed; the rest when kept
+        boxes = np.full((len(low), 4), -1, np.int64)  # exact where computed
+        rles = np.full(len(low), None, object)  # crop-size RLEs of the masks built whole on the way
+        if self.stability_score_thresh > 0:
+            stability, keep, boxes, rles = self._stability_filter(low, window_max, window_min, upscale)
+            low, window_max, window_min = low[keep], window_max[keep], window_min[keep]
+            predicted_iou, points, stability, boxes, rles = predicted_iou[keep], points[keep], stability[keep], boxes[keep], rles[keep]
+        self.last_stats["counts"]["stability"] += len(low)
+
+        missing = np.flatnonzero(boxes[:, 0] < 0)
+        if len(missing):
+            binary = upscale.above(low[missing], window_max[missing], window_min[missing], processing.MASK_THRESHOLD)
+            boxes[missing] = binary.boxes()
+            rles[missing] = _encode_dense(binary, len(missing))
         x0, y0 = crop_box[0], crop_box[1]
-        height, width = image_size
-        per_band = max(1, UPSCALE_BAND_BYTES // (4 * crop_h * crop_w))
-        parts = []
-        for start in range(0, len(predicted_iou), per_band):
-            band = slice(start, start + per_band)
-            # Stability is scored on the logits upscaled to the crop's size, where upstream scores it.
-            logits = np.empty((len(predicted_iou[band]), crop_h, crop_w), np.float32)
-            postprocess_into(low_res[band], geometry, logits)
-            stability = stability_scores(logits, processing.MASK_THRESHOLD, self.stability_score_offset)
-            keep = np.ones(len(stability), bool)
-            if self.stability_score_thresh > 0:
-                keep = stability >= np.float32(self.stability_score_thresh)
-            self.last_stats["counts"]["stability"] += int(keep.sum())
-            binary = processing.binarize(logits[keep])
-            del logits
-            boxes = mask_boxes(binary)
-            inside = ~near_crop_edge(boxes + np.array([x0, y0, x0, y0]), crop_box, image_size)
-            binary, boxes = binary[inside], boxes[inside]
-            self.last_stats["counts"]["crop_edge"] += len(boxes)
-            full = np.zeros((len(binary), height, width), bool)
-            full[:, y0 : y0 + crop_h, x0 : x0 + crop_w] = binary
-            selected = np.flatnonzero(keep)[inside] + start
-            parts.append(MaskSet(
-                rles=list(encode_masks(full)),
-                boxes=boxes,
-                predicted_iou=predicted_iou[selected],
-                stability=stability[keep][inside],
-                points=points[selected],
-                crop_boxes=np.zeros((len(boxes), 4), np.int64),
-            ))
+        inside = ~near_crop_edge(boxes + np.array([x0, y0, x0, y0]), crop_box, image_size)
+        self.last_stats["counts"]["crop_edge"] += int(inside.sum())
+        survivors.add(low[inside], boxes[inside], predicted_iou[inside], stability[inside], points[inside], rles[inside])
         self.last_stats["seconds"]["postprocess"] += time.perf_counter() - started
-        return MaskSet.concat(parts)
+
+    def _stability_filter(self, low: np.ndarray, window_max: np.ndarray, window_min: np.ndarray,
+                          upscale: CropUpscale) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(stability [m] float32, keep [m] bool, boxes [m,4], RLEs [m] object): upstream's stability score of the crop-size
+        logits and its filter (>= stability_score_thresh). Pixel counts bounded from the low-res windows decide
+        most masks; the rest get their exact counts (CropUpscale.above), so every decision is the one the
+        full-size logits give. Stability is NaN where the bounds decided (computed if the mask is kept), boxes
+        -1 where not computed on the way (those of the masks that got exact counts are), RLEs None where the
+        mask was not built whole."""
+        high_t = processing.MASK_THRESHOLD + self.stability_score_offset
+        low_t = processing.MASK_THRESHOLD - self.stability_score_offset
+        high_most, high_least = upscale.count_bounds(window_max, window_min, high_t)
+        low_most, low_least = upscale.count_bounds(window_max, window_min, low_t)
+        threshold = np.float32(self.stability_score_thresh)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # stability_scores divides float32 counts: bound it by the float64 ratios, with a margin.
+            least = high_least / low_most
+            most = np.where(low_least > 0, high_most / np.maximum(low_least, 1), np.inf)
+        margin = 1e-6
+        keep = least >= float(threshold) + margin
+        drop = (most < float(threshold) - margin) | (low_most == 0)  # no pixel above -offset: NaN, never kept
+        stability = np.full(len(low), np.nan, np.float32)
+        boxes = np.full((len(low), 4), -1, np.int64)
+        rles = np.full(len(low), None, object)
+        exact = np.flatnonzero(~keep & ~drop)
+        if len(exact):
+            sets = upscale.above(low[exact], window_max[exact], window_min[exact], (high_t, low_t, processing.MASK_THRESHOLD))
+            high, low_count = sets[0].counts(), sets[1].counts()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stability[exact] = high.astype(np.float32) / low_count.astype(np.float32)
+            keep[exact] = stability[exact] >= threshold
+            boxes[exact] = sets[2].boxes()
+            rles[exact] = _encode_dense(sets[2], len(exact), keep[exact])
+        self.last_stats["counts"]["stability_exact"] += len(exact)
+        return stability, keep, boxes, rles
+
+    def _final_masks(self, survivors: _Survivors, keep: np.ndarray, upscale: CropUpscale, crop_box,
+                     image_size: tuple[int, int]) -> MaskSet:
+        """The kept masks at the crop's size, exactly (CropUpscale.above), as image-size COCO RLEs, with their
+        stability computed where the filter decided it from bounds."""
+        low, boxes, predicted_iou, stability, points, built = survivors.take(keep)
+        if not len(low):
+            return MaskSet()
+        x0, y0, x1, y1 = crop_box
+        whole_image = upscale.size == tuple(image_size)
+        rles: list = list(built)
+        per_band = max(1, UPSCALE_BAND_BYTES // (4 * low[0].size))
+        for start in range(0, len(low), per_band):
+            part = np.arange(start, min(start + per_band, len(low)))
+            missing = part[np.isnan(stability[part])]
+            unbuilt = part[[rles[i] is None for i in part]]
+            if not len(missing) and not len(unbuilt):
+                continue
+            window_max, window_min = upscale.extremes(low[part])
+            local = {index: k for k, index in enumerate(part)}
+            if len(missing):
+                at = [local[i] for i in missing]
+                thresholds = (processing.MASK_THRESHOLD + self.stability_score_offset,
+                              processing.MASK_THRESHOLD - self.stability_score_offset)
+                counts = [above.counts() for above in upscale.above(low[missing], window_max[at], window_min[at], thresholds)]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    stability[missing] = counts[0].astype(np.float32) / counts[1].astype(np.float32)
+            if len(unbuilt):
+                at = [local[i] for i in unbuilt]
+                binary = upscale.above(low[unbuilt], window_max[at], window_min[at], processing.MASK_THRESHOLD)
+                for k, index in enumerate(unbuilt):
+                    rles[index] = binary.mask(k)
+        for index, mask in enumerate(rles):
+            if whole_image and isinstance(mask, np.ndarray):
+                rles[index] = encode_masks(mask[None])[0]
+            elif not whole_image:  # the crop's mask placed in the image
+                full = np.zeros(tuple(image_size), bool)
+                full[y0:y1, x0:x1] = mask if isinstance(mask, np.ndarray) else decode_mask(mask)
+                rles[index] = encode_masks(full[None])[0]
+        return MaskSet(rles=rles, boxes=boxes, predicted_iou=predicted_iou, stability=stability, points=points,
+                       crop_boxes=np.zeros((len(boxes), 4), np.int64))
 
     def _remove_small_regions(self, masks: MaskSet) -> MaskSet:
         """Fill small holes and drop small islands of every mask, then NMS again preferring untouched masks.

@@ -32,9 +32,8 @@ from evsam_export.model.variants import EMBEDDING_DIM, EMBEDDING_SIZE, LOW_RES_M
 from evsam_export.runtime.choice import DEFAULT_PREFER, choose_artifact, choose_split_decoder, normalize_prefer
 from evsam_export.runtime.prompts import as_flag, check_prompts, is_pil_image, mask_feed
 
-# Memory per prompt-set chunk (docs/benchmarks.md, "predict: peak memory per prompt batch"): the default
-# budget runs an app's batch of 16 boxes as one decoder call (1.12x faster than two calls of 8, docs/benchmarks.md
-# "Session 9: prompt speed"), far from a small machine's RAM.
+# Memory per prompt-set chunk (docs/benchmarks.md "Memory"): the default budget runs an app's batch of 16
+# boxes as one decoder call (1.12x faster than two calls of 8), far from a small machine's RAM.
 DEFAULT_MEMORY_BUDGET_MIB = 1024
 # The decoder's own working memory per prompt set (two-way transformer over the 64x64 image tokens and the
 # upscaling convolutions), measured with ONNX Runtime on CPU; the same for every variant (one decoder design).
@@ -297,6 +296,11 @@ class Predictor:
             raise UsageError(" ".join(str(exc).split())[:160] or f"cannot use the image ({type(exc).__name__})") from None
         if image_format == "BGR":
             rgb = np.ascontiguousarray(rgb[:, :, ::-1])
+        self.set_embeddings(*self.encode(rgb))
+
+    def encode(self, rgb: np.ndarray) -> tuple[np.ndarray, ImageGeometry]:
+        """(image embeddings, geometry) of an HxWx3 uint8 RGB image: the encoder alone, without changing the
+        image set here, so another thread can encode the next image while this one decodes (set_embeddings)."""
         input_image, geometry = processing.encoder_input(rgb, self.encoder_spec.profile, self.encoder_size)
         out = self.encoder.infer(contract.encoder_feeds(self.encoder_spec, input_image))[contract.IMAGE_EMBEDDINGS]
         embeddings = np.ascontiguousarray(out[:1], dtype=np.float32)
@@ -307,6 +311,10 @@ class Predictor:
             )
         # Read-only: the split decoder keeps the image half's outputs for exactly these embeddings.
         embeddings.flags.writeable = False
+        return embeddings, geometry
+
+    def set_embeddings(self, embeddings: np.ndarray, geometry: ImageGeometry) -> None:
+        """Make the image that encode() returned `embeddings` and `geometry` for the current one."""
         if self.split_artifacts is not None:
             self.decoder.prepare(embeddings)
         self.image_embeddings = embeddings

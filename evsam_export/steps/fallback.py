@@ -293,7 +293,7 @@ def _ranked_outcome(facts: dict, history: list[dict], share: str) -> tuple[str, 
 def _quantized_share(facts: dict) -> str:
     """' (56 of 69 Conv INT8)' for a QDQ artifact, ' (3 FakeQuantize ops)' for an NNCF IR: after a fallback,
     how much is still INT8, so a build that passed by reverting nearly everything says so on its summary
-    line (OpenVINO l1 passed its build gate with 3 FakeQuantize ops left, session 4)."""
+    line (with synthetic weights OpenVINO l1 passes its build gate with 3 FakeQuantize ops left)."""
     if isinstance(facts.get("lowered"), dict) and facts["lowered"].get("text"):  # precision/lowered.py's census
         return f" ({facts['lowered']['text']})"
     qdq = facts.get("qdq")

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-# The version the web target is tested with (tests/test_web.py); another version is used as found and its
+# The version the web target is tested with (tests/builds/test_web.py); another version is used as found and its
 # number recorded in the manifest.
 ORT_WEB_VERSION = "1.30.0"
 ENV_VAR = "EVSAM_ORT_WEB"

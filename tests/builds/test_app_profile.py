@@ -1,4 +1,4 @@
-"""The `app` encoder profile: raw uint8 RGB [H, W, 3] in, preprocessing in the graph (issue 17)."""
+"""The `app` encoder profile: raw uint8 RGB [H, W, 3] in, preprocessing in the graph."""
 
 from __future__ import annotations
 

@@ -232,8 +232,8 @@ def test_stripping_every_quantizer_gives_back_the_fp32_model(ctx, int8):
 
 def test_stage_groups_reach_nncf_by_name(ctx):
     """A group that picks backbone stages by position has no pattern NNCF could match, so its nodes must
-    reach the ignored scope by name. They did not (sessions 3-4): the stage groups changed nothing, and l1/l2
-    fallback rounds 3-4 measured the same mask IoU to four digits. A pattern group (the stem) goes the same
+    reach the ignored scope by name; otherwise the stage groups change nothing and consecutive fallback
+    rounds measure the same mask IoU to four digits. A pattern group (the stem) goes the same
     way, by the names FallbackGroup.select picks."""
     nncf = pytest.importorskip("nncf")
     parent = ctx.manifest.artifact("encoder.onnx.fp32")

@@ -216,7 +216,7 @@ def test_fp16_decoder_keeps_attention_and_norms_fp32(ctx, fp16_decoder):
     assert set(fp16.io_types(model).values()) == {"FLOAT"}
     islands = fp16.fp32_islands(model)
     # 9 transformer norms + the output upscaling's LayerNorm2d, which the token-layout decoder exports as one
-    # LayerNormalization (docs/benchmarks.md, "Prompt speed")
+    # LayerNormalization (docs/design.md, "The split decoder")
     assert islands["fp32_by_op_type"]["Softmax"] == 7 and islands["fp32_by_op_type"]["LayerNormalization"] == 10
     assert fp16_decoder.facts["ort_cpu_check"]["nonfinite"] == 0
 
@@ -494,8 +494,8 @@ def test_stage_groups_follow_the_variants_depth():
         assert stage(groups["last-stage"].select(nodes)) == [last]
         assert stage(groups["second-last-stage"].select(nodes)) == [last - 1]
         assert stage(groups["early-stages"].select(nodes)) == list(range(1, last - 1))
-        # OpenVINO's stage groups can revert every stage after stage 0, each once (its l2 fallback needed the
-        # early stages: session 4).
+        # OpenVINO's stage groups can revert every stage after stage 0, each once (its l2 fallback needs the
+        # early stages with synthetic weights).
         openvino_groups = {g.name: g for g in openvino_target.ENCODER_GROUPS}
         reverted = [s for name in ("last-stage", "second-last-stage", "early-stages")
                     for s in stage(openvino_groups[name].select(nodes))]

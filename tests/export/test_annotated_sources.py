@@ -152,6 +152,7 @@ def test_the_step_cache_key_follows_the_annotation_file_and_its_images(calibrati
     assert key() != edited
 
 
+@pytest.mark.full  # a validate run over an annotation suite
 def test_validate_gates_on_an_annotation_suite(copy_export, coco_set, tmp_path):
     """End to end: `validate --suite` with only [[suite.annotations]] scores every annotated image, the GT
     prompts included, and the report names the cases."""

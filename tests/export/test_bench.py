@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evsam_export.bench import run as bench_run
 from evsam_export.bench import tables as bench_tables
@@ -57,6 +58,7 @@ def test_peak_memory_is_the_probe_process_own(l0_export):
     assert decoder_mb != encoder_mb
 
 
+@pytest.mark.builds  # traces the plain upstream graphs it compares against
 def test_bench_command_times_artifacts_and_baselines(copy_export):
     folder = copy_export("bench")
     proc = subprocess.run(

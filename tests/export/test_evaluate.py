@@ -159,6 +159,7 @@ def upstream_protocol_ious(coco_json: Path, images_dir: Path) -> dict[str, np.nd
     return {kind: np.asarray(values) for kind, values in ious.items()}
 
 
+@pytest.mark.full  # a whole evaluate run over the COCO set, and upstream's predictor on it
 def test_protocol_agrees_with_upstream_predictor_and_pycocotools(whole_run, coco_set):
     independent_ious = upstream_protocol_ious(coco_set, coco_set.parent / "images")
     independent = {kind: float(values.mean()) for kind, values in independent_ious.items()}
@@ -176,6 +177,7 @@ def test_protocol_agrees_with_upstream_predictor_and_pycocotools(whole_run, coco
     assert 0 < independent["box"] < 1 and 0 < independent["point"] < 1
 
 
+@pytest.mark.full  # reads the whole evaluate run
 def test_reports_and_summary_line(whole_run):
     data = json.loads((whole_run / "eval.json").read_text())
     assert data["passed"] and data["images"] == 4 and data["timing"]["images_per_s"] > 0
@@ -189,6 +191,7 @@ def test_reports_and_summary_line(whole_run):
     assert any(line.startswith("OK ") and "4 images" in line and "images/s" in line for line in stderr.splitlines()), stderr
 
 
+@pytest.mark.full  # reads the whole evaluate run
 def test_worst_instances_are_drawn_and_shown_in_the_report(whole_run):
     from evsam_export.overlay import ARTIFACT, GROUND_TRUTH, REFERENCE
 
@@ -221,6 +224,7 @@ def test_weights_other_than_the_exported_ones_are_refused_like_validate(l0_expor
 # ------------------------------------------------------------------------------------------------ shards and gates
 
 
+@pytest.mark.full  # sharded evaluate runs against the whole one
 def test_shards_merge_to_the_numbers_of_one_run(l0_export, coco_set, whole_run, tmp_path):
     shard_dirs = []
     for k in (1, 2, 3):
@@ -250,6 +254,7 @@ def test_shards_merge_to_the_numbers_of_one_run(l0_export, coco_set, whole_run, 
     assert not (tmp_path / "partial").exists() and not (tmp_path / "twice").exists()
 
 
+@pytest.mark.full  # reads the whole evaluate run
 def test_max_drop_exits_10_when_an_artifact_falls_behind(whole_run, tmp_path):
     result, stderr = invoke("--merge", whole_run, "--output", tmp_path / "x")
     assert_one_line_error(result, stderr, 2, "holds a whole run, not a shard")

@@ -233,6 +233,7 @@ def test_l0_ort_passes_on_the_real_encoder(l0_export):
     assert "Tanh" not in ops(rewritten)
 
 
+@pytest.mark.builds  # an export of its own
 def test_export_without_graph_passes_keeps_the_resize(tmp_path):
     out = tmp_path / "plain"
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "export", "--output", str(out), "--no-graph-passes"],

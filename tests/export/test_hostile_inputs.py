@@ -1,6 +1,6 @@
 """Inputs a hostile or careless user gives: hand-edited manifests, artifact paths that leave the folder, odd
 image types and extreme aspect ratios, arbitrary prompt arrays. Each gets a result or one error line with its
-exit code, never a traceback (issue 21, item 6). The property-based tests use Hypothesis, derandomized so
+exit code, never a traceback. The property-based tests use Hypothesis, derandomized so
 every run tries the same examples."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The exported ONNX graphs, loaded from an upstream-format checkpoint, reproduce upstream PyTorch in
-ONNX Runtime for every variant: embeddings within 1e-3, identical masks at threshold 0, on points,
-points with negatives, a box, box + point, 16 boxes in one batch and a mask_input refinement pass.
+"""The exported ONNX graphs reproduce upstream PyTorch on the same weights in ONNX Runtime for every variant:
+embeddings within 1e-3, identical masks at threshold 0, on points, points with negatives, a box, box + point,
+16 boxes in one batch and a mask_input refinement pass. The variants other than l0 (tier full) are exported
+from an upstream-format checkpoint.
 Also: the decoder takes the exact feed dictionary of segment-anything's ONNX example."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 from upstream import build_upstream
 
-from evsam_export import api, contract
+from evsam_export import contract
 from evsam_export.model import processing
 from evsam_export.model.checkpoint import load_model
 from evsam_export.model.variants import VARIANT_NAMES, VARIANTS
@@ -35,21 +36,19 @@ def sam_image(seed: int, height: int, width: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module", params=[n if n == "l0" else pytest.param(n, marks=pytest.mark.full) for n in VARIANT_NAMES])
-def exported(request, tmp_path_factory):
+def exported(request):
+    """l0: the session's export (synthetic:0). Every other variant: conftest's variant_export, exported from
+    its weights saved in the upstream release layout, so the checkpoint path into the export is covered too."""
     name = request.param
-    ours, _ = load_model(VARIANTS[name], "synthetic:5")
-    state_dict = ours.state_dict()
+    seed = "synthetic:0" if name == "l0" else "synthetic:5"
+    ours, _ = load_model(VARIANTS[name], seed)
+    upstream = build_upstream(name, ours.state_dict())
     del ours
-    upstream = build_upstream(name, state_dict)
-    folder = tmp_path_factory.mktemp(f"onnx-{name}")
-    checkpoint = folder / f"efficientvit_sam_{name}.pt"
-    torch.save({"state_dict": state_dict}, checkpoint)  # the upstream release layout
-    api.export(name, folder / "out", checkpoint=str(checkpoint))
+    out = request.getfixturevalue("l0_export") if name == "l0" else request.getfixturevalue("variant_export")(name)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = {c: ort.InferenceSession(str(folder / "out" / f"{c}.fp32.onnx"), options) for c in ("encoder", "decoder")}
-    yield name, upstream, sessions
-    checkpoint.unlink()
+    sessions = {c: ort.InferenceSession(str(out / f"{c}.fp32.onnx"), options) for c in ("encoder", "decoder")}
+    return name, upstream, sessions
 
 
 def upstream_masks(upstream, embeddings, coords, labels, boxes, mask_input, geometry):

@@ -201,6 +201,7 @@ def test_validate_images_refuses_a_missing_or_empty_folder_before_any_work(copy_
     assert proc.returncode == 2 and "--images" in proc.stderr
 
 
+@pytest.mark.full  # a validate run over an image folder
 def test_validate_images_gates_on_the_folder_and_writes_a_readable_report(copy_export, tmp_path, quick_suite):
     folder = copy_export("own-images")
     images = tmp_path / "mine"

@@ -1,9 +1,9 @@
-"""Bounded memory per prompt batch (issue 21, item 2).
+"""Bounded memory per prompt batch.
 
 Prompt sets run in chunks sized to a memory budget and are post-processed per chunk, so the host's working
 memory does not grow with the number of prompt sets beyond the results themselves; chunking never changes a
 result. The decoder is asked only for the outputs the runtime reads. The CLI never makes whole-image float
-copies. Peak RSS measurements are in docs/benchmarks.md ("predict: peak memory per prompt batch")."""
+copies. Peak RSS measurements are in docs/benchmarks.md ("Memory")."""
 
 from __future__ import annotations
 

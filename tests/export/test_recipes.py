@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import UNVALIDATED_ORT_FP32
 
 from evsam_export.errors import RecipeError
 from evsam_export.pipeline.auto import is_auto_recipe
@@ -150,20 +151,17 @@ def test_shipped_recipes_and_suites_are_package_data_behind_the_top_level_folder
     assert validators_dir() == (root / "evsam_export" / "validators").resolve() == (root / "validators").resolve()
 
 
-# Without the split decoder: these tests are about the cache, and its halves through the ORT step are
-# tests/export/test_split_lowering.py's.
-UNVALIDATED_ORT_FP32 = 'extends = "cpu-ort-fp32"\n[recipe]\nname = "r"\n[export]\nsplit_decoder = false\n[validate]\nenabled = false\n'
-
-
-def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):
+@pytest.mark.full  # whole recipe runs on the seeded step cache
+def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path, seeded_step_cache):
     recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
-    cache = StepCache(tmp_path / "cache")
-    plan = run_recipe(recipe, "l0", tmp_path / "dry", dry_run=True, cache=cache)
+    empty = StepCache(tmp_path / "empty")
+    plan = run_recipe(recipe, "l0", tmp_path / "dry", dry_run=True, cache=empty)
     assert [s.status for s in plan.steps] == ["run", "run", "run"]
-    assert not (tmp_path / "dry").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "dry").exists() and not (tmp_path / "empty").exists()
 
-    first = run_recipe(recipe, "l0", tmp_path / "a", cache=cache)
+    first = seeded_step_cache.first  # the same recipe's run into an empty cache
     assert [s.status for s in first.steps] == ["built", "built", "built"]
+    cache = seeded_step_cache.copy(tmp_path / "cache")
     second = run_recipe(recipe, "l0", tmp_path / "b", cache=cache)
     assert [s.status for s in second.steps] == ["reused", "reused", "reused"]
     assert {a.sha256 for a in second.manifest.artifacts} == {a.sha256 for a in first.manifest.artifacts}
@@ -175,17 +173,17 @@ def test_second_run_reuses_every_step_and_dry_run_writes_nothing(tmp_path):
     assert [s.status for s in third.steps] == ["reused", "built", "built"]  # only what depends on the change
 
 
-def test_summary_line_warns_when_an_artifacts_build_gate_never_passed(tmp_path):
+@pytest.mark.full  # a whole recipe run on the seeded step cache
+def test_summary_line_warns_when_an_artifacts_build_gate_never_passed(tmp_path, seeded_step_cache):
     """The manifest's gate facts reach the summary line (here through a cached step whose artifact failed
     its build gate in every fallback round): status WARN and the reason, not OK."""
     import json
 
     from evsam_export.progress import Reporter
 
-    recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
-    cache = StepCache(tmp_path / "cache")
-    first = run_recipe(recipe, "l0", tmp_path / "a", cache=cache, reporter=Reporter(quiet=True))
-    step = next(s for s in first.steps if s.outputs == ["encoder.ort.fp32"])
+    recipe = load_recipe(seeded_step_cache.recipe_file)
+    cache = seeded_step_cache.copy(tmp_path / "cache")
+    step = next(s for s in seeded_step_cache.first.steps if s.outputs == ["encoder.ort.fp32"])
     entry_file = cache.root / step.key / "entry.json"
     entry = json.loads(entry_file.read_text())
     (artifact,) = entry["artifacts"]
@@ -209,9 +207,13 @@ def test_cache_stores_a_step_without_files(tmp_path):
     assert cache.lookup("k" * 64)["artifacts"] == []
 
 
-def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path):
-    """The issue's scenario: run into r1, truncate the largest file under the cache, run into r2. The step is
-    rebuilt (and says so), r2 matches its manifest, r1 is untouched, and the rebuilt entry replaced the bad one."""
+@pytest.mark.full  # whole recipe runs on the seeded step cache
+def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path, seeded_step_cache):
+    """Run into r1, truncate the largest file of a step's cache entry, run into r2. The step is rebuilt (and
+    says so), r2 matches its manifest, r1 is untouched, and the rebuilt entry replaced the bad one. r1 is
+    restored from the cache; the seeding run's folder stands for an output the cache was stored from. The
+    damaged step is the ORT encoder's: every entry is checked and replaced by the same code, and rebuilding
+    the export step would cost an export."""
     import io
 
     from evsam_export.files import sha256_file
@@ -224,12 +226,21 @@ def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path):
         return all(sha256_file(folder / a.path) == a.sha256 and (folder / a.path).stat().st_size == a.size_bytes
                    for a in manifest.artifacts)
 
-    recipe = load_recipe(write(tmp_path / "r.toml", UNVALIDATED_ORT_FP32))
-    cache = StepCache(tmp_path / "cache")
-    first = run_recipe(recipe, "l0", tmp_path / "r1", cache=cache, reporter=Reporter(quiet=True))
-    r1_bytes = {p: p.read_bytes() for p in (tmp_path / "r1").rglob("*") if p.is_file()}
-    assert all(os.stat(p).st_nlink == 1 for p in r1_bytes)
-    largest = max((p for p in cache.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    def independent_files(folder: Path) -> dict[Path, bytes]:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert files and all(not p.is_symlink() and os.stat(p).st_nlink == 1 for p in files)
+        return {p: p.read_bytes() for p in files}
+
+    first = seeded_step_cache.first
+    assert [s.status for s in first.steps] == ["built", "built", "built"]
+    independent_files(seeded_step_cache.output)  # built and stored: no file shared with the cache
+    recipe = load_recipe(seeded_step_cache.recipe_file)
+    cache = seeded_step_cache.copy(tmp_path / "cache")
+    restored = run_recipe(recipe, "l0", tmp_path / "r1", cache=cache, reporter=Reporter(quiet=True))
+    assert [s.status for s in restored.steps] == ["reused", "reused", "reused"]
+    r1_bytes = independent_files(tmp_path / "r1")
+    step = next(s for s in first.steps if s.outputs == ["encoder.ort.fp32"])
+    largest = max((p for p in (cache.root / step.key).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     os.truncate(largest, largest.stat().st_size // 2)
     damaged_key = largest.relative_to(cache.root).parts[0]
 
@@ -244,7 +255,6 @@ def test_a_truncated_cache_file_is_rebuilt_and_harms_no_output(tmp_path):
     assert files_match_their_manifest(tmp_path / "r2") and files_match_their_manifest(tmp_path / "r1")
     assert {p: p.read_bytes() for p in (tmp_path / "r1").rglob("*") if p.is_file()} == r1_bytes
     assert verify_entry(cache.root / damaged_key)[1] is None  # the rebuild replaced the bad entry
-    assert [s.status for s in first.steps] == ["built", "built", "built"]
 
 
 def test_the_validate_key_covers_the_bytes_of_the_files_it_checks(copy_export):

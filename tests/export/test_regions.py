@@ -9,18 +9,16 @@ import re
 
 import pytest
 
-from evsam_export import api
 from evsam_export.errors import ExportError, RecipeError
 from evsam_export.export import regions
 from evsam_export.model.variants import VARIANT_NAMES
 from evsam_export.precision import fp16, nncf_int8, ort_int8
-from evsam_export.progress import Reporter
 from evsam_export.steps.fallback import FallbackGroup, graph_nodes
 
 _ATTENTION = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)"
 
-# The regex lists and fallback groups the precision steps used before the region table, verbatim except the
-# attention products (MatMul..MatMul_3 since the token layout, issue 22): the regions must select the same
+# The regions spelled a second way, as hand-written regex lists and fallback groups over the scoped node names
+# (the attention products are MatMul..MatMul_3 in the token layout): the regions must select the same
 # nodes. Groups: (patterns, stages), in fallback order.
 LEGACY_FP16_PATTERNS = (
     r"context_module/main/[^/]+$",
@@ -137,9 +135,8 @@ def test_every_region_of_the_nncf_scope_matches_the_l0_openvino_models(openvino_
 
 @pytest.mark.full
 @pytest.mark.parametrize("variant", [v for v in VARIANT_NAMES if v != "l0"])
-def test_every_region_matches_every_variants_graphs(variant, tmp_path):
-    folder = tmp_path / variant
-    api.export(variant, folder, reporter=Reporter(quiet=True))
+def test_every_region_matches_every_variants_graphs(variant, variant_export):
+    folder = variant_export(variant)  # shared with the variants' upstream checks
     assert_every_region_matches({c: graph_nodes(folder / f"{c}.fp32.onnx") for c in regions.COMPONENTS})
 
 

@@ -1,4 +1,4 @@
-"""The split decoder (issue 18): decoder_image (what depends on the image and the mask prompt only) chained into
+"""The split decoder: decoder_image (what depends on the image and the mask prompt only) chained into
 decoder_prompt gives the single graph's outputs; the export records and checks the pair; the Predictor runs it
 by default, with the image half once per image, and returns the single graph's masks, mask prompts included."""
 

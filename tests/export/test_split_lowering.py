@@ -1,4 +1,4 @@
-"""The split decoder through a recipe's decoder steps (issue 18, pipeline/split_lowering.py): a step that
+"""The split decoder through a recipe's decoder steps (pipeline/split_lowering.py): a step that
 lowers or converts the decoder builds the halves too, parented to the lowered decoder and checked against it;
 a step that cannot says so in the lowered decoder's facts; the Predictor runs a recipe-built pair only once
 the folder's parity.json says it passed its decoder stage, and never pairs a lowered decoder with fp32 halves."""

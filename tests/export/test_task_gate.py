@@ -1,4 +1,4 @@
-"""Task-level gating with ground truth (issue 22, evsam_export.parity.task): a lower-precision artifact that
+"""Task-level gating with ground truth (evsam_export.parity.task): a lower-precision artifact that
 misses the agreement-with-fp32 tolerances passes when its mIoU drop against PyTorch is within max_drop (the
 floors and NaN/Inf still decide), one whose drop is larger fails on it, and the fallback rounds use the same
 criterion. The artifacts are the l0 fp32 encoder with seeded weight noise, labelled as a lower precision;
@@ -86,6 +86,7 @@ def task_suite(folder: Path, annotations: Path, task: str = f"max_drop = {MAX_DR
 # ------------------------------------------------------------------------------------------------ validate
 
 
+@pytest.mark.full  # a validate run with task gating on ground truth
 def test_validate_with_annotations_gates_lower_precisions_on_the_miou_drop(noisy_export, ground_truth, gate_suite):
     env = {**os.environ, "CI": "1"}
     proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "validate", str(noisy_export), "--suite", str(gate_suite),
@@ -125,6 +126,7 @@ def test_validate_with_annotations_gates_lower_precisions_on_the_miou_drop(noisy
     assert history["task_drop_points"]["encoder.onnx.int8 -> decoder.onnx.fp32 [box]"] > MAX_DROP and history["advisory_misses"] > 0
 
 
+@pytest.mark.full  # a gate run with task gating on ground truth
 def test_the_fallback_gate_uses_the_drop_when_its_suite_has_ground_truth(noisy_export, ground_truth, tmp_path):
     """The fp16-labelled candidate misses the agreement gates (the CLI test shows the int8 one failing on the
     drop, through the same gates): a fallback round accepts it on its drop and records both."""

@@ -1,5 +1,5 @@
 """The app encoder profile at 1024 (xl0): raw uint8 images of several shapes in ONNX Runtime against the host
-pipeline (preprocess_image + the PyTorch encoder), within the app-fp32 gate (issue 17). Slow: the xl0
+pipeline (preprocess_image + the PyTorch encoder), within the app-fp32 gate. Slow: the xl0
 export takes minutes on 2 cores."""
 
 from __future__ import annotations

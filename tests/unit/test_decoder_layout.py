@@ -64,6 +64,7 @@ def test_token_layout_graph_with_mask_input_matches_upstream(pair, mask_batch):
     assert max_diff(masks[0], masks[1]) > 100 * MASK_ATOL
 
 
+@pytest.mark.export  # reads the session's l0 export
 def test_exported_decoder_has_no_convtranspose_or_layernorm2d_reductions(l0_export):
     ops = read_manifest(l0_export).artifact("decoder.onnx.fp32").facts["op_types"]
     assert "ConvTranspose" not in ops

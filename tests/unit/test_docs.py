@@ -132,7 +132,8 @@ def _headings(path: Path) -> list[str]:
 
 
 def _reference_sources() -> list[Path]:
-    return [*ALL_DOCS]
+    code = [p for p in (ROOT / "evsam_export").rglob("*") if p.suffix in (".py", ".toml")]
+    return [*ALL_DOCS, *code, *(ROOT / "tests").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
 
 
 def test_every_section_reference_resolves_to_a_heading():
@@ -197,7 +198,9 @@ HISTORY = re.compile(
 
 
 def _history_sources() -> list[Path]:
-    sources = [README, *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json")]
+    sources = [README, ROOT / "pyproject.toml", ROOT / ".ci" / "run", *(ROOT / "docs").rglob("*.md"),
+               *(ROOT / "docs").rglob("*.json"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").rglob("*.py")]
+    sources += [p for p in (ROOT / "evsam_export").rglob("*") if p.suffix in (".py", ".toml", ".md", ".js", ".html")]
     return [p for p in sources if p.is_file() and p.resolve() != Path(__file__).resolve()]
 
 

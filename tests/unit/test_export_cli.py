@@ -205,6 +205,7 @@ def test_disk_full_during_an_export_is_exit_4_with_the_path(tmp_path, monkeypatc
     assert leftovers(tmp_path) == ["out"]
 
 
+@pytest.mark.builds  # an export of its own
 def test_static_prompts_export_is_traced_at_its_declared_shape_and_predicts(tmp_path):
     """--static-prompts fixes one prompt set of two points (the contract); tracing used to feed 2 sets of 3
     points, so the simplifier's equivalence check refused the graph it had just written."""

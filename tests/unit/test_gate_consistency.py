@@ -1,4 +1,4 @@
-"""One consistent gate (issue 22): the build-time gate a precision step runs on every candidate checks every
+"""One consistent gate: the build-time gate a precision step runs on every candidate checks every
 prompt kind, stage and gate that the release suite checks, with fewer images. Structural: a build suite
 `extends` its release suite and cannot override kinds or tolerances, and a recipe whose gate_suite checks
 less than its [validate] suite is refused when it loads."""

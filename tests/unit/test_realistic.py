@@ -15,6 +15,7 @@ from evsam_export.model.variants import get_variant
 TINY = realistic.TrainSettings(train_scenes=2, held_out_scenes=1, steps=3, objects_per_step=1)
 
 
+@pytest.mark.builds  # trains a tiny checkpoint twice
 def test_tiny_training_is_deterministic_cached_and_loads_as_a_checkpoint(tmp_path, monkeypatch):
     path = realistic.ensure_checkpoint(TINY, root=tmp_path)
     assert path.parent.name == realistic.checkpoint_key(TINY) and path.name == "efficientvit_sam_l0_realistic.pt"
@@ -96,14 +97,14 @@ def test_realistic_spec_parses():
 def test_realistic_checkpoint_follows_the_prompt_with_large_logits(variant):
     checkpoint = realistic.ensure_checkpoint(realistic.TrainSettings(variant=variant))
     held_out = realistic.read_stats(checkpoint)["held_out"]
-    # Synthetic weights: median |logit| 0.04-0.28. Trained: several units (issue 22 saw ~9; 7.1-7.5 here).
+    # Synthetic weights: median |logit| 0.04-0.28. Trained: several units (7.1-7.5 measured).
     assert held_out["abs_logit"]["median"] >= 3.0
     # The masks follow the prompt: two objects of one held-out scene get different masks (IoU between them
-    # 0.03-0.23 with the session-10 defaults; 0.63-0.88 when the decoder answered every prompt with one blob).
+    # 0.03-0.23 with the default settings; 0.63-0.88 when a decoder answers every prompt with one blob).
     for kind in realistic.TRAIN_KINDS:
         assert held_out["same_mask_iou"][kind] <= 0.5, (kind, held_out["same_mask_iou"])
-    # Better than the untrained (synthetic) decoder on unseen scenes (mIoU 0.04-0.09 there); 0.30-0.50 measured,
-    # 0.24-0.34 with session 9's 300 steps.
+    # Better than the untrained (synthetic) decoder on unseen scenes (mIoU 0.04-0.09 there); 0.30-0.50 measured
+    # with the default 1200 steps, 0.24-0.34 with 300.
     assert min(held_out["miou"].values()) >= 0.25, held_out["miou"]
     assert len(held_out["miou_per_token"]["box"]) == 4 and held_out["miou_best_token"]["box"] >= held_out["miou"]["box"]
     # `--checkpoint realistic` resolves to the same cached file.

@@ -1,5 +1,5 @@
 """--single-mask-rule sam-onnx: SAM's ONNX wrapper's token choice, checked against a reference written here
-from the rule's description (issue 17), on the exported graph and in the parity gate."""
+from the rule's description, on the exported graph and in the parity gate."""
 
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ def test_exported_decoder_follows_the_reference(decoders, labels):
     np.testing.assert_allclose(got_masks[:, 0], masks[rows, chosen], atol=1e-5)
 
 
+@pytest.mark.builds  # an export of its own
 def test_sam_onnx_folder_passes_the_parity_gate(tmp_path, gate_suite):
     options = api.ExportOptions(single_mask=True, single_mask_rule="sam-onnx", simplify="none")
     result = api.export("l0", tmp_path / "l0", options=options, reporter=Reporter(quiet=True))

@@ -1,7 +1,7 @@
 // The IO contract's pre-processing, prompt tokens and mask choice in JavaScript, written once for the demo
 // app's worker (the mask's upscale is the app's mask graph, targets.web.mask_graph). Each function names the
 // Python function of evsam_export/model/processing.py (or contract.py) it mirrors; the app test
-// (tests/test_web_app.py) checks the resize byte for byte and the mask against the Predictor.
+// (tests/builds/test_web_app.py) checks the resize byte for byte and the mask against the Predictor.
 
 export const PROMPT_FRAME = 1024;
 export const LOW_RES = 256;

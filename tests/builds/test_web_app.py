@@ -1,7 +1,7 @@
 """The demo app a web folder carries (index.html + app/), served by the real `evsam-export serve`, driven in
 headless Chromium: a real mouse click, a shift-click and a dragged box give the masks our Predictor gives on
 the same folder, image and prompts; the resize is Pillow's byte for byte; an image the browser cannot decode
-is an error in the page. Skips like tests/export/test_web.py when Chromium, Playwright or onnxruntime-web is missing."""
+is an error in the page. Skips like tests/builds/test_web.py when Chromium, Playwright or onnxruntime-web is missing."""
 
 from __future__ import annotations
 
@@ -189,7 +189,6 @@ def test_the_app_times_real_clicks_with_the_threads_asked(app_folder):
     assert native_decoder_ms(app_folder, 1, 2) > 0
 
 
-@pytest.mark.builds
 @needs_browser
 def test_the_app_runs_the_single_decoder_graph_when_the_folder_has_no_halves(copy_export):
     from PIL import Image
