@@ -5,13 +5,12 @@ parity gate's and the fp16 smoke check's feeds are what the contract builds."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from folders import linked_copy
 
 from evsam_export import contract
 from evsam_export.errors import ArtifactError, UsageError
@@ -180,11 +179,7 @@ def test_contract_imports_neither_torch_nor_onnx():
     ("decoder", "has_mask_input", "not an evsam-export decoder"),
 ])
 def test_predictor_refuses_a_manifest_that_breaks_the_contract(l0_export, tmp_path, component, tensor, needle):
-    for path in l0_export.glob("*.onnx"):
-        try:
-            os.link(path, tmp_path / path.name)
-        except OSError:
-            shutil.copy(path, tmp_path / path.name)
+    linked_copy(l0_export, tmp_path)
     manifest = json.loads((l0_export / "manifest.json").read_text())
     artifact = next(a for a in manifest["artifacts"] if a["component"] == component)
     next(t for t in artifact["inputs"] if t["name"] == tensor)["name"] = "renamed"

@@ -9,7 +9,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folders import linked_copy
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -46,17 +46,6 @@ def predictor(l0_export) -> Predictor:
 def write_manifest(folder: Path, data, raw: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST_NAME).write_text(raw if raw is not None else json.dumps(data))
-    return folder
-
-
-def linked_copy(source: Path, folder: Path) -> Path:
-    """The export's model files in `folder` (hard links where possible: these tests never write them)."""
-    folder.mkdir(parents=True)
-    for path in source.glob("*.onnx"):
-        try:
-            os.link(path, folder / path.name)
-        except OSError:
-            shutil.copy(path, folder / path.name)
     return folder
 
 

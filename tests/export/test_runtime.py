@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folders import linked_copy
 from PIL import Image
 
 from evsam_export.errors import ArtifactError, UsageError
@@ -292,13 +292,7 @@ def test_artifact_choice_and_integrity(l0_folder, tmp_path):
 
     # A copy whose manifest says the decoder returns token 0 only (--single-mask), and one with a bad hash.
     def copy_with(edit) -> Path:
-        folder = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
-        folder.mkdir()
-        for path in l0_folder.glob("*.onnx"):
-            try:
-                os.link(path, folder / path.name)
-            except OSError:
-                shutil.copy(path, folder / path.name)
+        folder = linked_copy(l0_folder, tmp_path / f"copy{len(list(tmp_path.iterdir()))}")
         manifest = json.loads((l0_folder / "manifest.json").read_text())
         edit(manifest)
         (folder / "manifest.json").write_text(json.dumps(manifest))
