@@ -103,9 +103,11 @@ def _record_build(record: Path | None, recipe: str, variant: str, checkpoint: st
                                                     else a.id for a in lowered),
               "speedup_over_fp32_parent": "; ".join(f"{a.facts['speedup_over_parent']['speedup']:.2f}x" for a in lowered
                                                     if isinstance(a.facts.get("speedup_over_parent"), dict)),
-              "build_gate": "; ".join(summary_outcome(a.facts)[1] for a in lowered),
+              "build_gate": "; ".join(outcome for a in lowered if (outcome := summary_outcome(a.facts)[1])),
               "steps": f"{sum(1 for s in steps if s.get('status') == 'built')} built, "
                        f"{sum(1 for s in steps if s.get('status') == 'reused')} reused"}
+    if "candidates" in history:  # an auto recipe: each candidate's outcome and build time instead of steps
+        values["steps"] = ", ".join(f"{c['recipe']} {c['status']} ({c['seconds']:.0f} s)" for c in history["candidates"])
     path = record_measurement(directory, "recipes", f"{variant}-{recipe}" + (f"-{Path(checkpoint).stem}" if checkpoint else ""), values)
     typer.echo(f"recorded the build under {path}")
 

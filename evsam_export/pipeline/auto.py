@@ -155,6 +155,12 @@ def support_of(recipe) -> str:
     return ""
 
 
+def deployable_artifacts(artifacts, target: str) -> list[str]:
+    """Ids of a built recipe's artifacts for its target, in manifest order: what the target step wrote, and what
+    a precision step already wrote for that runtime (ORT's QDQ INT8 encoder, which the ort step keeps as is)."""
+    return [artifact.id for artifact in artifacts if artifact.target == target]
+
+
 def _merge_candidate(staging: Path, manifest, built: Path, built_manifest, name: str) -> None:
     """Copy a candidate folder's artifacts (and its parity reports) into the auto folder; an artifact two
     candidates share must be the same bytes, since both were gated as that file."""
@@ -259,7 +265,7 @@ def run_auto(auto: AutoRecipe, variant_name: str, output: Path, checkpoint: str 
             finally:
                 candidate.seconds = time.perf_counter() - started
             target = recipes[candidate.recipe].target
-            candidate.artifacts = [i for s in result.steps if s.name.startswith(f"{target}:") for i in s.outputs]
+            candidate.artifacts = deployable_artifacts(result.manifest.artifacts, target)
             candidate.status = "passed" if result.passed else "failed"
             if not result.passed:
                 failed = getattr(result.report, "failed_gates", [])

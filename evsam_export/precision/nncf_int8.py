@@ -393,9 +393,11 @@ def ranked(ctx: StepContext, parent: Artifact, model, settings: Settings, quanti
         return run(candidate)
 
     target = ctx.load_suite(settings.gate_suite).tolerance("int8").embedding_snr_db_min + SNR_MARGIN_DB
-    return build_with_ranking(ctx, parent, lambda kept: build_round(set(kept)),
-                              lambda: rank_units(ctx, f"{parent.component} INT8", ops, only, run(model)), settings.max_rounds,
-                              target, suite=settings.gate_suite)
+    def ranking():
+        return rank_units(ctx, f"{parent.component} INT8", ops, only, run(model))
+
+    return build_with_ranking(ctx, parent, lambda kept: build_round(set(kept)), ranking, settings.max_rounds,
+                              target, suite=settings.gate_suite, release_suite=ctx.suite if ctx.suite != settings.gate_suite else None)
 
 
 # The ranking's additive noise model is an estimate: the first probe aims this far above the gate's SNR floor.

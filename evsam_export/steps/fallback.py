@@ -399,15 +399,25 @@ def build_with_ranking(
     target_snr_db: float,
     suite: str = GATE_SUITE,
     gate: Callable[[StepContext, Artifact], Verdict] | None = None,
+    release_suite: str | None = None,
+    release_gate: Callable[[StepContext, Artifact], Verdict] | None = None,
 ) -> Artifact:
     """Gate the candidate with every region quantized; while it fails, search how many of the most harmful
-    regions (`ranking()`, measured only once round 0 failed) to keep in fp32: the first probe is the fewest whose predicted SNR reaches
-    `target_snr_db`, then bisection between the largest count that failed and the smallest that passed (all
-    regions fp32 counts as passing and is never built: that is the fp32 parent). `candidates_fn(kept_ops)`
-    writes the artifact with those ops in fp32. Returns the passing candidate with the fewest regions kept
-    (rebuilt when a later round overwrote it), or the last one with facts["gate_passed"] = False and
-    facts["error_carriers"]: the regions that carry the error and their measured effect."""
+    regions (`ranking()`, measured only once round 0 failed) to keep in fp32: the first probe is the fewest whose
+    predicted SNR reaches `target_snr_db`, then bisection between the largest count that failed and the smallest
+    that passed (all regions fp32 counts as passing and is never built: that is the fp32 parent).
+    `candidates_fn(kept_ops)` writes the artifact with those ops in fp32.
+
+    The smallest count the build suite passes sits on that suite's edge, so with a `release_suite` (the recipe's
+    own, larger suite) that candidate is gated on it once more; if it fails there, the search goes on above it
+    with the release suite as the gate. Returns the passing candidate with the fewest regions kept (rebuilt when
+    a later round overwrote it), or the last one with facts["gate_passed"] = False and facts["error_carriers"]:
+    the regions that carry the error and their measured effect."""
     gate = gate or (lambda c, a: gate_candidate(c, a, suite))
+    if release_suite is not None and release_gate is None:
+        release_gate = lambda c, a: gate_candidate(c, a, release_suite)  # noqa: E731
+    confirmed = release_gate is None
+    gated_on = suite
     history: list[dict] = []
     began = time.perf_counter()
     ranked: Sequence[RankedUnit] = []
@@ -415,14 +425,17 @@ def build_with_ranking(
     lo, hi, best = -1, None, None  # lo: most regions kept that failed; hi: fewest that passed
     probe = 0
     artifact = verdict = None
-    while len(history) < max_rounds and probe is not None:
+    # Release-suite rounds come on top of max_rounds: at most one confirmation and a bisection above it.
+    extra_rounds = 0 if confirmed else 6
+    while len(history) < max_rounds + extra_rounds and probe is not None:
         kept = frozenset(op for unit in ranked[:probe] for op in unit.ops)
         started = time.perf_counter()
-        artifact = candidates_fn(kept)
+        if artifact is None or history[-1]["kept_fp32_regions"] != probe:  # a confirmation gates the last candidate again
+            artifact = candidates_fn(kept)
         built_s = time.perf_counter() - started
         verdict = gate(ctx, artifact)
         history.append({
-            "round": len(history), "kept_fp32_regions": probe, "of_regions": total,
+            "round": len(history), "suite": gated_on, "kept_fp32_regions": probe, "of_regions": total,
             "kept_fp32_groups": [unit.name for unit in ranked[:probe]], "kept_fp32_nodes": len(kept),
             "predicted_snr_db": round(predicted_snr_db(ranked, probe), 2) if ranked else None,
             "passed": verdict.passed, "failed_gates": verdict.failed,
@@ -434,29 +447,40 @@ def build_with_ranking(
             hi, best = probe, dict(history[-1])
         else:
             lo = probe
-        if total is None and not verdict.passed and len(history) < max_rounds:  # rank only when round 0 failed
+        if total is None and not verdict.passed and len(history) < max_rounds + extra_rounds:  # rank only when a round failed
             ranked = list(ranking())
             total = hi = len(ranked)
             history[-1]["of_regions"] = total
+        if gated_on != suite and not confirmed:  # this round gated the build suite's answer on the release suite
+            confirmed = True
+            if not verdict.passed:  # search on above it, judged by the release suite from now on
+                lo, hi, best = probe, total, None
         following = None
-        if total is not None and hi - lo > 1:
+        if total is not None and hi - lo > 1 and (gated_on != suite or len(history) < max_rounds):
             following = first_probe(ranked, target_snr_db) if lo == 0 and hi == total else (lo + hi) // 2
             following = min(max(following, lo + 1), hi - 1)
-        left = 0 if following is None else max(1, (hi - lo - 1).bit_length())
+        if following is None and best is not None and not confirmed:
+            following = best["kept_fp32_regions"]  # the same candidate, on the release suite
+        left = 0 if following is None else 1 if total is None else max(1, (hi - lo - 1).bit_length())
         ctx.reporter.line(
             f"  {artifact.id} round {len(history) - 1}: "
             + (f"{probe} of {total} regions fp32 -> " if probe else "every region INT8 -> ")
+            + (f"{gated_on} " if gated_on != suite else "")
             + ("gate passed" if verdict.passed else f"gate failed ({gate_line(verdict.worst) if verdict.worst else verdict.note})")
-            + progress_note(time.perf_counter() - began, len(history), min(left, max_rounds - len(history)))
+            + progress_note(time.perf_counter() - began, len(history), min(left, max_rounds + extra_rounds - len(history)))
         )
+        if following is not None and not confirmed and following == (best or {}).get("kept_fp32_regions"):
+            gate, gated_on = release_gate, release_suite or "release"
         probe = following
     assert artifact is not None and verdict is not None
     if best is not None and best["kept_fp32_regions"] != history[-1]["kept_fp32_regions"]:
         with ctx.reporter.step(f"{artifact.component}: the passing candidate of round {best['round']} again"):
             artifact = candidates_fn(frozenset(op for unit in ranked[:best["kept_fp32_regions"]] for op in unit.ops))
     facts = dict(artifact.facts)
-    facts.update(gate_suite=suite, gate_passed=best is not None, fallback=history, fallback_method="rank",
-                 ranking=[unit.to_json() for unit in ranked])
+    facts.update(gate_suite=best["suite"] if best is not None else gated_on, gate_passed=best is not None, fallback=history,
+                 fallback_method="rank", ranking=[unit.to_json() for unit in ranked])
+    if release_gate is not None:  # the suite the search started on; gate_suite is the one the shipped candidate passed last
+        facts["build_suite"] = suite
     if best is not None:
         facts["kept_fp32_regions"] = best["kept_fp32_groups"]
     else:

@@ -11,7 +11,7 @@ import pytest
 
 from evsam_export import errors
 from evsam_export.environment import HIDE_CPU_FLAGS_ENV, cpu_flags
-from evsam_export.pipeline.auto import decision_markdown
+from evsam_export.pipeline.auto import decision_markdown, deployable_artifacts
 from evsam_export.precision import lowered, ort_int8
 from evsam_export.progress import Reporter
 from evsam_export.steps import fallback
@@ -74,6 +74,17 @@ def test_auto_table_shows_what_each_artifact_holds():
     table = decision_markdown(decision)
     assert "| encoder.ort.int8 (56 of 69 Conv INT8) |" in table
     assert "| cpu-openvino-int8 | no gain: openvino:encoder: no INT8 layer passed the gate" in table
+
+
+def test_auto_compares_the_int8_encoder_a_precision_step_wrote_for_the_runtime():
+    """cpu-ort-int8's ort step keeps the QDQ INT8 encoder as is and writes no encoder of its own: the encoder
+    cpu-auto times and may recommend is the int8 step's artifact."""
+    from types import SimpleNamespace
+
+    built = [SimpleNamespace(id=i, target=i.split(".")[1]) for i in (
+        "encoder.onnx.fp32", "decoder.onnx.fp32", "encoder.ort.int8", "decoder.ort.fp32", "decoder_prompt.ort.fp32")]
+    assert deployable_artifacts(built, "ort") == ["encoder.ort.int8", "decoder.ort.fp32", "decoder_prompt.ort.fp32"]
+    assert deployable_artifacts(built, "openvino") == []
 
 
 @pytest.mark.parametrize("hidden, expected", [("", None), (",".join(VNNI), True)])
@@ -143,3 +154,29 @@ def test_ranking_orders_regions_by_their_measured_noise():
     assert [u.name for u in ranked][0] == "b/op_list.1" and {u.name for u in ranked} == {"/a/op_list.0", "b/op_list.1", "lonely"}
     assert ranked[0].snr_db == pytest.approx(3.01, abs=0.01)
     assert fallback.predicted_snr_db(ranked, 1) == pytest.approx(-10 * np.log10(0.02), abs=0.01)
+
+
+@pytest.mark.parametrize("build_needs, release_needs", [(2, 2), (2, 5), (0, 3), (3, 10)])
+def test_the_build_suites_answer_is_gated_on_the_release_suite_and_the_search_goes_on_above_it(build_needs, release_needs):
+    """The smallest count the build suite passes is gated on the release suite; a miss there moves the search
+    above it with the release suite as the gate, so the shipped candidate passed the suite `run` releases on."""
+    from evsam_export.steps.step import StepContext
+
+    ranked = [fallback.RankedUnit(f"block{i}", (f"op{i}",), 0.1 / (i + 1)) for i in range(10)]
+
+    def kept(artifact):
+        return len(artifact.facts["kept"])
+
+    ctx = StepContext(folder=Path("."), manifest=None, variant=None, reporter=Reporter(quiet=True))
+    artifact = fallback.build_with_ranking(
+        ctx, None, _fake_artifact, lambda: ranked, max_rounds=8, target_snr_db=10.0,
+        gate=lambda c, a: fallback.Verdict(passed=kept(a) >= build_needs),
+        release_suite="default", release_gate=lambda c, a: fallback.Verdict(passed=kept(a) >= release_needs))
+    rounds = artifact.facts["fallback"]
+    if release_needs < 10:
+        assert artifact.facts["gate_passed"] and kept(artifact) == release_needs
+        assert artifact.facts["gate_suite"] == "default" and artifact.facts["build_suite"] == "calibration-gate"
+        confirmation = next(r for r in rounds if r["suite"] == "default")
+        assert confirmation["kept_fp32_regions"] == build_needs and confirmation["passed"] == (build_needs >= release_needs)
+    else:  # no count below all-fp32 passes the release suite: the parent is never built
+        assert not artifact.facts["gate_passed"] and all(r["kept_fp32_regions"] < 10 for r in rounds)
