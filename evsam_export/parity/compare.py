@@ -12,7 +12,11 @@ Plus a NaN/Inf gate on every output. `open_runners` makes and loads the runners 
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,10 +26,11 @@ import numpy as np
 
 from evsam_export import contract, metrics
 from evsam_export.errors import RuntimeUnavailable
+from evsam_export.files import sha256_file
 from evsam_export.manifest import Artifact
 from evsam_export.model import processing
 from evsam_export.model.variants import NUM_MASK_TOKENS
-from evsam_export.parity.reference import Case, CaseSet, Reference, decoder_feeds
+from evsam_export.parity.reference import Case, CaseSet, Reference, cases_key, decoder_feeds
 from evsam_export.parity.suites import Suite, Tolerance
 from evsam_export.progress import Reporter
 from evsam_export.runners import runner_for_artifact
@@ -235,6 +240,55 @@ def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_
     stage.worst = sorted(worst, key=lambda w: w["iou"])[:2]
 
 
+# ------------------------------------------------------------------------------------------ measured stages
+
+# Stages this process has measured, by what decides their result: the runtime files' bytes, the runner's
+# threads, the cases and PyTorch reference, and the tolerances. cpu-auto's candidates share the fp32 export,
+# and the gate of the pair it recommends repeats their stages: each is measured once. An entry holds its two
+# worst cases' logits (report overlays, up to 2 x 16 MB for 16 boxes), so only the most recently used are kept.
+_MEASURED: OrderedDict[str, StageReport] = OrderedDict()
+MEASURED_STAGES_KEPT = 16
+
+
+def artifact_content_key(folder: Path, artifacts: Sequence[Artifact], threads: int | None) -> str:
+    """What a runner made from `artifacts` (one, or a split decoder's two halves) computes from: every file's
+    sha256 (the manifest's for the main file, which callers verify; extra files such as OpenVINO's .bin
+    hashed here), the targets and the thread count."""
+    parts = [threads]
+    for artifact in artifacts:
+        extras = [sha256_file(Path(folder) / name) for name in artifact.extra_files if (Path(folder) / name).is_file()]
+        parts.append([artifact.target, artifact.precision, artifact.sha256, extras])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def comparison_key(cases: CaseSet, reference: Reference, suite: Suite, variant: str) -> str:
+    """The cases (encoder inputs, prompts, fed-back masks) and the reference they are judged against."""
+    parts = [variant, suite.name, reference.weights_sha256, reference.source, cases_key(cases)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _stage_key(context: str, stage: str, subjects: list[tuple[str, str]], tol: Tolerance) -> str | None:
+    """`subjects`: (artifact id, content key) of the stage's runners; None (not kept) when one has no content key."""
+    if not all(content for _, content in subjects):
+        return None
+    return hashlib.sha256(json.dumps([context, stage, subjects, repr(tol)]).encode()).hexdigest()
+
+
+def _measured(key: str | None) -> StageReport | None:
+    if key is None or key not in _MEASURED:
+        return None
+    _MEASURED.move_to_end(key)
+    return copy.deepcopy(_MEASURED[key])
+
+
+def _remember(key: str | None, stage: StageReport) -> None:
+    if key is None:
+        return
+    _MEASURED[key] = copy.deepcopy(stage)
+    while len(_MEASURED) > MEASURED_STAGES_KEPT:
+        _MEASURED.popitem(last=False)
+
+
 # ------------------------------------------------------------------------------------------ runners
 
 
@@ -247,6 +301,7 @@ def open_runners(folder: Path, artifacts: Sequence[Artifact], threads: int | Non
     try:
         for artifact in artifacts:
             entry, make = artifact, lambda artifact=artifact: runner_for_artifact(folder, artifact, threads=threads)  # noqa: E731
+            image = None
             if artifact.component == contract.DECODER_PROMPT:
                 # The split decoder is gated as one decoder: its halves chained behind the single graph's contract.
                 image = next((a for a in artifacts if a.component == contract.DECODER_IMAGE and a.parent == artifact.parent), None)
@@ -258,7 +313,10 @@ def open_runners(folder: Path, artifacts: Sequence[Artifact], threads: int | Non
             elif artifact.component not in ("encoder", "decoder") or artifact.facts.get("kit_only"):
                 continue
             try:
-                runners.append((entry, make().load()))
+                runner = make().load()
+                halves = [image, artifact] if entry is not artifact else [artifact]
+                runner.content_key = artifact_content_key(folder, halves, threads)
+                runners.append((entry, runner))
             except RuntimeUnavailable as exc:
                 unavailable[entry.id] = exc.message
         yield runners, unavailable
@@ -304,39 +362,57 @@ def compare(
     stop_early = subjects is not None and suite.task is None
     failed: set[str] = set()
 
+    # Stages measured before in this process on the same bytes, cases and tolerances are taken as they were.
+    context = comparison_key(cases, reference, suite, variant)
+    content_of = {artifact.id: getattr(runner, "content_key", "") for artifact, runner in runners}
     embeddings_of: dict[str, dict[str, np.ndarray]] = {}
+
+    def embeddings(artifact: Artifact) -> dict[str, np.ndarray]:
+        # An app-profile encoder gets the raw image, so its stage also measures its in-graph preprocessing.
+        if artifact.id not in embeddings_of:
+            raw_pixels = contract.artifact_spec(artifact).profile == "app"
+            feeds = {image.name: contract.encoder_feeds(artifact, image.rgb if raw_pixels else cases.inputs[image.name])
+                     for image in cases.images}
+            embeddings_of[artifact.id] = {name: runner_of[artifact.id].infer(feed)[contract.IMAGE_EMBEDDINGS]
+                                          for name, feed in reporter.track(list(feeds.items()), f"{artifact.id}: encoder stage")}
+        return embeddings_of[artifact.id]
+
     for artifact in encoders:
-        # An app-profile encoder gets the raw image, so this stage also measures its in-graph preprocessing.
-        encoder_profile = contract.artifact_spec(artifact).profile
-        raw_pixels = encoder_profile == "app"
-        tol = suite.tolerance(artifact.precision, encoder_profile)
-        stage = StageReport(artifact.id, "encoder", artifact.precision)
-        embeddings_of[artifact.id] = {}
-        comparisons = []
-        for image in reporter.track(cases.images, f"{artifact.id}: encoder stage"):
-            feed = image.rgb if raw_pixels else cases.inputs[image.name]
-            out = runner_of[artifact.id].infer(contract.encoder_feeds(artifact, feed))[contract.IMAGE_EMBEDDINGS]
-            embeddings_of[artifact.id][image.name] = out
-            comparisons.append(metrics.compare_tensors(reference.embeddings[image.name], out))
-        snr = min(c.snr_db for c in comparisons)
-        cos = min(c.cosine for c in comparisons)
-        nonfinite = sum(c.nonfinite for c in comparisons)
-        stage.per_kind["all"] = {"snr_db_min": snr, "cosine_min": cos, "max_abs": max(c.max_abs for c in comparisons),
-                                 "per_image": {img.name: c.as_dict() for img, c in zip(cases.images, comparisons)}, "nonfinite": nonfinite}
-        _gate_min(stage, "all", "embedding_snr_db.min", snr, tol.embedding_snr_db_min)
-        _gate_min(stage, "all", "embedding_cosine.min", cos, tol.embedding_cosine_min)
-        if not tol.allow_nonfinite:
-            stage.gates.append(Gate(artifact.id, "encoder", "all", "nonfinite", float(nonfinite), 0.0, "=="))
-        if subjects is None or artifact.id in subjects:
-            report.stages.append(stage)
-            failed |= set() if stage.passed else {artifact.id}
+        if subjects is not None and artifact.id not in subjects:
+            continue  # only feeds end-to-end pairings, which run it when they need it
+        tol = suite.tolerance(artifact.precision, contract.artifact_spec(artifact).profile)
+        key = _stage_key(context, "encoder", [(artifact.id, content_of[artifact.id])], tol)
+        stage = _measured(key)
+        if stage is None:
+            stage = StageReport(artifact.id, "encoder", artifact.precision)
+            outputs = embeddings(artifact)
+            comparisons = [metrics.compare_tensors(reference.embeddings[image.name], outputs[image.name]) for image in cases.images]
+            snr = min(c.snr_db for c in comparisons)
+            cos = min(c.cosine for c in comparisons)
+            nonfinite = sum(c.nonfinite for c in comparisons)
+            stage.per_kind["all"] = {"snr_db_min": snr, "cosine_min": cos, "max_abs": max(c.max_abs for c in comparisons),
+                                     "per_image": {img.name: c.as_dict() for img, c in zip(cases.images, comparisons)},
+                                     "nonfinite": nonfinite}
+            _gate_min(stage, "all", "embedding_snr_db.min", snr, tol.embedding_snr_db_min)
+            _gate_min(stage, "all", "embedding_cosine.min", cos, tol.embedding_cosine_min)
+            if not tol.allow_nonfinite:
+                stage.gates.append(Gate(artifact.id, "encoder", "all", "nonfinite", float(nonfinite), 0.0, "=="))
+            _remember(key, stage)
+        report.stages.append(stage)
+        failed |= set() if stage.passed else {artifact.id}
 
     for artifact in decoders:
-        stage = StageReport(artifact.id, "decoder", artifact.precision)
-        outputs = {}
-        for case in reporter.track(cases.cases, f"{artifact.id}: decoder stage"):
-            outputs[case.key] = runner_of[artifact.id].infer(decoder_feeds(case, reference.embeddings[case.image.name], artifact.inputs))
-        evaluate_decoder_outputs(stage, suite.tolerance(artifact.precision), cases.cases, outputs, reference, artifact)
+        tol = suite.tolerance(artifact.precision)
+        key = _stage_key(context, "decoder", [(artifact.id, content_of[artifact.id])], tol)
+        stage = _measured(key)
+        if stage is None:
+            stage = StageReport(artifact.id, "decoder", artifact.precision)
+            outputs = {}
+            for case in reporter.track(cases.cases, f"{artifact.id}: decoder stage"):
+                feeds = decoder_feeds(case, reference.embeddings[case.image.name], artifact.inputs)
+                outputs[case.key] = runner_of[artifact.id].infer(feeds)
+            evaluate_decoder_outputs(stage, tol, cases.cases, outputs, reference, artifact)
+            _remember(key, stage)
         report.stages.append(stage)
         failed |= set() if stage.passed else {artifact.id}
 
@@ -344,12 +420,16 @@ def compare(
         if stop_early and (encoder.id in failed or decoder.id in failed):
             continue
         precision = looser_precision(encoder.precision, decoder.precision)
-        stage = StageReport(encoder.id, "end_to_end", precision, pairing=f"{encoder.id} -> {decoder.id}")
-        outputs = {}
-        for case in reporter.track(cases.cases, f"{encoder.id} -> {decoder.id}: end to end"):
-            feeds = decoder_feeds(case, embeddings_of[encoder.id][case.image.name], decoder.inputs)
-            outputs[case.key] = runner_of[decoder.id].infer(feeds)
         tol = suite.tolerance(precision, contract.artifact_spec(encoder).profile)
-        evaluate_decoder_outputs(stage, tol, cases.cases, outputs, reference, decoder)
+        key = _stage_key(context, "end_to_end", [(a.id, content_of[a.id]) for a in (encoder, decoder)], tol)
+        stage = _measured(key)
+        if stage is None:
+            stage = StageReport(encoder.id, "end_to_end", precision, pairing=f"{encoder.id} -> {decoder.id}")
+            outputs = {}
+            encoded = embeddings(encoder)
+            for case in reporter.track(cases.cases, f"{encoder.id} -> {decoder.id}: end to end"):
+                outputs[case.key] = runner_of[decoder.id].infer(decoder_feeds(case, encoded[case.image.name], decoder.inputs))
+            evaluate_decoder_outputs(stage, tol, cases.cases, outputs, reference, decoder)
+            _remember(key, stage)
         report.stages.append(stage)
     return report

@@ -9,6 +9,9 @@ elsewhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,15 +225,51 @@ def compute_reference(model, variant, cases: CaseSet, reporter: Reporter, weight
     return ref
 
 
+# References this process computed, by weights and cases: cpu-auto's candidates and the gate of the pair it
+# recommends share one export, so they share its reference. Each holds every case's logits: keep a few.
+_COMPUTED: OrderedDict[str, Reference] = OrderedDict()
+REFERENCES_KEPT = 2
+
+
+def cases_key(cases: CaseSet) -> str:
+    """The encoder inputs and prompts of `cases` (refine cases as built, before a reference feeds their mask back)."""
+    digest = hashlib.sha256()
+    for image in cases.images:
+        digest.update(image.name.encode())
+        digest.update(np.ascontiguousarray(cases.inputs[image.name]).tobytes())
+    for case in cases.cases:
+        digest.update(case.key.encode())
+        for array in (case.point_coords, case.point_labels, case.mask_input, case.has_mask_input):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter: Reporter,
                       checkpoint: str | None = None, with_model=None) -> Reference:
     """The reference computed by the PyTorch model of model.checkpoint.exported_model on every case.
     `with_model(model, variant, reference)` runs before the model is freed: parity.task.task_reference adds
-    the ground-truth IoUs of a suite with a [task] that way (this module stays below the evaluate protocol)."""
+    the ground-truth IoUs of a suite with a [task] that way (this module stays below the evaluate protocol).
+    Without `with_model`, a reference this process computed for the same weights, checkpoint and cases is
+    used again (refine cases get its fed-back masks)."""
+    key = None
+    if with_model is None and manifest.weights.get("sha256"):
+        parts = [manifest.variant, manifest.weights["sha256"], checkpoint, cases_key(cases)]
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        if key in _COMPUTED:
+            _COMPUTED.move_to_end(key)
+            reference = _COMPUTED[key]
+            for case in cases.cases:
+                if case.key in reference.mask_inputs:
+                    apply_refine(case, reference.mask_inputs[case.key])
+            return reference
     model, variant, weights, source = exported_model(manifest, folder, reporter, checkpoint)
     reference = compute_reference(model, variant, cases, reporter, weights.sha256, source)
     if with_model is not None:
         with_model(model, variant, reference)
+    if key is not None:
+        _COMPUTED[key] = reference
+        while len(_COMPUTED) > REFERENCES_KEPT:
+            _COMPUTED.popitem(last=False)
     return reference
 
 

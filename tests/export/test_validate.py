@@ -169,6 +169,24 @@ class NegatedMasks(Runner):
         self.inner.close()
 
 
+def test_a_stage_measured_on_the_same_bytes_and_cases_is_taken_as_it_was(l0_export, quick_suite, monkeypatch):
+    """A second gate of the same files, cases and thread count runs no inference and reports the same stages;
+    another thread count (other kernels, maybe other sums) measures again."""
+    calls = []
+    infer = Runner.infer
+    monkeypatch.setattr(Runner, "infer", lambda self, feeds, outputs=None: calls.append(self.label) or infer(self, feeds, outputs))
+    quiet = Reporter(quiet=True)
+    suite = load_suite(quick_suite)
+    ids = ["encoder.onnx.fp32", "decoder.onnx.fp32"]
+    first = validate_folder(l0_export, suite, reporter=quiet, artifacts=ids, threads=1)
+    measured = len(calls)
+    again = validate_folder(l0_export, suite, reporter=quiet, artifacts=ids, threads=1)
+    assert measured > 0 and len(calls) == measured, calls
+    assert report_json(again) == report_json(first) and first.passed
+    validate_folder(l0_export, suite, reporter=quiet, artifacts=ids, threads=2)
+    assert len(calls) == 2 * measured
+
+
 def test_compare_gates_runners_in_memory_and_validate_folder_wraps_it(l0_export, quick_suite):
     """compare() needs runners, cases, a reference and a suite, nothing on disk: a decoder runner that no
     file describes fails its own stage and the end-to-end one, the encoder passes; with the folder's own
