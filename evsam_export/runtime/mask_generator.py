@@ -787,12 +787,8 @@ class MaskGenerator:
     def _decode(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Low-res logits and predicted IoU of every point, in decoder calls of equal size up to the predictor's
         chunk (a batch of 64 at a chunk of 21 is 22 + 21 + 21 prompt sets, not 21 + 21 + 21 + 1)."""
-        from evsam_export.runtime.predictor import prompt_sets_per_chunk
-
         predictor = self.predictor
-        chunk = (getattr(predictor, "_prompt_batch_limit", None) or getattr(predictor, "max_prompt_batch", None)
-                 or prompt_sets_per_chunk(predictor.memory_budget_mib, 0))
-        calls = -(-len(points) // chunk)
+        calls = -(-len(points) // predictor.prompt_chunk_size(upscaled=False))
         started = time.perf_counter()
         low_res, scores = [], []
         for part in np.array_split(points, calls):

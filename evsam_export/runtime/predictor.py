@@ -248,13 +248,14 @@ class Predictor:
         prompt_batch = self.decoder_spec.prompt_batch
         self._prompt_batch_limit = int(prompt_batch) if isinstance(prompt_batch, int) else None
 
-    def prompt_chunk_size(self, multimask_output: bool = True) -> int:
-        """Prompt sets per decoder call: the static graph's fixed count, max_prompt_batch, or the budget's."""
+    def prompt_chunk_size(self, multimask_output: bool = True, upscaled: bool = True) -> int:
+        """Prompt sets per decoder call: the static graph's fixed count, max_prompt_batch, or the budget's (with
+        the host upscale of every candidate, or, `upscaled=False`, low-res logits only: predict_low_res)."""
         if self._prompt_batch_limit is not None:
             return self._prompt_batch_limit
         if self.max_prompt_batch is not None:
             return self.max_prompt_batch
-        return prompt_sets_per_chunk(self.memory_budget_mib, 3 if multimask_output else 1)
+        return prompt_sets_per_chunk(self.memory_budget_mib, (3 if multimask_output else 1) if upscaled else 0)
 
     @property
     def info(self) -> dict:
@@ -436,7 +437,7 @@ class Predictor:
         points, labels, _ = check_prompts(self.geometry.original_size, point_coords, point_labels)
         tokens = processing.build_prompt_tokens(self.geometry, points, labels)
         batch = tokens.point_coords.shape[0]
-        chunk = self._prompt_batch_limit or self.max_prompt_batch or prompt_sets_per_chunk(self.memory_budget_mib, 0)
+        chunk = self.prompt_chunk_size(multimask_output, upscaled=False)
         low_res_parts, score_parts = [], []
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
