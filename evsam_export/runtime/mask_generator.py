@@ -200,9 +200,9 @@ def decode_mask(rle: dict) -> np.ndarray:
 # A convex combination computed in float32 can leave [min, max] of its inputs by a few ulps: bounds widen by this
 # much (relative to the threshold's magnitude, at least absolute) so they stay bounds.
 BOUND_SLACK = 1e-4
-# A mask whose outline band holds more than this share of the crop's pixels is upscaled whole: one pixel of the
-# band costs about as much as 2-3 pixels of the whole upscale.
-DENSE_BAND_SHARE = 0.25
+# A mask whose outline band holds more than this share of the crop's pixels is upscaled whole (dense_above):
+# one pixel of the band costs about as much as 40 pixels of the whole upscale (docs/segment.md).
+DENSE_BAND_SHARE = 0.05
 
 
 class CropUpscale:
@@ -223,8 +223,6 @@ class CropUpscale:
         height, width = geometry.original_size
         self.geometry = geometry
         self.size = (int(height), int(width))
-        # Ragged masks (see above()) are upscaled whole by the fast path unless this is set.
-        self.exact_dense = False
         self.low = LOW_RES_MASK_SIZE
         frame = processing._bilinear_axis(LOW_RES_MASK_SIZE, PROMPT_FRAME)  # the same table for rows and columns
         self.axes = []
@@ -264,16 +262,34 @@ class CropUpscale:
         left, right = blended[..., left_at], blended[..., right_at]
         return left + (right - left) * cw[cols]
 
-    def dense_values(self, low_res: np.ndarray) -> np.ndarray:
-        """Whole crop-size logits for masks upscaled whole: values() when `exact_dense`, else the runtime's
-        shared fast upscale (processing.postprocess_into: OpenCV when installed, within 4e-4 of values())."""
-        if self.exact_dense or processing.opencv() is None:
-            return self.values(low_res)
-        padded = np.zeros((len(low_res), self.low, self.low), np.float32)  # the 256x256 grid it reads
-        padded[:, : low_res.shape[1], : low_res.shape[2]] = low_res
-        out = np.empty((len(low_res), *self.size), np.float32)
-        processing.postprocess_into(padded, self.geometry, out)
-        return out
+    def dense_above(self, low_res: np.ndarray, which: np.ndarray, thresholds: list[float]) -> list[list[np.ndarray]]:
+        """Whole crop-size masks of low_res[which] above each threshold ([threshold][k] bool), exactly: the
+        runtime's fast upscale (processing.postprocess_into, OpenCV when installed) decides every pixel farther
+        from the threshold than its error bound, and the few pixels within it are computed exactly
+        (pixel_values), so the masks are those of values() at a fraction of its cost."""
+        which = np.asarray(which, np.int64)
+        padded = np.zeros((len(which), self.low, self.low), np.float32)  # the 256x256 grid it reads
+        padded[:, : low_res.shape[1], : low_res.shape[2]] = low_res[which]
+        logits = np.empty((len(which), *self.size), np.float32)
+        processing.postprocess_into(padded, self.geometry, logits)
+        bounds = processing.fast_upscale_error_bound(padded)
+        del padded
+        cv2 = processing.opencv()  # installed whenever a bound is non-zero
+        result: list[list[np.ndarray]] = [[] for _ in thresholds]
+        for k, mask_index in enumerate(which):
+            for masks, threshold in zip(result, thresholds):
+                threshold = np.float32(threshold)
+                above = logits[k] > threshold
+                if bounds[k] > 0:
+                    # cv2.inRange + findNonZero: one pass each, several times faster than numpy's for this
+                    near = cv2.findNonZero(cv2.inRange(logits[k], float(threshold - bounds[k]), float(threshold + bounds[k])))
+                    if near is not None:
+                        near = near.reshape(-1, 2).astype(np.int64)  # (x, y) points
+                        cols, rows = near[:, 0], near[:, 1]
+                        exact = self.pixel_values(low_res, np.full(len(rows), mask_index), rows, cols)
+                        above[rows, cols] = exact > threshold
+                masks.append(above)
+        return result
 
     def pixel_values(self, low_res: np.ndarray, index: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Crop-size logits of the scattered pixels (index, rows, cols): low_res[index] at (rows, cols), the same
@@ -306,6 +322,16 @@ class CropUpscale:
         window starts there."""
         rows, cols = self.axes
         used = np.asarray(low_res, np.float32)[:, : rows["used"], : cols["used"]]
+        cv2 = processing.opencv()
+        if cv2 is not None and used.size:
+            # The same windows as below: a flat kernel anchored at its top-left corner, and the replicated last
+            # row or column adds no new value to a window that runs past it.
+            kernel = np.ones((rows["span"], cols["span"]), np.uint8)
+            window_max, window_min = np.empty_like(used), np.empty_like(used)
+            for index, mask in enumerate(used):
+                cv2.dilate(mask, kernel, dst=window_max[index], anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+                cv2.erode(mask, kernel, dst=window_min[index], anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+            return window_max, window_min
         result = []
         for reduce in (np.maximum, np.minimum):
             # A window that runs past the last row or column is cut there: it still holds the pixel's own.
@@ -357,10 +383,8 @@ class CropUpscale:
         per_chunk = max(1, UPSCALE_BAND_BYTES // (4 * self.size[0] * self.size[1]))
         for start in range(0, len(dense), per_chunk):
             chunk = dense[start : start + per_chunk]
-            logits = self.dense_values(low_res[chunk])
-            for masks, threshold in zip(dense_masks, thresholds):
-                masks.update({int(j): logits[k] > np.float32(threshold) for k, j in enumerate(chunk)})
-            del logits
+            for masks, built in zip(dense_masks, self.dense_above(low_res, chunk, thresholds)):
+                masks.update(zip(chunk.tolist(), built))
         result = []
         for (inside, band), masks, threshold in zip(windows, dense_masks, thresholds):
             inside[dense] = False
