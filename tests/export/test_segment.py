@@ -127,8 +127,9 @@ def upstream_generate(checkpoint: str, image: np.ndarray, counts: Counter, varia
 
     from evsam_export.model.checkpoint import load_model
     from evsam_export.model.variants import VARIANTS
+    from evsam_export.realistic import resolve_realistic
 
-    ours, _ = load_model(VARIANTS[variant], checkpoint)
+    ours, _ = load_model(VARIANTS[variant], resolve_realistic(checkpoint, VARIANTS[variant]))
     model = build_upstream(variant, ours.state_dict())
     counts.clear()
     return EfficientViTSamAutomaticMaskGenerator(model, **settings).generate(image)
