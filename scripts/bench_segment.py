@@ -5,6 +5,9 @@
     python scripts/bench_segment.py /tmp/seg/l0 --checkpoint synthetic:0 --grid 16 --grid 32 --threads 2 \
         --pred-iou-thresh 0.2 --stability-score-offset 0.1 --stability-score-thresh 0.6 --box-nms-thresh 1.0 \
         --record docs/results
+    evsam-export export --variant l0 --checkpoint realistic -o /tmp/seg/l0real   # the trained-decoder test checkpoint
+    python scripts/bench_segment.py /tmp/seg/l0real --checkpoint realistic --grid 16 --grid 32 --threads 2 \
+        --pred-iou-thresh 0.4 --stability-score-thresh 0.4 --record docs/results
 
 Upstream is the test reference (`pip install --no-deps efficientsam==1.0.0`), run through tests/upstream.py
 and the torchvision stand-in of tests/torchvision_shim.py, exactly as tests/export/test_segment.py runs it.
@@ -69,7 +72,7 @@ def matched(reference: list[dict], ours: list[dict], threshold: float = 0.95) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="artifact folder (evsam-export export of --checkpoint)")
-    parser.add_argument("--checkpoint", default="synthetic:0", help="the checkpoint the folder was exported from (a spec or a .pt)")
+    parser.add_argument("--checkpoint", default="synthetic:0", help="the folder's checkpoint: a .pt, synthetic:SEED or realistic")
     parser.add_argument("--image", default="coffee", help="scikit-image sample name or image file (default coffee, 600x400)")
     parser.add_argument("--grid", type=int, action="append", help="points per side (repeatable; default 16 and 32)")
     parser.add_argument("--rounds", type=int, default=1, help="timed rounds (each grid on both generators)")
@@ -94,6 +97,7 @@ def main() -> None:
     from evsam_export.measurements import record_measurement
     from evsam_export.model.checkpoint import load_model
     from evsam_export.model.variants import VARIANTS
+    from evsam_export.realistic import resolve_realistic
     from evsam_export.runtime import MaskGenerator, Predictor
     from evsam_export.runtime.choice import segment_decoder
 
@@ -117,7 +121,7 @@ def main() -> None:
         torchvision_shim.patch_upstream(patch)
         from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator
 
-        model, _ = load_model(VARIANTS[variant], args.checkpoint)
+        model, _ = load_model(VARIANTS[variant], resolve_realistic(args.checkpoint, VARIANTS[variant]))
         reference_model = build_upstream(variant, model.state_dict())  # built with the shim's transforms in place
         del model
 
@@ -148,6 +152,10 @@ def main() -> None:
         upstream_records, _ = outputs[(grid, "upstream")]
         found = matched(upstream_records, ours_records)
         values = {
+            "variant": variant,
+            "weights": args.checkpoint,
+            "thresholds": f"pred IoU {args.pred_iou_thresh:g}, stability {args.stability_score_thresh:g} "
+                          f"(offset {args.stability_score_offset:g}), box NMS {args.box_nms_thresh:g}",
             "image": f"{args.image} {rgb.shape[1]}x{rgb.shape[0]}",
             "points": f"{grid}x{grid}",
             "ours_s": round(ours_s, 2),
