@@ -96,11 +96,18 @@ def _record_build(record: Path | None, recipe: str, variant: str, checkpoint: st
     steps = history.get("steps", [])
     lowered = [a for a in (manifest.artifacts if manifest is not None else [])
                if isinstance(a.facts.get("lowered"), dict) or isinstance(a.facts.get("lowering"), dict)]
+    # An auto recipe keeps every candidate's artifacts: say which ones belong to a candidate that was not gated through.
+    not_passed = {artifact: c["status"] for c in history.get("candidates", []) if c.get("status") != "passed"
+                  for artifact in c.get("artifacts", [])}
+
+    def described(a) -> str:
+        text = f"{a.id} ({a.facts['lowered']['text']})" if "lowered" in a.facts else a.id
+        return text + (f" [candidate {not_passed[a.id]}]" if a.id in not_passed else "")
+
     values = {"recipe": recipe, "variant": variant, "checkpoint": checkpoint or "synthetic:0", "exit": exit_code,
               "wall": f"{time.perf_counter() - started:.0f} s",
               "peak_rss": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB",
-              "lower_precision_artifact": "; ".join(f"{a.id} ({a.facts['lowered']['text']})" if "lowered" in a.facts
-                                                    else a.id for a in lowered),
+              "lower_precision_artifact": "; ".join(described(a) for a in lowered),
               "speedup_over_fp32_parent": "; ".join(f"{a.facts['speedup_over_parent']['speedup']:.2f}x" for a in lowered
                                                     if isinstance(a.facts.get("speedup_over_parent"), dict)),
               "build_gate": "; ".join(outcome for a in lowered if (outcome := summary_outcome(a.facts)[1])),

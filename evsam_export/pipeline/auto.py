@@ -302,7 +302,8 @@ def run_auto(auto: AutoRecipe, variant_name: str, output: Path, checkpoint: str 
         (staging / AUTO_JSON).write_text(json.dumps(decision, indent=1) + "\n")
         (staging / AUTO_MD).write_text(decision_markdown(decision) + "\n")
         manifest.history.append({"command": command, "recipe": auto.name, "candidates": [
-            {"recipe": c.recipe, "status": c.status, "reason": c.reason, "seconds": round(c.seconds, 1)} for c in candidates],
+            {"recipe": c.recipe, "status": c.status, "reason": c.reason, "artifacts": c.artifacts, "seconds": round(c.seconds, 1)}
+            for c in candidates],
             "recommended": recommended})
         manifest.write(staging)
     built_by = {}

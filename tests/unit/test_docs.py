@@ -217,3 +217,27 @@ def test_no_development_history_markers():
 ])
 def test_the_history_pattern(line, marked):
     assert bool(HISTORY.search(line)) is marked
+
+
+def test_recipe_row_says_which_auto_artifacts_were_not_gated_through(tmp_path):
+    """An auto recipe keeps every candidate's artifacts; its results row marks those of a candidate that failed
+    (or gained nothing), so the row never reads as if a refused lower-precision artifact were the outcome."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from evsam_export.cli.run_cmd import _record_build
+
+    lowered = {"precision": "bf16", "text": "69 of 69 Conv bf16"}
+    artifacts = [SimpleNamespace(id="encoder.openvino.bf16", facts={"lowered": lowered}),
+                 SimpleNamespace(id="encoder.ort.int8", facts={"lowered": {**lowered, "text": "64 of 69 Conv INT8"}}),
+                 SimpleNamespace(id="encoder.ort.fp32", facts={})]
+    history = [{"recipe": "cpu-auto", "candidates": [
+        {"recipe": "cpu-openvino-bf16", "status": "failed", "artifacts": ["encoder.openvino.bf16"], "seconds": 26.0},
+        {"recipe": "cpu-ort-int8", "status": "passed", "artifacts": ["encoder.ort.int8"], "seconds": 150.0}]}]
+    manifest = SimpleNamespace(artifacts=artifacts, history=history)
+    _record_build(tmp_path, "cpu-auto", "l0", None, time.perf_counter(), manifest, 0)
+    row = json.loads((tmp_path / "recipes" / "l0-cpu-auto.json").read_text())["values"]
+    assert row["lower_precision_artifact"] == ("encoder.openvino.bf16 (69 of 69 Conv bf16) [candidate failed]; "
+                                               "encoder.ort.int8 (64 of 69 Conv INT8)")
+    assert row["steps"] == "cpu-openvino-bf16 failed (26 s), cpu-ort-int8 passed (150 s)"
