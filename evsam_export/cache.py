@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 
@@ -73,3 +74,26 @@ def cache_key(payload: dict) -> str:
     """sha256 of the canonical JSON of `payload`: the key of an entry in any of the caches."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class RecentlyUsed:
+    """An in-process cache of the `kept` most recently used entries, for results too large to keep them all (a
+    None key is never kept)."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+        self._entries: OrderedDict[str, object] = OrderedDict()
+
+    def get(self, key: str | None):
+        if key is None or key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key: str | None, value) -> None:
+        if key is None:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.kept:
+            self._entries.popitem(last=False)

@@ -13,10 +13,7 @@ Plus a NaN/Inf gate on every output. `open_runners` makes and loads the runners 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from evsam_export import contract, metrics
+from evsam_export.cache import RecentlyUsed, cache_key
 from evsam_export.errors import RuntimeUnavailable
 from evsam_export.files import sha256_file
 from evsam_export.manifest import Artifact
@@ -246,47 +244,41 @@ def evaluate_decoder_outputs(stage: StageReport, tol: Tolerance, cases, outputs_
 # threads, the cases and PyTorch reference, and the tolerances. cpu-auto's candidates share the fp32 export,
 # and the gate of the pair it recommends repeats their stages: each is measured once. An entry holds its two
 # worst cases' logits (report overlays, up to 2 x 16 MB for 16 boxes), so only the most recently used are kept.
-_MEASURED: OrderedDict[str, StageReport] = OrderedDict()
 MEASURED_STAGES_KEPT = 16
+_MEASURED = RecentlyUsed(MEASURED_STAGES_KEPT)
 
 
 def artifact_content_key(folder: Path, artifacts: Sequence[Artifact], threads: int | None) -> str:
     """What a runner made from `artifacts` (one, or a split decoder's two halves) computes from: every file's
     sha256 (the manifest's for the main file, which callers verify; extra files such as OpenVINO's .bin
     hashed here), the targets and the thread count."""
-    parts = [threads]
+    files = []
     for artifact in artifacts:
         extras = [sha256_file(Path(folder) / name) for name in artifact.extra_files if (Path(folder) / name).is_file()]
-        parts.append([artifact.target, artifact.precision, artifact.sha256, extras])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        files.append([artifact.target, artifact.precision, artifact.sha256, extras])
+    return cache_key({"threads": threads, "files": files})
 
 
 def comparison_key(cases: CaseSet, reference: Reference, suite: Suite, variant: str) -> str:
     """The cases (encoder inputs, prompts, fed-back masks) and the reference they are judged against."""
-    parts = [variant, suite.name, reference.weights_sha256, reference.source, cases_key(cases)]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return cache_key({"variant": variant, "suite": suite.name, "weights": reference.weights_sha256,
+                      "source": reference.source, "cases": cases_key(cases)})
 
 
 def _stage_key(context: str, stage: str, subjects: list[tuple[str, str]], tol: Tolerance) -> str | None:
     """`subjects`: (artifact id, content key) of the stage's runners; None (not kept) when one has no content key."""
     if not all(content for _, content in subjects):
         return None
-    return hashlib.sha256(json.dumps([context, stage, subjects, repr(tol)]).encode()).hexdigest()
+    return cache_key({"context": context, "stage": stage, "subjects": subjects, "tolerance": repr(tol)})
 
 
 def _measured(key: str | None) -> StageReport | None:
-    if key is None or key not in _MEASURED:
-        return None
-    _MEASURED.move_to_end(key)
-    return copy.deepcopy(_MEASURED[key])
+    stage = _MEASURED.get(key)
+    return None if stage is None else copy.deepcopy(stage)
 
 
 def _remember(key: str | None, stage: StageReport) -> None:
-    if key is None:
-        return
-    _MEASURED[key] = copy.deepcopy(stage)
-    while len(_MEASURED) > MEASURED_STAGES_KEPT:
-        _MEASURED.popitem(last=False)
+    _MEASURED.put(key, copy.deepcopy(stage))
 
 
 # ------------------------------------------------------------------------------------------ runners

@@ -10,14 +10,13 @@ elsewhere.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from evsam_export import contract
+from evsam_export.cache import RecentlyUsed, cache_key
 from evsam_export.data.coco import AnnotationSet
 from evsam_export.data.images import FolderImage, ImageFolder, SkippedImage, read_folder
 from evsam_export.data.scenes import PromptSet, ValidationImage, annotated_validation_images, load_image_spec, prompts_for
@@ -227,8 +226,8 @@ def compute_reference(model, variant, cases: CaseSet, reporter: Reporter, weight
 
 # References this process computed, by weights and cases: cpu-auto's candidates and the gate of the pair it
 # recommends share one export, so they share its reference. Each holds every case's logits: keep a few.
-_COMPUTED: OrderedDict[str, Reference] = OrderedDict()
 REFERENCES_KEPT = 2
+_COMPUTED = RecentlyUsed(REFERENCES_KEPT)
 
 
 def cases_key(cases: CaseSet) -> str:
@@ -253,11 +252,10 @@ def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter
     used again (refine cases get its fed-back masks)."""
     key = None
     if with_model is None and manifest.weights.get("sha256"):
-        parts = [manifest.variant, manifest.weights["sha256"], checkpoint, cases_key(cases)]
-        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-        if key in _COMPUTED:
-            _COMPUTED.move_to_end(key)
-            reference = _COMPUTED[key]
+        key = cache_key({"variant": manifest.variant, "weights": manifest.weights["sha256"], "checkpoint": checkpoint,
+                         "cases": cases_key(cases)})
+        reference = _COMPUTED.get(key)
+        if reference is not None:
             for case in cases.cases:
                 if case.key in reference.mask_inputs:
                     apply_refine(case, reference.mask_inputs[case.key])
@@ -266,10 +264,7 @@ def pytorch_reference(manifest: Manifest, folder: Path, cases: CaseSet, reporter
     reference = compute_reference(model, variant, cases, reporter, weights.sha256, source)
     if with_model is not None:
         with_model(model, variant, reference)
-    if key is not None:
-        _COMPUTED[key] = reference
-        while len(_COMPUTED) > REFERENCES_KEPT:
-            _COMPUTED.popitem(last=False)
+    _COMPUTED.put(key, reference)
     return reference
 
 

@@ -397,7 +397,7 @@ def ranked(ctx: StepContext, parent: Artifact, model, settings: Settings, quanti
         return rank_units(ctx, f"{parent.component} INT8", ops, only, run(model))
 
     return build_with_ranking(ctx, parent, lambda kept: build_round(set(kept)), ranking, settings.max_rounds,
-                              target, suite=settings.gate_suite, release_suite=ctx.suite if ctx.suite != settings.gate_suite else None)
+                              target, suite=settings.gate_suite, release_suite=ctx.suite)
 
 
 # The ranking's additive noise model is an estimate: the first probe aims this far above the gate's SNR floor.

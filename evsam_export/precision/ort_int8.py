@@ -542,9 +542,8 @@ def ranked_build(ctx: StepContext, parent: Artifact, settings: Settings, source:
         return describe(sorted(kept), taken_back="Q/DQ pairs stripped from the once-quantized graph (no re-quantization)")
 
     target = ctx.load_suite(settings.gate_suite).tolerance("int8").embedding_snr_db_min + SNR_MARGIN_DB
-    release = ctx.suite if ctx.suite != settings.gate_suite else None
     return build_with_ranking(ctx, parent, candidate, ranking, settings.max_rounds, target, suite=settings.gate_suite,
-                              release_suite=release)
+                              release_suite=ctx.suite)
 
 
 # The ranking's additive noise model is an estimate: the first probe aims this far above the gate's SNR floor.

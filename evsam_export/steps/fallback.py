@@ -409,11 +409,13 @@ def build_with_ranking(
     `candidates_fn(kept_ops)` writes the artifact with those ops in fp32.
 
     The smallest count the build suite passes sits on that suite's edge, so with a `release_suite` (the recipe's
-    own, larger suite) that candidate is gated on it once more; if it fails there, the search goes on above it
+    own, larger suite; ignored when it is `suite`) that candidate is gated on it once more; if it fails there, the search goes on above it
     with the release suite as the gate. Returns the passing candidate with the fewest regions kept (rebuilt when
     a later round overwrote it), or the last one with facts["gate_passed"] = False and facts["error_carriers"]:
     the regions that carry the error and their measured effect."""
     gate = gate or (lambda c, a: gate_candidate(c, a, suite))
+    if release_suite == suite:  # the recipe validates on its build suite: nothing to confirm
+        release_suite = None
     if release_suite is not None and release_gate is None:
         release_gate = lambda c, a: gate_candidate(c, a, release_suite)  # noqa: E731
     confirmed = release_gate is None

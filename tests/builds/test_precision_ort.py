@@ -557,8 +557,8 @@ def test_gate_holds_one_reference_per_suite_in_memory_and_writes_nothing(ctx, qu
     reference, later gates and gate_context() copies of the context reuse it (one per suite, held by the
     context), and no scratch folder, manifest or reference file is written anywhere."""
     import tempfile
-    from collections import OrderedDict
 
+    from evsam_export.cache import RecentlyUsed
     from evsam_export.model import checkpoint
     from evsam_export.parity import reference
     from evsam_export.parity.report import report_json
@@ -566,7 +566,7 @@ def test_gate_holds_one_reference_per_suite_in_memory_and_writes_nothing(ctx, qu
     rebuilt = []
     load_model = checkpoint.load_model
     monkeypatch.setattr(checkpoint, "load_model", lambda *args, **kwargs: rebuilt.append(args) or load_model(*args, **kwargs))
-    monkeypatch.setattr(reference, "_COMPUTED", OrderedDict())  # not the references earlier tests left in this process
+    monkeypatch.setattr(reference, "_COMPUTED", RecentlyUsed(reference.REFERENCES_KEPT))  # none left by earlier tests
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
