@@ -12,7 +12,7 @@ Polygraphy's runners do, so a wrong prompt shape fails with one line instead of 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +76,21 @@ class Runner(ABC):
             raise RuntimeError(f"{self.label}: runtime returned no {missing}")
         return {name: np.asarray(results[name]) for name in wanted}
 
+    def infer_staged(self, feeds: dict[str, np.ndarray], first: str,
+                     rows_needed: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output, `first` computed before the rest: rows_needed(first's value) -> bool per row (dim 0)
+        says for which rows the other outputs are wanted; rows not wanted may hold zeros. Runtimes that cannot
+        run part of a graph compute every row (the default)."""
+        if not self.loaded:
+            self.load()
+        if first not in [t.name for t in self.outputs]:
+            raise UsageError(f"{self.label}: no output named {first!r}", hint=f"outputs are {[t.name for t in self.outputs]}")
+        results = self._infer_staged(check_feeds(self.inputs, feeds, self.label), first, rows_needed)
+        return {t.name: np.asarray(results[t.name]) for t in self.outputs}
+
+    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed) -> dict[str, np.ndarray]:
+        return self._infer(feeds)
+
     @abstractmethod
     def _load(self) -> None: ...
 
@@ -85,6 +100,12 @@ class Runner(ABC):
     def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """Only `names`: runtimes that can fetch a subset override this; the others compute everything."""
         return self._infer(feeds)
+
+    def concurrent(self) -> Runner | None:
+        """A runner of the same graph that several threads may call at once, each call computing on its
+        caller's thread (N callers keep N cores busy without a shared thread pool handing work between them),
+        or None where the runtime has no such mode. The caller loads and closes it."""
+        return None
 
     def _close(self) -> None:  # noqa: B027 - optional hook: most runtimes free everything on garbage collection
         pass

@@ -11,6 +11,7 @@ half on every call, with that mask.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ class SplitDecoderRunner(Runner):
         self._given: np.ndarray | None = None  # the array the caller passed for it (identity shortcut)
         self._image_side: dict[str, np.ndarray] | None = None
         self.image_side_runs = 0  # how often the image half ran (a test sees the cache work)
+        self._image_side_lock = threading.Lock()  # concurrent() callers share the cached image side
 
     def _load(self) -> None:
         self.image_runner.load()
@@ -56,17 +58,18 @@ class SplitDecoderRunner(Runner):
         self._cached_image_side(np.asarray(image_embeddings, dtype=np.float32))
 
     def _cached_image_side(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        # A read-only array the caller gave before cannot have changed; anything else is compared by value.
-        same = self._given is embeddings and not embeddings.flags.writeable
-        if self._image_side is None or not (same or np.array_equal(self._embeddings, embeddings)):
-            mask_input, has_mask_input = contract.no_mask_input()
-            feeds = contract.decoder_feeds(self.image_runner, embeddings, None, None, mask_input, has_mask_input)
-            self._image_side = self.image_runner.infer(feeds)
-            self.image_side_runs += 1
-            self._embeddings = np.array(embeddings, copy=True)
-            self._embeddings.flags.writeable = False
-            self._given = embeddings
-        return self._image_side
+        with self._image_side_lock:
+            # A read-only array the caller gave before cannot have changed; anything else is compared by value.
+            same = self._given is embeddings and not embeddings.flags.writeable
+            if self._image_side is None or not (same or np.array_equal(self._embeddings, embeddings)):
+                mask_input, has_mask_input = contract.no_mask_input()
+                feeds = contract.decoder_feeds(self.image_runner, embeddings, None, None, mask_input, has_mask_input)
+                self._image_side = self.image_runner.infer(feeds)
+                self.image_side_runs += 1
+                self._embeddings = np.array(embeddings, copy=True)
+                self._embeddings.flags.writeable = False
+                self._given = embeddings
+            return self._image_side
 
     def _image_side_for(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         has_mask = feeds[contract.HAS_MASK_INPUT]
@@ -86,6 +89,41 @@ class SplitDecoderRunner(Runner):
 
     def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         return self.prompt_runner.infer(self._prompt_feeds(feeds), outputs=names)
+
+    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed) -> dict[str, np.ndarray]:
+        return self.prompt_runner.infer_staged(self._prompt_feeds(feeds), first, rows_needed)
+
+    def concurrent(self) -> Runner | None:
+        """The prompt half's concurrent runner behind this pair's image side (one image half, one cache)."""
+        prompt = self.prompt_runner.concurrent()
+        return None if prompt is None else _ConcurrentPromptHalf(self, prompt)
+
+
+class _ConcurrentPromptHalf(Runner):
+    """SplitDecoderRunner.concurrent(): the pair's contract and image side, the prompt half on a runner that
+    several threads may call at once."""
+
+    def __init__(self, pair: SplitDecoderRunner, prompt_runner: Runner) -> None:
+        super().__init__(pair.inputs, pair.outputs, prompt_runner.label)
+        self.runtime = pair.runtime
+        self.pair = pair
+        self.prompt_runner = prompt_runner
+
+    def _load(self) -> None:
+        self.pair.load()
+        self.prompt_runner.load()
+
+    def _close(self) -> None:
+        self.prompt_runner.close()
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.prompt_runner.infer(self.pair._prompt_feeds(feeds))
+
+    def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        return self.prompt_runner.infer(self.pair._prompt_feeds(feeds), outputs=names)
+
+    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed) -> dict[str, np.ndarray]:
+        return self.prompt_runner.infer_staged(self.pair._prompt_feeds(feeds), first, rows_needed)
 
 
 def split_pair_of(artifacts, decoder: Artifact) -> tuple[Artifact, Artifact] | None:

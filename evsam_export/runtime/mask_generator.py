@@ -19,6 +19,7 @@ torch.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -577,6 +578,7 @@ def check_settings(
     point_grids,
     min_mask_region_area,
     output_mode,
+    decoder_workers=None,
 ) -> dict:
     """MaskGenerator's settings checked (one-line UsageError for a value out of range, RuntimeUnavailable for a
     missing pycocotools / OpenCV) and normalised, with the per-layer `point_grids` built: before any model
@@ -590,6 +592,7 @@ def check_settings(
         "crop_nms_thresh": _check_fraction("crop_nms_thresh", crop_nms_thresh),
         "crop_overlap_ratio": _check_fraction("crop_overlap_ratio", crop_overlap_ratio, upper_open=True),
         "crop_n_points_downscale_factor": _check_int("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1),
+        "decoder_workers": None if decoder_workers is None else _check_int("decoder_workers", decoder_workers, 1),
     }
     if not _is_number(stability_score_offset) or stability_score_offset < 0:
         raise UsageError(f"stability_score_offset must be a number >= 0 (a logit offset), got {stability_score_offset!r}"[:160])
@@ -692,11 +695,13 @@ class MaskGenerator:
     MaskGenerator(predictor, points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88,
                   stability_score_thresh=0.95, stability_score_offset=1.0, box_nms_thresh=0.7, crop_n_layers=0,
                   crop_nms_thresh=0.7, crop_overlap_ratio=512/1500, crop_n_points_downscale_factor=1,
-                  point_grids=None, min_mask_region_area=0, output_mode="binary_mask")
+                  point_grids=None, min_mask_region_area=0, output_mode="binary_mask", decoder_workers=None)
 
     Settings mean what they mean upstream (docs/segment.md). points_per_batch is how many grid points go to
     the predictor at once; the predictor splits them further to the decoder's limits (a static-prompt graph's
-    fixed count, or its memory budget). Bad settings raise a one-line UsageError."""
+    fixed count, or its memory budget). decoder_workers: how many parts of a batch decode at once, each on
+    one thread (Predictor.predict_low_res); None: the predictor's `threads`, else the CPU count. Bad settings
+    raise a one-line UsageError."""
 
     def __init__(
         self,
@@ -714,6 +719,7 @@ class MaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        decoder_workers: int | None = None,
     ) -> None:
         settings = dict(locals())
         del settings["self"], settings["predictor"]
@@ -725,6 +731,8 @@ class MaskGenerator:
                 hint="export without --single-mask",
             )
         self.predictor = predictor
+        if self.decoder_workers is None:
+            self.decoder_workers = getattr(predictor, "threads", None) or os.cpu_count() or 1
         # The last generate() call: "counts" of masks after each stage (candidates, predicted_iou, stability,
         # crop_edge, box_nms, crop_nms, small_regions, masks) and "seconds" per stage (docs/segment.md).
         self.last_stats: dict = {}
@@ -809,18 +817,14 @@ class MaskGenerator:
         return masks
 
     def _decode(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Low-res logits and predicted IoU of every point, in decoder calls of equal size up to the predictor's
-        chunk (a batch of 64 at a chunk of 21 is 22 + 21 + 21 prompt sets, not 21 + 21 + 21 + 1)."""
-        predictor = self.predictor
-        calls = -(-len(points) // predictor.prompt_chunk_size(upscaled=False))
+        """Low-res logits and predicted IoU of every point (the predictor chunks them, decoder_workers at once)."""
         started = time.perf_counter()
-        low_res, scores = [], []
-        for part in np.array_split(points, calls):
-            low, iou = predictor.predict_low_res(part[:, None, :], np.ones((len(part), 1)), multimask_output=True)
-            low_res.append(low)
-            scores.append(iou)
+        # Candidates at or below pred_iou_thresh are dropped first, so their masks need not be computed.
+        low_res, scores = self.predictor.predict_low_res(points[:, None, :], np.ones((len(points), 1)), multimask_output=True,
+                                                         workers=self.decoder_workers,
+                                                         iou_floor=self.pred_iou_thresh if self.pred_iou_thresh > 0 else None)
         self.last_stats["seconds"]["decoder"] += time.perf_counter() - started
-        return np.concatenate(low_res), np.concatenate(scores)
+        return low_res, scores
 
     def _process_batch(self, points: np.ndarray, decoded, crop_box, image_size: tuple[int, int], upscale: CropUpscale,
                        survivors: _Survivors) -> None:

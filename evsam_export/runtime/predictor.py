@@ -16,6 +16,7 @@ Needs numpy, Pillow and a runtime (onnxruntime, OpenVINO or TensorRT); never imp
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,10 @@ def _check_chunking(memory_budget_mib, max_prompt_batch) -> None:
     ):
         raise UsageError(f"max_prompt_batch must be a positive integer, got {max_prompt_batch!r}"[:120])
 
+# Prompt sets per call when several run at once: small calls keep the workers evenly loaded when staged
+# decoding skips some rows' masks (docs/segment.md, "The algorithm", step 4).
+CONCURRENT_PROMPT_SETS = 4
+
 
 class Predictor:
     """SAM-style predictor over an evsam-export artifact folder (no torch).
@@ -155,6 +160,7 @@ class Predictor:
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
         _check_chunking(memory_budget_mib, max_prompt_batch)
         self.folder = Path(folder)
+        self.threads = threads
         manifest = read_manifest(self.folder)
         prefer = normalize_prefer(prefer)
         cache: dict = {}
@@ -181,6 +187,7 @@ class Predictor:
         _check_chunking(memory_budget_mib, max_prompt_batch)
         predictor = cls.__new__(cls)
         predictor.folder = None
+        predictor.threads = None
         predictor.choice = {"encoder": "named", "decoder": "named"}
         predictor.split_choice = "the caller's decoder runner"
         runners = {encoder_artifact.id: encoder_runner, decoder_artifact.id: decoder_runner}
@@ -206,6 +213,8 @@ class Predictor:
             self.decoder = SplitDecoderRunner(make_runner(split[0]), make_runner(split[1])).load()
         self.geometry: ImageGeometry | None = None
         self.image_embeddings: np.ndarray | None = None
+        self._concurrent_decoder = None  # the decoder's concurrent() runner, made on first use (predict_low_res)
+        self._decoder_pool = None
 
     # -- contract ----------------------------------------------------------------------------------
     def _check_contract(self) -> None:
@@ -404,11 +413,21 @@ class Predictor:
         meta = {"decoder_ms": decoder_s * 1000, "postprocess_ms": postprocess_s * 1000}
         return Prediction(masks=masks, scores=scores, low_res_logits=low_res, multimask_output=multimask_output, meta=meta)
 
-    def _run_decoder(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    def _run_decoder(self, feeds: dict[str, np.ndarray], batch: int, runner=None, iou_floor: float | None = None,
+                     multimask_output: bool = True) -> dict[str, np.ndarray]:
         wanted = (contract.LOW_RES_MASKS, contract.IOU_PREDICTIONS)
+        runner = runner or self.decoder
         limit = self._prompt_batch_limit
+        if iou_floor is not None and limit is None:
+            floor = np.float32(iou_floor)
+
+            def rows_needed(iou: np.ndarray) -> np.ndarray:
+                return (processing.select_masks(iou, iou, multimask_output)[1] > floor).any(axis=1)
+
+            out = runner.infer_staged(feeds, contract.IOU_PREDICTIONS, rows_needed)
+            return {name: out[name] for name in wanted}
         if limit is None or batch <= limit:
-            return self.decoder.infer(feeds, outputs=wanted)
+            return runner.infer(feeds, outputs=wanted)
         # Static-prompt decoders take `limit` prompt sets per call: run them in chunks.
         parts = []
         for start in range(0, batch, limit):
@@ -418,47 +437,91 @@ class Predictor:
                 per_prompt_set += [contract.MASK_INPUT, contract.HAS_MASK_INPUT]
             for name in per_prompt_set:
                 chunk[name] = feeds[name][start : start + limit]
-            parts.append(self.decoder.infer(chunk, outputs=wanted))
+            parts.append(runner.infer(chunk, outputs=wanted))
         return {name: np.concatenate([p[name] for p in parts], axis=0) for name in wanted}
 
     # -- low-res logits only (the automatic mask generator upscales just the candidates it keeps) ---
-    def predict_low_res(self, point_coords, point_labels, multimask_output: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def predict_low_res(self, point_coords, point_labels, multimask_output: bool = True, workers: int = 1,
+                        iou_floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(low-res logits [B,C,256,256], predicted IoU [B,C]) for B prompt sets of points, without the upscale
         to the image size that predict() does for every candidate.
 
         point_coords [B,N,2] / point_labels [B,N] in original-image pixels, as for predict(). Prompt sets go
-        through the decoder in chunks: the static graph's fixed count, max_prompt_batch, or as many as the
-        memory budget holds without host upscaling."""
+        through the decoder in chunks of equal size: the static graph's fixed count, max_prompt_batch, or as
+        many as the memory budget holds without host upscaling. workers > 1: that many chunks run at once, each
+        on its own thread with one intra-op thread (the decoder's concurrent() runner; the memory budget is
+        shared between them), where the runtime has that mode; elsewhere they run one after another.
+        iou_floor: the caller reads only candidates whose predicted IoU is above it, so a prompt set with none
+        gets no mask computed where the runtime can stop after the IoU head (Runner.infer_staged); its logits
+        are then zeros. Predicted IoU is always computed for every prompt set."""
         if self.image_embeddings is None or self.geometry is None:
             raise UsageError("no image set: call set_image(image) before predict_low_res()")
         multimask_output = as_flag(multimask_output, "multimask_output")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise UsageError(f"workers must be a positive integer, got {workers!r}"[:120])
+        if iou_floor is not None and (isinstance(iou_floor, bool) or not isinstance(iou_floor, (int, float))
+                                      or not math.isfinite(iou_floor)):
+            raise UsageError(f"iou_floor must be a number or None, got {iou_floor!r}"[:120])
         if multimask_output and self.num_tokens == 1:
             raise UsageError(f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask): use multimask_output=False")
         points, labels, _ = check_prompts(self.geometry.original_size, point_coords, point_labels)
         tokens = processing.build_prompt_tokens(self.geometry, points, labels)
         batch = tokens.point_coords.shape[0]
+        runner = self._concurrent_runner() if workers > 1 and batch > 1 else None
         chunk = self.prompt_chunk_size(multimask_output, upscaled=False)
-        low_res_parts, score_parts = [], []
-        for start in range(0, batch, chunk):
-            stop = min(start + chunk, batch)
+        if self._prompt_batch_limit is not None:  # a static graph's fixed count per call
+            parts = [np.arange(start, min(start + chunk, batch)) for start in range(0, batch, chunk)]
+        else:
+            if runner is not None:
+                chunk = max(1, min(chunk // workers, -(-batch // workers), CONCURRENT_PROMPT_SETS))
+            # Equal parts: 64 prompt sets at a chunk of 21 run as 22 + 21 + 21, not 21 + 21 + 21 + 1.
+            parts = np.array_split(np.arange(batch), -(-batch // chunk))
+
+        def decode(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            prompt_sets = slice(int(part[0]), int(part[-1]) + 1)
             feeds = contract.decoder_feeds(
                 self.decoder_spec,
                 image_embeddings=self.image_embeddings,
-                point_coords=tokens.point_coords[start:stop],
-                point_labels=tokens.point_labels[start:stop],
+                point_coords=tokens.point_coords[prompt_sets],
+                point_labels=tokens.point_labels[prompt_sets],
                 original_size=UNREAD_MASKS_SIZE,
             )
-            out = self._run_decoder(feeds, stop - start)
+            out = self._run_decoder(feeds, len(part), runner, iou_floor, multimask_output)
             low_res, scores = processing.select_masks(out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
-            low_res_parts.append(np.ascontiguousarray(low_res, dtype=np.float32))
-            score_parts.append(np.asarray(scores, dtype=np.float32))
-        return np.concatenate(low_res_parts), np.concatenate(score_parts)
+            return np.ascontiguousarray(low_res, dtype=np.float32), np.asarray(scores, dtype=np.float32)
+
+        if runner is None or len(parts) == 1:
+            results = [decode(part) for part in parts]
+        else:
+            results = list(self._pool(workers).map(decode, parts))
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def _concurrent_runner(self):
+        """The decoder's concurrent() runner, loaded once (None where the runtime has none)."""
+        if self._concurrent_decoder is None:
+            runner = self.decoder.concurrent()
+            self._concurrent_decoder = False if runner is None else runner.load()
+        return self._concurrent_decoder or None
+
+    def _pool(self, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._decoder_pool is None or self._decoder_pool_workers != workers:
+            if self._decoder_pool is not None:
+                self._decoder_pool.shutdown()
+            self._decoder_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evsam-decoder")
+            self._decoder_pool_workers = workers
+        return self._decoder_pool
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
-        for runner in (getattr(self, "encoder", None), getattr(self, "decoder", None)):
-            if runner is not None:
+        if getattr(self, "_decoder_pool", None) is not None:
+            self._decoder_pool.shutdown()
+            self._decoder_pool = None
+        for runner in (getattr(self, "_concurrent_decoder", None), getattr(self, "encoder", None), getattr(self, "decoder", None)):
+            if runner:
                 runner.close()
+        self._concurrent_decoder = None
 
     def __enter__(self) -> Predictor:
         return self

@@ -389,19 +389,58 @@ def test_prompt_batches_follow_the_decoder_limit(l0_export, predictor):
     settings = {**SYNTHETIC_SETTINGS, "points_per_side": 3, "stability_score_thresh": 0.0}
     reference = MaskGenerator(predictor, **settings).generate(image)
     with Predictor(l0_export, threads=2, max_prompt_batch=2) as chunked:
-        sizes = []
-        infer = chunked.decoder.infer
-
-        def spy(feeds, **kwargs):
-            sizes.append(len(feeds["point_coords"]))
-            return infer(feeds, **kwargs)
-
-        chunked.decoder.infer = spy
-        records = MaskGenerator(chunked, points_per_batch=5, **settings).generate(image)
-    assert sizes == [2, 2, 1, 2, 2], sizes  # 9 points in batches of 5 + 4, each split into chunks of 2
-    assert len(records) == len(reference)
-    for a, b in zip(records, reference):
+        sizes = spy_on_prompt_sets(chunked.decoder)
+        records = MaskGenerator(chunked, points_per_batch=5, decoder_workers=1, **settings).generate(image)
+        assert sizes == [2, 2, 1, 2, 2], sizes  # 9 points in batches of 5 + 4, each split into equal chunks of at most 2
+        # Two workers share the chunk: each call gets half of it, on the decoder's concurrent runner.
+        concurrent_sizes = spy_on_prompt_sets(chunked._concurrent_runner())
+        concurrent = MaskGenerator(chunked, points_per_batch=5, decoder_workers=2, **settings).generate(image)
+        assert concurrent_sizes == [1] * 9, concurrent_sizes
+    assert len(records) == len(concurrent) == len(reference)
+    for a, b, c in zip(records, reference, concurrent):
         assert np.array_equal(a["segmentation"], b["segmentation"]) and a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-6)
+        assert np.array_equal(c["segmentation"], b["segmentation"]) and c["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-6)
+
+
+def spy_on_prompt_sets(runner) -> list[int]:
+    """The prompt-set count of every call `runner` gets from now on (whole or staged), in call order."""
+    sizes = []
+    for name in ("infer", "infer_staged"):
+        original = getattr(runner, name)
+
+        def spy(feeds, *args, original=original, **kwargs):
+            sizes.append(len(feeds["point_coords"]))
+            return original(feeds, *args, **kwargs)
+
+        setattr(runner, name, spy)
+    return sizes
+
+
+def test_concurrent_and_staged_decoding_match_plain_calls(predictor):
+    """predict_low_res on two workers (the split decoder's concurrent runner, one image side) and with an IoU
+    floor (masks only for prompt sets with a candidate above it; zeros elsewhere) gives the plain call's values."""
+    predictor.set_image(photo("coffee", (64, 48)))
+    points = (amg.point_grid(4) * np.array([[64, 48]]))[:, None, :]
+    labels = np.ones((len(points), 1))
+    runs_before = predictor.decoder.image_side_runs
+    plain_logits, plain_scores = predictor.predict_low_res(points, labels)
+    logits, scores = predictor.predict_low_res(points, labels, workers=2)
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores, plain_scores, rtol=1e-5, atol=1e-6)
+    assert predictor.decoder.image_side_runs == runs_before  # the workers read the image side set_image computed
+    floor = float(np.median(plain_scores.max(axis=1)))
+    for workers in (1, 2):
+        logits, scores = predictor.predict_low_res(points, labels, workers=workers, iou_floor=floor)
+        np.testing.assert_allclose(scores, plain_scores, rtol=1e-5, atol=1e-6)
+        wanted = (plain_scores > np.float32(floor)).any(axis=1)
+        assert 0 < wanted.sum() < len(wanted)
+        np.testing.assert_allclose(logits[wanted], plain_logits[wanted], rtol=1e-5, atol=1e-5)
+        assert not logits[~wanted].any()
+    with pytest.raises(UsageError, match="workers must be a positive integer"):
+        predictor.predict_low_res(points, labels, workers=0)
+    with pytest.raises(UsageError, match="iou_floor must be a number"):
+        predictor.predict_low_res(points, labels, iou_floor="high")
+    predictor.reset_image()
 
 
 def test_prepared_image_gives_the_same_masks(predictor):
@@ -590,16 +629,12 @@ def test_static_prompt_decoder(copy_export, predictor):
     # export makes its split halves static too)
     with Predictor(folder, threads=2, split_decoder=False) as static:
         assert static.prompt_chunk_size() == 1
-        sizes = []
-        infer = static.decoder.infer
-
-        def spy(feeds, **kwargs):
-            sizes.append(feeds["point_coords"].shape[:2])
-            return infer(feeds, **kwargs)
-
-        static.decoder.infer = spy
-        records = MaskGenerator(static, **settings).generate(image)
-    assert sizes == [(1, 2)] * 9
+        sizes = spy_on_prompt_sets(static.decoder)
+        records = MaskGenerator(static, decoder_workers=1, **settings).generate(image)
+        concurrent_sizes = spy_on_prompt_sets(static._concurrent_runner())
+        concurrent = MaskGenerator(static, decoder_workers=2, **settings).generate(image)
+    assert sizes == concurrent_sizes == [1] * 9
+    assert [r["predicted_iou"] for r in concurrent] == pytest.approx([r["predicted_iou"] for r in records], abs=1e-6)
     reference = MaskGenerator(predictor, **settings).generate(image)
     assert len(records) == len(reference) > 0
     for a, b in zip(records, reference):
