@@ -212,7 +212,7 @@ def segment_command(
                     "decoder": predictor.decoder_artifact.id,
                     "split_decoder": predictor.info["split_decoder"],
                     "settings": {key: value for key, value in settings.items() if key != "point_grids"}
-                    | {"point_grids": grids is not None},
+                    | {"point_grids": grids is not None, "decoder_workers": generator.decoder_workers},
                     "images": results,
                     "skipped": skipped,
                 }

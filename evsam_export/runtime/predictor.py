@@ -477,7 +477,12 @@ class Predictor:
             # Equal parts: 64 prompt sets at a chunk of 21 run as 22 + 21 + 21, not 21 + 21 + 21 + 1.
             parts = np.array_split(np.arange(batch), -(-batch // chunk))
 
-        def decode(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Each call writes its rows straight into the results (the one copy out of the runtime's outputs).
+        candidates = 3 if multimask_output else 1
+        low_res = np.empty((batch, candidates, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), np.float32)
+        scores = np.empty((batch, candidates), np.float32)
+
+        def decode(part: np.ndarray) -> None:
             prompt_sets = slice(int(part[0]), int(part[-1]) + 1)
             feeds = contract.decoder_feeds(
                 self.decoder_spec,
@@ -487,14 +492,15 @@ class Predictor:
                 original_size=UNREAD_MASKS_SIZE,
             )
             out = self._run_decoder(feeds, len(part), runner, iou_floor, multimask_output)
-            low_res, scores = processing.select_masks(out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
-            return np.ascontiguousarray(low_res, dtype=np.float32), np.asarray(scores, dtype=np.float32)
+            low_res[prompt_sets], scores[prompt_sets] = processing.select_masks(
+                out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
 
         if runner is None or len(parts) == 1:
-            results = [decode(part) for part in parts]
+            for part in parts:
+                decode(part)
         else:
-            results = list(self._pool(workers).map(decode, parts))
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+            list(self._pool(workers).map(decode, parts))
+        return low_res, scores
 
     def _concurrent_runner(self):
         """The decoder's concurrent() runner, loaded once (None where the runtime has none)."""

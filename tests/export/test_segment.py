@@ -555,6 +555,7 @@ def test_cli_segment_image_without_torch(l0_export, tmp_path):
     assert all(as_mask(r["segmentation"]).sum() == r["area"] for r in records)
     summary = json.loads((out / "segment.json").read_text())
     assert summary["images"][0]["masks"] == len(records) and summary["settings"]["points_per_side"] == 3
+    assert summary["settings"]["decoder_workers"] == 2  # --threads 2
     assert f"coffee.png: {len(records)} masks in " in proc.stdout
     overlay = np.asarray(Image.open(out / "coffee.overlay.png"))
     assert overlay.shape == (48, 64, 3) and not np.array_equal(overlay, photo("coffee", (64, 48)))
