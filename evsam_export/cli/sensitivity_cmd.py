@@ -41,7 +41,8 @@ def sensitivity_command(
         str,
         typer.Option(
             help="Comma list of rows. ort: fallback groups, 'ungrouped' or 'all' (default: every encoder group, ungrouped "
-            "and all; 'all' alone: only the every-node row). openvino: 'none' or encoder regions joined by '+' "
+            "and all; 'all' alone: only the every-node row), or 'regions' alone: each block of quantized ops alone INT8, "
+            "most harmful first (the ranked fallback's ranking). openvino: 'none' or encoder regions joined by '+' "
             "(default: none and every NNCF fallback group)."
         ),
     ] = "",

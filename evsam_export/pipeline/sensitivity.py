@@ -3,7 +3,8 @@
 For each `ort_int8.INT8_GROUPS` group that names encoder nodes, and for "ungrouped" (the quantizable nodes
 no group names), the encoder is quantized with *only* those nodes in INT8 and every other one fp32; "all"
 quantizes every node the recipe would. The SNR of each against the fp32 graph on a parity suite's images
-says where the error comes from and what it costs (node count). The fallback order in INT8_GROUPS was
+says where the error comes from and what it costs (node count). "regions" instead lists every small region
+(block) of quantized ops alone, from one quantization (the `rank` fallback's ranking). The fallback order in INT8_GROUPS was
 chosen from this table on l0 with synthetic weights: run it with real weights before trusting that order
 for another variant or checkpoint.
 
@@ -32,6 +33,7 @@ from evsam_export.steps.fallback import GATE_SUITE
 
 ALL = "all"  # every node the recipe would quantize
 UNGROUPED = "ungrouped"  # quantizable nodes that no fallback group names
+REGIONS = "regions"  # one row per small region (block) of quantized ops: the recipe's ranking, on the suite
 REPORT_FORMAT = "evsam-export/sensitivity"
 REPORT_NAME = "sensitivity.json"
 # The INT8 artifact whose settings a cpu-ort-int8 folder carries.
@@ -128,7 +130,7 @@ def group_selection(quantizable: Sequence[tuple[str, str]], wanted: Sequence[str
     known = [g.name for g in ort_int8.INT8_GROUPS]
     unknown = sorted(set(wanted) - set(known) - {ALL, UNGROUPED})
     if unknown:
-        raise UsageError(f"unknown group {unknown[0]!r}", hint=f"choose from {', '.join(known + [UNGROUPED, ALL])}")
+        raise UsageError(f"unknown group {unknown[0]!r}", hint=f"choose from {', '.join(known + [UNGROUPED, ALL, REGIONS])}")
     every = {name for name, _ in quantizable}
     grouped = {g.name: set(g.select(quantizable)) for g in ort_int8.INT8_GROUPS}
     selected = {name: grouped[name] for name in known if not wanted or name in wanted}
@@ -174,7 +176,10 @@ def measure_sensitivity(
     parent = manifest.artifact(FP32_ARTIFACT)
     settings, settings_from = int8_settings(manifest, overrides or {})
     quantizable = quantizable_nodes(graph_nodes(folder / parent.path), settings)
-    selected, skipped = group_selection(quantizable, groups)
+    by_region = REGIONS in groups
+    if by_region and len(groups) > 1:
+        raise UsageError(f"'{REGIONS}' is a table of its own", hint=f"run --groups {REGIONS} alone, or name groups without it")
+    selected, skipped = ({ALL: {name for name, _ in quantizable}}, []) if by_region else group_selection(quantizable, groups)
     if not selected:
         raise UsageError(f"no quantizable {'/'.join(settings.op_types_to_quantize)} node in {', '.join(skipped)} of this encoder",
                          hint="name an encoder group, 'ungrouped' or 'all'")
@@ -197,6 +202,9 @@ def measure_sensitivity(
         ctx = StepContext(folder=work, manifest=manifest, variant=variant, reporter=Reporter(quiet=True), threads=threads,
                           gating=ParityGate())
         every = {name for name, _ in quantizable}
+        if by_region:
+            _region_rows(ctx, parent, settings, feeds, reference, report, reporter, on_result)
+            return report
         for name, quantized in selected.items():
             started = time.perf_counter()
             keep_fp32 = tuple(f"^{re.escape(node)}$" for node in sorted(every - quantized))
@@ -216,6 +224,49 @@ def measure_sensitivity(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _region_rows(ctx, parent, settings, feeds: list, reference: list, report, reporter: Reporter,
+                 on_result: Callable | None) -> None:
+    """REGIONS: quantize every quantizable node once, then measure each small region of quantized ops alone
+    (the Q/DQ pairs of every other op stripped, no re-quantization: the `rank` fallback's ranking), on the
+    suite's images; the rows end sorted most harmful first, after an `all` row."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from evsam_export.metrics import snr_db
+    from evsam_export.precision import ort_int8
+    from evsam_export.steps.fallback import units_of
+
+    started = time.perf_counter()
+    read = ctx.folder / "quantizer-source.onnx"
+    with reporter.step("every quantizable node INT8, once"):
+        artifact = ort_int8.build(ctx, parent, settings, source_copy=read)[0]
+    full = onnx.load(str(ctx.path_of(artifact)))
+    fp32 = onnx.load(str(read))
+    ops = ort_int8.quantized_nodes(full)
+    options = ort.SessionOptions()
+    if ctx.threads:
+        options.intra_op_num_threads = ctx.threads
+
+    def row(name: str, model, count: int, since: float) -> GroupSensitivity:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        output = session.get_outputs()[0].name
+        snrs = [snr_db(r, session.run([output], feed)[0]) for r, feed in zip(reference, feeds)]
+        return GroupSensitivity(group=name, selected=count, quantized=count, snr_min_db=round(float(min(snrs)), 3),
+                                snr_mean_db=round(float(np.mean(snrs)), 3), seconds=round(time.perf_counter() - since, 1),
+                                ranges_reused=bool(artifact.facts["calibration"]["ranges_reused"]))
+
+    _add_row(report, row(ALL, full, len(ops), started), on_result)
+    for name, names in units_of(ops):
+        since = time.perf_counter()
+        with reporter.step(f"{name}: {len(names)} ops INT8, the rest fp32"):
+            model = onnx.ModelProto()
+            model.CopyFrom(full)
+            ort_int8.strip_qdq(model, fp32, set(ops) - set(names))
+            _add_row(report, row(name, model, len(names), since), on_result)
+    report.results[1:] = sorted(report.results[1:], key=lambda r: r.snr_min_db)
 
 
 def _add_row(report, row, on_result: Callable | None) -> None:

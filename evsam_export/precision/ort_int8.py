@@ -338,7 +338,9 @@ def _calibration_feeds(ctx: StepContext, parent: Artifact, settings: Settings) -
     return feeds, described
 
 
-def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifact]:
+def build(ctx: StepContext, parent: Artifact, settings: Settings, source_copy: Path | None = None) -> list[Artifact]:
+    """The INT8 artifact of `parent` (quantize_static, QDQ; the fallback per settings). source_copy: also save
+    the fp32 graph the quantizer read (pre-processed, graph passes applied) there, for strip_qdq."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -378,6 +380,8 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             if any(pass_facts["passes"].values()):
                 source = scratch / "passes.onnx"
                 onnx.save(rewritten, str(source))
+        if source_copy is not None:
+            shutil.copyfile(source, source_copy)
         nodes = graph_nodes(source)
         groups = INT8_GROUPS if settings.fallback else ()
         excluded = regions.protected_nodes(nodes, parent.component, settings.fp32_regions, settings.fp32_patterns,

@@ -97,6 +97,26 @@ def test_sensitivity_command_measures_each_group_and_writes_its_report(l0_export
     assert not list(scratch.iterdir())  # the INT8 work folder is gone
 
 
+def test_regions_rows_rank_each_block_alone_from_one_quantization(l0_export, tmp_path, monkeypatch):
+    """--groups regions: the all-INT8 row, then one row per block of quantized ops (the ranked fallback's units),
+    each alone INT8 with every other op's Q/DQ stripped, most harmful first; one calibration for all of them."""
+    from evsam_export.steps.fallback import units_of
+
+    monkeypatch.setenv("EVSAM_CACHE_DIR", str(tmp_path / "cache"))
+    report = sensitivity.measure_sensitivity(l0_export, ["regions"], {"calibration_images": 2, "calibrate_method": "minmax"})
+    every, *regions = report.results
+    assert every.group == sensitivity.ALL and every.quantized == report.quantizable
+    names = [name for name, _ in units_of(sorted({n for n, _ in sensitivity.quantizable_nodes(
+        graph_nodes(l0_export / "encoder.fp32.onnx"), ort_int8.Settings(fallback=False))}))]
+    assert sorted(r.group for r in regions) == sorted(names) and len(regions) > 10
+    assert sum(r.quantized for r in regions) == every.quantized
+    assert [r.snr_min_db for r in regions] == sorted(r.snr_min_db for r in regions)
+    # One region alone costs less SNR than all of them together.
+    assert every.snr_min_db < regions[0].snr_min_db <= regions[-1].snr_min_db
+    with pytest.raises(UsageError, match="'regions' is a table of its own"):
+        sensitivity.measure_sensitivity(l0_export, ["regions", "neck"], {})
+
+
 def test_sensitivity_errors_are_one_line_with_exit_codes(l0_export, tmp_path):
     proc = cli(l0_export, "--groups", "nek", "--report", tmp_path / "never.json")
     assert proc.returncode == 2 and "unknown group 'nek'" in proc.stderr and "Traceback" not in proc.stderr
