@@ -31,6 +31,7 @@ import numpy as np
 from evsam_export.errors import ExportError
 from evsam_export.export import regions
 from evsam_export.manifest import Artifact
+from evsam_export.precision import lowered
 from evsam_export.steps.fallback import FallbackGroup, build_with_fallback, graph_nodes, nodes_matching
 from evsam_export.steps.settings import PrecisionSettings
 from evsam_export.steps.step import StepContext, artifact_filename
@@ -366,6 +367,7 @@ def build(ctx: StepContext, parent: Artifact, settings: Settings) -> list[Artifa
             "fp32_islands": islands,
             "cast_round_trips_removed": round_trips,
             "ort_cpu_check": run,
+            "lowered": lowered.fp16_census(converted),  # what runs in fp16, for the summary line and the tables
         }
         return ctx.new_artifact(parent, path, target="onnx", precision="fp16", step="fp16",
                                 settings=asdict(settings), facts=facts, started=started)

@@ -109,10 +109,10 @@ class OrtRunner(Runner):
         kept = np.flatnonzero(rows)
         computed = tail.run(tail_names, {name: value[kept] for name, value in tail_feeds.items()}) if len(kept) else None
         for index, name in enumerate(tail_names):
-            shape = next(o for o in self.outputs if o.name == name).shape
+            spec = next(o for o in self.outputs if o.name == name)
             out = computed[index] if computed is not None else None
-            full = np.zeros((batch, *(out.shape[1:] if out is not None else self._row_shape(name, shape))),
-                            out.dtype if out is not None else np.float32)
+            full = np.zeros((batch, *(out.shape[1:] if out is not None else self._row_shape(name, spec.shape))),
+                            out.dtype if out is not None else np.dtype(spec.dtype))
             if out is not None:
                 full[kept] = out
             results[name] = full

@@ -154,8 +154,14 @@ def write_ir(ctx: StepContext, parent: Artifact, model, settings: Settings, star
     if settings.precision == "int8":
         facts["int8_fed_matmuls"] = int8_fed_matmuls(saved)
         facts["lowered"] = lowered.openvino_census(saved)
-    elif settings.precision == "bf16" and actual == "bf16":
-        facts["lowered"] = lowered.whole_graph_census(nncf_int8.model_nodes(saved), "bf16")
+    elif settings.precision in ("bf16", "fp16"):
+        counted = lowered.whole_graph_census(nncf_int8.model_nodes(saved), settings.precision)
+        if actual != {"bf16": "bf16", "fp16": "f16"}[settings.precision]:
+            # This CPU's plugin computes the IR in `actual` (fp16 weights are widened on load): none of it runs
+            # in the precision of its name here.
+            counted = lowered.census({}, {op: v["total"] for op, v in counted["ops"].items()}, settings.precision)
+            counted["text"] += f" (computed in {actual} on this CPU)"
+        facts["lowered"] = counted
     recorded = asdict(settings)
     recorded["inference_precision"] = runner.compile_config()["INFERENCE_PRECISION_HINT"]
     return ctx.new_artifact(

@@ -117,6 +117,10 @@ def test_ir_files_and_manifest_entries(ctx, built):
         fp32 = built[f"{component}.openvino.fp32"].facts["ir_bytes"]["bin"]
         fp16 = built[f"{component}.openvino.fp16"].facts["ir_bytes"]["bin"]
         assert 0.45 < fp16 / fp32 < 0.55
+        # The CPU plugin computes the fp16 IR in f32 (its weights widened on load): its census says so.
+        counted = built[f"{component}.openvino.fp16"].facts["lowered"]
+        assert counted["precision"] == "fp16" and counted["lowered"] == 0 and counted["total"] > 0
+        assert counted["text"].endswith("fp16 (computed in f32 on this CPU)")
     # the dynamic batch of the ONNX survives conversion
     model = ov.Core().read_model(str(ctx.path_of(built["encoder.openvino.fp32"])))
     assert model.input(0).get_partial_shape()[0].is_dynamic
