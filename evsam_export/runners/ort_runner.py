@@ -42,7 +42,8 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(self.path), self._options(), providers=self.providers)
-        self._pruned: dict[tuple[str, ...], object] = {}
+        self._pruned: dict[tuple[str, ...], object] = {}  # outputs fetched -> the session that computes them
+        self._staged: dict[str, tuple | None] = {}  # infer_staged's first output -> (head, tail, cut) sessions
 
     def _options(self):
         import onnxruntime as ort
@@ -120,19 +121,18 @@ class OrtRunner(Runner):
 
     def _staged_sessions(self, first: str):
         """(head, tail, cut tensors) sessions for infer_staged, built once per `first` (None: not split)."""
-        key = ("staged", first)
-        if key not in self._pruned:
+        if first not in self._staged:
             parts = staged_subgraphs(self.path, first)
-            if parts is None:
-                self._pruned[key] = None
-            else:
+            sessions = None
+            if parts is not None:
                 import onnxruntime as ort
 
                 head, tail, boundary = parts
-                self._pruned[key] = (ort.InferenceSession(head.SerializeToString(), self._options(), providers=self.providers),
-                                     ort.InferenceSession(tail.SerializeToString(), self._options(), providers=self.providers),
-                                     boundary)
-        return self._pruned[key]
+                sessions = (ort.InferenceSession(head.SerializeToString(), self._options(), providers=self.providers),
+                            ort.InferenceSession(tail.SerializeToString(), self._options(), providers=self.providers),
+                            boundary)
+            self._staged[first] = sessions
+        return self._staged[first]
 
     @staticmethod
     def _row_shape(name: str, shape) -> tuple[int, ...]:
@@ -152,6 +152,7 @@ class OrtRunner(Runner):
     def _close(self) -> None:
         self.session = None
         self._pruned = {}
+        self._staged = {}
 
 
 # Graphs above this size are never pruned in memory: a ModelProto cannot serialize past 2 GB, and only the
