@@ -76,19 +76,23 @@ class Runner(ABC):
             raise RuntimeError(f"{self.label}: runtime returned no {missing}")
         return {name: np.asarray(results[name]) for name in wanted}
 
-    def infer_staged(self, feeds: dict[str, np.ndarray], first: str,
-                     rows_needed: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    def infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed: Callable[[np.ndarray], np.ndarray],
+                     window: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
         """Every output, `first` computed before the rest: rows_needed(first's value) -> bool per row (dim 0)
-        says for which rows the other outputs are wanted; rows not wanted may hold zeros. Runtimes that cannot
-        run part of a graph compute every row (the default)."""
+        says for which rows the other outputs are wanted; rows not wanted may hold zeros. window: for an output
+        name, (rows, cols) of its last two axes that the caller reads ([..., :rows, :cols]); outside them it may
+        hold zeros. Runtimes that cannot run part of a graph compute every row and pixel (the default)."""
         if not self.loaded:
             self.load()
         if first not in [t.name for t in self.outputs]:
             raise UsageError(f"{self.label}: no output named {first!r}", hint=f"outputs are {[t.name for t in self.outputs]}")
-        results = self._infer_staged(check_feeds(self.inputs, feeds, self.label), first, rows_needed)
+        unknown = sorted(set(window or {}) - {t.name for t in self.outputs})
+        if unknown:
+            raise UsageError(f"{self.label}: window for unknown outputs {unknown}", hint=f"outputs are {[t.name for t in self.outputs]}")
+        results = self._infer_staged(check_feeds(self.inputs, feeds, self.label), first, rows_needed, window or {})
         return {t.name: np.asarray(results[t.name]) for t in self.outputs}
 
-    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed) -> dict[str, np.ndarray]:
+    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed, window: dict) -> dict[str, np.ndarray]:
         return self._infer(feeds)
 
     @abstractmethod

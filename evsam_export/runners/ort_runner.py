@@ -44,6 +44,8 @@ class OrtRunner(Runner):
         self.session = ort.InferenceSession(str(self.path), self._options(), providers=self.providers)
         self._pruned: dict[tuple[str, ...], object] = {}  # outputs fetched -> the session that computes them
         self._staged: dict[str, tuple | None] = {}  # infer_staged's first output -> (head, tail, cut) sessions
+        self._windowed: dict[tuple[str, str], tuple | None] = {}  # (first, output) -> (tail session, grid, scale)
+        self._tail_models: dict[str, object] = {}  # first -> the staged tail's ModelProto (windowed_subgraph rewrites it)
 
     def _options(self):
         import onnxruntime as ort
@@ -88,7 +90,7 @@ class OrtRunner(Runner):
             self._pruned[key] = pruned or self.session
         return self._pruned[key]
 
-    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed) -> dict[str, np.ndarray]:
+    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed, window: dict) -> dict[str, np.ndarray]:
         staged = self._staged_sessions(first)
         if staged is None:
             return self._infer(feeds)
@@ -104,20 +106,85 @@ class OrtRunner(Runner):
             rows = np.ones(batch, bool)  # a cut tensor without the rows on axis 0: compute every row
         tail_names = [o.name for o in tail.get_outputs()]
         results = {first: gate}
-        if rows.all():
-            results.update(zip(tail_names, tail.run(tail_names, tail_feeds)))
-            return results
         kept = np.flatnonzero(rows)
-        computed = tail.run(tail_names, {name: value[kept] for name, value in tail_feeds.items()}) if len(kept) else None
-        for index, name in enumerate(tail_names):
+        if len(kept) < batch:
+            tail_feeds = {name: value[kept] for name, value in tail_feeds.items()}
+        windowed = self._windowed_tail(first, window, tail_feeds) if len(kept) else None
+        computed = None
+        if len(kept) and windowed is not None:
+            session, name, grid_window = windowed
+            tail_feeds[WINDOW_INPUT] = np.asarray(grid_window, np.int64)
+            computed = dict(zip(tail_names, session.run(tail_names, tail_feeds)))
+        elif len(kept):
+            computed = dict(zip(tail_names, tail.run(tail_names, tail_feeds)))
+        for name in tail_names:
+            out = None if computed is None else computed[name]
             spec = next(o for o in self.outputs if o.name == name)
-            out = computed[index] if computed is not None else None
-            full = np.zeros((batch, *(out.shape[1:] if out is not None else self._row_shape(name, spec.shape))),
-                            out.dtype if out is not None else np.dtype(spec.dtype))
-            if out is not None:
+            if out is not None and len(kept) == batch and out.shape[1:] == self._declared_row(spec, out.shape[1:]):
+                results[name] = out
+                continue
+            row = self._row_shape(name, spec.shape) if out is None else self._declared_row(spec, out.shape[1:])
+            full = np.zeros((batch, *row), spec.dtype if out is None else out.dtype)
+            if out is not None and out.shape[1:] == row:
                 full[kept] = out
+            elif out is not None:  # the windowed output: its top-left corner
+                full[(kept, ..., slice(0, out.shape[-2]), slice(0, out.shape[-1]))] = out
             results[name] = full
         return results
+
+    def _windowed_tail(self, first: str, window: dict, tail_feeds: dict[str, np.ndarray]) -> tuple | None:
+        """(session, output, grid window) computing only `window` of the tail's one output it names, or None:
+        no window asked, the whole output asked, or the tail has no windowed form (windowed_subgraph) whose
+        window matches the whole tail's (checked once per graph, on the first call's tail_feeds)."""
+        staged = self._staged.get(first)
+        if not window or staged is None:
+            return None
+        tail = staged[1]
+        names = [name for name in window if name in {o.name for o in tail.get_outputs()}]
+        if len(names) != 1:
+            return None
+        name = names[0]
+        key = (first, name)
+        if key not in self._windowed:
+            self._windowed[key] = self._build_windowed_tail(first, name, tail_feeds)
+        built = self._windowed[key]
+        if built is None:
+            return None
+        session, grid, scale = built
+        rows, cols = (int(size) for size in window[name])
+        grid_window = (min(grid[0], -(-rows // scale)), min(grid[1], -(-cols // scale)))
+        return None if grid_window == tuple(grid) else (session, name, grid_window)
+
+    def _build_windowed_tail(self, first: str, name: str, feeds: dict[str, np.ndarray]):
+        import onnxruntime as ort
+
+        shaped = windowed_subgraph(self._tail_models[first], name)
+        if shaped is None:
+            return None
+        model, grid, scale = shaped
+        session = ort.InferenceSession(model.SerializeToString(), self._options(), providers=self.providers)
+        # The rewrite holds only if every op from the grid to the output is local to its grid cell: compare a
+        # window short of the grid's edges on both axes with the whole tail's output, on this call's inputs.
+        tail = self._staged[first][1]
+        feeds = {name: value[:1] for name, value in feeds.items()}
+        probe = (max(1, grid[0] - 3), max(1, grid[1] - 5))
+        whole = dict(zip([o.name for o in tail.get_outputs()], tail.run(None, feeds)))[name]
+        probe_feeds = {**feeds, WINDOW_INPUT: np.asarray(probe, np.int64)}
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a failing probe is an answer, not an error to print
+        try:
+            part = dict(zip([o.name for o in session.get_outputs()], session.run(None, probe_feeds, quiet)))[name]
+        except Exception:  # noqa: BLE001 - e.g. a simplified graph's Reshape to the whole grid's constant shape
+            return None
+        expected = whole[..., : probe[0] * scale, : probe[1] * scale]
+        if part.shape != expected.shape or not np.allclose(part, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max())):
+            return None
+        return session, grid, scale
+
+    @staticmethod
+    def _declared_row(spec: TensorSpec, computed: tuple[int, ...]) -> tuple[int, ...]:
+        """One row's shape as declared (fixed axes) or as computed (named axes)."""
+        return tuple(dim if isinstance(dim, int) else size for dim, size in zip(spec.shape[1:], computed))
 
     def _staged_sessions(self, first: str):
         """(head, tail, cut tensors) sessions for infer_staged, built once per `first` (None: not split)."""
@@ -128,6 +195,7 @@ class OrtRunner(Runner):
                 import onnxruntime as ort
 
                 head, tail, boundary = parts
+                self._tail_models[first] = tail
                 sessions = (ort.InferenceSession(head.SerializeToString(), self._options(), providers=self.providers),
                             ort.InferenceSession(tail.SerializeToString(), self._options(), providers=self.providers),
                             boundary)
@@ -153,6 +221,8 @@ class OrtRunner(Runner):
         self.session = None
         self._pruned = {}
         self._staged = {}
+        self._windowed = {}
+        self._tail_models = {}
 
 
 # Graphs above this size are never pruned in memory: a ModelProto cannot serialize past 2 GB, and only the
@@ -269,3 +339,99 @@ def staged_subgraphs(path: Path, first: str) -> tuple[object, object, list[str]]
     head_model = part(head, [n for n in graph_inputs if n in head_used],
                       [first, *(n for n in boundary if producer.get(n) in head and n != first)])
     return head_model, part(tail, boundary, rest), boundary
+
+
+# The int64 [2] input a windowed tail takes: the grid rows and columns to compute (windowed_subgraph).
+WINDOW_INPUT = "evsam_grid_window"
+
+
+def windowed_subgraph(tail, output: str) -> tuple[object, tuple[int, int], int] | None:
+    """A copy of the staged tail `tail` that computes only a top-left window of `output`'s last two axes:
+    (model, grid (S1, S2), scale k), or None when the tail has not this shape: it lays exactly one of its inputs,
+    a token tensor [B, S1*S2, C], out as a grid [B, S1, S2, C'] with one Reshape, and `output` is a Reshape to
+    [..., k*S1, k*S2]. The copy slices the grid to WINDOW_INPUT's (rows, cols) and reshapes `output` to k times
+    them. Its window equals the whole tail's only if every op between is local to its grid cell, as in SAM's
+    mask upscaling (stride-2 2x2 transposed convolutions, per-pixel LayerNorm and GELU, per-pixel mask dot
+    products); the graph does not say so, so OrtRunner compares the two on random inputs before using it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(tail)
+    graph = model.graph
+    typed = {v.name: v for v in (*onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info,
+                                 *graph.input, *graph.output)}
+
+    def dims(name: str) -> list:
+        if name not in typed or not typed[name].type.tensor_type.HasField("shape"):
+            return []
+        return [d.dim_value if d.HasField("dim_value") else None for d in typed[name].type.tensor_type.shape.dim]
+
+    nodes = list(graph.node)
+    inputs = {i.name for i in graph.input}
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t) for node in nodes
+                      if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+    producers = {name: node for node in nodes for name in node.output}
+
+    def target(reshape) -> list:
+        """A Reshape's output dims: inferred, else read from a Concat of constants (None where not known)."""
+        inferred = dims(reshape.output[0])
+        if inferred and None not in inferred[1:]:
+            return inferred
+        concat = producers.get(reshape.input[1])
+        if concat is None or concat.op_type != "Concat":
+            return inferred
+        parts = [constants[name].reshape(-1).tolist() if name in constants else [None] for name in concat.input]
+        return [value for part in parts for value in part]
+
+    grids = []
+    for node in nodes:
+        if node.op_type == "Reshape" and node.input[0] in inputs:
+            tokens, laid_out = dims(node.input[0]), target(node)
+            if (len(tokens) == 3 and len(laid_out) == 4 and None not in laid_out[1:3] and tokens[1] is not None
+                    and laid_out[1] * laid_out[2] == tokens[1]):
+                grids.append(node)
+    ends = [node for node in nodes if output in node.output]
+    out_dims = dims(output)
+    if len(grids) != 1 or len(ends) != 1 or ends[0].op_type != "Reshape" or len(out_dims) < 3 or None in out_dims[-2:]:
+        return None
+    grid_node, end_node = grids[0], ends[0]
+    grid = tuple(target(grid_node)[1:3])
+    scale = out_dims[-1] // grid[1]
+    if out_dims[-2] != scale * grid[0] or out_dims[-1] != scale * grid[1] or scale < 1:
+        return None
+    if any(opset.domain in ("", "ai.onnx") and opset.version < 13 for opset in model.opset_import):
+        return None  # Slice with tensor starts/ends and Reshape as used below
+
+    def const(name: str, values: list[int]):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+    prefix = "evsam_window/"
+    sliced = prefix + "grid"
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name == grid_node.output[0]:
+                node.input[index] = sliced
+    cut = [const(prefix + "zeros", [0, 0]), const(prefix + "axes", [1, 2]),
+           helper.make_node("Slice", [grid_node.output[0], prefix + "zeros", WINDOW_INPUT, prefix + "axes"], [sliced])]
+    reshaped = [const(prefix + "scale", [scale]), const(prefix + "start", [0]), const(prefix + "lead_end", [-2]),
+                helper.make_node("Mul", [WINDOW_INPUT, prefix + "scale"], [prefix + "size"]),
+                helper.make_node("Slice", [end_node.input[1], prefix + "start", prefix + "lead_end"], [prefix + "lead"]),
+                helper.make_node("Concat", [prefix + "lead", prefix + "size"], [prefix + "shape"], axis=0)]
+    end_node.input[1] = prefix + "shape"
+    ordered = []
+    for node in nodes:
+        if node is end_node:
+            ordered.extend(reshaped)
+        ordered.append(node)
+        if node is grid_node:
+            ordered.extend(cut)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.input.append(helper.make_tensor_value_info(WINDOW_INPUT, TensorProto.INT64, [2]))
+    for value in graph.output:
+        if value.name == output:
+            shape = value.type.tensor_type.shape.dim
+            shape[-2].dim_param, shape[-1].dim_param = "window_rows", "window_cols"
+    return model, grid, scale

@@ -90,8 +90,8 @@ class SplitDecoderRunner(Runner):
     def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         return self.prompt_runner.infer(self._prompt_feeds(feeds), outputs=names)
 
-    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed) -> dict[str, np.ndarray]:
-        return self.prompt_runner.infer_staged(self._prompt_feeds(feeds), first, rows_needed)
+    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed, window: dict) -> dict[str, np.ndarray]:
+        return self.prompt_runner.infer_staged(self._prompt_feeds(feeds), first, rows_needed, window)
 
     def concurrent(self) -> Runner | None:
         """The prompt half's concurrent runner behind this pair's image side (one image half, one cache)."""
@@ -122,8 +122,8 @@ class _ConcurrentPromptHalf(Runner):
     def _infer_outputs(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         return self.prompt_runner.infer(self.pair._prompt_feeds(feeds), outputs=names)
 
-    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed) -> dict[str, np.ndarray]:
-        return self.prompt_runner.infer_staged(self.pair._prompt_feeds(feeds), first, rows_needed)
+    def _infer_staged(self, feeds: dict[str, np.ndarray], first: str, rows_needed, window: dict) -> dict[str, np.ndarray]:
+        return self.prompt_runner.infer_staged(self.pair._prompt_feeds(feeds), first, rows_needed, window)
 
 
 def split_pair_of(artifacts, decoder: Artifact) -> tuple[Artifact, Artifact] | None:

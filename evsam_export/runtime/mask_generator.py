@@ -796,11 +796,13 @@ class MaskGenerator:
         # The decoder works on the next batch (in a second thread: the runtimes release the GIL) while this
         # thread filters the last one.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            upcoming = pool.submit(self._decode, batches[0])
+            # The decoder computes only the low-res rows and columns the crop's upscale reads (the rest is padding).
+            window = (upscale.axes[0]["used"], upscale.axes[1]["used"])
+            upcoming = pool.submit(self._decode, batches[0], window)
             for index, batch in enumerate(batches):
                 decoded = upcoming.result()
                 if index + 1 < len(batches):
-                    upcoming = pool.submit(self._decode, batches[index + 1])
+                    upcoming = pool.submit(self._decode, batches[index + 1], window)
                 self._process_batch(batch, decoded, crop_box, rgb.shape[:2], upscale, survivors)
         self.predictor.reset_image()
         started = time.perf_counter()
@@ -816,13 +818,14 @@ class MaskGenerator:
         self.last_stats["seconds"]["postprocess"] += time.perf_counter() - started
         return masks
 
-    def _decode(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, points: np.ndarray, window: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Low-res logits and predicted IoU of every point (the predictor chunks them, decoder_workers at once)."""
         started = time.perf_counter()
         # Candidates at or below pred_iou_thresh are dropped first, so their masks need not be computed.
         low_res, scores = self.predictor.predict_low_res(points[:, None, :], np.ones((len(points), 1)), multimask_output=True,
                                                          workers=self.decoder_workers,
-                                                         iou_floor=self.pred_iou_thresh if self.pred_iou_thresh > 0 else None)
+                                                         iou_floor=self.pred_iou_thresh if self.pred_iou_thresh > 0 else None,
+                                                         low_res_window=window)
         self.last_stats["seconds"]["decoder"] += time.perf_counter() - started
         return low_res, scores
 

@@ -414,17 +414,20 @@ class Predictor:
         return Prediction(masks=masks, scores=scores, low_res_logits=low_res, multimask_output=multimask_output, meta=meta)
 
     def _run_decoder(self, feeds: dict[str, np.ndarray], batch: int, runner=None, iou_floor: float | None = None,
-                     multimask_output: bool = True) -> dict[str, np.ndarray]:
+                     multimask_output: bool = True, low_res_window: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         wanted = (contract.LOW_RES_MASKS, contract.IOU_PREDICTIONS)
         runner = runner or self.decoder
         limit = self._prompt_batch_limit
-        if iou_floor is not None and limit is None:
-            floor = np.float32(iou_floor)
+        if (iou_floor is not None or low_res_window is not None) and limit is None:
+            floor = None if iou_floor is None else np.float32(iou_floor)
 
             def rows_needed(iou: np.ndarray) -> np.ndarray:
+                if floor is None:
+                    return np.ones(iou.shape[0], bool)
                 return (processing.select_masks(iou, iou, multimask_output)[1] > floor).any(axis=1)
 
-            out = runner.infer_staged(feeds, contract.IOU_PREDICTIONS, rows_needed)
+            window = None if low_res_window is None else {contract.LOW_RES_MASKS: low_res_window}
+            out = runner.infer_staged(feeds, contract.IOU_PREDICTIONS, rows_needed, window)
             return {name: out[name] for name in wanted}
         if limit is None or batch <= limit:
             return runner.infer(feeds, outputs=wanted)
@@ -442,7 +445,7 @@ class Predictor:
 
     # -- low-res logits only (the automatic mask generator upscales just the candidates it keeps) ---
     def predict_low_res(self, point_coords, point_labels, multimask_output: bool = True, workers: int = 1,
-                        iou_floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        iou_floor: float | None = None, low_res_window: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(low-res logits [B,C,256,256], predicted IoU [B,C]) for B prompt sets of points, without the upscale
         to the image size that predict() does for every candidate.
 
@@ -453,7 +456,9 @@ class Predictor:
         shared between them), where the runtime has that mode; elsewhere they run one after another.
         iou_floor: the caller reads only candidates whose predicted IoU is above it, so a prompt set with none
         gets no mask computed where the runtime can stop after the IoU head (Runner.infer_staged); its logits
-        are then zeros. Predicted IoU is always computed for every prompt set."""
+        are then zeros. Predicted IoU is always computed for every prompt set. low_res_window (rows, cols): the
+        caller reads only logits[..., :rows, :cols] (the generator: the part its crop's masks are upscaled from,
+        the rest is padding); where the runtime can compute just that corner, the rest is zeros."""
         if self.image_embeddings is None or self.geometry is None:
             raise UsageError("no image set: call set_image(image) before predict_low_res()")
         multimask_output = as_flag(multimask_output, "multimask_output")
@@ -462,6 +467,12 @@ class Predictor:
         if iou_floor is not None and (isinstance(iou_floor, bool) or not isinstance(iou_floor, (int, float))
                                       or not math.isfinite(iou_floor)):
             raise UsageError(f"iou_floor must be a number or None, got {iou_floor!r}"[:120])
+        if low_res_window is not None:
+            window = tuple(low_res_window) if isinstance(low_res_window, (tuple, list)) else ()
+            if len(window) != 2 or not all(isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0
+                                            for size in window):
+                raise UsageError(f"low_res_window must be (rows, cols) of positive integers, got {low_res_window!r}"[:120])
+            low_res_window = (min(int(window[0]), LOW_RES_MASK_SIZE), min(int(window[1]), LOW_RES_MASK_SIZE))
         if multimask_output and self.num_tokens == 1:
             raise UsageError(f"{self.decoder_artifact.id} returns only token 0 (exported with --single-mask): use multimask_output=False")
         points, labels, _ = check_prompts(self.geometry.original_size, point_coords, point_labels)
@@ -491,7 +502,7 @@ class Predictor:
                 point_labels=tokens.point_labels[prompt_sets],
                 original_size=UNREAD_MASKS_SIZE,
             )
-            out = self._run_decoder(feeds, len(part), runner, iou_floor, multimask_output)
+            out = self._run_decoder(feeds, len(part), runner, iou_floor, multimask_output, low_res_window)
             low_res[prompt_sets], scores[prompt_sets] = processing.select_masks(
                 out[contract.LOW_RES_MASKS], out[contract.IOU_PREDICTIONS], multimask_output)
 

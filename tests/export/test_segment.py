@@ -443,6 +443,58 @@ def test_concurrent_and_staged_decoding_match_plain_calls(predictor):
     predictor.reset_image()
 
 
+@pytest.fixture(scope="module")
+def unsimplified_predictor(tmp_path_factory):
+    """A Predictor on an l0 export without graph simplification: its decoder reshapes by the tensors' shapes,
+    which the windowed mask upscaling needs (onnxsim folds them to the whole grid's constants)."""
+    from evsam_export import api
+    from evsam_export.pipeline.export import ExportOptions
+    from evsam_export.progress import Reporter
+
+    folder = tmp_path_factory.mktemp("unsimplified") / "l0"
+    api.export("l0", folder, options=ExportOptions(simplify="none"), reporter=Reporter(quiet=True))
+    with Predictor(folder, threads=2) as runtime:
+        yield runtime
+
+
+@pytest.mark.parametrize("export", ["unsimplified", "default"])
+def test_windowed_decoding_matches_the_plain_call_inside_the_window(export, predictor, request):
+    """predict_low_res(low_res_window=(rows, cols)) gives the plain call's logits in [..., :rows, :cols]. On a
+    graph that reshapes by shape (no simplification) ONNX Runtime upscales only the token rows and columns
+    under the window and the rest is zeros; on the simplified default export the windowed graph fails its
+    check and every pixel is computed. A window over the whole grid changes nothing; with an IoU floor too,
+    rows without a candidate stay zeros. The generator's window for a 600x400 photo is the part of the
+    low-res logits its upscale reads."""
+    from evsam_export.model import processing
+
+    runtime = request.getfixturevalue("unsimplified_predictor") if export == "unsimplified" else predictor
+    runtime.set_image(photo("coffee", (96, 64)))
+    points = (amg.point_grid(3) * np.array([[96, 64]]))[:, None, :]
+    labels = np.ones((len(points), 1))
+    plain_logits, plain_scores = runtime.predict_low_res(points, labels)
+    rows, cols = 171, 250  # not multiples of the 4 low-res pixels per token: the token window rounds up
+    for workers in (1, 2):
+        logits, scores = runtime.predict_low_res(points, labels, workers=workers, low_res_window=(rows, cols))
+        np.testing.assert_allclose(scores, plain_scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(logits[..., :rows, :cols], plain_logits[..., :rows, :cols], rtol=1e-5, atol=1e-5)
+        outside = logits[..., 172:, :].any() or logits[..., :, 252:].any()
+        assert outside == (export == "default")
+    logits, _ = runtime.predict_low_res(points, labels, low_res_window=(256, 256))
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    best = np.sort(plain_scores.max(axis=1))
+    floor = float(best[len(best) // 2 - 1] + best[len(best) // 2]) / 2  # between two prompt sets' best scores
+    logits, _ = runtime.predict_low_res(points, labels, iou_floor=floor, low_res_window=(rows, cols))
+    wanted = (plain_scores > np.float32(floor)).any(axis=1)
+    assert 0 < wanted.sum() < len(wanted) and not logits[~wanted].any()
+    np.testing.assert_allclose(logits[wanted][..., :rows, :cols], plain_logits[wanted][..., :rows, :cols], rtol=1e-5, atol=1e-5)
+    for bad in [(0, 10), (10,), "wide", (1.5, 3)]:
+        with pytest.raises(UsageError, match="low_res_window must be"):
+            runtime.predict_low_res(points, labels, low_res_window=bad)
+    runtime.reset_image()
+    upscale = amg.CropUpscale(processing.image_geometry(400, 600, 512))
+    assert (upscale.axes[0]["used"], upscale.axes[1]["used"]) == (172, 256)  # 683 of 1024 input rows, then padding
+
+
 def test_prepared_image_gives_the_same_masks(predictor):
     """generate(image, prepare(image)), the encoder run ahead (in another thread, as the CLI does for the next
     image of a folder), gives what generate(image) gives, crop layers included."""
