@@ -352,7 +352,8 @@ def windowed_subgraph(tail, output: str) -> tuple[object, tuple[int, int], int] 
     [..., k*S1, k*S2]. The copy slices the grid to WINDOW_INPUT's (rows, cols) and reshapes `output` to k times
     them. Its window equals the whole tail's only if every op between is local to its grid cell, as in SAM's
     mask upscaling (stride-2 2x2 transposed convolutions, per-pixel LayerNorm and GELU, per-pixel mask dot
-    products); the graph does not say so, so OrtRunner compares the two on random inputs before using it."""
+    products); the graph does not say so, so OrtRunner compares the two on its first call's inputs before
+    using it."""
     import onnx
     from onnx import TensorProto, helper
 
