@@ -8,9 +8,6 @@ through the real ctx.gate() on a one-image suite with the shipped tolerances.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -161,24 +158,6 @@ def test_fp32_ir_computes_in_f32_and_no_hint_would_not(ctx, built):
         pytest.skip(f"no bf16-capable CPU here (flags {flags}); without a hint this CPU computes {default}")
     assert default == "bf16", f"flags {flags}: OpenVINO's default on a bf16 CPU changed to {default}"
 
-
-
-def test_bf16_recipe_passes_its_gates_on_a_bf16_cpu(tmp_path, module_cache_dir):
-    """`run cpu-openvino-bf16` on a CPU that computes bf16 ends with exit 0: its decoder leaves the mask
-    upscale to the host (the plugin would run the `sam` profile's in-graph upscale in bf16 too, and those
-    masks miss the in-graph upscale gate), and both IRs report bf16 as what they compute in."""
-    flags = cpu_flags()
-    if not {"avx512_bf16", "amx_bf16"} & set(flags):
-        pytest.skip(f"no bf16-capable CPU here (flags {flags}): the recipe is refused (tests/export/test_auto.py)")
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "evsam_export.cli", "run", "cpu-openvino-bf16", "-o", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "CI": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    manifest = read_manifest(out)
-    decoder = manifest.artifact("decoder.openvino.bf16")
-    assert {spec.name for spec in decoder.outputs} == {"iou_predictions", "low_res_masks"}  # no in-graph `masks`
-    for name in ("encoder.openvino.bf16", "decoder.openvino.bf16"):
-        assert manifest.artifact(name).facts["compiled_inference_precision"] == "bf16"
 
 
 # ------------------------------------------------------------------------------------------ fp16
