@@ -369,22 +369,25 @@ class StrideTwoConvTranspose(nn.ConvTranspose2d):
         super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor, token_layout: bool = False) -> torch.Tensor:
-        """token_layout: x is channels-last [B, H, W, Cin]; returns [B, 2H, 2W, Cout], also in image order. Each input
-        pixel feeds exactly its own 2x2 output block, so output row 2y + i is row y times the weight's slice i laid
-        out as [Cin, (j, Cout)]: one MatMul broadcast over i writes [B*H, i, W, (j, Cout)], which is already the
-        image-order layout, so no Transpose (nor col2im scatter) runs."""
+        """token_layout: x is channels-last with the prompt sets' rows merged, [B*H, W, Cin]; returns [B*2H, 2W,
+        Cout], also in image order. Each input pixel feeds exactly its own 2x2 output block, so output row 2y + i
+        is row y times the weight's slice i laid out as [Cin, (j, Cout)]: one MatMul broadcast over i writes
+        [B*H, i, W, (j, Cout)], which is already the image-order layout, so no Transpose (nor col2im scatter)
+        runs. Only the row axis is left to -1: the graph computes any number of rows (a window of them) even
+        after a simplifier folds the other dims to constants."""
         if not token_layout:
             return super().forward(x)
-        b, h, w, cin = x.shape
+        w, cin = x.shape[-2:]
         cout = self.weight.shape[1]
         weight = self.weight.permute(2, 0, 3, 1).reshape(2, cin, 2 * cout)
-        out = x.reshape(b * h, 1, w, cin) @ weight + self.bias.repeat(2)
-        return out.reshape(b, 2 * h, 2 * w, cout)
+        out = x.reshape(-1, 1, w, cin) @ weight + self.bias.repeat(2)
+        return out.reshape(-1, 2 * w, cout)
 
 
 class OutputUpscaling(nn.Sequential):
     """SAM's output_upscaling (same children and keys); forward(x, token_layout=True) takes the image channels-last
-    [B, H, W, C] and returns the features [B, 4H, 4W, C/8] in image order, never NCHW."""
+    with the prompt sets' rows merged, [B*H, W, C], and returns the features [B*4H, 4W, C/8] in image order,
+    never NCHW."""
 
     def forward(self, x: torch.Tensor, token_layout: bool = False) -> torch.Tensor:
         for layer in self:
@@ -473,7 +476,11 @@ class MaskDecoder(nn.Module):
         hs, keys = self.transformer(image_side.image_tokens, key_pe, tokens, True, image_side)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + NUM_MASK_TOKENS, :]
-        x = self.output_upscaling(keys.reshape(batch, h, w, -1), True)  # [B, 4h, 4w, C/8], image order
+        # The image grid [B, h, w, C], rows then merged: [B*4h, 4w, C/8] in image order. Past the grid no shape
+        # names h, so a graph cut there can upscale a window of rows (ort_runner.windowed_subgraph).
+        # Widths are read from the tensors (traced as shapes), so an unsimplified graph windows columns too.
+        grid = keys.reshape(batch, h, w, -1)
+        x = self.output_upscaling(grid.reshape(-1, grid.shape[2], grid.shape[3]), True)
         hyper_in = self._hypernetworks(mask_tokens_out)
         masks = hyper_in @ x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)
-        return masks.reshape(batch, hyper_in.shape[1], 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
+        return masks.reshape(batch, hyper_in.shape[1], -1, x.shape[1]), self.iou_prediction_head(iou_token_out)

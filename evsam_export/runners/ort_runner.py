@@ -44,7 +44,7 @@ class OrtRunner(Runner):
         self.session = ort.InferenceSession(str(self.path), self._options(), providers=self.providers)
         self._pruned: dict[tuple[str, ...], object] = {}  # outputs fetched -> the session that computes them
         self._staged: dict[str, tuple | None] = {}  # infer_staged's first output -> (head, tail, cut) sessions
-        self._windowed: dict[tuple[str, str], tuple | None] = {}  # (first, output) -> (tail session, grid, scale)
+        self._windowed: dict[tuple[str, str], tuple | None] = {}  # (first, output) -> (session, grid, scale, rows only)
         self._tail_models: dict[str, object] = {}  # first -> the staged tail's ModelProto (windowed_subgraph rewrites it)
 
     def _options(self):
@@ -150,9 +150,9 @@ class OrtRunner(Runner):
         built = self._windowed[key]
         if built is None:
             return None
-        session, grid, scale = built
+        session, grid, scale, rows_only = built
         rows, cols = (int(size) for size in window[name])
-        grid_window = (min(grid[0], -(-rows // scale)), min(grid[1], -(-cols // scale)))
+        grid_window = (min(grid[0], -(-rows // scale)), grid[1] if rows_only else min(grid[1], -(-cols // scale)))
         return None if grid_window == tuple(grid) else (session, name, grid_window)
 
     def _build_windowed_tail(self, first: str, name: str, feeds: dict[str, np.ndarray]):
@@ -164,22 +164,23 @@ class OrtRunner(Runner):
         model, grid, scale = shaped
         session = ort.InferenceSession(model.SerializeToString(), self._options(), providers=self.providers)
         # The rewrite holds only if every op from the grid to the output is local to its grid cell: compare a
-        # window short of the grid's edges on both axes with the whole tail's output, on this call's inputs.
+        # window short of the grid's edges with the whole tail's output, on this call's inputs. A graph whose
+        # later reshapes fix the number of columns (a simplifier folds them to constants) windows rows only.
         tail = self._staged[first][1]
         feeds = {name: value[:1] for name, value in feeds.items()}
-        probe = (max(1, grid[0] - 3), max(1, grid[1] - 5))
         whole = dict(zip([o.name for o in tail.get_outputs()], tail.run(None, feeds)))[name]
-        probe_feeds = {**feeds, WINDOW_INPUT: np.asarray(probe, np.int64)}
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a failing probe is an answer, not an error to print
-        try:
-            part = dict(zip([o.name for o in session.get_outputs()], session.run(None, probe_feeds, quiet)))[name]
-        except Exception:  # noqa: BLE001 - e.g. a simplified graph's Reshape to the whole grid's constant shape
-            return None
-        expected = whole[..., : probe[0] * scale, : probe[1] * scale]
-        if part.shape != expected.shape or not np.allclose(part, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max())):
-            return None
-        return session, grid, scale
+        for probe, rows_only in (((max(1, grid[0] - 3), max(1, grid[1] - 5)), False), ((max(1, grid[0] - 3), grid[1]), True)):
+            try:
+                probe_feeds = {**feeds, WINDOW_INPUT: np.asarray(probe, np.int64)}
+                part = dict(zip([o.name for o in session.get_outputs()], session.run(None, probe_feeds, quiet)))[name]
+            except Exception:  # noqa: BLE001, S112 - e.g. a Reshape to a constant number of columns
+                continue
+            expected = whole[..., : probe[0] * scale, : probe[1] * scale]
+            if part.shape == expected.shape and np.allclose(part, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max())):
+                return session, grid, scale, rows_only
+        return None
 
     @staticmethod
     def _declared_row(spec: TensorSpec, computed: tuple[int, ...]) -> tuple[int, ...]:
@@ -348,9 +349,10 @@ WINDOW_INPUT = "evsam_grid_window"
 def windowed_subgraph(tail, output: str) -> tuple[object, tuple[int, int], int] | None:
     """A copy of the staged tail `tail` that computes only a top-left window of `output`'s last two axes:
     (model, grid (S1, S2), scale k), or None when the tail has not this shape: it lays exactly one of its inputs,
-    a token tensor [B, S1*S2, C], out as a grid [B, S1, S2, C'] with one Reshape, and `output` is a Reshape to
-    [..., k*S1, k*S2]. The copy slices the grid to WINDOW_INPUT's (rows, cols) and reshapes `output` to k times
-    them. Its window equals the whole tail's only if every op between is local to its grid cell, as in SAM's
+    a token tensor [B, S1*S2, C], out with one Reshape as a grid [B, S1, S2, C'] or with the rows merged into
+    the batch, [B*S1, S2, C'], and `output` is a Reshape to [..., k*S1, k*S2]. The copy slices the grid to
+    WINDOW_INPUT's (rows, cols), or the merged layout's tokens to the first rows (cols must then be S2), and
+    reshapes `output` to k times them. Its window equals the whole tail's only if every op between is local to its grid cell, as in SAM's
     mask upscaling (stride-2 2x2 transposed convolutions, per-pixel LayerNorm and GELU, per-pixel mask dot
     products); the graph does not say so, so OrtRunner compares the two on its first call's inputs before
     using it."""
@@ -386,19 +388,28 @@ def windowed_subgraph(tail, output: str) -> tuple[object, tuple[int, int], int] 
         parts = [constants[name].reshape(-1).tolist() if name in constants else [None] for name in concat.input]
         return [value for part in parts for value in part]
 
-    grids = []
+    grids, merged = [], []
     for node in nodes:
         if node.op_type == "Reshape" and node.input[0] in inputs:
             tokens, laid_out = dims(node.input[0]), target(node)
-            if (len(tokens) == 3 and len(laid_out) == 4 and None not in laid_out[1:3] and tokens[1] is not None
-                    and laid_out[1] * laid_out[2] == tokens[1]):
-                grids.append(node)
+            if len(tokens) != 3 or tokens[1] is None:
+                continue
+            if len(laid_out) == 4 and None not in laid_out[1:3] and laid_out[1] * laid_out[2] == tokens[1]:
+                grids.append(node)  # [B, S1, S2, C]
+            elif len(laid_out) == 3 and laid_out[1] and tokens[1] % laid_out[1] == 0:
+                merged.append(node)  # [B*S1, S2, C]: the rows merged into the batch (a simplifier's fused Reshapes)
     ends = [node for node in nodes if output in node.output]
     out_dims = dims(output)
-    if len(grids) != 1 or len(ends) != 1 or ends[0].op_type != "Reshape" or len(out_dims) < 3 or None in out_dims[-2:]:
+    if len(grids) + len(merged) != 1 or len(ends) != 1 or ends[0].op_type != "Reshape" or len(out_dims) < 3 or None in out_dims[-2:]:
         return None
-    grid_node, end_node = grids[0], ends[0]
-    grid = tuple(target(grid_node)[1:3])
+    end_node = ends[0]
+    if grids:
+        grid_node = grids[0]
+        grid = tuple(target(grid_node)[1:3])
+    else:
+        grid_node = merged[0]
+        cols = target(grid_node)[1]
+        grid = (dims(grid_node.input[0])[1] // cols, cols)
     scale = out_dims[-1] // grid[1]
     if out_dims[-2] != scale * grid[0] or out_dims[-1] != scale * grid[1] or scale < 1:
         return None
@@ -410,12 +421,20 @@ def windowed_subgraph(tail, output: str) -> tuple[object, tuple[int, int], int] 
 
     prefix = "evsam_window/"
     sliced = prefix + "grid"
-    for node in nodes:
-        for index, name in enumerate(node.input):
-            if name == grid_node.output[0]:
-                node.input[index] = sliced
-    cut = [const(prefix + "zeros", [0, 0]), const(prefix + "axes", [1, 2]),
-           helper.make_node("Slice", [grid_node.output[0], prefix + "zeros", WINDOW_INPUT, prefix + "axes"], [sliced])]
+    if grids:  # slice the grid's rows and columns
+        for node in nodes:
+            for index, name in enumerate(node.input):
+                if name == grid_node.output[0]:
+                    node.input[index] = sliced
+        cut = [const(prefix + "zeros", [0, 0]), const(prefix + "axes", [1, 2]),
+               helper.make_node("Slice", [grid_node.output[0], prefix + "zeros", WINDOW_INPUT, prefix + "axes"], [sliced])]
+    else:  # rows only: the first rows*S2 tokens (WINDOW_INPUT's columns must be S2)
+        tokens_name = grid_node.input[0]
+        grid_node.input[0] = sliced
+        cut = [const(prefix + "zero", [0]), const(prefix + "one", [1]), const(prefix + "row_tokens", [grid[1]]),
+               helper.make_node("Slice", [WINDOW_INPUT, prefix + "zero", prefix + "one"], [prefix + "rows"]),
+               helper.make_node("Mul", [prefix + "rows", prefix + "row_tokens"], [prefix + "tokens"]),
+               helper.make_node("Slice", [tokens_name, prefix + "zero", prefix + "tokens", prefix + "one"], [sliced])]
     reshaped = [const(prefix + "scale", [scale]), const(prefix + "start", [0]), const(prefix + "lead_end", [-2]),
                 helper.make_node("Mul", [WINDOW_INPUT, prefix + "scale"], [prefix + "size"]),
                 helper.make_node("Slice", [end_node.input[1], prefix + "start", prefix + "lead_end"], [prefix + "lead"]),
@@ -425,8 +444,10 @@ def windowed_subgraph(tail, output: str) -> tuple[object, tuple[int, int], int] 
     for node in nodes:
         if node is end_node:
             ordered.extend(reshaped)
+        if node is grid_node and not grids:
+            ordered.extend(cut)
         ordered.append(node)
-        if node is grid_node:
+        if node is grid_node and grids:
             ordered.extend(cut)
     del graph.node[:]
     graph.node.extend(ordered)

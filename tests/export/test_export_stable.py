@@ -13,9 +13,9 @@ import torch
 PINNED_STACK = {"torch": "2.13.0+cpu", "onnx": "1.23.2"}
 PINNED_SHA256 = {
     "encoder.fp32.onnx": "d67df67c8f54d458d6e16740e294efd3925cb1e66c2118968734fb9cb27778d0",
-    "decoder.fp32.onnx": "b92ab2bec8f500c60bf93417d7ea1fc53f00790bf5b4bed392becae4b3dbedd7",
+    "decoder.fp32.onnx": "57c058880a0f9bbf89244161c4393ed30f26e74b6c990a9d3158a3549c7994d6",
     "decoder_image.fp32.onnx": "4ecc0f3ff441271f79068b0f4d06d22ae9f4c1aa2111b329e3e384b21291f19d",
-    "decoder_prompt.fp32.onnx": "455c70d4c579adbbe61cba2e1ee3ab3f47c1d560b069d767785b519a184f39d1",
+    "decoder_prompt.fp32.onnx": "5386a30c8c7164f0dcad7ac60a764110299edb43034de101f2deb79da981e198",
 }
 
 

@@ -177,3 +177,47 @@ def test_windowed_tail_is_not_used_where_cells_read_outside_the_window(tmp_path)
     staged = runner.infer_staged({"t": t}, "score", lambda score: np.ones(len(score), bool), {"masks": (6, 6)})["masks"]
     np.testing.assert_array_equal(staged, runner.infer({"t": t})["masks"])
     assert runner._windowed[("score", "masks")] is None
+
+
+def merged_rows_graph(path):
+    """t [B, 36, 2] of a 6x6 grid -> score [B, 1] = max(t); masks [B, 1, 6, 6]: the tokens reshaped straight to
+    rows merged into the batch, [B*6, 6, 2], by a constant shape (as a simplifier leaves the decoder's
+    upscaling), a per-cell MatMul + Relu + ReduceSum, then [B, 1, -1, 6]: only rows can be windowed."""
+    rng = np.random.default_rng(3)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 4], rng.normal(size=8).astype(np.float32))
+    nodes = [
+        helper.make_node("ReduceMax", ["t"], ["peak"], axes=[1, 2], keepdims=0),
+        helper.make_node("Unsqueeze", ["peak", "one"], ["score"]),
+        helper.make_node("Reshape", ["t", "rows_merged"], ["rows"]),
+        helper.make_node("MatMul", ["rows", "w"], ["cells0"]),
+        helper.make_node("Relu", ["cells0"], ["cells"]),
+        helper.make_node("ReduceSum", ["cells", "last"], ["summed"], keepdims=0),
+        helper.make_node("Shape", ["t"], ["t_shape"]),
+        helper.make_node("Slice", ["t_shape", "zero", "one"], ["batch"]),
+        helper.make_node("Concat", ["batch", "mask_dims"], ["mask_shape"], axis=0),
+        helper.make_node("Reshape", ["summed", "mask_shape"], ["masks"]),
+    ]
+    consts = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]), helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("last", TensorProto.INT64, [1], [-1]),
+              helper.make_tensor("rows_merged", TensorProto.INT64, [3], [-1, 6, 2]),
+              helper.make_tensor("mask_dims", TensorProto.INT64, [3], [1, -1, 6])]
+    graph = helper.make_graph(
+        nodes, "merged", [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B", 36, 2])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B", 1]),
+         helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["B", 1, 6, 6])],
+        [w, *consts],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return OrtRunner(path, [TensorSpec("t", "float32", ["B", 36, 2])],
+                     [TensorSpec("score", "float32", ["B", 1]), TensorSpec("masks", "float32", ["B", 1, 6, 6])], "merged")
+
+
+def test_windowed_tail_of_merged_rows_computes_the_rows_under_the_window(tmp_path):
+    runner = merged_rows_graph(tmp_path / "m.onnx").load()
+    assert windowed_subgraph(staged_subgraphs(runner.path, "score")[1], "masks")[1:] == ((6, 6), 1)
+    t = np.random.default_rng(4).normal(size=(4, 36, 2)).astype(np.float32)
+    whole = runner.infer({"t": t})["masks"]
+    staged = runner.infer_staged({"t": t}, "score", lambda score: np.ones(len(score), bool), {"masks": (3, 2)})["masks"]
+    np.testing.assert_array_equal(staged[..., :3, :], whole[..., :3, :])  # every column of the rows asked for
+    assert not staged[..., 3:, :].any()
+    assert runner._windowed[("score", "masks")][3]  # rows only
