@@ -133,15 +133,20 @@ def grid_graph(path, local: bool = True):
     ]
     consts = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]), helper.make_tensor("one", TensorProto.INT64, [1], [1]),
               helper.make_tensor("mask_dims", TensorProto.INT64, [3], [1, 12, 12])]
+    return token_graph_runner(path, "grid", nodes, [w, *consts], 12)
+
+
+def token_graph_runner(path, name: str, nodes, initializers, side: int) -> OrtRunner:
+    """Save a graph of t [B, 36, 2] -> score [B, 1], masks [B, 1, side, side] and return its OrtRunner."""
     graph = helper.make_graph(
-        nodes, "grid", [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B", 36, 2])],
+        nodes, name, [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B", 36, 2])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B", 1]),
-         helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["B", 1, 12, 12])],
-        [w, *consts],
+         helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["B", 1, side, side])],
+        initializers,
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
     return OrtRunner(path, [TensorSpec("t", "float32", ["B", 36, 2])],
-                     [TensorSpec("score", "float32", ["B", 1]), TensorSpec("masks", "float32", ["B", 1, 12, 12])], "grid")
+                     [TensorSpec("score", "float32", ["B", 1]), TensorSpec("masks", "float32", ["B", 1, side, side])], name)
 
 
 def test_windowed_tail_computes_only_the_cells_under_the_window(tmp_path):
@@ -201,15 +206,7 @@ def merged_rows_graph(path):
               helper.make_tensor("last", TensorProto.INT64, [1], [-1]),
               helper.make_tensor("rows_merged", TensorProto.INT64, [3], [-1, 6, 2]),
               helper.make_tensor("mask_dims", TensorProto.INT64, [3], [1, -1, 6])]
-    graph = helper.make_graph(
-        nodes, "merged", [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B", 36, 2])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B", 1]),
-         helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["B", 1, 6, 6])],
-        [w, *consts],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    return OrtRunner(path, [TensorSpec("t", "float32", ["B", 36, 2])],
-                     [TensorSpec("score", "float32", ["B", 1]), TensorSpec("masks", "float32", ["B", 1, 6, 6])], "merged")
+    return token_graph_runner(path, "merged", nodes, [w, *consts], 6)
 
 
 def test_windowed_tail_of_merged_rows_computes_the_rows_under_the_window(tmp_path):
