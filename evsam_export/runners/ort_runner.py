@@ -352,10 +352,10 @@ def windowed_subgraph(tail, output: str) -> tuple[object, tuple[int, int], int] 
     a token tensor [B, S1*S2, C], out with one Reshape as a grid [B, S1, S2, C'] or with the rows merged into
     the batch, [B*S1, S2, C'], and `output` is a Reshape to [..., k*S1, k*S2]. The copy slices the grid to
     WINDOW_INPUT's (rows, cols), or the merged layout's tokens to the first rows (cols must then be S2), and
-    reshapes `output` to k times them. Its window equals the whole tail's only if every op between is local to its grid cell, as in SAM's
-    mask upscaling (stride-2 2x2 transposed convolutions, per-pixel LayerNorm and GELU, per-pixel mask dot
-    products); the graph does not say so, so OrtRunner compares the two on its first call's inputs before
-    using it."""
+    reshapes `output` to k times them. Its window equals the whole tail's only if every op between is local
+    to its grid cell, as in SAM's mask upscaling (stride-2 2x2 transposed convolutions, per-pixel LayerNorm
+    and GELU, per-pixel mask dot products); the graph does not say so, so OrtRunner compares the two on its
+    first call's inputs before using it."""
     import onnx
     from onnx import TensorProto, helper
 
