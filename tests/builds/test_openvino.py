@@ -159,7 +159,6 @@ def test_fp32_ir_computes_in_f32_and_no_hint_would_not(ctx, built):
     assert default == "bf16", f"flags {flags}: OpenVINO's default on a bf16 CPU changed to {default}"
 
 
-
 # ------------------------------------------------------------------------------------------ fp16
 
 
