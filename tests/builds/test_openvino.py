@@ -159,6 +159,37 @@ def test_fp32_ir_computes_in_f32_and_no_hint_would_not(ctx, built):
     assert default == "bf16", f"flags {flags}: OpenVINO's default on a bf16 CPU changed to {default}"
 
 
+
+def test_bf16_decoder_upscales_its_masks_in_f32(ctx, built):
+    """The `sam` decoder's in-graph mask upscale, split off by the runner (mask_upscale_split), gives the whole
+    graph's masks; a bf16 decoder runs it in f32, so its masks are the host post-processing of its own low-res
+    logits (in bf16 they measured in-graph upscale IoU 0.77-0.85, docs/precision.md "bf16")."""
+    from evsam_export.model import processing
+    from evsam_export.runners import openvino_runner
+
+    artifact = built["decoder.openvino.fp32"]
+    core = ov.Core()
+    model = core.read_model(str(ctx.path_of(artifact)))
+    head, upscale = openvino_runner.mask_upscale_split(model)
+    assert "masks" not in {name for port in head.outputs for name in port.get_names()}
+    assert {p.get_friendly_name() for p in upscale.get_parameters()} == {openvino_runner.UPSCALE_INPUT, "orig_im_size"}
+    feeds = sample_feeds(decoder_spec(), batch=2, num_points=3, seed=9)
+    whole = {p.get_any_name(): v for p, v in core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feeds).items()}
+    low_res = next(v for p, v in core.compile_model(head, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feeds).items()
+                   if "low_res_masks" in p.get_names())
+    masks = next(iter(core.compile_model(upscale, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        {openvino_runner.UPSCALE_INPUT: low_res, "orig_im_size": feeds["orig_im_size"]}).values()))
+    np.testing.assert_array_equal(masks, whole["masks"])
+    if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+        pytest.skip("no bf16-capable CPU here: the bf16 hint would compute f32")
+    with OpenVINORunner(ctx.path_of(artifact), artifact.inputs, artifact.outputs, precision="bf16", threads=2) as bf16:
+        assert bf16.actual_precision() == "bf16"
+        out = bf16.infer(feeds)
+    height, width = (int(v) for v in feeds["orig_im_size"])
+    host = processing.postprocess_masks(out["low_res_masks"], processing.image_geometry(height, width, 512))
+    assert np.abs(host - out["masks"]).max() < 1e-3
+
+
 # ------------------------------------------------------------------------------------------ fp16
 
 
